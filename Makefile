@@ -1,0 +1,45 @@
+# xlsnap — build, test and demo. `make test` and `make demo` install what
+# they need on a fresh Debian 12 machine (see scripts/deps.sh).
+SHELL := /bin/bash
+export PATH := $(PATH):/usr/local/go/bin:$(HOME)/go/bin
+GO ?= go
+STATICCHECK_VERSION := v0.8.2
+FUZZTIME ?= 10s
+LONGFUZZTIME ?= 5m
+BENCHTIME ?= 1s
+
+.PHONY: deps build test lint unit fuzz fuzz-short bench demo clean
+
+deps:
+	@scripts/deps.sh $(STATICCHECK_VERSION)
+
+build: deps
+	$(GO) build ./...
+	$(GO) build -o bin/xlsnap ./cmd/xlsnap
+
+lint: deps
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi
+	$(GO) vet ./...
+	staticcheck ./...
+
+unit: deps
+	$(GO) test -race -count=1 ./...
+
+# Each fuzz target runs briefly so `make test` proves the corpus still passes
+# and finds nothing new fast; `make fuzz` runs them for longer.
+fuzz-short: deps
+	@scripts/fuzz.sh $(FUZZTIME)
+
+fuzz: deps
+	@scripts/fuzz.sh $(LONGFUZZTIME)
+
+test: lint unit fuzz-short
+
+bench: deps
+	$(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) ./chain/ | scripts/benchtable.sh
+
+demo: build
+	@scripts/demo.sh
+
+clean:
+	rm -rf bin

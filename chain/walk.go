@@ -1,0 +1,336 @@
+package chain
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// DefaultMaxDepth bounds a chain when the policy sets no depth. Real chains
+// are far shorter; the bound is there so a crafted chain cannot run forever.
+const DefaultMaxDepth = 1000
+
+// Policy says which images a chain may reach. Its zero value is the strict
+// default: backing files inside the top image's folder, formats named, no
+// protocols, no external data files.
+type Policy struct {
+	// Roots are folders every image of the chain must resolve into, after
+	// symlinks. Empty means the folder of the top image.
+	Roots []string
+	// AllowProbe lets a backing reference without a backing format be
+	// opened with its format guessed from its content.
+	AllowProbe bool
+	// AllowProtocol accepts json: and protocol (nbd:, http:, ...)
+	// references; the chain then ends at the image holding one, since
+	// nothing beyond it is a local file to read.
+	AllowProtocol bool
+	// AllowDataFile accepts qcow2 images with an external data file, which
+	// must then resolve inside the roots too.
+	AllowDataFile bool
+	// MaxDepth bounds the number of layers; 0 means DefaultMaxDepth.
+	MaxDepth int
+}
+
+// Layer is one image of a chain.
+type Layer struct {
+	// Path is the image's name as QEMU forms it: the top as given (made
+	// absolute), a backing reference joined to its referrer's folder.
+	Path string
+	// RealPath is Path with every symlink resolved; the roots apply to it.
+	RealPath string
+	Format   Format
+	// VirtualSize is the guest-visible size in bytes.
+	VirtualSize uint64
+	// BackingRef and BackingFormat are what this image declares, verbatim.
+	BackingRef    string
+	BackingFormat string
+	// Qcow2 is the full header of a qcow2 layer, nil for raw.
+	Qcow2 *Header
+}
+
+// Snapshots lists the internal snapshots of a qcow2 layer.
+func (l *Layer) Snapshots() []Snapshot {
+	if l.Qcow2 == nil {
+		return nil
+	}
+	return l.Qcow2.Snapshots
+}
+
+// Chain is a backing chain, top (the active layer) first.
+type Chain struct {
+	Layers []Layer
+}
+
+// Top is the active layer.
+func (c *Chain) Top() *Layer { return &c.Layers[0] }
+
+// Base is the bottom layer that was read.
+func (c *Chain) Base() *Layer { return &c.Layers[len(c.Layers)-1] }
+
+// Walk reads the chain that starts at path. An empty format means the top
+// image's format is detected: the caller named that file itself. Every
+// backing reference is checked against the policy before the file it names
+// is opened; refusals are *BackingError or *ImageError values wrapping the
+// sentinels of this package.
+func Walk(ctx context.Context, path string, format Format, p Policy) (*Chain, error) {
+	w, err := newWalker(path, p)
+	if err != nil {
+		return nil, err
+	}
+	top, err := filepath.Abs(path)
+	if err != nil {
+		return nil, err
+	}
+	c := &Chain{}
+	cur, curFormat, referrer := top, format, ""
+	for {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		if len(c.Layers) >= w.maxDepth {
+			return nil, &BackingError{Image: referrer, Reference: c.Base().BackingRef, Err: ErrTooDeep}
+		}
+		layer, err := w.open(cur, curFormat, referrer)
+		if err != nil {
+			return nil, err
+		}
+		c.Layers = append(c.Layers, layer)
+		if layer.BackingRef == "" {
+			return c, nil
+		}
+		if hasProtocol(layer.BackingRef) {
+			if !p.AllowProtocol {
+				return nil, &BackingError{Image: layer.Path, Reference: layer.BackingRef, Err: ErrProtocol}
+			}
+			return c, nil
+		}
+		curFormat = Format(layer.BackingFormat)
+		if curFormat == "" && !p.AllowProbe {
+			return nil, &BackingError{Image: layer.Path, Reference: layer.BackingRef, Err: ErrNoBackingFormat}
+		}
+		if curFormat != "" {
+			if _, err := ParseFormat(string(curFormat)); err != nil {
+				return nil, &BackingError{Image: layer.Path, Reference: layer.BackingRef, Err: err}
+			}
+		}
+		cur, referrer = ResolveBacking(layer.Path, layer.BackingRef), layer.Path
+	}
+}
+
+// ResolveBacking joins a relative reference to the referring image's folder
+// the way QEMU does: textually, without cleaning, so ".." is left for the
+// kernel to resolve after any symlink, exactly as QEMU's open would.
+func ResolveBacking(image, ref string) string {
+	if strings.HasPrefix(ref, "/") {
+		return ref
+	}
+	i := strings.LastIndexByte(image, '/')
+	return image[:i+1] + ref
+}
+
+// hasProtocol mirrors QEMU's path_has_protocol: a colon before any slash.
+func hasProtocol(ref string) bool {
+	i := strings.IndexAny(ref, ":/")
+	return i >= 0 && ref[i] == ':'
+}
+
+type fileID struct{ dev, ino uint64 }
+
+type walker struct {
+	roots    []string
+	p        Policy
+	maxDepth int
+	seen     map[fileID]bool
+	realDirs map[string]string
+}
+
+func newWalker(top string, p Policy) (*walker, error) {
+	roots := p.Roots
+	if len(roots) == 0 {
+		abs, err := filepath.Abs(top)
+		if err != nil {
+			return nil, err
+		}
+		roots = []string{filepath.Dir(abs)}
+	}
+	w := &walker{p: p, maxDepth: p.MaxDepth, seen: map[fileID]bool{}, realDirs: map[string]string{}}
+	if w.maxDepth <= 0 {
+		w.maxDepth = DefaultMaxDepth
+	}
+	for _, r := range roots {
+		abs, err := filepath.Abs(r)
+		if err != nil {
+			return nil, err
+		}
+		real, err := filepath.EvalSymlinks(abs)
+		if err != nil {
+			return nil, fmt.Errorf("policy root %s: %w", r, err)
+		}
+		w.roots = append(w.roots, real)
+	}
+	return w, nil
+}
+
+func (w *walker) inRoots(real string) bool {
+	for _, r := range w.roots {
+		if real == r || strings.HasPrefix(real, r+"/") || r == "/" {
+			return true
+		}
+	}
+	return false
+}
+
+// realPath resolves symlinks with a per-folder cache: the layers of a chain
+// nearly always share one folder, so each extra layer costs one lstat.
+func (w *walker) realPath(path string) (string, error) {
+	i := strings.LastIndexByte(path, '/')
+	dir, base := path[:i], path[i+1:]
+	if dir == "" {
+		dir = "/"
+	}
+	if base == "" || base == "." || base == ".." {
+		return filepath.EvalSymlinks(path)
+	}
+	realDir, ok := w.realDirs[dir]
+	if !ok {
+		var err error
+		if realDir, err = filepath.EvalSymlinks(dir); err != nil {
+			return "", err
+		}
+		w.realDirs[dir] = realDir
+	}
+	real := filepath.Join(realDir, base)
+	var st unix.Stat_t
+	if err := unix.Lstat(real, &st); err != nil {
+		return "", &fs.PathError{Op: "lstat", Path: real, Err: err}
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFLNK {
+		return filepath.EvalSymlinks(real)
+	}
+	return real, nil
+}
+
+// open checks path against the policy, then reads its header. The referrer
+// is the image whose reference named path ("" for the top).
+func (w *walker) open(path string, format Format, referrer string) (Layer, error) {
+	refErr := func(err error) error {
+		if referrer == "" {
+			return &ImageError{Path: path, Err: err}
+		}
+		return &BackingError{Image: referrer, Reference: path, Err: err}
+	}
+	real, err := w.realPath(path)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			if !w.inRoots(filepath.Clean(path)) {
+				return Layer{}, refErr(ErrOutsideRoots)
+			}
+			return Layer{}, refErr(fmt.Errorf("%w: %w", ErrChainBroken, err))
+		}
+		return Layer{}, refErr(err)
+	}
+	if !w.inRoots(real) {
+		return Layer{}, refErr(fmt.Errorf("%w (%s)", ErrOutsideRoots, real))
+	}
+	fd, err := unix.Open(real, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return Layer{}, refErr(&fs.PathError{Op: "open", Path: real, Err: err})
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return Layer{}, refErr(&fs.PathError{Op: "fstat", Path: real, Err: err})
+	}
+	if kind := st.Mode & unix.S_IFMT; kind != unix.S_IFREG && kind != unix.S_IFBLK {
+		return Layer{}, refErr(fmt.Errorf("%w: not a regular file or block device", ErrInvalidImage))
+	}
+	id := fileID{dev: st.Dev, ino: st.Ino}
+	if w.seen[id] {
+		return Layer{}, refErr(ErrLoop)
+	}
+	w.seen[id] = true
+
+	r := fdReader(fd)
+	if format == "" {
+		if format, err = Detect(r); err != nil {
+			return Layer{}, &ImageError{Path: path, Err: err}
+		}
+	}
+	layer := Layer{Path: path, RealPath: real, Format: format}
+	switch format {
+	case FormatRaw:
+		size, err := unix.Seek(fd, 0, 2)
+		if err != nil {
+			return Layer{}, &ImageError{Path: path, Err: err}
+		}
+		layer.VirtualSize = uint64(size)
+	case FormatQcow2:
+		h, err := ParseHeader(r)
+		if err != nil {
+			return Layer{}, &ImageError{Path: path, Err: err}
+		}
+		if h.HasDataFile() {
+			if err := w.checkDataFile(path, h); err != nil {
+				return Layer{}, err
+			}
+		}
+		layer.Qcow2 = h
+		layer.VirtualSize = h.VirtualSize
+		layer.BackingRef = h.BackingFile
+		layer.BackingFormat = h.BackingFormat
+	default:
+		return Layer{}, &ImageError{Path: path, Err: fmt.Errorf("%w: format %q", ErrUnsupported, format)}
+	}
+	return layer, nil
+}
+
+// checkDataFile applies the policy to an external data file: the guest's
+// data lives there, so it is as sensitive as a backing file.
+func (w *walker) checkDataFile(path string, h *Header) error {
+	if !w.p.AllowDataFile {
+		return &ImageError{Path: path, Err: fmt.Errorf("%w: external data file %q", ErrUnsupported, h.DataFile)}
+	}
+	if h.DataFile == "" {
+		return &ImageError{Path: path, Err: fmt.Errorf("%w: external data file without a name", ErrUnsupported)}
+	}
+	if hasProtocol(h.DataFile) {
+		return &BackingError{Image: path, Reference: h.DataFile, Err: ErrProtocol}
+	}
+	real, err := w.realPath(ResolveBacking(path, h.DataFile))
+	if err != nil {
+		return &BackingError{Image: path, Reference: h.DataFile, Err: err}
+	}
+	if !w.inRoots(real) {
+		return &BackingError{Image: path, Reference: h.DataFile, Err: ErrOutsideRoots}
+	}
+	return nil
+}
+
+// fdReader reads with pread on a raw descriptor: an os.File would register
+// with the poller, an extra syscall per layer for nothing on regular files.
+type fdReader int
+
+func (f fdReader) ReadAt(b []byte, off int64) (int, error) {
+	total := 0
+	for total < len(b) {
+		n, err := unix.Pread(int(f), b[total:], off+int64(total))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return total, os.NewSyscallError("pread", err)
+		}
+		if n == 0 {
+			return total, io.EOF
+		}
+		total += n
+	}
+	return total, nil
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs only what is missing: Debian packages through apt, Go tools
+# through the module proxy. Safe to run again and again.
+set -euo pipefail
+staticcheck_version=${1:-v0.8.2}
+
+# command → Debian package that provides it
+declare -A need=(
+  [qemu-img]=qemu-utils
+  [qemu-io]=qemu-utils
+)
+missing=()
+for cmd in "${!need[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  echo "deps: installing ${missing[*]}"
+  $sudo apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+gobin=$(go env GOPATH)/bin
+if [ ! -x "$gobin/staticcheck" ]; then
+  echo "deps: installing staticcheck $staticcheck_version"
+  go install "honnef.co/go/tools/cmd/staticcheck@$staticcheck_version"
+fi
