@@ -89,7 +89,7 @@ func Walk(ctx context.Context, path string, format Format, p Policy) (*Chain, er
 		return nil, err
 	}
 	c := &Chain{}
-	cur, curFormat, referrer := top, format, ""
+	cur, curFormat, referrer, ref := top, format, "", ""
 	for {
 		if err := ctx.Err(); err != nil {
 			return nil, err
@@ -97,7 +97,7 @@ func Walk(ctx context.Context, path string, format Format, p Policy) (*Chain, er
 		if len(c.Layers) >= w.maxDepth {
 			return nil, &BackingError{Image: referrer, Reference: c.Base().BackingRef, Err: ErrTooDeep}
 		}
-		layer, err := w.open(cur, curFormat, referrer)
+		layer, err := w.open(cur, curFormat, referrer, ref)
 		if err != nil {
 			return nil, err
 		}
@@ -120,7 +120,7 @@ func Walk(ctx context.Context, path string, format Format, p Policy) (*Chain, er
 				return nil, &BackingError{Image: layer.Path, Reference: layer.BackingRef, Err: err}
 			}
 		}
-		cur, referrer = ResolveBacking(layer.Path, layer.BackingRef), layer.Path
+		cur, referrer, ref = ResolveBacking(layer.Path, layer.BackingRef), layer.Path, layer.BackingRef
 	}
 }
 
@@ -218,13 +218,13 @@ func (w *walker) realPath(path string) (string, error) {
 }
 
 // open checks path against the policy, then reads its header. The referrer
-// is the image whose reference named path ("" for the top).
-func (w *walker) open(path string, format Format, referrer string) (Layer, error) {
+// is the image whose reference ref named path ("" for the top).
+func (w *walker) open(path string, format Format, referrer, ref string) (Layer, error) {
 	refErr := func(err error) error {
 		if referrer == "" {
 			return &ImageError{Path: path, Err: err}
 		}
-		return &BackingError{Image: referrer, Reference: path, Err: err}
+		return &BackingError{Image: referrer, Reference: ref, Err: err}
 	}
 	real, err := w.realPath(path)
 	if err != nil {
@@ -239,7 +239,7 @@ func (w *walker) open(path string, format Format, referrer string) (Layer, error
 	if !w.inRoots(real) {
 		return Layer{}, refErr(fmt.Errorf("%w (%s)", ErrOutsideRoots, real))
 	}
-	fd, err := unix.Open(real, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	fd, err := unix.Open(real, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
 	if err != nil {
 		return Layer{}, refErr(&fs.PathError{Op: "open", Path: real, Err: err})
 	}
