@@ -194,7 +194,12 @@ func invalid(format string, args ...any) error {
 // anything outside QEMU's own bounds (ErrInvalidImage). Work and memory are
 // bounded by those limits, never by what the header claims.
 func ParseHeader(r io.ReaderAt) (*Header, error) {
-	buf := make([]byte, firstReadSize)
+	return parseHeader(r, make([]byte, firstReadSize))
+}
+
+// parseHeader reads into buf (firstReadSize bytes), which the caller may
+// reuse afterwards: everything the Header keeps is copied out of it.
+func parseHeader(r io.ReaderAt, buf []byte) (*Header, error) {
 	n, err := r.ReadAt(buf, 0)
 	if err != nil && err != io.EOF {
 		return nil, err
@@ -273,8 +278,14 @@ func ParseHeader(r io.ReaderAt) (*Header, error) {
 		}
 		h.BackingFile = string(p.buf[h.BackingFileOffset:end])
 	}
+	if err := p.ensure(uint64(h.HeaderLength)); err != nil {
+		return nil, err
+	}
+	if uint64(len(p.buf)) < uint64(h.HeaderLength) {
+		return nil, invalid("file ends inside the %d-byte header", h.HeaderLength)
+	}
 	if h.Version == 3 && h.HeaderLength > minV3HeaderLength {
-		h.CompressionType = buf[104]
+		h.CompressionType = p.buf[104]
 	}
 	if err := h.checkCompression(); err != nil {
 		return nil, err

@@ -84,6 +84,7 @@ func Walk(ctx context.Context, path string, format Format, p Policy) (*Chain, er
 	if err != nil {
 		return nil, err
 	}
+	defer w.close()
 	top, err := filepath.Abs(path)
 	if err != nil {
 		return nil, err
@@ -143,12 +144,20 @@ func hasProtocol(ref string) bool {
 
 type fileID struct{ dev, ino uint64 }
 
+// folder is a resolved folder of the chain, opened (O_PATH) only once an
+// image inside the roots is to be read from it.
+type folder struct {
+	real string
+	fd   int
+}
+
 type walker struct {
 	roots    []string
 	p        Policy
 	maxDepth int
 	seen     map[fileID]bool
-	realDirs map[string]string
+	folders  map[string]*folder
+	buf      []byte
 }
 
 func newWalker(top string, p Policy) (*walker, error) {
@@ -160,7 +169,7 @@ func newWalker(top string, p Policy) (*walker, error) {
 		}
 		roots = []string{filepath.Dir(abs)}
 	}
-	w := &walker{p: p, maxDepth: p.MaxDepth, seen: map[fileID]bool{}, realDirs: map[string]string{}}
+	w := &walker{p: p, maxDepth: p.MaxDepth, seen: map[fileID]bool{}, folders: map[string]*folder{}, buf: make([]byte, firstReadSize)}
 	if w.maxDepth <= 0 {
 		w.maxDepth = DefaultMaxDepth
 	}
@@ -178,6 +187,14 @@ func newWalker(top string, p Policy) (*walker, error) {
 	return w, nil
 }
 
+func (w *walker) close() {
+	for _, f := range w.folders {
+		if f.fd >= 0 {
+			unix.Close(f.fd)
+		}
+	}
+}
+
 func (w *walker) inRoots(real string) bool {
 	for _, r := range w.roots {
 		if real == r || strings.HasPrefix(real, r+"/") || r == "/" {
@@ -187,34 +204,77 @@ func (w *walker) inRoots(real string) bool {
 	return false
 }
 
-// realPath resolves symlinks with a per-folder cache: the layers of a chain
-// nearly always share one folder, so each extra layer costs one lstat.
-func (w *walker) realPath(path string) (string, error) {
+// folder resolves a folder's symlinks once per walk: the layers of a chain
+// nearly always share one folder.
+func (w *walker) folder(dir string) (*folder, error) {
+	if f, ok := w.folders[dir]; ok {
+		return f, nil
+	}
+	real, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		return nil, err
+	}
+	f := &folder{real: real, fd: -1}
+	w.folders[dir] = f
+	return f, nil
+}
+
+// openImage opens path for reading once its real location is known to be
+// inside the roots. The common case costs one openat of one component:
+// the folder is already resolved, and O_NOFOLLOW proves the name itself is
+// not a symlink; a symlinked name takes the slow path through EvalSymlinks.
+func (w *walker) openImage(path string) (fd int, real string, err error) {
 	i := strings.LastIndexByte(path, '/')
 	dir, base := path[:i], path[i+1:]
 	if dir == "" {
 		dir = "/"
 	}
 	if base == "" || base == "." || base == ".." {
-		return filepath.EvalSymlinks(path)
+		return w.openResolved(path)
 	}
-	realDir, ok := w.realDirs[dir]
-	if !ok {
-		var err error
-		if realDir, err = filepath.EvalSymlinks(dir); err != nil {
-			return "", err
+	f, err := w.folder(dir)
+	if err != nil {
+		return -1, "", err
+	}
+	real = f.real + "/" + base
+	if f.real == "/" {
+		real = "/" + base
+	}
+	if !w.inRoots(real) {
+		return -1, real, ErrOutsideRoots
+	}
+	if f.fd < 0 {
+		if f.fd, err = unix.Open(f.real, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); err != nil {
+			return -1, real, &fs.PathError{Op: "open", Path: f.real, Err: err}
 		}
-		w.realDirs[dir] = realDir
 	}
-	real := filepath.Join(realDir, base)
-	var st unix.Stat_t
-	if err := unix.Lstat(real, &st); err != nil {
-		return "", &fs.PathError{Op: "lstat", Path: real, Err: err}
+	fd, err = unix.Openat(f.fd, base, imageOpenFlags, 0)
+	if err == unix.ELOOP {
+		return w.openResolved(real)
 	}
-	if st.Mode&unix.S_IFMT == unix.S_IFLNK {
-		return filepath.EvalSymlinks(real)
+	if err != nil {
+		return -1, real, &fs.PathError{Op: "open", Path: real, Err: err}
 	}
-	return real, nil
+	return fd, real, nil
+}
+
+// O_NONBLOCK so that a FIFO planted in a pool cannot hang the walk; the
+// type check after fstat refuses it.
+const imageOpenFlags = unix.O_RDONLY | unix.O_NOFOLLOW | unix.O_CLOEXEC | unix.O_NONBLOCK
+
+func (w *walker) openResolved(path string) (int, string, error) {
+	real, err := filepath.EvalSymlinks(path)
+	if err != nil {
+		return -1, "", err
+	}
+	if !w.inRoots(real) {
+		return -1, real, ErrOutsideRoots
+	}
+	fd, err := unix.Open(real, imageOpenFlags, 0)
+	if err != nil {
+		return -1, real, &fs.PathError{Op: "open", Path: real, Err: err}
+	}
+	return fd, real, nil
 }
 
 // open checks path against the policy, then reads its header. The referrer
@@ -226,22 +286,17 @@ func (w *walker) open(path string, format Format, referrer, ref string) (Layer, 
 		}
 		return &BackingError{Image: referrer, Reference: ref, Err: err}
 	}
-	real, err := w.realPath(path)
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			if !w.inRoots(filepath.Clean(path)) {
-				return Layer{}, refErr(ErrOutsideRoots)
-			}
-			return Layer{}, refErr(fmt.Errorf("%w: %w", ErrChainBroken, err))
-		}
-		return Layer{}, refErr(err)
-	}
-	if !w.inRoots(real) {
+	fd, real, err := w.openImage(path)
+	switch {
+	case errors.Is(err, ErrOutsideRoots):
 		return Layer{}, refErr(fmt.Errorf("%w (%s)", ErrOutsideRoots, real))
-	}
-	fd, err := unix.Open(real, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
-	if err != nil {
-		return Layer{}, refErr(&fs.PathError{Op: "open", Path: real, Err: err})
+	case errors.Is(err, fs.ErrNotExist):
+		if !w.inRoots(filepath.Clean(path)) {
+			return Layer{}, refErr(ErrOutsideRoots)
+		}
+		return Layer{}, refErr(fmt.Errorf("%w: %w", ErrChainBroken, err))
+	case err != nil:
+		return Layer{}, refErr(err)
 	}
 	defer unix.Close(fd)
 	var st unix.Stat_t
@@ -272,7 +327,7 @@ func (w *walker) open(path string, format Format, referrer, ref string) (Layer, 
 		}
 		layer.VirtualSize = uint64(size)
 	case FormatQcow2:
-		h, err := ParseHeader(r)
+		h, err := parseHeader(r, w.buf)
 		if err != nil {
 			return Layer{}, &ImageError{Path: path, Err: err}
 		}
@@ -303,7 +358,8 @@ func (w *walker) checkDataFile(path string, h *Header) error {
 	if hasProtocol(h.DataFile) {
 		return &BackingError{Image: path, Reference: h.DataFile, Err: ErrProtocol}
 	}
-	real, err := w.realPath(ResolveBacking(path, h.DataFile))
+	// Resolved, never opened: QEMU opens the data file, this reader does not.
+	real, err := filepath.EvalSymlinks(ResolveBacking(path, h.DataFile))
 	if err != nil {
 		return &BackingError{Image: path, Reference: h.DataFile, Err: err}
 	}
