@@ -157,13 +157,19 @@ func TestValidCraftedHeader(t *testing.T) {
 	extra[7] = 9     // vm_state_size_large = 9
 	extra[15] = 0x20 // disk_size = 32
 	cr.snapTable = append(snapshotEntry("1", "first", 16, extra), snapshotEntry("7", "second", 0, nil)...)
-	cr.extensions = []extension{{typ: 0x6803f857, data: append([]byte{0, 0}, append([]byte("dirty bit"), make([]byte, 37)...)...)}}
+	cr.extensions = []extension{
+		{typ: 0x6803f857, data: append([]byte{0, 0}, append([]byte("dirty bit"), make([]byte, 37)...)...)},
+		{typ: 0x0537be77, data: []byte{0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0x20, 0, 0}},
+	}
 	h, err := chain.ParseHeader(bytes.NewReader(cr.bytes()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if h.BackingFile != "base.raw" || h.BackingFormat != "raw" {
 		t.Errorf("backing %q (%q)", h.BackingFile, h.BackingFormat)
+	}
+	if h.CryptoHeader == nil || h.CryptoHeader.Offset != 0x10000 || h.CryptoHeader.Length != 0x200000 {
+		t.Errorf("crypto header %+v", h.CryptoHeader)
 	}
 	if len(h.FeatureNames) != 1 || h.FeatureNames[0].Name != "dirty bit" {
 		t.Errorf("feature names %+v", h.FeatureNames)

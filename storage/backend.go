@@ -1,0 +1,83 @@
+package storage
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"sync"
+)
+
+// Backend does a pool's disk work. It is given paths inside its pool and
+// formats always explicit; it never decides policy, storage does.
+type Backend interface {
+	// Root is the folder the pool's images live in.
+	Root() string
+	// CreateOverlay creates path (format) backed by backing (backingFormat).
+	CreateOverlay(ctx context.Context, path, format, backing, backingFormat string) error
+	// Commit writes path's data into its backing image.
+	Commit(ctx context.Context, path, format string, progress func(percent float64)) error
+	// Rebase makes backing path's backing image (backing "" for none),
+	// copying whatever is needed so path's content is unchanged.
+	Rebase(ctx context.Context, path, format, backing, backingFormat string, progress func(percent float64)) error
+	// RebaseUnsafe rewrites only the backing reference.
+	RebaseUnsafe(ctx context.Context, path, format, backing, backingFormat string) error
+	// AllocatedBytes is the data held by path itself, not its backing.
+	AllocatedBytes(ctx context.Context, path, format string) (int64, error)
+	// Check reports an image's consistency problems as an error.
+	Check(ctx context.Context, path, format string) error
+	// Remove deletes an image; removing a missing one is not an error.
+	Remove(ctx context.Context, path string) error
+}
+
+// InternalSnapshotter is the optional ability to keep snapshots inside an
+// image (qcow2).
+type InternalSnapshotter interface {
+	InternalCreate(ctx context.Context, path, format, name string) error
+	InternalApply(ctx context.Context, path, format, name string) error
+	InternalDelete(ctx context.Context, path, format, name string) error
+}
+
+// PoolConfig names a pool and where its images are.
+type PoolConfig struct {
+	Name string `json:"name"`
+	Type string `json:"type"`
+	Path string `json:"path"`
+}
+
+// Factory opens a backend for a pool.
+type Factory func(PoolConfig) (Backend, error)
+
+var (
+	registryMu sync.RWMutex
+	registry   = map[string]Factory{}
+)
+
+// Register makes a backend type available to pools, like database/sql
+// drivers; callers register explicitly (no init side effects).
+func Register(typ string, f Factory) {
+	registryMu.Lock()
+	defer registryMu.Unlock()
+	registry[typ] = f
+}
+
+// Backends lists the registered types.
+func Backends() []string {
+	registryMu.RLock()
+	defer registryMu.RUnlock()
+	var out []string
+	for t := range registry {
+		out = append(out, t)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func openBackend(pc PoolConfig) (Backend, error) {
+	registryMu.RLock()
+	f, ok := registry[pc.Type]
+	registryMu.RUnlock()
+	if !ok {
+		return nil, fmt.Errorf("%w: pool %q: no backend %q registered (have %v)", ErrInvalidArg, pc.Name, pc.Type, Backends())
+	}
+	return f(pc)
+}

@@ -1,0 +1,107 @@
+// Package dir is the storage backend for a folder of qcow2 (and raw base)
+// images, doing its work through qemu-img.
+package dir
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/xlsnap/xlsnap/internal/qemuimg"
+	"github.com/xlsnap/xlsnap/storage"
+)
+
+// Backend implements storage.Backend and storage.InternalSnapshotter.
+type Backend struct {
+	root string
+	img  qemuimg.Runner
+}
+
+// New opens a folder pool; the folder must exist.
+func New(pc storage.PoolConfig) (storage.Backend, error) {
+	abs, err := filepath.Abs(pc.Path)
+	if err != nil {
+		return nil, err
+	}
+	st, err := os.Stat(abs)
+	if err != nil {
+		return nil, fmt.Errorf("pool %q: %w", pc.Name, err)
+	}
+	if !st.IsDir() {
+		return nil, fmt.Errorf("%w: pool %q: %s is not a folder", storage.ErrInvalidArg, pc.Name, abs)
+	}
+	return &Backend{root: abs}, nil
+}
+
+func (b *Backend) Root() string { return b.root }
+
+func (b *Backend) CreateOverlay(ctx context.Context, path, format, backing, backingFormat string) error {
+	// O_EXCL first: never let an overlay silently replace an existing file.
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	f.Close()
+	err = b.img.Create(ctx, qemuimg.CreateOptions{Path: path, Format: format, Backing: backing, BackingFormat: backingFormat})
+	if err != nil {
+		os.Remove(path)
+		return err
+	}
+	return syncDir(path)
+}
+
+func (b *Backend) Commit(ctx context.Context, path, format string, progress func(float64)) error {
+	return b.img.Commit(ctx, qemuimg.CommitOptions{Path: path, Format: format, Progress: progress})
+}
+
+func (b *Backend) Rebase(ctx context.Context, path, format, backing, backingFormat string, progress func(float64)) error {
+	return b.img.Rebase(ctx, qemuimg.RebaseOptions{Path: path, Format: format, Backing: backing, BackingFormat: backingFormat, Progress: progress})
+}
+
+func (b *Backend) RebaseUnsafe(ctx context.Context, path, format, backing, backingFormat string) error {
+	return b.img.Rebase(ctx, qemuimg.RebaseOptions{Path: path, Format: format, Backing: backing, BackingFormat: backingFormat, Unsafe: true})
+}
+
+func (b *Backend) AllocatedBytes(ctx context.Context, path, format string) (int64, error) {
+	return b.img.AllocatedBytes(ctx, path, format)
+}
+
+func (b *Backend) Check(ctx context.Context, path, format string) error {
+	if format == "raw" {
+		return nil // raw images have no metadata to check
+	}
+	_, err := b.img.Check(ctx, path, format)
+	return err
+}
+
+func (b *Backend) Remove(ctx context.Context, path string) error {
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return syncDir(path)
+}
+
+func (b *Backend) InternalCreate(ctx context.Context, path, format, name string) error {
+	return b.img.SnapshotCreate(ctx, path, format, name)
+}
+
+func (b *Backend) InternalApply(ctx context.Context, path, format, name string) error {
+	return b.img.SnapshotApply(ctx, path, format, name)
+}
+
+func (b *Backend) InternalDelete(ctx context.Context, path, format, name string) error {
+	return b.img.SnapshotDelete(ctx, path, format, name)
+}
+
+// syncDir makes a created or removed name durable.
+func syncDir(path string) error {
+	d, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}

@@ -1,0 +1,212 @@
+package storage
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/xlsnap/xlsnap/chain"
+	"github.com/xlsnap/xlsnap/storage/metastore"
+)
+
+// SnapshotSpec asks for a snapshot. Every disk of the domain not listed
+// takes no part (mode "no"); the driver fills libvirt's defaults.
+type SnapshotSpec struct {
+	Name        string
+	Description string
+	// State is the domain's state at the time (shutoff, running, paused).
+	State string
+	// Memory is the external memory file, "" for a disk-only snapshot.
+	Memory    string
+	DomainXML string
+	Disks     []SnapshotDiskSpec
+	// NoMetadata changes the disks and records no snapshot (libvirt's
+	// VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA).
+	NoMetadata bool
+	// Created defaults to now.
+	Created time.Time
+}
+
+// SnapshotDiskSpec is one disk's part in a new snapshot.
+type SnapshotDiskSpec struct {
+	Target string
+	Mode   DiskMode
+	// Overlay is the new active layer of an external snapshot; empty means
+	// next to the active image, named after the snapshot.
+	Overlay string
+	// Format of the overlay; empty means qcow2 (the only format that can
+	// have a backing file among those a file pool keeps).
+	Format string
+	// Reuse takes an existing Overlay, which must already be a qcow2 image
+	// backed by the active layer (libvirt's REUSE_EXT).
+	Reuse bool
+}
+
+// DefaultOverlayPath is where libvirt puts an external snapshot's overlay:
+// the image's name with its extension replaced by the snapshot's name.
+func DefaultOverlayPath(image, snapshot string) string {
+	ext := filepath.Ext(image)
+	return strings.TrimSuffix(image, ext) + "." + snapshot
+}
+
+// CreateSnapshot takes a snapshot of an inactive domain's disks: external
+// disks get a new overlay on their active layer and switch to it,
+// internal ones get a qcow2 internal snapshot. The new snapshot becomes
+// the current one, a child of the previous current one.
+func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec SnapshotSpec) (*Snapshot, error) {
+	if err := ValidName("snapshot", spec.Name); err != nil {
+		return nil, err
+	}
+	unlock, err := m.locks.lock(ctx, domain, true)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+
+	var d *Domain
+	err = m.store.View(ctx, func(tx metastore.Tx) error {
+		if d, err = m.domain(tx, domain); err != nil {
+			return err
+		}
+		if _, err := tx.Snapshot(domain, spec.Name); err == nil {
+			return fmt.Errorf("%w: %s of domain %s", ErrSnapshotExists, spec.Name, domain)
+		} else if !errors.Is(err, metastore.ErrNotFound) {
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	next := d.Clone()
+	snap := &Snapshot{
+		Name: spec.Name, Description: spec.Description, Created: spec.Created,
+		State: spec.State, Parent: d.Current, Memory: spec.Memory, DomainXML: spec.DomainXML,
+	}
+	if snap.Created.IsZero() {
+		snap.Created = time.Now().UTC().Truncate(time.Second)
+	}
+	if snap.State == "" {
+		snap.State = "shutoff"
+	}
+	in := newIntent(domain, "snapshot")
+	seen := map[string]bool{}
+	for _, ds := range spec.Disks {
+		disk := next.Disk(ds.Target)
+		if disk == nil {
+			return nil, fmt.Errorf("%w: domain %s has no disk %q", ErrInvalidArg, domain, ds.Target)
+		}
+		if seen[ds.Target] {
+			return nil, fmt.Errorf("%w: disk %s named twice", ErrInvalidArg, ds.Target)
+		}
+		seen[ds.Target] = true
+		rec := SnapshotDisk{Target: ds.Target, Mode: ds.Mode}
+		switch ds.Mode {
+		case DiskNone:
+		case DiskExternal:
+			overlay, fmtName, st, err := m.planOverlay(ctx, disk, ds, spec.Name)
+			if err != nil {
+				return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
+			}
+			if st != nil {
+				in.Steps = append(in.Steps, *st)
+			}
+			rec.Image, rec.Format, rec.Overlay = disk.Active, disk.Format, overlay
+			next.Images[overlay] = &Image{Format: fmtName, Backing: disk.Active, BackingFormat: disk.Format, Owned: st != nil}
+			disk.Active, disk.Format = overlay, fmtName
+		case DiskInternal:
+			if err := m.checkInternalName(disk.Active, disk.Format, spec.Name, false); err != nil {
+				return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
+			}
+			if _, err := m.internal(disk.Active); err != nil {
+				return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
+			}
+			in.Steps = append(in.Steps, step{Kind: metastore.StepInternalCreate, Path: disk.Active, Format: disk.Format, Name: spec.Name, Disk: ds.Target})
+			rec.Image, rec.Format = disk.Active, disk.Format
+		default:
+			return nil, fmt.Errorf("%w: disk %s: snapshot mode %q", ErrInvalidArg, ds.Target, ds.Mode)
+		}
+		snap.Disks = append(snap.Disks, rec)
+	}
+	for _, disk := range d.Disks {
+		if !seen[disk.Target] {
+			snap.Disks = append(snap.Disks, SnapshotDisk{Target: disk.Target, Mode: DiskNone})
+		}
+	}
+	in.NoReturn = len(in.Steps) // a new overlay or internal snapshot can always go again
+	in.Commit = &metastore.Commit{Domain: next}
+	if !spec.NoMetadata {
+		next.Current = snap.Name
+		in.Commit.PutSnapshots = []*Snapshot{snap}
+	}
+	if err := m.run(ctx, in); err != nil {
+		return nil, err
+	}
+	return snap, nil
+}
+
+// planOverlay checks an external disk's overlay and returns the step
+// that creates it (nil when an existing one is reused).
+func (m *Manager) planOverlay(ctx context.Context, disk *Disk, ds SnapshotDiskSpec, snapName string) (string, string, *step, error) {
+	overlay := ds.Overlay
+	if overlay == "" {
+		overlay = DefaultOverlayPath(disk.Active, snapName)
+	}
+	overlay, err := filepath.Abs(overlay)
+	if err != nil {
+		return "", "", nil, err
+	}
+	format := ds.Format
+	if format == "" {
+		format = string(chain.FormatQcow2)
+	}
+	if format != string(chain.FormatQcow2) {
+		return "", "", nil, fmt.Errorf("%w: overlay format %q (an overlay needs a backing file: qcow2)", ErrUnsupported, format)
+	}
+	if _, err := m.poolOf(overlay); err != nil {
+		return "", "", nil, err
+	}
+	if ds.Reuse {
+		c, err := chain.Walk(ctx, overlay, chain.FormatQcow2, m.policy())
+		if err != nil {
+			return "", "", nil, err
+		}
+		if len(c.Layers) < 2 || filepath.Clean(c.Layers[1].Path) != disk.Active {
+			return "", "", nil, fmt.Errorf("%w: reused overlay %s is not backed by %s", ErrInvalidArg, overlay, disk.Active)
+		}
+		return overlay, format, nil, nil
+	}
+	if exists(overlay) {
+		return "", "", nil, fmt.Errorf("%w: overlay %s exists (reuse it with REUSE_EXT)", ErrInvalidArg, overlay)
+	}
+	return overlay, format, &step{Kind: metastore.StepCreateOverlay, Path: overlay, Format: format,
+		Backing: disk.Active, BackingFormat: disk.Format, Disk: disk.Target}, nil
+}
+
+// checkInternalName guards qemu-img's lookup, which matches a snapshot's
+// id before its name: a name equal to another snapshot's id would act on
+// the wrong one. With existing set, the name must be there exactly once.
+func (m *Manager) checkInternalName(path, format, name string, existing bool) error {
+	if format != string(chain.FormatQcow2) {
+		return fmt.Errorf("%w: internal snapshots need qcow2, %s is %s", ErrUnsupported, path, format)
+	}
+	h, err := readHeader(path)
+	if err != nil {
+		return err
+	}
+	byName := slices.IndexFunc(h.Snapshots, func(s chain.Snapshot) bool { return s.Name == name })
+	byID := slices.IndexFunc(h.Snapshots, func(s chain.Snapshot) bool { return s.ID == name })
+	switch {
+	case byID >= 0 && byID != byName:
+		return fmt.Errorf("%w: %q is the id of another internal snapshot in %s", ErrInvalidArg, name, path)
+	case existing && byName < 0:
+		return fmt.Errorf("%w: %s holds no internal snapshot %q", ErrChainBroken, path, name)
+	case !existing && byName >= 0:
+		return fmt.Errorf("%w: %s already holds an internal snapshot %q", ErrSnapshotExists, path, name)
+	}
+	return nil
+}

@@ -1,0 +1,384 @@
+package storage
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+
+	"github.com/xlsnap/xlsnap/storage/metastore"
+)
+
+// DeleteOptions are libvirt's snapshot delete flags.
+type DeleteOptions struct {
+	Children     bool // the snapshot and all its descendants
+	ChildrenOnly bool // its descendants, not the snapshot
+	MetadataOnly bool // forget the records, leave every image as it is
+}
+
+// DiskAction says what a delete did to one disk of one snapshot.
+type DiskAction string
+
+const (
+	ActionMergedDown      DiskAction = "merged-down"       // child committed into the state image
+	ActionPulledUp        DiskAction = "pulled-up"         // state image pulled into its child
+	ActionInternalDeleted DiskAction = "internal-deleted"  // qcow2 internal snapshot removed
+	ActionSharedBase      DiskAction = "kept-shared-base"  // state image backs several images: kept
+	ActionInternalAbove   DiskAction = "kept-for-internal" // a merge would change what an internal snapshot sees
+	ActionUnreferenced    DiskAction = "unreferenced"      // state image had no child: left to the collector
+	ActionMetadataOnly    DiskAction = "metadata-only"
+)
+
+// DiskReport is one disk's outcome.
+type DiskReport struct {
+	Snapshot string
+	Disk     string
+	Action   DiskAction
+	// Kept is the image that holds the merged data; Removed the one
+	// whose data moved into it.
+	Kept    string
+	Removed string
+}
+
+// DeleteReport lists what a delete did, disk by disk, and the images it
+// removed because nothing needed them any more.
+type DeleteReport struct {
+	Deleted   []string
+	Disks     []DiskReport
+	Collected []string
+}
+
+// DeleteSnapshot removes a snapshot (and, with the options, its
+// descendants, leaves first). Each snapshot's delete is one journaled
+// operation: a crash leaves every snapshot either deleted or intact.
+func (m *Manager) DeleteSnapshot(ctx context.Context, domain, name string, opts DeleteOptions) (*DeleteReport, error) {
+	if opts.Children && opts.ChildrenOnly {
+		return nil, fmt.Errorf("%w: children and children-only together", ErrInvalidArg)
+	}
+	unlock, err := m.locks.lock(ctx, domain, true)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	_, snaps, err := m.load(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	if _, ok := snaps[name]; !ok {
+		return nil, fmt.Errorf("%w: %s of domain %s", ErrNoSnapshot, name, domain)
+	}
+	var order []string
+	if opts.Children || opts.ChildrenOnly {
+		order = descendantsLeavesFirst(snaps, name)
+	}
+	if !opts.ChildrenOnly {
+		order = append(order, name)
+	}
+	report := &DeleteReport{}
+	for _, n := range order {
+		if err := m.deleteOne(ctx, domain, n, opts.MetadataOnly, report); err != nil {
+			return report, fmt.Errorf("deleting snapshot %s: %w", n, err)
+		}
+		report.Deleted = append(report.Deleted, n)
+	}
+	return report, nil
+}
+
+// descendantsLeavesFirst lists name's descendants, each after its own.
+func descendantsLeavesFirst(snaps map[string]*Snapshot, name string) []string {
+	children := map[string][]string{}
+	for _, s := range snaps {
+		children[s.Parent] = append(children[s.Parent], s.Name)
+	}
+	var out []string
+	var visit func(string)
+	visit = func(n string) {
+		kids := children[n]
+		sort.Strings(kids)
+		for _, k := range kids {
+			visit(k)
+			out = append(out, k)
+		}
+	}
+	visit(name)
+	return out
+}
+
+func (m *Manager) deleteOne(ctx context.Context, domain, name string, metadataOnly bool, report *DeleteReport) error {
+	d, snaps, err := m.load(ctx, domain)
+	if err != nil {
+		return err
+	}
+	s := snaps[name]
+	next := d.Clone()
+	in := newIntent(domain, "delete")
+	var forward []step // steps that cannot be undone: after NoReturn
+	var merged []step  // removal of images whose data a merge moved
+	if !metadataOnly {
+		others, err := m.imagesOfOtherDomains(ctx, domain)
+		if err != nil {
+			return err
+		}
+		for _, sd := range s.Disks {
+			r := DiskReport{Snapshot: name, Disk: sd.Target}
+			switch sd.Mode {
+			case DiskNone:
+				continue
+			case DiskInternal:
+				if has, err := hasInternal(sd.Image, name); err != nil && !errors.Is(err, ErrChainBroken) {
+					return err
+				} else if has {
+					if err := m.checkInternalName(sd.Image, sd.Format, name, true); err != nil {
+						return err
+					}
+					forward = append(forward, step{Kind: metastore.StepInternalDelete, Path: sd.Image, Format: sd.Format, Name: name, Disk: sd.Target})
+				}
+				r.Action, r.Kept = ActionInternalDeleted, sd.Image
+			case DiskExternal:
+				undoable, fwd, err := m.planMerge(ctx, next, snaps, name, sd, others, &r)
+				if err != nil {
+					return fmt.Errorf("disk %s: %w", sd.Target, err)
+				}
+				in.Steps = append(in.Steps, undoable...)
+				forward = append(forward, fwd...)
+				if r.Removed != "" {
+					merged = append(merged, step{Kind: metastore.StepRemove, Path: r.Removed, Disk: sd.Target})
+				}
+			}
+			report.Disks = append(report.Disks, r)
+		}
+	} else {
+		for _, sd := range s.Disks {
+			if sd.Mode != DiskNone {
+				report.Disks = append(report.Disks, DiskReport{Snapshot: name, Disk: sd.Target, Action: ActionMetadataOnly})
+			}
+		}
+	}
+	in.NoReturn = len(in.Steps)
+	in.Steps = append(in.Steps, forward...)
+
+	// The snapshot tree: children move up to the deleted one's parent,
+	// and so does "current".
+	delete(snaps, name)
+	var put []*Snapshot
+	for _, o := range snaps {
+		if o.Parent == name {
+			o.Parent = s.Parent
+			put = append(put, o)
+		}
+	}
+	if next.Current == name {
+		next.Current = s.Parent
+	}
+	put = append(put, repointSnapshots(snaps, d, next)...)
+	if !metadataOnly {
+		collected := m.collect(next, snaps)
+		for _, st := range collected {
+			report.Collected = append(report.Collected, st.Path)
+		}
+		in.Cleanup = append(merged, collected...)
+	}
+	in.Commit = &metastore.Commit{Domain: next, PutSnapshots: uniqueSnapshots(put), DeleteSnapshots: []string{name}}
+	if len(in.Commit.PutSnapshots) > 0 {
+		// Records written here lose their XML unless it is carried along.
+		if err := m.withXML(ctx, domain, in.Commit.PutSnapshots); err != nil {
+			return err
+		}
+	}
+	return m.run(ctx, in)
+}
+
+// planMerge merges an external snapshot's state image X with its only
+// child C in the cheaper direction, unless that would change an image
+// that others depend on. It updates next's image tree and disks and fills
+// the report; the merge's steps come back split into undoable and not.
+func (m *Manager) planMerge(ctx context.Context, next *Domain, snaps map[string]*Snapshot, name string, sd SnapshotDisk, others map[string]bool, r *DiskReport) (undoable, forward []step, err error) {
+	x := sd.Image
+	ximg, ok := next.Images[x]
+	if !ok {
+		r.Action = ActionUnreferenced
+		return nil, nil, nil
+	}
+	children := next.Children(x)
+	switch {
+	case len(children) == 0:
+		r.Action = ActionUnreferenced
+		return nil, nil, nil
+	case len(children) > 1 || others[x]:
+		r.Action, r.Kept = ActionSharedBase, x
+		return nil, nil, nil
+	}
+	c := children[0]
+	cimg := next.Images[c]
+	// Internal snapshots in C or above see through to X: neither X nor C
+	// may change while they exist.
+	for _, p := range subtree(next, c) {
+		if h, err := readHeader(p); err == nil && len(h.Snapshots) > 0 {
+			r.Action, r.Kept = ActionInternalAbove, x
+			return nil, nil, nil
+		}
+	}
+	xHasInternal := false
+	if h, err := readHeader(x); err == nil && len(h.Snapshots) > 0 {
+		xHasInternal = true
+	}
+	down := xHasInternal // pulling X up would delete its internal snapshots
+	if !down {
+		bx, err := m.allocated(ctx, x, ximg.Format)
+		if err != nil {
+			return nil, nil, err
+		}
+		bc, err := m.allocated(ctx, c, cimg.Format)
+		if err != nil {
+			return nil, nil, err
+		}
+		down = bc < bx
+	}
+	if down {
+		// Commit C into X, point C's children at X, forget C.
+		forward = append(forward, step{Kind: metastore.StepCommit, Path: c, Format: cimg.Format, Disk: sd.Target})
+		for _, gc := range next.Children(c) {
+			forward = append(forward, step{Kind: metastore.StepRebaseUnsafe, Path: gc, Format: next.Images[gc].Format,
+				Backing: x, BackingFormat: ximg.Format, UndoBacking: c, UndoBackingFormat: cimg.Format, Disk: sd.Target})
+			next.Images[gc].Backing, next.Images[gc].BackingFormat = x, ximg.Format
+		}
+		replaceImage(next, c, x)
+		r.Action, r.Kept, r.Removed = ActionMergedDown, x, c
+		return nil, forward, nil
+	}
+	// Pull X into C: C is rebased onto X's backing with X's data copied in.
+	undoable = append(undoable, step{Kind: metastore.StepRebase, Path: c, Format: cimg.Format,
+		Backing: ximg.Backing, BackingFormat: ximg.BackingFormat, UndoBacking: x, UndoBackingFormat: ximg.Format, Disk: sd.Target})
+	cimg.Backing, cimg.BackingFormat = ximg.Backing, ximg.BackingFormat
+	replaceImage(next, x, c)
+	r.Action, r.Kept, r.Removed = ActionPulledUp, c, x
+	return undoable, nil, nil
+}
+
+func (m *Manager) allocated(ctx context.Context, path, format string) (int64, error) {
+	b, err := m.backendFor(path)
+	if err != nil {
+		return 0, err
+	}
+	return b.AllocatedBytes(ctx, path, format)
+}
+
+// replaceImage makes every disk that wrote to old write to repl and drops
+// old from the tree; it stays on disk until the collector removes it.
+func replaceImage(d *Domain, old, repl string) {
+	for i := range d.Disks {
+		if d.Disks[i].Active == old {
+			d.Disks[i].Active, d.Disks[i].Format = repl, d.Images[repl].Format
+		}
+	}
+	if img := d.Images[old]; img != nil && img.Owned {
+		d.Images[repl].Owned = true
+	}
+	delete(d.Images, old)
+}
+
+// repointSnapshots rewrites snapshot records whose images were merged
+// away, and returns those it changed.
+func repointSnapshots(snaps map[string]*Snapshot, before, after *Domain) []*Snapshot {
+	var changed []*Snapshot
+	for _, s := range snaps {
+		dirty := false
+		for i := range s.Disks {
+			sd := &s.Disks[i]
+			if sd.Mode != DiskExternal {
+				continue
+			}
+			if _, ok := after.Images[sd.Image]; !ok && sd.Image != "" {
+				if repl := mergedInto(before, after, sd.Image); repl != "" {
+					sd.Image, sd.Format, dirty = repl, after.Images[repl].Format, true
+				}
+			}
+			if _, ok := after.Images[sd.Overlay]; !ok && sd.Overlay != "" {
+				if repl := mergedInto(before, after, sd.Overlay); repl != "" {
+					sd.Overlay, dirty = repl, true
+				}
+			}
+		}
+		if dirty {
+			changed = append(changed, s)
+		}
+	}
+	return changed
+}
+
+// mergedInto finds the image that took over a merged-away one: its only
+// child (pull-up) or its backing (commit-down), whichever remains.
+func mergedInto(before, after *Domain, gone string) string {
+	for _, c := range before.Children(gone) {
+		if _, ok := after.Images[c]; ok {
+			return c
+		}
+	}
+	if img := before.Images[gone]; img != nil {
+		if _, ok := after.Images[img.Backing]; ok {
+			return img.Backing
+		}
+	}
+	return ""
+}
+
+// subtree lists path and every image above it.
+func subtree(d *Domain, path string) []string {
+	out := []string{path}
+	for i := 0; i < len(out); i++ {
+		out = append(out, d.Children(out[i])...)
+	}
+	return out
+}
+
+func uniqueSnapshots(in []*Snapshot) []*Snapshot {
+	seen := map[string]bool{}
+	var out []*Snapshot
+	for _, s := range in {
+		if !seen[s.Name] {
+			seen[s.Name] = true
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// withXML loads the domain XML of snapshots about to be rewritten.
+func (m *Manager) withXML(ctx context.Context, domain string, snaps []*Snapshot) error {
+	return m.store.View(ctx, func(tx metastore.Tx) error {
+		for _, s := range snaps {
+			full, err := tx.Snapshot(domain, s.Name)
+			if err != nil {
+				return err
+			}
+			s.DomainXML = full.DomainXML
+		}
+		return nil
+	})
+}
+
+// imagesOfOtherDomains lists images other domains' trees hold: a merge
+// must never write into or remove an image another domain reads.
+func (m *Manager) imagesOfOtherDomains(ctx context.Context, domain string) (map[string]bool, error) {
+	out := map[string]bool{}
+	err := m.store.View(ctx, func(tx metastore.Tx) error {
+		names, err := tx.DomainNames()
+		if err != nil {
+			return err
+		}
+		for _, n := range names {
+			if n == domain {
+				continue
+			}
+			d, err := tx.Domain(n)
+			if err != nil {
+				return err
+			}
+			for p := range d.Images {
+				out[p] = true
+			}
+		}
+		return nil
+	})
+	return out, err
+}

@@ -1,0 +1,107 @@
+package storage
+
+import "sync"
+
+// ChainChanged tells that a disk's chain changed: the images top to base
+// before and after, and why ("snapshot", "revert", "delete", "rescan").
+type ChainChanged struct {
+	Domain string
+	Disk   string
+	Before []string
+	After  []string
+	Reason string
+}
+
+// broker hands events to subscribers without ever blocking an operation:
+// each subscriber has its own queue drained by its own goroutine.
+type broker struct {
+	mu     sync.Mutex
+	subs   map[*subscriber]bool
+	closed bool
+}
+
+type subscriber struct {
+	mu    sync.Mutex
+	queue []ChainChanged
+	wake  chan struct{}
+	done  chan struct{}
+	out   chan ChainChanged
+}
+
+func newBroker() *broker { return &broker{subs: map[*subscriber]bool{}} }
+
+// Subscribe returns a channel of every ChainChanged from now on, and a
+// function that ends the subscription and closes the channel.
+func (m *Manager) Subscribe() (<-chan ChainChanged, func()) {
+	return m.events.subscribe()
+}
+
+func (b *broker) subscribe() (<-chan ChainChanged, func()) {
+	s := &subscriber{wake: make(chan struct{}, 1), done: make(chan struct{}), out: make(chan ChainChanged)}
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		close(s.out)
+		return s.out, func() {}
+	}
+	b.subs[s] = true
+	b.mu.Unlock()
+	go s.run()
+	var once sync.Once
+	return s.out, func() {
+		once.Do(func() {
+			b.mu.Lock()
+			delete(b.subs, s)
+			b.mu.Unlock()
+			close(s.done)
+		})
+	}
+}
+
+func (s *subscriber) run() {
+	defer close(s.out)
+	for {
+		s.mu.Lock()
+		if len(s.queue) == 0 {
+			s.mu.Unlock()
+			select {
+			case <-s.wake:
+				continue
+			case <-s.done:
+				return
+			}
+		}
+		ev := s.queue[0]
+		s.queue = s.queue[1:]
+		s.mu.Unlock()
+		select {
+		case s.out <- ev:
+		case <-s.done:
+			return
+		}
+	}
+}
+
+func (b *broker) publish(ev ChainChanged) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for s := range b.subs {
+		s.mu.Lock()
+		s.queue = append(s.queue, ev)
+		s.mu.Unlock()
+		select {
+		case s.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+func (b *broker) close() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.closed = true
+	for s := range b.subs {
+		delete(b.subs, s)
+		close(s.done)
+	}
+}

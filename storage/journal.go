@@ -1,0 +1,349 @@
+package storage
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-multierror"
+
+	"github.com/xlsnap/xlsnap/chain"
+	"github.com/xlsnap/xlsnap/internal/crashpoint"
+	"github.com/xlsnap/xlsnap/storage/metastore"
+)
+
+type (
+	intent = metastore.Intent
+	step   = metastore.Step
+)
+
+var intentSeq atomic.Uint64
+
+func newIntent(domain, op string) *intent {
+	id := strconv.FormatInt(time.Now().UnixNano(), 36) + "-" + strconv.FormatUint(intentSeq.Add(1), 36)
+	return &intent{ID: id, Domain: domain, Op: op}
+}
+
+// run executes an operation under the journal: the intent is durable
+// before the first disk change; steps before NoReturn are undone if one
+// fails; the metadata and the intent's end are one transaction; cleanup
+// (removing images nothing needs) runs only after that.
+func (m *Manager) run(ctx context.Context, in *intent) error {
+	crash := func(point string) { crashpoint.Hit(in.Op + "/" + point) }
+	crash("begin")
+	if err := m.store.Update(ctx, func(tx metastore.Tx) error { return tx.PutIntent(in) }); err != nil {
+		return err
+	}
+	crash("intent-written")
+	for i, st := range in.Steps {
+		if i == in.NoReturn && !in.PassedNoReturn {
+			in.PassedNoReturn = true
+			if err := m.store.Update(ctx, func(tx metastore.Tx) error { return tx.PutIntent(in) }); err != nil {
+				return m.abandon(ctx, in, i-1, err)
+			}
+		}
+		crash(fmt.Sprintf("step%d-%s", i, st.Kind))
+		if err := m.redo(ctx, st); err != nil {
+			if i < in.NoReturn {
+				return m.abandon(ctx, in, i, err)
+			}
+			return fmt.Errorf("%w (%s %s: finish it with Repair once the cause is fixed): %w", ErrPending, in.Op, in.ID, err)
+		}
+	}
+	crash("steps-done")
+	return m.commit(ctx, in)
+}
+
+// abandon undoes steps[0..last] in reverse, drops the intent and returns
+// the cause of the failure.
+func (m *Manager) abandon(ctx context.Context, in *intent, last int, cause error) error {
+	if err := m.rollBack(ctx, in, last); err != nil {
+		return fmt.Errorf("%w; undoing it failed too, the journal keeps it for Repair: %w", cause, err)
+	}
+	return cause
+}
+
+// rollBack undoes steps[0..last] in reverse and drops the intent.
+func (m *Manager) rollBack(ctx context.Context, in *intent, last int) error {
+	// Undo must run even when ctx was cancelled: that is often the cause.
+	uctx := context.WithoutCancel(ctx)
+	var undoErr error
+	for i := last; i >= 0; i-- {
+		if err := m.undo(uctx, in.Steps[i]); err != nil {
+			undoErr = multierror.Append(undoErr, err)
+		}
+	}
+	if undoErr != nil {
+		return undoErr
+	}
+	return m.store.Update(uctx, func(tx metastore.Tx) error { return tx.DeleteIntent(in.ID) })
+}
+
+// commit writes the operation's metadata and ends (or shrinks to its
+// cleanup) the intent in one transaction, then runs the cleanup.
+func (m *Manager) commit(ctx context.Context, in *intent) error {
+	var before *Domain
+	err := m.store.Update(ctx, func(tx metastore.Tx) error {
+		if c := in.Commit; c != nil {
+			var err error
+			if before, err = tx.Domain(c.Domain.Name); err != nil && !errors.Is(err, metastore.ErrNotFound) {
+				return err
+			}
+			if err := tx.PutDomain(c.Domain); err != nil {
+				return err
+			}
+			for _, name := range c.DeleteSnapshots {
+				if err := tx.DeleteSnapshot(c.Domain.Name, name); err != nil && !errors.Is(err, metastore.ErrNotFound) {
+					return err
+				}
+			}
+			for _, s := range c.PutSnapshots {
+				if err := tx.PutSnapshot(c.Domain.Name, s); err != nil {
+					return err
+				}
+			}
+		}
+		if len(in.Cleanup) == 0 {
+			return tx.DeleteIntent(in.ID)
+		}
+		in.Committed, in.Steps, in.Commit = true, nil, nil
+		return tx.PutIntent(in)
+	})
+	if err != nil {
+		return err
+	}
+	crashpoint.Hit(in.Op + "/committed")
+	if before != nil {
+		m.publishChanges(before, in)
+	}
+	return m.cleanup(ctx, in)
+}
+
+func (m *Manager) cleanup(ctx context.Context, in *intent) error {
+	for i, st := range in.Cleanup {
+		crashpoint.Hit(fmt.Sprintf("%s/cleanup%d", in.Op, i))
+		if err := m.redo(ctx, st); err != nil {
+			return fmt.Errorf("%w (cleanup of %s %s): %w", ErrPending, in.Op, in.ID, err)
+		}
+	}
+	return m.store.Update(ctx, func(tx metastore.Tx) error { return tx.DeleteIntent(in.ID) })
+}
+
+// Recover finishes or undoes every intent in the journal whose domain no
+// other process is working on. Open calls it; Repair calls it again.
+func (m *Manager) Recover(ctx context.Context) error {
+	var intents []*intent
+	if err := m.store.View(ctx, func(tx metastore.Tx) error {
+		var err error
+		intents, err = tx.Intents()
+		return err
+	}); err != nil {
+		return err
+	}
+	var errs error
+	for _, in := range intents {
+		unlock, err := m.locks.lock(ctx, in.Domain, false)
+		if errors.Is(err, ErrBusy) {
+			continue // in progress in another process or goroutine
+		}
+		if err != nil {
+			return err
+		}
+		if err := m.recoverIntent(ctx, in); err != nil {
+			errs = multierror.Append(errs, fmt.Errorf("intent %s (%s of %s): %w", in.ID, in.Op, in.Domain, err))
+		}
+		unlock()
+	}
+	return errs
+}
+
+func (m *Manager) recoverIntent(ctx context.Context, in *intent) error {
+	switch {
+	case in.Committed:
+		return m.cleanup(ctx, in)
+	case in.PassedNoReturn:
+		for _, st := range in.Steps {
+			if err := m.redo(ctx, st); err != nil {
+				return err
+			}
+		}
+		return m.commit(ctx, in)
+	default:
+		return m.rollBack(ctx, in, len(in.Steps)-1)
+	}
+}
+
+func (m *Manager) backendFor(path string) (Backend, error) {
+	p, err := m.poolOf(path)
+	if err != nil {
+		return nil, err
+	}
+	return p.backend, nil
+}
+
+func (m *Manager) internal(path string) (InternalSnapshotter, error) {
+	b, err := m.backendFor(path)
+	if err != nil {
+		return nil, err
+	}
+	is, ok := b.(InternalSnapshotter)
+	if !ok {
+		return nil, fmt.Errorf("%w: the pool of %s keeps no internal snapshots", ErrUnsupported, path)
+	}
+	return is, nil
+}
+
+// redo runs a step so that running it again is harmless: recovery may
+// repeat any step whose outcome it cannot see.
+func (m *Manager) redo(ctx context.Context, st step) error {
+	b, err := m.backendFor(st.Path)
+	if err != nil {
+		return err
+	}
+	switch st.Kind {
+	case metastore.StepCreateOverlay:
+		if isOverlayOf(st.Path, st.Backing) {
+			return nil
+		}
+		return b.CreateOverlay(ctx, st.Path, st.Format, st.Backing, st.BackingFormat)
+	case metastore.StepInternalCreate:
+		if has, err := hasInternal(st.Path, st.Name); err != nil || has {
+			return err
+		}
+		is, err := m.internal(st.Path)
+		if err != nil {
+			return err
+		}
+		return is.InternalCreate(ctx, st.Path, st.Format, st.Name)
+	case metastore.StepInternalApply:
+		is, err := m.internal(st.Path)
+		if err != nil {
+			return err
+		}
+		return is.InternalApply(ctx, st.Path, st.Format, st.Name)
+	case metastore.StepInternalDelete:
+		if has, err := hasInternal(st.Path, st.Name); err != nil || !has {
+			return err
+		}
+		is, err := m.internal(st.Path)
+		if err != nil {
+			return err
+		}
+		return is.InternalDelete(ctx, st.Path, st.Format, st.Name)
+	case metastore.StepCommit:
+		if !exists(st.Path) {
+			return nil // committed and removed already
+		}
+		return b.Commit(ctx, st.Path, st.Format, nil)
+	case metastore.StepRebase:
+		return b.Rebase(ctx, st.Path, st.Format, st.Backing, st.BackingFormat, nil)
+	case metastore.StepRebaseUnsafe:
+		return b.RebaseUnsafe(ctx, st.Path, st.Format, st.Backing, st.BackingFormat)
+	case metastore.StepRemove:
+		return b.Remove(ctx, st.Path)
+	}
+	return fmt.Errorf("unknown step %q", st.Kind)
+}
+
+// undo reverses a step that ran, ran in part, or never ran.
+func (m *Manager) undo(ctx context.Context, st step) error {
+	b, err := m.backendFor(st.Path)
+	if err != nil {
+		return err
+	}
+	switch st.Kind {
+	case metastore.StepCreateOverlay:
+		// Only an overlay this step made: never a file that was there.
+		if isOverlayOf(st.Path, st.Backing) || isEmptyFile(st.Path) {
+			return b.Remove(ctx, st.Path)
+		}
+		return nil
+	case metastore.StepInternalCreate:
+		if has, err := hasInternal(st.Path, st.Name); err != nil || !has {
+			return err
+		}
+		is, err := m.internal(st.Path)
+		if err != nil {
+			return err
+		}
+		return is.InternalDelete(ctx, st.Path, st.Format, st.Name)
+	case metastore.StepRebase, metastore.StepRebaseUnsafe:
+		// Content is the same over either backing; only the reference
+		// goes back.
+		return b.RebaseUnsafe(ctx, st.Path, st.Format, st.UndoBacking, st.UndoBackingFormat)
+	}
+	return fmt.Errorf("step %q cannot be undone", st.Kind)
+}
+
+func exists(path string) bool {
+	_, err := os.Lstat(path)
+	return !errors.Is(err, fs.ErrNotExist)
+}
+
+func isEmptyFile(path string) bool {
+	st, err := os.Lstat(path)
+	return err == nil && st.Mode().IsRegular() && st.Size() == 0
+}
+
+// isOverlayOf reads path's header: is it a qcow2 backed by backing?
+func isOverlayOf(path, backing string) bool {
+	h, err := readHeader(path)
+	if err != nil {
+		return false
+	}
+	return filepath.Clean(chain.ResolveBacking(path, h.BackingFile)) == filepath.Clean(backing)
+}
+
+func readHeader(path string) (*chain.Header, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return chain.ParseHeader(f)
+}
+
+// hasInternal reports whether an image holds an internal snapshot whose
+// name is name.
+func hasInternal(path, name string) (bool, error) {
+	h, err := readHeader(path)
+	if err != nil {
+		return false, err
+	}
+	return slices.ContainsFunc(h.Snapshots, func(s chain.Snapshot) bool { return s.Name == name }), nil
+}
+
+// chainOf lists a disk's images from metadata, top to base.
+func chainOf(d *Domain, top string) []string {
+	var out []string
+	for p := top; p != "" && len(out) <= len(d.Images); {
+		out = append(out, p)
+		img, ok := d.Images[p]
+		if !ok {
+			break
+		}
+		p = img.Backing
+	}
+	return out
+}
+
+func (m *Manager) publishChanges(before *Domain, in *intent) {
+	after := in.Commit.Domain
+	for _, disk := range after.Disks {
+		var old []string
+		if bd := before.Disk(disk.Target); bd != nil {
+			old = chainOf(before, bd.Active)
+		}
+		now := chainOf(after, disk.Active)
+		if !slices.Equal(old, now) {
+			m.events.publish(ChainChanged{Domain: after.Name, Disk: disk.Target, Before: old, After: now, Reason: in.Op})
+		}
+	}
+}

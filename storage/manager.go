@@ -1,0 +1,300 @@
+package storage
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"github.com/xlsnap/xlsnap/chain"
+	"github.com/xlsnap/xlsnap/storage/metastore"
+)
+
+// Records, re-exported so callers need not import metastore.
+type (
+	Domain       = metastore.Domain
+	Disk         = metastore.Disk
+	Image        = metastore.Image
+	Snapshot     = metastore.Snapshot
+	SnapshotDisk = metastore.SnapshotDisk
+	DiskMode     = metastore.DiskMode
+)
+
+const (
+	DiskNone     = metastore.DiskNone
+	DiskInternal = metastore.DiskInternal
+	DiskExternal = metastore.DiskExternal
+)
+
+// Config opens a Manager.
+type Config struct {
+	// StateDir holds xlsnap.db and the lock files.
+	StateDir string
+	Pools    []PoolConfig
+	// Store replaces the embedded bbolt store (a cluster store, say).
+	Store metastore.Store
+}
+
+// Manager owns the chains and snapshot metadata of every domain in its
+// pools. It is safe for concurrent use; operations on one domain are
+// serialised, different domains run in parallel.
+type Manager struct {
+	store    metastore.Store
+	stateDir string
+	pools    []*pool
+	locks    *lockTable
+	events   *broker
+}
+
+type pool struct {
+	PoolConfig
+	backend Backend
+}
+
+// Open opens the store and the pools, then finishes or undoes every
+// operation a crash left in the journal before it serves any call.
+func Open(ctx context.Context, cfg Config) (*Manager, error) {
+	if cfg.StateDir == "" {
+		return nil, fmt.Errorf("%w: no state folder", ErrInvalidArg)
+	}
+	m := &Manager{stateDir: cfg.StateDir, store: cfg.Store, events: newBroker()}
+	m.locks = newLockTable(filepath.Join(cfg.StateDir, "locks"))
+	if m.store == nil {
+		s, err := metastore.OpenBolt(ctx, filepath.Join(cfg.StateDir, "xlsnap.db"))
+		if err != nil {
+			return nil, err
+		}
+		m.store = s
+	}
+	for _, pc := range cfg.Pools {
+		b, err := openBackend(pc)
+		if err != nil {
+			return nil, err
+		}
+		m.pools = append(m.pools, &pool{PoolConfig: pc, backend: b})
+	}
+	if err := m.Recover(ctx); err != nil {
+		return nil, fmt.Errorf("recovering the journal: %w", err)
+	}
+	return m, nil
+}
+
+// Close releases the store.
+func (m *Manager) Close() error {
+	m.events.close()
+	return m.store.Close()
+}
+
+// poolOf finds the pool whose folder holds path.
+func (m *Manager) poolOf(path string) (*pool, error) {
+	for _, p := range m.pools {
+		root := p.backend.Root()
+		if strings.HasPrefix(path, root+"/") {
+			return p, nil
+		}
+	}
+	return nil, fmt.Errorf("%w: %s is in no pool", ErrInvalidArg, path)
+}
+
+// policy is the chain policy of every walk: images stay inside the pools.
+func (m *Manager) policy() chain.Policy {
+	p := chain.Policy{}
+	for _, pl := range m.pools {
+		p.Roots = append(p.Roots, pl.backend.Root())
+	}
+	return p
+}
+
+// ValidName refuses names that could escape a folder or confuse a lock
+// file: domain and snapshot names end up in file names.
+func ValidName(kind, name string) error {
+	if name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/\x00") || strings.HasPrefix(name, "-") {
+		return fmt.Errorf("%w: %s name %q", ErrInvalidArg, kind, name)
+	}
+	return nil
+}
+
+// DiskSpec names a disk and the image it writes to.
+type DiskSpec struct {
+	Target string
+	Path   string
+	Format string
+}
+
+// DefineDomain records a domain's disks and walks their chains into its
+// image tree. For a known domain it refreshes the disks: any chain that
+// changed since is rescanned as ChainChanged does.
+func (m *Manager) DefineDomain(ctx context.Context, name, uuid string, disks []DiskSpec) (*Domain, error) {
+	if err := ValidName("domain", name); err != nil {
+		return nil, err
+	}
+	unlock, err := m.locks.lock(ctx, name, true)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	var d *Domain
+	err = m.store.Update(ctx, func(tx metastore.Tx) error {
+		var err error
+		d, err = tx.Domain(name)
+		if errors.Is(err, metastore.ErrNotFound) {
+			d, err = &Domain{Name: name, Images: map[string]*Image{}}, nil
+		}
+		if err != nil {
+			return err
+		}
+		d.UUID = uuid
+		var next []Disk
+		for _, ds := range disks {
+			if err := ValidName("disk", ds.Target); err != nil {
+				return err
+			}
+			abs, err := filepath.Abs(ds.Path)
+			if err != nil {
+				return err
+			}
+			if _, err := m.poolOf(abs); err != nil {
+				return fmt.Errorf("disk %s: %w", ds.Target, err)
+			}
+			c, err := chain.Walk(ctx, abs, chain.Format(ds.Format), m.policy())
+			if err != nil {
+				return fmt.Errorf("disk %s: %w", ds.Target, err)
+			}
+			m.recordChain(d, c)
+			next = append(next, Disk{Target: ds.Target, Active: abs, Format: c.Top().Format.String()})
+		}
+		d.Disks = next
+		return tx.PutDomain(d)
+	})
+	return d, err
+}
+
+// recordChain adds a chain's images to the tree, keeping what is known.
+func (m *Manager) recordChain(d *Domain, c *chain.Chain) {
+	for i, l := range c.Layers {
+		img, ok := d.Images[l.Path]
+		if !ok {
+			img = &Image{}
+			d.Images[l.Path] = img
+		}
+		img.Format = l.Format.String()
+		img.Backing, img.BackingFormat = "", ""
+		if i+1 < len(c.Layers) {
+			img.Backing, img.BackingFormat = filepath.Clean(c.Layers[i+1].Path), l.BackingFormat
+		}
+	}
+}
+
+// Domain returns a domain's record.
+func (m *Manager) Domain(ctx context.Context, name string) (*Domain, error) {
+	var d *Domain
+	err := m.store.View(ctx, func(tx metastore.Tx) error {
+		var err error
+		d, err = m.domain(tx, name)
+		return err
+	})
+	return d, err
+}
+
+func (m *Manager) domain(tx metastore.Tx, name string) (*Domain, error) {
+	d, err := tx.Domain(name)
+	if errors.Is(err, metastore.ErrNotFound) {
+		return nil, fmt.Errorf("%w: %s", ErrNoDomain, name)
+	}
+	return d, err
+}
+
+// Domains lists the domains with records.
+func (m *Manager) Domains(ctx context.Context) ([]string, error) {
+	var names []string
+	err := m.store.View(ctx, func(tx metastore.Tx) error {
+		var err error
+		names, err = tx.DomainNames()
+		return err
+	})
+	return names, err
+}
+
+// Snapshots lists a domain's snapshots (without their domain XML).
+func (m *Manager) Snapshots(ctx context.Context, domain string) ([]*Snapshot, error) {
+	var out []*Snapshot
+	err := m.store.View(ctx, func(tx metastore.Tx) error {
+		if _, err := m.domain(tx, domain); err != nil {
+			return err
+		}
+		var err error
+		out, err = tx.Snapshots(domain)
+		return err
+	})
+	return out, err
+}
+
+// Snapshot returns one snapshot with its domain XML.
+func (m *Manager) Snapshot(ctx context.Context, domain, name string) (*Snapshot, error) {
+	var s *Snapshot
+	err := m.store.View(ctx, func(tx metastore.Tx) error {
+		var err error
+		s, err = m.snapshot(tx, domain, name)
+		return err
+	})
+	return s, err
+}
+
+func (m *Manager) snapshot(tx metastore.Tx, domain, name string) (*Snapshot, error) {
+	if _, err := m.domain(tx, domain); err != nil {
+		return nil, err
+	}
+	s, err := tx.Snapshot(domain, name)
+	if errors.Is(err, metastore.ErrNotFound) {
+		return nil, fmt.Errorf("%w: %s of domain %s", ErrNoSnapshot, name, domain)
+	}
+	return s, err
+}
+
+// lockTable serialises operations per domain: a channel per domain inside
+// the process, a lock file for other processes.
+type lockTable struct {
+	dir string
+	mu  sync.Mutex
+	sem map[string]chan struct{}
+}
+
+func newLockTable(dir string) *lockTable {
+	return &lockTable{dir: dir, sem: map[string]chan struct{}{}}
+}
+
+// lock takes the domain's lock; with wait false it fails with ErrBusy at
+// once instead of waiting for ctx.
+func (l *lockTable) lock(ctx context.Context, domain string, wait bool) (func(), error) {
+	l.mu.Lock()
+	ch, ok := l.sem[domain]
+	if !ok {
+		ch = make(chan struct{}, 1)
+		l.sem[domain] = ch
+	}
+	l.mu.Unlock()
+	if wait {
+		select {
+		case ch <- struct{}{}:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%w: %s: %w", ErrBusy, domain, ctx.Err())
+		}
+	} else {
+		select {
+		case ch <- struct{}{}:
+		default:
+			return nil, fmt.Errorf("%w: %s", ErrBusy, domain)
+		}
+	}
+	unlockFile, err := lockFile(ctx, filepath.Join(l.dir, domain+".lock"), wait)
+	if err != nil {
+		<-ch
+		return nil, fmt.Errorf("%w: %s: %w", ErrBusy, domain, err)
+	}
+	return func() {
+		unlockFile()
+		<-ch
+	}, nil
+}

@@ -1,0 +1,214 @@
+// Package metastore keeps xlsnap's metadata: per domain the disks, the
+// image tree and the snapshot tree, and the journal of operations in
+// flight. Store is the small interface a cluster store (etcd) can satisfy
+// too; Bolt is the embedded default.
+package metastore
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// ErrNotFound is returned for a domain, snapshot or intent with no record.
+var ErrNotFound = errors.New("no such record")
+
+// Store runs transactions. Update commits everything fn did or nothing.
+type Store interface {
+	View(ctx context.Context, fn func(Tx) error) error
+	Update(ctx context.Context, fn func(Tx) error) error
+	Close() error
+}
+
+// Tx reads and writes records inside one transaction.
+type Tx interface {
+	DomainNames() ([]string, error)
+	Domain(name string) (*Domain, error)
+	PutDomain(d *Domain) error
+	DeleteDomain(name string) error
+
+	// Snapshots lists a domain's snapshots without their domain XML, so a
+	// tree of thousands lists quickly; Snapshot loads one with its XML.
+	Snapshots(domain string) ([]*Snapshot, error)
+	Snapshot(domain, name string) (*Snapshot, error)
+	PutSnapshot(domain string, s *Snapshot) error
+	DeleteSnapshot(domain, name string) error
+
+	Intents() ([]*Intent, error)
+	PutIntent(in *Intent) error
+	DeleteIntent(id string) error
+}
+
+// Domain is what storage knows of a domain: its disks and the tree of
+// images they have used.
+type Domain struct {
+	Name string `json:"name"`
+	UUID string `json:"uuid,omitempty"`
+	// Current names the current snapshot, "" when there is none.
+	Current string `json:"current,omitempty"`
+	Disks   []Disk `json:"disks"`
+	// Images maps an image's path to its record: the image tree, since
+	// each record names the image it is backed by.
+	Images map[string]*Image `json:"images"`
+}
+
+// Disk is one of a domain's disks and the image it writes to now.
+type Disk struct {
+	Target string `json:"target"`
+	Active string `json:"active"`
+	Format string `json:"format"`
+}
+
+// Image is one node of the image tree.
+type Image struct {
+	Format  string `json:"format"`
+	Backing string `json:"backing,omitempty"`
+	// BackingFormat is the backing image's format, written explicitly.
+	BackingFormat string `json:"backing_format,omitempty"`
+	// Owned marks images xlsnap created; only those are removed when
+	// nothing needs them any more. Others (a template base, say) may be
+	// shared with domains xlsnap does not know of.
+	Owned bool `json:"owned,omitempty"`
+}
+
+// Disk returns the disk with the given target, or nil.
+func (d *Domain) Disk(target string) *Disk {
+	for i := range d.Disks {
+		if d.Disks[i].Target == target {
+			return &d.Disks[i]
+		}
+	}
+	return nil
+}
+
+// Children lists the images backed by path.
+func (d *Domain) Children(path string) []string {
+	var out []string
+	for p, img := range d.Images {
+		if img.Backing == path {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// Clone returns a deep copy, so a plan can be built without touching the
+// record it came from.
+func (d *Domain) Clone() *Domain {
+	c := *d
+	c.Disks = append([]Disk(nil), d.Disks...)
+	c.Images = make(map[string]*Image, len(d.Images))
+	for p, img := range d.Images {
+		cp := *img
+		c.Images[p] = &cp
+	}
+	return &c
+}
+
+// DiskMode is a disk's part in a snapshot, as libvirt names it.
+type DiskMode string
+
+const (
+	DiskNone     DiskMode = "no"
+	DiskInternal DiskMode = "internal"
+	DiskExternal DiskMode = "external"
+)
+
+// Snapshot is one node of a domain's snapshot tree.
+type Snapshot struct {
+	Name        string    `json:"name"`
+	Description string    `json:"description,omitempty"`
+	Created     time.Time `json:"created"`
+	// State is the domain's state when the snapshot was taken (libvirt's
+	// names: shutoff, running, paused).
+	State  string `json:"state"`
+	Parent string `json:"parent,omitempty"`
+	// Memory is the external file holding the saved memory, "" for none.
+	Memory string         `json:"memory,omitempty"`
+	Disks  []SnapshotDisk `json:"disks"`
+	// DomainXML is the domain's definition at the time, needed to revert.
+	// Stores keep it apart from the record so listings stay small.
+	DomainXML string `json:"domain_xml,omitempty"`
+}
+
+// SnapshotDisk records how one disk took part in a snapshot.
+type SnapshotDisk struct {
+	Target string   `json:"target"`
+	Mode   DiskMode `json:"mode"`
+	// Image holds the snapshot's state: for external snapshots the former
+	// active layer, for internal ones the image holding the internal
+	// snapshot.
+	Image  string `json:"image,omitempty"`
+	Format string `json:"format,omitempty"`
+	// Overlay is the image created on Image when the snapshot was taken.
+	Overlay string `json:"overlay,omitempty"`
+}
+
+// Disk returns the snapshot's record of a disk, or nil.
+func (s *Snapshot) Disk(target string) *SnapshotDisk {
+	for i := range s.Disks {
+		if s.Disks[i].Target == target {
+			return &s.Disks[i]
+		}
+	}
+	return nil
+}
+
+// Intent is a journal record: an operation that changes disks writes it
+// before the first change and clears it in the transaction that commits
+// the operation's metadata, so recovery can finish or undo it.
+type Intent struct {
+	ID     string `json:"id"`
+	Domain string `json:"domain"`
+	Op     string `json:"op"`
+	// Steps are the disk changes, in order. Steps before NoReturn are
+	// undone on failure; once step NoReturn has started, the operation is
+	// finished instead (its state can no longer be restored).
+	Steps    []Step `json:"steps"`
+	NoReturn int    `json:"no_return"`
+	// Commit is the metadata the operation ends with.
+	Commit *Commit `json:"commit,omitempty"`
+	// Cleanup holds steps that run after Commit is durable (removing
+	// images nothing needs). An intent with Committed set is only that.
+	Cleanup   []Step `json:"cleanup,omitempty"`
+	Committed bool   `json:"committed,omitempty"`
+	// PassedNoReturn is set, durably, before step NoReturn starts.
+	PassedNoReturn bool `json:"passed_no_return,omitempty"`
+}
+
+// Commit is the metadata an operation writes in one transaction.
+type Commit struct {
+	Domain          *Domain     `json:"domain"`
+	PutSnapshots    []*Snapshot `json:"put_snapshots,omitempty"`
+	DeleteSnapshots []string    `json:"delete_snapshots,omitempty"`
+}
+
+// StepKind names a disk change the journal can redo or undo.
+type StepKind string
+
+const (
+	StepCreateOverlay  StepKind = "create-overlay"
+	StepInternalCreate StepKind = "internal-create"
+	StepInternalApply  StepKind = "internal-apply"
+	StepInternalDelete StepKind = "internal-delete"
+	StepCommit         StepKind = "commit"
+	StepRebase         StepKind = "rebase"
+	StepRebaseUnsafe   StepKind = "rebase-unsafe"
+	StepRemove         StepKind = "remove"
+)
+
+// Step is one disk change with everything needed to run it again.
+type Step struct {
+	Kind          StepKind `json:"kind"`
+	Path          string   `json:"path"`
+	Format        string   `json:"format,omitempty"`
+	Backing       string   `json:"backing,omitempty"`
+	BackingFormat string   `json:"backing_format,omitempty"`
+	// UndoBacking is the backing a rebase step restores when undone.
+	UndoBacking       string `json:"undo_backing,omitempty"`
+	UndoBackingFormat string `json:"undo_backing_format,omitempty"`
+	// Name is the internal snapshot's name for internal steps.
+	Name string `json:"name,omitempty"`
+	// Disk is the domain disk this step changes, for events.
+	Disk string `json:"disk,omitempty"`
+}
