@@ -114,6 +114,7 @@ func (m *Manager) deleteOne(ctx context.Context, domain, name string, metadataOn
 	in := newIntent(domain, "delete")
 	var forward []step // steps that cannot be undone: after NoReturn
 	var merged []step  // removal of images whose data a merge moved
+	movedTo := map[string]string{}
 	if !metadataOnly {
 		others, err := m.imagesOfOtherDomains(ctx, domain)
 		if err != nil {
@@ -142,6 +143,7 @@ func (m *Manager) deleteOne(ctx context.Context, domain, name string, metadataOn
 				in.Steps = append(in.Steps, undoable...)
 				forward = append(forward, fwd...)
 				if r.Removed != "" {
+					movedTo[r.Removed] = r.Kept
 					merged = append(merged, step{Kind: metastore.StepRemove, Path: r.Removed, Disk: sd.Target})
 				}
 			}
@@ -170,7 +172,7 @@ func (m *Manager) deleteOne(ctx context.Context, domain, name string, metadataOn
 	if next.Current == name {
 		next.Current = s.Parent
 	}
-	put = append(put, repointSnapshots(snaps, d, next)...)
+	put = append(put, repointSnapshots(snaps, movedTo, next)...)
 	if !metadataOnly {
 		collected := m.collect(next, snaps)
 		for _, st := range collected {
@@ -277,26 +279,19 @@ func replaceImage(d *Domain, old, repl string) {
 	delete(d.Images, old)
 }
 
-// repointSnapshots rewrites snapshot records whose images were merged
-// away, and returns those it changed.
-func repointSnapshots(snaps map[string]*Snapshot, before, after *Domain) []*Snapshot {
+// repointSnapshots rewrites snapshot records that name an image a merge
+// moved into another, and returns those it changed.
+func repointSnapshots(snaps map[string]*Snapshot, movedTo map[string]string, after *Domain) []*Snapshot {
 	var changed []*Snapshot
 	for _, s := range snaps {
 		dirty := false
 		for i := range s.Disks {
 			sd := &s.Disks[i]
-			if sd.Mode != DiskExternal {
-				continue
+			if repl, ok := movedTo[sd.Image]; ok {
+				sd.Image, sd.Format, dirty = repl, after.Images[repl].Format, true
 			}
-			if _, ok := after.Images[sd.Image]; !ok && sd.Image != "" {
-				if repl := mergedInto(before, after, sd.Image); repl != "" {
-					sd.Image, sd.Format, dirty = repl, after.Images[repl].Format, true
-				}
-			}
-			if _, ok := after.Images[sd.Overlay]; !ok && sd.Overlay != "" {
-				if repl := mergedInto(before, after, sd.Overlay); repl != "" {
-					sd.Overlay, dirty = repl, true
-				}
+			if repl, ok := movedTo[sd.Overlay]; ok {
+				sd.Overlay, dirty = repl, true
 			}
 		}
 		if dirty {
@@ -304,22 +299,6 @@ func repointSnapshots(snaps map[string]*Snapshot, before, after *Domain) []*Snap
 		}
 	}
 	return changed
-}
-
-// mergedInto finds the image that took over a merged-away one: its only
-// child (pull-up) or its backing (commit-down), whichever remains.
-func mergedInto(before, after *Domain, gone string) string {
-	for _, c := range before.Children(gone) {
-		if _, ok := after.Images[c]; ok {
-			return c
-		}
-	}
-	if img := before.Images[gone]; img != nil {
-		if _, ok := after.Images[img.Backing]; ok {
-			return img.Backing
-		}
-	}
-	return ""
 }
 
 // subtree lists path and every image above it.

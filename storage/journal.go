@@ -90,8 +90,9 @@ func (m *Manager) rollBack(ctx context.Context, in *intent, last int) error {
 // cleanup) the intent in one transaction, then runs the cleanup.
 func (m *Manager) commit(ctx context.Context, in *intent) error {
 	var before *Domain
+	c := in.Commit
 	err := m.store.Update(ctx, func(tx metastore.Tx) error {
-		if c := in.Commit; c != nil {
+		if c != nil {
 			var err error
 			if before, err = tx.Domain(c.Domain.Name); err != nil && !errors.Is(err, metastore.ErrNotFound) {
 				return err
@@ -121,7 +122,7 @@ func (m *Manager) commit(ctx context.Context, in *intent) error {
 	}
 	crashpoint.Hit(in.Op + "/committed")
 	if before != nil {
-		m.publishChanges(before, in)
+		m.publishChanges(before, c.Domain, in.Op)
 	}
 	return m.cleanup(ctx, in)
 }
@@ -334,8 +335,7 @@ func chainOf(d *Domain, top string) []string {
 	return out
 }
 
-func (m *Manager) publishChanges(before *Domain, in *intent) {
-	after := in.Commit.Domain
+func (m *Manager) publishChanges(before, after *Domain, reason string) {
 	for _, disk := range after.Disks {
 		var old []string
 		if bd := before.Disk(disk.Target); bd != nil {
@@ -343,7 +343,7 @@ func (m *Manager) publishChanges(before *Domain, in *intent) {
 		}
 		now := chainOf(after, disk.Active)
 		if !slices.Equal(old, now) {
-			m.events.publish(ChainChanged{Domain: after.Name, Disk: disk.Target, Before: old, After: now, Reason: in.Op})
+			m.events.publish(ChainChanged{Domain: after.Name, Disk: disk.Target, Before: old, After: now, Reason: reason})
 		}
 	}
 }

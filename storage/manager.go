@@ -174,10 +174,11 @@ func (m *Manager) DefineDomain(ctx context.Context, name, uuid string, disks []D
 // recordChain adds a chain's images to the tree, keeping what is known.
 func (m *Manager) recordChain(d *Domain, c *chain.Chain) {
 	for i, l := range c.Layers {
-		img, ok := d.Images[l.Path]
+		path := filepath.Clean(l.Path)
+		img, ok := d.Images[path]
 		if !ok {
 			img = &Image{}
-			d.Images[l.Path] = img
+			d.Images[path] = img
 		}
 		img.Format = l.Format.String()
 		img.Backing, img.BackingFormat = "", ""

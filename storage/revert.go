@@ -46,9 +46,10 @@ func (m *Manager) Revert(ctx context.Context, domain, name string) (*Domain, err
 			next.Images[overlay] = &Image{Format: "qcow2", Backing: sd.Image, BackingFormat: sd.Format, Owned: true}
 			disk.Active, disk.Format = overlay, "qcow2"
 		case DiskInternal:
-			// Applying writes the image; if it now backs other images (an
-			// external snapshot was taken since), their content would change.
-			if disk.Active != sd.Image {
+			// Applying writes the image: fine for the active layer, or for an
+			// image nothing backs onto and no external snapshot keeps as
+			// its state (it then becomes the active layer again).
+			if disk.Active != sd.Image && (len(next.Children(sd.Image)) > 0 || isExternalState(snaps, sd.Image)) {
 				return nil, fmt.Errorf("%w: disk %s: internal snapshot %s is in %s, which now backs %s; revert to the external snapshot taken since instead",
 					ErrOperationInvalid, sd.Target, name, sd.Image, disk.Active)
 			}
@@ -56,6 +57,7 @@ func (m *Manager) Revert(ctx context.Context, domain, name string) (*Domain, err
 				return nil, fmt.Errorf("disk %s: %w", sd.Target, err)
 			}
 			applies = append(applies, step{Kind: metastore.StepInternalApply, Path: sd.Image, Format: sd.Format, Name: name, Disk: sd.Target})
+			disk.Active, disk.Format = sd.Image, sd.Format
 		}
 	}
 	// New overlays first (undoable), then the applies, which overwrite the
@@ -69,6 +71,17 @@ func (m *Manager) Revert(ctx context.Context, domain, name string) (*Domain, err
 		return nil, err
 	}
 	return next, nil
+}
+
+func isExternalState(snaps map[string]*Snapshot, image string) bool {
+	for _, s := range snaps {
+		for _, sd := range s.Disks {
+			if sd.Mode == DiskExternal && sd.Image == image {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // load reads a domain and all its snapshots by name.
