@@ -9,10 +9,21 @@ declare -A need=(
   [qemu-img]=qemu-utils
   [qemu-io]=qemu-utils
 )
+# pkg-config module → Debian package (cgo builds against these)
+declare -A needpc=(
+  [libvirt]=libvirt-dev
+)
 missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
 done
+if ! command -v pkg-config >/dev/null 2>&1; then
+  missing+=(pkg-config "${needpc[@]}")
+else
+  for pc in "${!needpc[@]}"; do
+    pkg-config --exists "$pc" || missing+=("${needpc[$pc]}")
+  done
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
   sudo=""

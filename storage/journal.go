@@ -242,9 +242,9 @@ func (m *Manager) redo(ctx context.Context, st step) error {
 		if !exists(st.Path) {
 			return nil // committed and removed already
 		}
-		return b.Commit(ctx, st.Path, st.Format, nil)
+		return b.Commit(ctx, st.Path, st.Format, progressFor(ctx, "commit", st))
 	case metastore.StepRebase:
-		return b.Rebase(ctx, st.Path, st.Format, st.Backing, st.BackingFormat, nil)
+		return b.Rebase(ctx, st.Path, st.Format, st.Backing, st.BackingFormat, progressFor(ctx, "rebase", st))
 	case metastore.StepRebaseUnsafe:
 		return b.RebaseUnsafe(ctx, st.Path, st.Format, st.Backing, st.BackingFormat)
 	case metastore.StepRemove:

@@ -124,8 +124,11 @@ type DiskSpec struct {
 }
 
 // DefineDomain records a domain's disks and walks their chains into its
-// image tree. For a known domain it refreshes the disks: any chain that
-// changed since is rescanned as ChainChanged does.
+// image tree. For a known disk, storage's record wins over a path that is
+// an older layer of its own tree (a definition not yet rewritten after an
+// operation, say after a crash): the caller compares the returned disks
+// with its definition and rewrites it. A path storage never saw is taken
+// as the operator's change and adopted.
 func (m *Manager) DefineDomain(ctx context.Context, name, uuid string, disks []DiskSpec) (*Domain, error) {
 	if err := ValidName("domain", name); err != nil {
 		return nil, err
@@ -155,10 +158,16 @@ func (m *Manager) DefineDomain(ctx context.Context, name, uuid string, disks []D
 			if err != nil {
 				return err
 			}
+			format := ds.Format
+			if old := d.Disk(ds.Target); old != nil && old.Active != abs {
+				if _, known := d.Images[abs]; known {
+					abs, format = old.Active, old.Format
+				}
+			}
 			if _, err := m.poolOf(abs); err != nil {
 				return fmt.Errorf("disk %s: %w", ds.Target, err)
 			}
-			c, err := chain.Walk(ctx, abs, chain.Format(ds.Format), m.policy())
+			c, err := chain.Walk(ctx, abs, chain.Format(format), m.policy())
 			if err != nil {
 				return fmt.Errorf("disk %s: %w", ds.Target, err)
 			}

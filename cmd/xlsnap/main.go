@@ -30,6 +30,10 @@ func newRoot() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
+	g := &globals{}
+	g.register(root)
 	root.AddCommand(newChainCmd())
+	root.AddCommand(g.snapshotCommands()...)
+	root.AddCommand(g.domblklistCmd(), g.checkCmd(), g.rescanCmd())
 	return root
 }

@@ -1,0 +1,101 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"path/filepath"
+
+	"github.com/spf13/cobra"
+
+	"github.com/xlsnap/xlsnap/driver"
+	"github.com/xlsnap/xlsnap/driver/libvirtsource"
+)
+
+// globals are the options every command shares, as virsh's.
+type globals struct {
+	connect  string
+	stateDir string
+	pools    []string
+	json     bool
+}
+
+func (g *globals) register(root *cobra.Command) {
+	f := root.PersistentFlags()
+	f.StringVarP(&g.connect, "connect", "c", os.Getenv("XLSNAP_DEFAULT_URI"),
+		"domain source: file:///DIR (a folder of NAME.xml) or a libvirt URI such as test:///default (default: file:// of the working folder)")
+	f.StringVar(&g.stateDir, "state-dir", defaultStateDir(), "folder of xlsnap's metadata and locks")
+	f.StringArrayVar(&g.pools, "pool", nil, "folder images may live in (repeatable; default: the folders of the domains' disks)")
+	f.BoolVar(&g.json, "json", false, "print data as JSON")
+}
+
+// defaultStateDir follows the XDG base directory rules.
+func defaultStateDir() string {
+	if d := os.Getenv("XDG_DATA_HOME"); d != "" {
+		return filepath.Join(d, "xlsnap")
+	}
+	if home, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(home, ".local", "share", "xlsnap")
+	}
+	return "xlsnap-state"
+}
+
+// source opens the domain source the --connect URI names.
+func (g *globals) source() (driver.DomainSource, func(), error) {
+	uri := g.connect
+	if uri == "" {
+		wd, err := os.Getwd()
+		if err != nil {
+			return nil, nil, err
+		}
+		uri = "file://" + wd
+	}
+	u, err := url.Parse(uri)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: --connect %q: %w", driver.ErrInvalidArg, uri, err)
+	}
+	if u.Scheme == "file" {
+		src, err := driver.NewDirSource(u.Path)
+		return src, func() {}, err
+	}
+	src, err := libvirtsource.Open(uri)
+	if err != nil {
+		return nil, nil, err
+	}
+	return src, func() { src.Close() }, nil
+}
+
+// open opens the driver for one command.
+func (g *globals) open(ctx context.Context) (*driver.Driver, func(), error) {
+	src, closeSrc, err := g.source()
+	if err != nil {
+		return nil, nil, err
+	}
+	d, err := driver.Open(ctx, driver.Config{StateDir: g.stateDir, Source: src, Pools: g.pools})
+	if err != nil {
+		closeSrc()
+		return nil, nil, err
+	}
+	return d, func() { d.Close(); closeSrc() }, nil
+}
+
+// withDriver wraps a command body that needs the driver.
+func (g *globals) withDriver(fn func(cmd *cobra.Command, d *driver.Driver, args []string) error) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		d, done, err := g.open(cmd.Context())
+		if err != nil {
+			return err
+		}
+		defer done()
+		return fn(cmd, d, args)
+	}
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}

@@ -1,0 +1,94 @@
+package main
+
+import (
+	"fmt"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/xlsnap/xlsnap/driver"
+)
+
+func (g *globals) domblklistCmd() *cobra.Command {
+	return &cobra.Command{
+		Use: "domblklist DOMAIN", Short: "List a domain's disks and their active images", Args: cobra.ExactArgs(1),
+		RunE: g.withDriver(func(cmd *cobra.Command, d *driver.Driver, args []string) error {
+			disks, err := d.DiskList(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return writeJSON(cmd.OutOrStdout(), disks)
+			}
+			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 3, ' ', 0)
+			fmt.Fprintln(tw, " Target\tSource")
+			fmt.Fprintln(tw, "------------------------------------------------")
+			for _, dk := range disks {
+				fmt.Fprintf(tw, " %s\t%s\n", dk.Target, dk.Source)
+			}
+			return tw.Flush()
+		}),
+	}
+}
+
+func (g *globals) checkCmd() *cobra.Command {
+	var repair bool
+	cmd := &cobra.Command{Use: "check [--repair]", Short: "Compare metadata with the disks (and mend what is safe)", Args: cobra.NoArgs}
+	cmd.RunE = g.withDriver(func(cmd *cobra.Command, d *driver.Driver, args []string) error {
+		check := d.Storage().Check
+		if repair {
+			check = d.Storage().Repair
+		}
+		problems, err := check(cmd.Context())
+		if err != nil {
+			return err
+		}
+		w := cmd.OutOrStdout()
+		if g.json {
+			if err := writeJSON(w, problems); err != nil {
+				return err
+			}
+		} else {
+			for _, p := range problems {
+				state := ""
+				if p.Fixed {
+					state = " [fixed]"
+				} else if p.Note != "" {
+					state = " [" + p.Note + "]"
+				}
+				fmt.Fprintf(w, "%s %s %s %s: %s%s\n", p.Kind, p.Domain, p.Disk, p.Path, p.Detail, state)
+			}
+			if len(problems) == 0 {
+				fmt.Fprintln(w, "no problems found")
+			}
+		}
+		for _, p := range problems {
+			if !p.Fixed {
+				return fmt.Errorf("%d problem(s) found", len(problems))
+			}
+		}
+		return nil
+	})
+	cmd.Flags().BoolVar(&repair, "repair", false, "finish pending operations, rescan changed chains, remove empty orphans")
+	return cmd
+}
+
+func (g *globals) rescanCmd() *cobra.Command {
+	return &cobra.Command{
+		Use: "rescan DOMAIN DISK", Short: "A disk's chain changed outside xlsnap: rescan it", Args: cobra.ExactArgs(2),
+		RunE: g.withDriver(func(cmd *cobra.Command, d *driver.Driver, args []string) error {
+			if err := d.ChainChanged(cmd.Context(), args[0], args[1]); err != nil {
+				return err
+			}
+			disks, err := d.DiskList(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return writeJSON(cmd.OutOrStdout(), disks)
+			}
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "Domain %s disk %s rescanned\n", args[0], args[1])
+			return err
+		}),
+	}
+}

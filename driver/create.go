@@ -1,0 +1,244 @@
+package driver
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"libvirt.org/go/libvirtxml"
+
+	"github.com/xlsnap/xlsnap/storage"
+)
+
+// SnapshotRequest is the typed form of a snapshot request (the libxl
+// snapshot API's shape): it takes the same path as SnapshotCreateXML.
+type SnapshotRequest struct {
+	Name        string
+	Description string
+	// Memory asks for the domain's memory to be saved to MemoryPath.
+	Memory     bool
+	MemoryPath string
+	// Disks not listed take the default mode (see SnapshotCreateXML).
+	Disks []DiskRequest
+}
+
+// DiskRequest is one disk's part in a SnapshotRequest.
+type DiskRequest struct {
+	// Name is the disk's target (xvda) or its source path.
+	Name string
+	// Skip leaves the disk out of the snapshot (snapshot="no").
+	Skip bool
+	// External puts the snapshot in a new overlay (ExternalPath, in
+	// ExternalFormat); otherwise it is internal to the qcow2 image.
+	External       bool
+	ExternalFormat string
+	ExternalPath   string
+}
+
+// CreateSnapshot is SnapshotCreateXML for a typed request.
+func (d *Driver) CreateSnapshot(ctx context.Context, domain string, req SnapshotRequest, flags CreateFlags) (*Snapshot, error) {
+	doc := &libvirtxml.DomainSnapshot{Name: req.Name, Description: req.Description}
+	if req.Memory {
+		doc.Memory = &libvirtxml.DomainSnapshotMemory{Snapshot: "external", File: req.MemoryPath}
+	}
+	if len(req.Disks) > 0 {
+		doc.Disks = &libvirtxml.DomainSnapshotDisks{}
+	}
+	for _, dr := range req.Disks {
+		sd := libvirtxml.DomainSnapshotDisk{Name: dr.Name, Snapshot: "internal"}
+		switch {
+		case dr.Skip:
+			sd.Snapshot = "no"
+		case dr.External:
+			sd.Snapshot = "external"
+			if dr.ExternalFormat != "" {
+				sd.Driver = &libvirtxml.DomainDiskDriver{Type: dr.ExternalFormat}
+			}
+			if dr.ExternalPath != "" {
+				sd.Source = &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: dr.ExternalPath}}
+			}
+		}
+		doc.Disks.Disks = append(doc.Disks.Disks, sd)
+	}
+	return d.create(ctx, domain, doc, flags)
+}
+
+// SnapshotCreateXML takes a snapshot described by libvirt's domain
+// snapshot XML, with libvirt's defaults: the name is the current time in
+// seconds; a disk's mode comes from the XML, else the disk's own
+// snapshot="..." attribute, else external with DISK_ONLY and internal
+// without; an external overlay goes next to the image, named after the
+// snapshot, in qcow2. The new snapshot becomes current.
+func (d *Driver) SnapshotCreateXML(ctx context.Context, domain, xmlDesc string, flags CreateFlags) (*Snapshot, error) {
+	var doc libvirtxml.DomainSnapshot
+	if err := doc.Unmarshal(xmlDesc); err != nil {
+		return nil, fmt.Errorf("%w: snapshot XML: %w", ErrXML, err)
+	}
+	return d.create(ctx, domain, &doc, flags)
+}
+
+func (d *Driver) create(ctx context.Context, domain string, doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*Snapshot, error) {
+	if flags&CreateQuiesce != 0 {
+		return nil, fmt.Errorf("%w: QUIESCE needs a guest agent, which xlsnap does not drive", ErrUnsupported)
+	}
+	if flags&CreateCurrent != 0 && flags&CreateRedefine == 0 {
+		return nil, invalidf("CURRENT is only valid with REDEFINE")
+	}
+	if flags&CreateRedefine != 0 {
+		return d.redefine(ctx, domain, doc, flags)
+	}
+	v, err := d.sync(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	if err := inactive(v, "a snapshot"); err != nil {
+		return nil, err
+	}
+	if flags&CreateLive != 0 {
+		return nil, fmt.Errorf("%w: LIVE applies to running domains; %s is shut off", ErrLiveUnsupported, domain)
+	}
+	diskOnly := flags&CreateDiskOnly != 0
+	if doc.Memory != nil && doc.Memory.Snapshot != "" && doc.Memory.Snapshot != "no" {
+		if diskOnly {
+			return nil, invalidf("a disk-only snapshot cannot save memory")
+		}
+		return nil, fmt.Errorf("%w: %s is shut off: it has no memory to save", ErrOperationInvalid, domain)
+	}
+	spec := storage.SnapshotSpec{
+		Name:        doc.Name,
+		Description: doc.Description,
+		State:       string(v.src.State),
+		DomainXML:   v.src.XML,
+		NoMetadata:  flags&CreateNoMetadata != 0,
+	}
+	if spec.Name == "" {
+		spec.Name = strconv.FormatInt(time.Now().Unix(), 10)
+	}
+	if spec.Disks, err = diskSpecs(v, doc, diskOnly, flags&CreateReuseExt != 0); err != nil {
+		return nil, err
+	}
+	snap, err := d.st.CreateSnapshot(ctx, domain, spec)
+	if err != nil {
+		return nil, err
+	}
+	// HALT on a shut-off domain has nothing to stop.
+	return snap, d.afterChange(ctx, v)
+}
+
+// diskSpecs resolves each disk's mode and overlay from the XML and the
+// defaults.
+func diskSpecs(v *domainView, doc *libvirtxml.DomainSnapshot, diskOnly, reuse bool) ([]storage.SnapshotDiskSpec, error) {
+	byTarget := map[string]*libvirtxml.DomainSnapshotDisk{}
+	if doc.Disks != nil {
+		for i := range doc.Disks.Disks {
+			sd := &doc.Disks.Disks[i]
+			target := ""
+			for _, di := range v.disks {
+				if sd.Name == di.Target || sameFile(sd.Name, di.Path) {
+					target = di.Target
+				}
+			}
+			if target == "" {
+				return nil, invalidf("domain %s has no disk %q", v.src.Name, sd.Name)
+			}
+			if byTarget[target] != nil {
+				return nil, invalidf("disk %s named twice", target)
+			}
+			byTarget[target] = sd
+		}
+	}
+	var out []storage.SnapshotDiskSpec
+	for _, di := range v.disks {
+		mode := di.Snapshot
+		sd := byTarget[di.Target]
+		if sd != nil && sd.Snapshot != "" {
+			mode = sd.Snapshot
+		}
+		if mode == "" {
+			mode = "internal"
+			if diskOnly {
+				mode = "external"
+			}
+		}
+		spec := storage.SnapshotDiskSpec{Target: di.Target}
+		switch mode {
+		case "no":
+			spec.Mode = storage.DiskNone
+		case "internal":
+			if diskOnly {
+				return nil, invalidf("disk %s: a disk-only snapshot is external", di.Target)
+			}
+			spec.Mode = storage.DiskInternal
+		case "external":
+			spec.Mode, spec.Reuse = storage.DiskExternal, reuse
+			if sd != nil && sd.Source != nil && sd.Source.File != nil {
+				spec.Overlay = sd.Source.File.File
+			}
+			if sd != nil && sd.Driver != nil {
+				spec.Format = sd.Driver.Type
+			}
+		default:
+			return nil, fmt.Errorf("%w: disk %s: snapshot mode %q", ErrUnsupported, di.Target, mode)
+		}
+		out = append(out, spec)
+	}
+	return out, nil
+}
+
+func sameFile(a, b string) bool {
+	aa, err1 := filepath.Abs(a)
+	bb, err2 := filepath.Abs(b)
+	return err1 == nil && err2 == nil && aa == bb
+}
+
+// redefine records a snapshot from its full XML (as snapshot-dumpxml
+// printed it) without touching any disk: libvirt's REDEFINE.
+func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*Snapshot, error) {
+	v, err := d.sync(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	if doc.Name == "" {
+		return nil, invalidf("REDEFINE needs the snapshot's name")
+	}
+	snap := &storage.Snapshot{Name: doc.Name, Description: doc.Description, State: doc.State}
+	if snap.State == "" {
+		snap.State = string(StateShutoff)
+	}
+	if doc.CreationTime != "" {
+		secs, err := strconv.ParseInt(doc.CreationTime, 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("%w: creationTime %q", ErrXML, doc.CreationTime)
+		}
+		snap.Created = time.Unix(secs, 0).UTC()
+	}
+	if doc.Parent != nil {
+		snap.Parent = doc.Parent.Name
+	}
+	if doc.Memory != nil && doc.Memory.Snapshot == "external" {
+		snap.Memory = doc.Memory.File
+	}
+	if doc.Domain != nil {
+		if snap.DomainXML, err = marshalDomain(doc.Domain); err != nil {
+			return nil, err
+		}
+	}
+	if doc.Disks != nil {
+		for _, sd := range doc.Disks.Disks {
+			rec := storage.SnapshotDisk{Target: sd.Name, Mode: storage.DiskMode(sd.Snapshot)}
+			if rec.Mode == "" {
+				rec.Mode = storage.DiskInternal
+			}
+			if sd.Source != nil && sd.Source.File != nil {
+				rec.Overlay = sd.Source.File.File
+			}
+			snap.Disks = append(snap.Disks, rec)
+		}
+	}
+	if err := d.st.RedefineSnapshot(ctx, v.rec.Name, snap, flags&CreateCurrent != 0); err != nil {
+		return nil, err
+	}
+	return d.st.Snapshot(ctx, domain, snap.Name)
+}

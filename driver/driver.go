@@ -1,0 +1,237 @@
+package driver
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"sort"
+
+	"github.com/xlsnap/xlsnap/storage"
+	"github.com/xlsnap/xlsnap/storage/backend/dir"
+)
+
+// Snapshot is a snapshot's record, as storage keeps it.
+type Snapshot = storage.Snapshot
+
+// Config opens a Driver.
+type Config struct {
+	// StateDir holds the metadata store and lock files.
+	StateDir string
+	Source   DomainSource
+	// Pools are the folders images may live in. Empty means the folders
+	// of every disk of every domain the source has now.
+	Pools []string
+}
+
+// Driver is libvirt's domain snapshot API over xlsnap's storage layer.
+// It is safe for concurrent use.
+type Driver struct {
+	src DomainSource
+	st  *storage.Manager
+}
+
+// Open opens the storage layer (recovering its journal) over the pools.
+func Open(ctx context.Context, cfg Config) (*Driver, error) {
+	if cfg.Source == nil {
+		return nil, invalidf("no domain source")
+	}
+	pools := cfg.Pools
+	if len(pools) == 0 {
+		var err error
+		if pools, err = diskFolders(ctx, cfg.Source); err != nil {
+			return nil, err
+		}
+	}
+	// Backends are registered by their consumer, explicitly.
+	storage.Register("dir", dir.New)
+	sc := storage.Config{StateDir: cfg.StateDir}
+	for i, p := range pools {
+		sc.Pools = append(sc.Pools, storage.PoolConfig{Name: fmt.Sprintf("pool%d", i), Type: "dir", Path: p})
+	}
+	st, err := storage.Open(ctx, sc)
+	if err != nil {
+		return nil, err
+	}
+	return &Driver{src: cfg.Source, st: st}, nil
+}
+
+// Close releases the storage layer.
+func (d *Driver) Close() error { return d.st.Close() }
+
+// Storage is the storage layer, for Check, Repair and events.
+func (d *Driver) Storage() *storage.Manager { return d.st }
+
+// diskFolders lists the folders of every file disk the source knows.
+func diskFolders(ctx context.Context, src DomainSource) ([]string, error) {
+	names, err := src.Domains(ctx)
+	if err != nil {
+		return nil, err
+	}
+	seen := map[string]bool{}
+	for _, n := range names {
+		sd, err := src.Domain(ctx, n)
+		if err != nil {
+			return nil, err
+		}
+		def, err := parseDomain(sd.XML)
+		if err != nil {
+			return nil, err
+		}
+		for _, disk := range fileDisks(def) {
+			abs, err := filepath.Abs(disk.Path)
+			if err != nil {
+				return nil, err
+			}
+			real, err := filepath.EvalSymlinks(filepath.Dir(abs))
+			if err != nil {
+				continue // a disk folder that is gone: its domain will report it
+			}
+			seen[real] = true
+		}
+	}
+	var out []string
+	for p := range seen {
+		out = append(out, p)
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+// domainView is a domain as the driver works on it: the source's
+// definition and storage's record, made to agree.
+type domainView struct {
+	src   *SourceDomain
+	disks []diskInfo
+	rec   *storage.Domain
+}
+
+// sync reads a domain from its source and brings storage's record and
+// the definition into agreement (see storage.DefineDomain): a definition
+// left behind by an interrupted operation is rewritten here.
+func (d *Driver) sync(ctx context.Context, name string) (*domainView, error) {
+	if err := storage.ValidName("domain", name); err != nil {
+		return nil, err
+	}
+	sd, err := d.src.Domain(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	def, err := parseDomain(sd.XML)
+	if err != nil {
+		return nil, err
+	}
+	disks := fileDisks(def)
+	var specs []storage.DiskSpec
+	for _, di := range disks {
+		specs = append(specs, storage.DiskSpec{Target: di.Target, Path: di.Path, Format: di.Format})
+	}
+	uuid := def.UUID
+	rec, err := d.st.DefineDomain(ctx, name, uuid, specs)
+	if err != nil {
+		return nil, err
+	}
+	v := &domainView{src: sd, disks: disks, rec: rec}
+	if err := d.writeDisks(ctx, v); err != nil {
+		return nil, err
+	}
+	return v, nil
+}
+
+// writeDisks rewrites the definition's disk sources to storage's active
+// layers when they differ.
+func (d *Driver) writeDisks(ctx context.Context, v *domainView) error {
+	want := map[string]diskInfo{}
+	changed := false
+	for i, di := range v.disks {
+		rd := v.rec.Disk(di.Target)
+		if rd == nil {
+			continue
+		}
+		if abs, _ := filepath.Abs(di.Path); abs != rd.Active || di.Format != rd.Format {
+			changed = true
+		}
+		v.disks[i].Path, v.disks[i].Format = rd.Active, rd.Format
+		want[di.Target] = v.disks[i]
+	}
+	if !changed {
+		return nil
+	}
+	def, err := parseDomain(v.src.XML)
+	if err != nil {
+		return err
+	}
+	repointDisks(def, want)
+	doc, err := marshalDomain(def)
+	if err != nil {
+		return err
+	}
+	if err := d.src.Redefine(ctx, v.src.Name, doc); err != nil {
+		return fmt.Errorf("rewriting the definition of %s: %w", v.src.Name, err)
+	}
+	v.src.XML = doc
+	return nil
+}
+
+// afterChange re-reads storage's record and rewrites the definition.
+func (d *Driver) afterChange(ctx context.Context, v *domainView) error {
+	rec, err := d.st.Domain(ctx, v.src.Name)
+	if err != nil {
+		return err
+	}
+	v.rec = rec
+	return d.writeDisks(ctx, v)
+}
+
+// inactive refuses what needs a running hypervisor until the xenlight
+// back ends drive active domains.
+func inactive(v *domainView, what string) error {
+	if v.src.State.Active() {
+		return fmt.Errorf("%w: %s of %s domain %s needs a hypervisor back end (xenlight), not wired in yet",
+			ErrLiveUnsupported, what, v.src.State, v.src.Name)
+	}
+	return nil
+}
+
+// ChainChanged is the public "a chain changed, rescan" call: rescan a
+// disk's chain after someone else edited it, update metadata, tell
+// subscribers, and rewrite the definition if the active layer moved.
+func (d *Driver) ChainChanged(ctx context.Context, domain, disk string) error {
+	v, err := d.sync(ctx, domain)
+	if err != nil {
+		return err
+	}
+	if _, err := d.st.ChainChanged(ctx, domain, disk); err != nil {
+		return err
+	}
+	return d.afterChange(ctx, v)
+}
+
+// DiskInfo is one disk as domblklist shows it, with its recorded chain.
+type DiskInfo struct {
+	Target string   `json:"target"`
+	Source string   `json:"source"`
+	Format string   `json:"format"`
+	Chain  []string `json:"chain"`
+}
+
+// DiskList is virsh's domblklist: each file disk and its active layer.
+func (d *Driver) DiskList(ctx context.Context, domain string) ([]DiskInfo, error) {
+	v, err := d.sync(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	var out []DiskInfo
+	for _, di := range v.disks {
+		info := DiskInfo{Target: di.Target, Source: di.Path, Format: di.Format}
+		for p := di.Path; p != "" && len(info.Chain) <= len(v.rec.Images); {
+			info.Chain = append(info.Chain, p)
+			img, ok := v.rec.Images[p]
+			if !ok {
+				break
+			}
+			p = img.Backing
+		}
+		out = append(out, info)
+	}
+	return out, nil
+}

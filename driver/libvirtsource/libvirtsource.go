@@ -1,0 +1,122 @@
+// Package libvirtsource is the domain source for a libvirt connection
+// (any URI: xen:///system, test:///default, qemu:///session), through
+// libvirt.org/go/libvirt (cgo, against Debian's libvirt-dev).
+package libvirtsource
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+
+	"libvirt.org/go/libvirt"
+
+	"github.com/xlsnap/xlsnap/driver"
+)
+
+// Source reads and redefines domains through one libvirt connection.
+type Source struct {
+	conn *libvirt.Connect
+}
+
+// Open connects to uri.
+func Open(uri string) (*Source, error) {
+	conn, err := libvirt.NewConnect(uri)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to %s: %w", uri, wrap(err))
+	}
+	return &Source{conn: conn}, nil
+}
+
+// Conn is the connection, for callers that need more of libvirt.
+func (s *Source) Conn() *libvirt.Connect { return s.conn }
+
+// Close closes the connection.
+func (s *Source) Close() error {
+	_, err := s.conn.Close()
+	return err
+}
+
+// libvirtError keeps libvirt's own code and message; driver.Code reads
+// the code through LibvirtCode, and errors.Is still finds the sentinel.
+type libvirtError struct {
+	err      libvirt.Error
+	sentinel error
+}
+
+func (e *libvirtError) Error() string    { return e.err.Message }
+func (e *libvirtError) Unwrap() error    { return e.sentinel }
+func (e *libvirtError) LibvirtCode() int { return int(e.err.Code) }
+
+func wrap(err error) error {
+	var le libvirt.Error
+	if !errors.As(err, &le) {
+		return err
+	}
+	var sentinel error
+	switch le.Code {
+	case libvirt.ERR_NO_DOMAIN:
+		sentinel = driver.ErrNoDomain
+	case libvirt.ERR_INVALID_ARG:
+		sentinel = driver.ErrInvalidArg
+	case libvirt.ERR_OPERATION_INVALID:
+		sentinel = driver.ErrOperationInvalid
+	case libvirt.ERR_XML_ERROR:
+		sentinel = driver.ErrXML
+	}
+	return &libvirtError{err: le, sentinel: sentinel}
+}
+
+func (s *Source) Domain(ctx context.Context, name string) (*driver.SourceDomain, error) {
+	dom, err := s.conn.LookupDomainByName(name)
+	if err != nil {
+		return nil, wrap(err)
+	}
+	defer dom.Free()
+	state, _, err := dom.GetState()
+	if err != nil {
+		return nil, wrap(err)
+	}
+	doc, err := dom.GetXMLDesc(libvirt.DOMAIN_XML_INACTIVE)
+	if err != nil {
+		return nil, wrap(err)
+	}
+	return &driver.SourceDomain{Name: name, State: stateOf(state), XML: doc}, nil
+}
+
+func stateOf(st libvirt.DomainState) driver.DomainState {
+	switch st {
+	case libvirt.DOMAIN_RUNNING, libvirt.DOMAIN_BLOCKED:
+		return driver.StateRunning
+	case libvirt.DOMAIN_PAUSED, libvirt.DOMAIN_PMSUSPENDED:
+		return driver.StatePaused
+	}
+	return driver.StateShutoff
+}
+
+func (s *Source) Domains(ctx context.Context) ([]string, error) {
+	doms, err := s.conn.ListAllDomains(0)
+	if err != nil {
+		return nil, wrap(err)
+	}
+	var names []string
+	for _, d := range doms {
+		n, err := d.GetName()
+		d.Free()
+		if err != nil {
+			return nil, wrap(err)
+		}
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names, nil
+}
+
+// Redefine defines the new XML over the domain (virDomainDefineXML).
+func (s *Source) Redefine(ctx context.Context, name, doc string) error {
+	dom, err := s.conn.DomainDefineXML(doc)
+	if err != nil {
+		return wrap(err)
+	}
+	return dom.Free()
+}

@@ -1,0 +1,268 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strconv"
+
+	"libvirt.org/go/libvirtxml"
+
+	"github.com/xlsnap/xlsnap/storage"
+)
+
+// tree is a domain's snapshots with their children.
+type tree struct {
+	current  string
+	byName   map[string]*Snapshot
+	children map[string][]string // "" holds the roots
+}
+
+// snapshots reads a domain's snapshot tree. A domain the source has but
+// storage never saw simply has none.
+func (d *Driver) snapshots(ctx context.Context, domain string) (*tree, error) {
+	if err := storage.ValidName("domain", domain); err != nil {
+		return nil, err
+	}
+	if _, err := d.src.Domain(ctx, domain); err != nil {
+		return nil, err
+	}
+	t := &tree{byName: map[string]*Snapshot{}, children: map[string][]string{}}
+	rec, err := d.st.Domain(ctx, domain)
+	if errors.Is(err, storage.ErrNoDomain) {
+		return t, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	t.current = rec.Current
+	list, err := d.st.Snapshots(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	sort.Slice(list, func(i, j int) bool {
+		if !list[i].Created.Equal(list[j].Created) {
+			return list[i].Created.Before(list[j].Created)
+		}
+		return list[i].Name < list[j].Name
+	})
+	for _, s := range list {
+		t.byName[s.Name] = s
+		t.children[s.Parent] = append(t.children[s.Parent], s.Name)
+	}
+	return t, nil
+}
+
+func (t *tree) get(domain, name string) (*Snapshot, error) {
+	s, ok := t.byName[name]
+	if !ok {
+		return nil, fmt.Errorf("%w: no domain snapshot with matching name %q of domain %s", ErrNoSnapshot, name, domain)
+	}
+	return s, nil
+}
+
+// descendants lists name's descendants parents first ("" for all).
+func (t *tree) descendants(name string, all bool) []*Snapshot {
+	var out []*Snapshot
+	queue := append([]string(nil), t.children[name]...)
+	for len(queue) > 0 {
+		n := queue[0]
+		queue = queue[1:]
+		out = append(out, t.byName[n])
+		if all {
+			queue = append(queue, t.children[n]...)
+		}
+	}
+	return out
+}
+
+// isExternal is libvirt's location test: any external disk or memory file.
+func isExternal(s *Snapshot) bool {
+	if s.Memory != "" {
+		return true
+	}
+	for _, sd := range s.Disks {
+		if sd.Mode == storage.DiskExternal {
+			return true
+		}
+	}
+	return false
+}
+
+// filter applies libvirt's list filters; each group (leaves, metadata,
+// state, location) is an OR inside and an AND across groups.
+func (t *tree) filter(in []*Snapshot, flags ListFlags) []*Snapshot {
+	var out []*Snapshot
+	for _, s := range in {
+		leaf := len(t.children[s.Name]) == 0
+		if flags&(ListLeaves|ListNoLeaves) != 0 &&
+			!(flags&ListLeaves != 0 && leaf || flags&ListNoLeaves != 0 && !leaf) {
+			continue
+		}
+		// Every snapshot xlsnap lists has metadata.
+		if flags&(ListMetadata|ListNoMetadata) == ListNoMetadata {
+			continue
+		}
+		if flags&(ListInactive|ListActive|ListDiskOnly) != 0 {
+			st := DomainState(s.State)
+			ok := flags&ListInactive != 0 && st == StateShutoff ||
+				flags&ListActive != 0 && st.Active() ||
+				flags&ListDiskOnly != 0 && s.State == "disk-snapshot"
+			if !ok {
+				continue
+			}
+		}
+		if flags&(ListInternal|ListExternal) != 0 {
+			ext := isExternal(s)
+			if !(flags&ListExternal != 0 && ext || flags&ListInternal != 0 && !ext) {
+				continue
+			}
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+// ListAllSnapshots is virDomainListAllSnapshots: every snapshot, or the
+// roots with ListRoots, filtered; oldest first, or parents before
+// children with ListTopological.
+func (d *Driver) ListAllSnapshots(ctx context.Context, domain string, flags ListFlags) ([]*Snapshot, error) {
+	t, err := d.snapshots(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	var all []*Snapshot
+	switch {
+	case flags&ListRoots != 0:
+		all = t.descendants("", false)
+	case flags&ListTopological != 0:
+		all = t.descendants("", true)
+	default:
+		all = t.descendants("", true)
+		sort.SliceStable(all, func(i, j int) bool { return all[i].Created.Before(all[j].Created) })
+	}
+	return t.filter(all, flags), nil
+}
+
+// SnapshotListAllChildren is virDomainSnapshotListAllChildren: the direct
+// children, or every descendant with ListDescendants, filtered.
+func (d *Driver) SnapshotListAllChildren(ctx context.Context, domain, name string, flags ListFlags) ([]*Snapshot, error) {
+	t, err := d.snapshots(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := t.get(domain, name); err != nil {
+		return nil, err
+	}
+	return t.filter(t.descendants(name, flags&ListDescendants != 0), flags&^ListDescendants), nil
+}
+
+// SnapshotNumChildren is virDomainSnapshotNumChildren.
+func (d *Driver) SnapshotNumChildren(ctx context.Context, domain, name string, flags ListFlags) (int, error) {
+	list, err := d.SnapshotListAllChildren(ctx, domain, name, flags)
+	return len(list), err
+}
+
+// SnapshotLookupByName is virDomainSnapshotLookupByName.
+func (d *Driver) SnapshotLookupByName(ctx context.Context, domain, name string, flags uint32) (*Snapshot, error) {
+	if flags != 0 {
+		return nil, invalidf("unsupported flags %#x", flags)
+	}
+	return d.st.Snapshot(ctx, domain, name)
+}
+
+// SnapshotCurrent is virDomainSnapshotCurrent.
+func (d *Driver) SnapshotCurrent(ctx context.Context, domain string, flags uint32) (*Snapshot, error) {
+	t, err := d.snapshots(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	if t.current == "" {
+		return nil, fmt.Errorf("%w: the domain %s has no current snapshot", ErrNoSnapshot, domain)
+	}
+	return t.get(domain, t.current)
+}
+
+// SnapshotIsCurrent is virDomainSnapshotIsCurrent.
+func (d *Driver) SnapshotIsCurrent(ctx context.Context, domain, name string, flags uint32) (bool, error) {
+	t, err := d.snapshots(ctx, domain)
+	if err != nil {
+		return false, err
+	}
+	if _, err := t.get(domain, name); err != nil {
+		return false, err
+	}
+	return t.current == name, nil
+}
+
+// SnapshotHasMetadata is virDomainSnapshotHasMetadata: every snapshot
+// xlsnap can name has metadata (NO_METADATA ones are not named later).
+func (d *Driver) SnapshotHasMetadata(ctx context.Context, domain, name string, flags uint32) (bool, error) {
+	t, err := d.snapshots(ctx, domain)
+	if err != nil {
+		return false, err
+	}
+	_, err = t.get(domain, name)
+	return err == nil, err
+}
+
+// SnapshotGetParent is virDomainSnapshotGetParent.
+func (d *Driver) SnapshotGetParent(ctx context.Context, domain, name string, flags uint32) (*Snapshot, error) {
+	t, err := d.snapshots(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	s, err := t.get(domain, name)
+	if err != nil {
+		return nil, err
+	}
+	if s.Parent == "" {
+		return nil, fmt.Errorf("%w: snapshot %s has no parent", ErrNoSnapshot, name)
+	}
+	return t.get(domain, s.Parent)
+}
+
+// SnapshotGetXMLDesc is virDomainSnapshotGetXMLDesc: libvirt's domain
+// snapshot XML, with the domain definition of the snapshot's time.
+func (d *Driver) SnapshotGetXMLDesc(ctx context.Context, domain, name string, flags uint32) (string, error) {
+	s, err := d.st.Snapshot(ctx, domain, name)
+	if err != nil {
+		return "", err
+	}
+	return SnapshotXML(s)
+}
+
+// SnapshotXML renders a snapshot record as libvirt's domain snapshot XML.
+func SnapshotXML(s *Snapshot) (string, error) {
+	doc := libvirtxml.DomainSnapshot{
+		Name:         s.Name,
+		Description:  s.Description,
+		State:        s.State,
+		CreationTime: strconv.FormatInt(s.Created.Unix(), 10),
+		Memory:       &libvirtxml.DomainSnapshotMemory{Snapshot: "no"},
+		Disks:        &libvirtxml.DomainSnapshotDisks{},
+	}
+	if s.Parent != "" {
+		doc.Parent = &libvirtxml.DomainSnapshotParent{Name: s.Parent}
+	}
+	if s.Memory != "" {
+		doc.Memory = &libvirtxml.DomainSnapshotMemory{Snapshot: "external", File: s.Memory}
+	}
+	for _, sd := range s.Disks {
+		disk := libvirtxml.DomainSnapshotDisk{Name: sd.Target, Snapshot: string(sd.Mode)}
+		if sd.Mode == storage.DiskExternal {
+			disk.Driver = &libvirtxml.DomainDiskDriver{Type: "qcow2"}
+			disk.Source = &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: sd.Overlay}}
+		}
+		doc.Disks.Disks = append(doc.Disks.Disks, disk)
+	}
+	if s.DomainXML != "" {
+		def, err := parseDomain(s.DomainXML)
+		if err != nil {
+			return "", err
+		}
+		doc.Domain = def
+	}
+	return doc.Marshal()
+}

@@ -1,0 +1,110 @@
+package driver
+
+import (
+	"context"
+	"encoding/xml"
+	"fmt"
+
+	"libvirt.org/go/libvirtxml"
+)
+
+// DomainState is a domain's state in libvirt's words.
+type DomainState string
+
+const (
+	StateShutoff DomainState = "shutoff"
+	StateRunning DomainState = "running"
+	StatePaused  DomainState = "paused"
+)
+
+// Active reports a running or paused domain.
+func (s DomainState) Active() bool { return s == StateRunning || s == StatePaused }
+
+// SourceDomain is what a domain source knows of one domain.
+type SourceDomain struct {
+	Name  string
+	State DomainState
+	// XML is the persistent (inactive) definition.
+	XML string
+}
+
+// DomainSource is where domains come from: the driver needs to read a
+// definition and to replace it when it repoints disks.
+type DomainSource interface {
+	Domain(ctx context.Context, name string) (*SourceDomain, error)
+	Domains(ctx context.Context) ([]string, error)
+	// Redefine replaces the persistent definition of an existing domain.
+	Redefine(ctx context.Context, name, xml string) error
+}
+
+// diskInfo is one snapshot-capable disk of a definition.
+type diskInfo struct {
+	Target   string
+	Path     string
+	Format   string
+	Snapshot string // the disk's own snapshot="..." default
+}
+
+// parseDomain reads a domain definition.
+func parseDomain(doc string) (*libvirtxml.Domain, error) {
+	var d libvirtxml.Domain
+	if err := d.Unmarshal(doc); err != nil {
+		return nil, fmt.Errorf("%w: domain XML: %w", ErrXML, err)
+	}
+	return &d, nil
+}
+
+// fileDisks lists a definition's file-backed disks (not cdroms or
+// floppies): the disks snapshots are taken of.
+func fileDisks(d *libvirtxml.Domain) []diskInfo {
+	var out []diskInfo
+	if d.Devices == nil {
+		return nil
+	}
+	for _, disk := range d.Devices.Disks {
+		if disk.Device != "" && disk.Device != "disk" {
+			continue
+		}
+		if disk.Source == nil || disk.Source.File == nil || disk.Target == nil {
+			continue
+		}
+		di := diskInfo{Target: disk.Target.Dev, Path: disk.Source.File.File, Snapshot: disk.Snapshot}
+		if disk.Driver != nil {
+			di.Format = disk.Driver.Type
+		}
+		out = append(out, di)
+	}
+	return out
+}
+
+// repointDisks sets the source file and format of the named disks.
+func repointDisks(d *libvirtxml.Domain, files map[string]diskInfo) {
+	if d.Devices == nil {
+		return
+	}
+	for i := range d.Devices.Disks {
+		disk := &d.Devices.Disks[i]
+		if disk.Target == nil || disk.Source == nil || disk.Source.File == nil {
+			continue
+		}
+		want, ok := files[disk.Target.Dev]
+		if !ok {
+			continue
+		}
+		disk.Source.File.File = want.Path
+		if disk.Driver == nil {
+			disk.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu"}
+		}
+		disk.Driver.Type = want.Format
+	}
+}
+
+// marshalDomain renders a definition with an XML header-free, indented
+// body, as libvirt prints it.
+func marshalDomain(d *libvirtxml.Domain) (string, error) {
+	out, err := xml.MarshalIndent(d, "", "  ")
+	if err != nil {
+		return "", err
+	}
+	return string(out) + "\n", nil
+}

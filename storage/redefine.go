@@ -1,0 +1,77 @@
+package storage
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/xlsnap/xlsnap/storage/metastore"
+)
+
+// RedefineSnapshot records a snapshot without touching any disk (libvirt's
+// REDEFINE): its images must already be in the domain's tree. An external
+// disk names its overlay; the state image is the overlay's backing. An
+// internal disk's image is the layer of its chain that holds an internal
+// snapshot of that name. With current, it becomes the current snapshot.
+func (m *Manager) RedefineSnapshot(ctx context.Context, domain string, snap *Snapshot, current bool) error {
+	if err := ValidName("snapshot", snap.Name); err != nil {
+		return err
+	}
+	unlock, err := m.locks.lock(ctx, domain, true)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	d, snaps, err := m.load(ctx, domain)
+	if err != nil {
+		return err
+	}
+	for p := snap.Parent; p != ""; p = snaps[p].Parent {
+		if p == snap.Name {
+			return fmt.Errorf("%w: parent %s would make a loop", ErrInvalidArg, snap.Parent)
+		}
+		if snaps[p] == nil {
+			return fmt.Errorf("%w: parent %s of %s", ErrNoSnapshot, p, snap.Name)
+		}
+	}
+	for i := range snap.Disks {
+		sd := &snap.Disks[i]
+		disk := d.Disk(sd.Target)
+		if disk == nil {
+			return fmt.Errorf("%w: domain %s has no disk %q", ErrInvalidArg, domain, sd.Target)
+		}
+		switch sd.Mode {
+		case DiskNone:
+		case DiskExternal:
+			img, ok := d.Images[sd.Overlay]
+			if !ok || img.Backing == "" {
+				return fmt.Errorf("%w: disk %s: overlay %q is no known image with a backing file", ErrInvalidArg, sd.Target, sd.Overlay)
+			}
+			sd.Image, sd.Format = img.Backing, img.BackingFormat
+		case DiskInternal:
+			sd.Image = ""
+			for _, p := range chainOf(d, disk.Active) {
+				if has, err := hasInternal(p, snap.Name); err == nil && has {
+					sd.Image, sd.Format = p, d.Images[p].Format
+					break
+				}
+			}
+			if sd.Image == "" {
+				return fmt.Errorf("%w: disk %s: no image of its chain holds an internal snapshot %q", ErrInvalidArg, sd.Target, snap.Name)
+			}
+		default:
+			return fmt.Errorf("%w: disk %s: snapshot mode %q", ErrInvalidArg, sd.Target, sd.Mode)
+		}
+	}
+	if snap.State == "" {
+		snap.State = "shutoff"
+	}
+	return m.store.Update(ctx, func(tx metastore.Tx) error {
+		if current {
+			d.Current = snap.Name
+			if err := tx.PutDomain(d); err != nil {
+				return err
+			}
+		}
+		return tx.PutSnapshot(domain, snap)
+	})
+}
