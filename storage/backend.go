@@ -35,6 +35,9 @@ type InternalSnapshotter interface {
 	InternalCreate(ctx context.Context, path, format, name string) error
 	InternalApply(ctx context.Context, path, format, name string) error
 	InternalDelete(ctx context.Context, path, format, name string) error
+	// InternalCopy creates dst holding what path held at the internal
+	// snapshot name, as an overlay of backing (path's own backing).
+	InternalCopy(ctx context.Context, path, format, name, dst, backing, backingFormat string) error
 }
 
 // PoolConfig names a pool and where its images are.

@@ -238,6 +238,16 @@ func (m *Manager) redo(ctx context.Context, st step) error {
 			return err
 		}
 		return is.InternalDelete(ctx, st.Path, st.Format, st.Name)
+	case metastore.StepInternalCopy:
+		is, err := m.internal(st.Source)
+		if err != nil {
+			return err
+		}
+		// A copy cut short by a crash is made again from the start.
+		if err := b.Remove(ctx, st.Path); err != nil {
+			return err
+		}
+		return is.InternalCopy(ctx, st.Source, st.SourceFormat, st.Name, st.Path, st.Backing, st.BackingFormat)
 	case metastore.StepCommit:
 		if !exists(st.Path) {
 			return nil // committed and removed already
@@ -275,6 +285,9 @@ func (m *Manager) undo(ctx context.Context, st step) error {
 			return err
 		}
 		return is.InternalDelete(ctx, st.Path, st.Format, st.Name)
+	case metastore.StepInternalCopy:
+		// The copy is a new file named at plan time: nothing else is there.
+		return b.Remove(ctx, st.Path)
 	case metastore.StepRebase, metastore.StepRebaseUnsafe:
 		// Content is the same over either backing; only the reference
 		// goes back.

@@ -46,18 +46,29 @@ func (m *Manager) Revert(ctx context.Context, domain, name string) (*Domain, err
 			next.Images[overlay] = &Image{Format: "qcow2", Backing: sd.Image, BackingFormat: sd.Format, Owned: true}
 			disk.Active, disk.Format = overlay, "qcow2"
 		case DiskInternal:
-			// Applying writes the image: fine for the active layer, or for an
-			// image nothing backs onto and no external snapshot keeps as
-			// its state (it then becomes the active layer again).
-			if disk.Active != sd.Image && (len(next.Children(sd.Image)) > 0 || isExternalState(snaps, sd.Image)) {
-				return nil, fmt.Errorf("%w: disk %s: internal snapshot %s is in %s, which now backs %s; revert to the external snapshot taken since instead",
-					ErrOperationInvalid, sd.Target, name, sd.Image, disk.Active)
-			}
 			if err := m.checkInternalName(sd.Image, sd.Format, name, true); err != nil {
 				return nil, fmt.Errorf("disk %s: %w", sd.Target, err)
 			}
-			applies = append(applies, step{Kind: metastore.StepInternalApply, Path: sd.Image, Format: sd.Format, Name: name, Disk: sd.Target})
-			disk.Active, disk.Format = sd.Image, sd.Format
+			// Applying writes the image: fine for the active layer, or for an
+			// image nothing backs onto and no external snapshot keeps as
+			// its state (it then becomes the active layer again). An image
+			// others read must not change: the snapshot's content is copied
+			// into a new image on the same backing instead.
+			if disk.Active == sd.Image || len(next.Children(sd.Image)) == 0 && !isExternalState(snaps, sd.Image) {
+				applies = append(applies, step{Kind: metastore.StepInternalApply, Path: sd.Image, Format: sd.Format, Name: name, Disk: sd.Target})
+				disk.Active, disk.Format = sd.Image, sd.Format
+				continue
+			}
+			img := next.Images[sd.Image]
+			if img == nil {
+				return nil, fmt.Errorf("%w: disk %s: image %s of internal snapshot %s is not in the tree", ErrChainBroken, sd.Target, sd.Image, name)
+			}
+			copyPath := m.freeOverlayPath(next, sd.Image, name)
+			in.Steps = append(in.Steps, step{Kind: metastore.StepInternalCopy, Path: copyPath, Format: "qcow2",
+				Source: sd.Image, SourceFormat: sd.Format, Name: name,
+				Backing: img.Backing, BackingFormat: img.BackingFormat, Disk: sd.Target})
+			next.Images[copyPath] = &Image{Format: "qcow2", Backing: img.Backing, BackingFormat: img.BackingFormat, Owned: true}
+			disk.Active, disk.Format = copyPath, "qcow2"
 		}
 	}
 	// New overlays first (undoable), then the applies, which overwrite the

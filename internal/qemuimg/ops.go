@@ -164,3 +164,40 @@ func (r *Runner) snapshot(ctx context.Context, op, path, format, name string) er
 	_, err := r.run(ctx, []string{"snapshot", "--image-opts", op, name, opts}, nil)
 	return err
 }
+
+// ConvertOptions describes a Runner.Convert.
+type ConvertOptions struct {
+	Src, SrcFormat string
+	// Snapshot reads Src as it was at this internal snapshot (by name).
+	Snapshot       string
+	Dst, DstFormat string
+	// Backing makes Dst an overlay of Backing; only what Src's top layer
+	// holds is copied, so Backing must show what Src's backing shows.
+	Backing, BackingFormat string
+	Progress               func(percent float64)
+}
+
+// Convert runs qemu-img convert into a new image.
+func (r *Runner) Convert(ctx context.Context, o ConvertOptions) error {
+	if err := validate(o.Src, o.SrcFormat); err != nil {
+		return fmt.Errorf("source: %w", err)
+	}
+	if err := validate(o.Dst, o.DstFormat); err != nil {
+		return err
+	}
+	args := []string{"convert", "-f", o.SrcFormat, "-O", o.DstFormat}
+	if o.Snapshot != "" {
+		args = append(args, "-l", "snapshot.name="+strings.ReplaceAll(o.Snapshot, ",", ",,"))
+	}
+	if o.Backing != "" {
+		if err := validate(o.Backing, o.BackingFormat); err != nil {
+			return fmt.Errorf("backing: %w", err)
+		}
+		args = append(args, "-B", o.Backing, "-F", o.BackingFormat)
+	}
+	if o.Progress != nil {
+		args = append(args, "-p")
+	}
+	_, err := r.run(ctx, append(args, o.Src, o.Dst), o.Progress)
+	return err
+}

@@ -191,6 +191,7 @@ const (
 	StepInternalCreate StepKind = "internal-create"
 	StepInternalApply  StepKind = "internal-apply"
 	StepInternalDelete StepKind = "internal-delete"
+	StepInternalCopy   StepKind = "internal-copy"
 	StepCommit         StepKind = "commit"
 	StepRebase         StepKind = "rebase"
 	StepRebaseUnsafe   StepKind = "rebase-unsafe"
@@ -207,6 +208,9 @@ type Step struct {
 	// UndoBacking is the backing a rebase step restores when undone.
 	UndoBacking       string `json:"undo_backing,omitempty"`
 	UndoBackingFormat string `json:"undo_backing_format,omitempty"`
+	// Source is the image an internal-copy step reads (at snapshot Name).
+	Source       string `json:"source,omitempty"`
+	SourceFormat string `json:"source_format,omitempty"`
 	// Name is the internal snapshot's name for internal steps.
 	Name string `json:"name,omitempty"`
 	// Disk is the domain disk this step changes, for events.

@@ -28,6 +28,7 @@ func Suite(t *testing.T, typ string) {
 		{"DeleteChildrenOnly", testDeleteChildrenOnly},
 		{"DeleteMetadataOnly", testDeleteMetadataOnly},
 		{"InternalSnapshotBlocksMerge", testInternalBlocksMerge},
+		{"InternalRevertUnderExternal", testInternalRevertUnderExternal},
 		{"NoMetadata", testNoMetadata},
 		{"ReuseExternal", testReuseExternal},
 		{"BadInput", testBadInput},
@@ -370,6 +371,29 @@ func testInternalBlocksMerge(t *testing.T, e *Env) {
 	e.revert("vm", "int")
 	e.Expect("vm", "vda", 0xb1, 0, mib)
 	e.Expect("vm", "vda", 0xb2, mib, mib)
+	e.CheckClean("vm")
+}
+
+// testInternalRevertUnderExternal: an internal snapshot in an image that
+// now backs external snapshots' overlays is reverted to by copying its
+// content into a new image; the later snapshots keep their data.
+func testInternalRevertUnderExternal(t *testing.T, e *Env) {
+	e.NewDomain("vm", "vda")
+	e.Write("vm", "vda", 0xe1, 0, mib)
+	e.snapshot("vm", "int", internal("vda"))
+	e.Write("vm", "vda", 0xe2, 0, mib)
+	e.snapshot("vm", "ext", external("vda"))
+	e.Write("vm", "vda", 0xe3, 0, mib)
+	e.revert("vm", "int")
+	e.Expect("vm", "vda", 0xe1, 0, mib)
+	e.ExpectChain("vm", "vda", "vm-vda.int")
+	e.Write("vm", "vda", 0xe4, mib, mib)
+	e.revert("vm", "ext")
+	e.Expect("vm", "vda", 0xe2, 0, mib)
+	e.Expect("vm", "vda", 0x00, mib, mib)
+	e.revert("vm", "int")
+	e.Expect("vm", "vda", 0xe1, 0, mib)
+	e.Expect("vm", "vda", 0x00, mib, mib)
 	e.CheckClean("vm")
 }
 

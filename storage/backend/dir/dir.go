@@ -96,6 +96,16 @@ func (b *Backend) InternalDelete(ctx context.Context, path, format, name string)
 	return b.img.SnapshotDelete(ctx, path, format, name)
 }
 
+func (b *Backend) InternalCopy(ctx context.Context, path, format, name, dst, backing, backingFormat string) error {
+	err := b.img.Convert(ctx, qemuimg.ConvertOptions{Src: path, SrcFormat: format, Snapshot: name,
+		Dst: dst, DstFormat: "qcow2", Backing: backing, BackingFormat: backingFormat})
+	if err != nil {
+		os.Remove(dst)
+		return err
+	}
+	return syncDir(dst)
+}
+
 // syncDir makes a created or removed name durable.
 func syncDir(path string) error {
 	d, err := os.Open(filepath.Dir(path))
