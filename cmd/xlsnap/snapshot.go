@@ -67,7 +67,7 @@ func (g *globals) snapshotCommands() []*cobra.Command {
 
 type createOpts struct {
 	diskOnly, live, atomic, noMetadata, reuseExternal, halt, quiesce bool
-	redefine, current, validate, printXML                          bool
+	redefine, current, validate, printXML                            bool
 }
 
 func (o *createOpts) register(cmd *cobra.Command, redefine bool) {
