@@ -69,13 +69,15 @@ func diskFolders(ctx context.Context, src DomainSource) ([]string, error) {
 	}
 	seen := map[string]bool{}
 	for _, n := range names {
+		// A file that is not a domain definition is not this call's
+		// business: the domain it names reports it when used.
 		sd, err := src.Domain(ctx, n)
 		if err != nil {
-			return nil, err
+			continue
 		}
 		def, err := parseDomain(sd.XML)
 		if err != nil {
-			return nil, err
+			continue
 		}
 		for _, disk := range fileDisks(def) {
 			abs, err := filepath.Abs(disk.Path)
