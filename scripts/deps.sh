@@ -8,6 +8,7 @@ staticcheck_version=${1:-v0.8.2}
 declare -A need=(
   [qemu-img]=qemu-utils
   [qemu-io]=qemu-utils
+  [qemu-system-x86_64]=qemu-system-x86
 )
 # pkg-config module → Debian package (cgo builds against these)
 declare -A needpc=(
