@@ -93,17 +93,16 @@ func (d *Driver) create(ctx context.Context, domain string, doc *libvirtxml.Doma
 	if err != nil {
 		return nil, err
 	}
-	if err := inactive(v, "a snapshot"); err != nil {
-		return nil, err
-	}
-	if flags&CreateLive != 0 {
+	active := v.src.State.Active()
+	if flags&CreateLive != 0 && !active {
 		return nil, fmt.Errorf("%w: LIVE applies to running domains; %s is shut off", ErrLiveUnsupported, domain)
 	}
 	diskOnly := flags&CreateDiskOnly != 0
-	if doc.Memory != nil && doc.Memory.Snapshot != "" && doc.Memory.Snapshot != "no" {
-		if diskOnly {
-			return nil, invalidf("a disk-only snapshot cannot save memory")
-		}
+	memory := doc.Memory != nil && doc.Memory.Snapshot != "" && doc.Memory.Snapshot != "no"
+	if memory && diskOnly {
+		return nil, invalidf("a disk-only snapshot cannot save memory")
+	}
+	if memory && !active {
 		return nil, fmt.Errorf("%w: %s is shut off: it has no memory to save", ErrOperationInvalid, domain)
 	}
 	spec := storage.SnapshotSpec{
@@ -118,6 +117,9 @@ func (d *Driver) create(ctx context.Context, domain string, doc *libvirtxml.Doma
 	}
 	if spec.Disks, err = diskSpecs(v, doc, diskOnly, flags&CreateReuseExt != 0); err != nil {
 		return nil, err
+	}
+	if active {
+		return d.createActive(ctx, v, doc, flags, spec)
 	}
 	snap, err := d.st.CreateSnapshot(ctx, domain, spec)
 	if err != nil {

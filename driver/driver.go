@@ -6,8 +6,10 @@ import (
 	"path/filepath"
 	"sort"
 
+	"github.com/xlsnap/xlsnap/chain"
 	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/storage/backend/dir"
+	"github.com/xlsnap/xlsnap/xenlight"
 )
 
 // Snapshot is a snapshot's record, as storage keeps it.
@@ -21,6 +23,9 @@ type Config struct {
 	// Pools are the folders images may live in. Empty means the folders
 	// of every disk of every domain the source has now.
 	Pools []string
+	// Hypervisor drives active domains; nil means every domain is treated
+	// as the source reports it and active ones are refused.
+	Hypervisor xenlight.Hypervisor
 }
 
 // Driver is libvirt's domain snapshot API over xlsnap's storage layer.
@@ -28,6 +33,7 @@ type Config struct {
 type Driver struct {
 	src DomainSource
 	st  *storage.Manager
+	h   xenlight.Hypervisor
 }
 
 // Open opens the storage layer (recovering its journal) over the pools.
@@ -52,7 +58,7 @@ func Open(ctx context.Context, cfg Config) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Driver{src: cfg.Source, st: st}, nil
+	return &Driver{src: cfg.Source, st: st, h: cfg.Hypervisor}, nil
 }
 
 // Close releases the storage layer.
@@ -133,6 +139,25 @@ func (d *Driver) sync(ctx context.Context, name string) (*domainView, error) {
 		return nil, err
 	}
 	v := &domainView{src: sd, disks: disks, rec: rec}
+	if d.h != nil {
+		st, err := d.h.State(ctx, name)
+		if err != nil {
+			return nil, err
+		}
+		if st != xenlight.Shutoff {
+			v.src.State = DomainState(st)
+		}
+	}
+	if v.src.State.Active() {
+		// Operations a crash left half-done on this domain can be judged
+		// now that its device model is reachable.
+		if err := d.st.RecoverLive(ctx, name, xenlight.NewLive(d.h, name)); err != nil {
+			return nil, err
+		}
+		if v.rec, err = d.st.Domain(ctx, name); err != nil {
+			return nil, err
+		}
+	}
 	if err := d.writeDisks(ctx, v); err != nil {
 		return nil, err
 	}
@@ -184,14 +209,13 @@ func (d *Driver) afterChange(ctx context.Context, v *domainView) error {
 	return d.writeDisks(ctx, v)
 }
 
-// inactive refuses what needs a running hypervisor until the xenlight
-// back ends drive active domains.
-func inactive(v *domainView, what string) error {
-	if v.src.State.Active() {
-		return fmt.Errorf("%w: %s of %s domain %s needs a hypervisor back end (xenlight), not wired in yet",
-			ErrLiveUnsupported, what, v.src.State, v.src.Name)
+// live returns the device-model executor of an active domain, or an
+// error when no hypervisor back end is configured.
+func (d *Driver) live(v *domainView, what string) (*xenlight.Live, error) {
+	if d.h == nil {
+		return nil, fmt.Errorf("%w: %s of %s domain %s needs a hypervisor back end", ErrLiveUnsupported, what, v.src.State, v.src.Name)
 	}
-	return nil
+	return xenlight.NewLive(d.h, v.src.Name), nil
 }
 
 // ChainChanged is the public "a chain changed, rescan" call: rescan a
@@ -202,10 +226,25 @@ func (d *Driver) ChainChanged(ctx context.Context, domain, disk string) error {
 	if err != nil {
 		return err
 	}
-	if _, err := d.st.ChainChanged(ctx, domain, disk); err != nil {
+	c, err := d.st.ChainChanged(ctx, domain, disk)
+	if err != nil {
 		return err
 	}
-	return d.afterChange(ctx, v)
+	if err := d.afterChange(ctx, v); err != nil {
+		return err
+	}
+	if !v.src.State.Active() {
+		return nil
+	}
+	// The device model must read what the disk now says; QEMU cannot be
+	// made to reopen a running disk's whole chain, so a difference is
+	// reported exactly (xenlight.MismatchError) rather than papered over.
+	live, err := d.live(v, "a rescan")
+	if err != nil {
+		return err
+	}
+	top := c.Top()
+	return live.CompareChain(ctx, disk, top.Path, top.Format, chain.Policy{Roots: d.st.Roots()})
 }
 
 // DiskInfo is one disk as domblklist shows it, with its recorded chain.

@@ -7,12 +7,15 @@ import (
 	"github.com/xlsnap/xlsnap/storage"
 )
 
-// RevertToSnapshot is virDomainRevertToSnapshot for a shut-off domain: the
-// disks go back to the snapshot (a new overlay on each external state
-// image, internal snapshots applied) and the definition becomes the one
-// of the snapshot's time, its disks pointed at the new active layers.
-// RUNNING and PAUSED start the domain afterwards, which needs a
-// hypervisor back end.
+// RevertToSnapshot is virDomainRevertToSnapshot. The disks go back to the
+// snapshot (a new overlay on each external state image, internal
+// snapshots applied or copied) and the definition becomes the one of the
+// snapshot's time, its disks pointed at the new active layers. A running
+// domain is destroyed first, which needs FORCE when the snapshot holds no
+// memory to come back to. A snapshot with memory is then restored from its
+// memory image onto the reverted disks, running unless it was taken
+// paused or PAUSED is given; RUNNING and PAUSED without memory would need
+// a fresh boot, which xlsnap leaves to the toolstack.
 func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flags RevertFlags) error {
 	if flags&RevertRunning != 0 && flags&RevertPaused != 0 {
 		return invalidf("RUNNING and PAUSED together")
@@ -21,15 +24,25 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 	if err != nil {
 		return err
 	}
-	if err := inactive(v, "a revert"); err != nil {
-		return err
-	}
 	snap, err := d.st.Snapshot(ctx, domain, name)
 	if err != nil {
 		return err
 	}
-	if flags&(RevertRunning|RevertPaused) != 0 || snap.Memory != "" {
-		return fmt.Errorf("%w: reverting %s to a running or paused domain needs a hypervisor back end (xenlight)", ErrLiveUnsupported, name)
+	if snap.Memory == "" && flags&(RevertRunning|RevertPaused) != 0 {
+		return fmt.Errorf("%w: %s holds no memory; starting %s afresh is the toolstack's job", ErrLiveUnsupported, name, domain)
+	}
+	if snap.Memory != "" && d.h == nil {
+		return fmt.Errorf("%w: restoring the memory of %s needs a hypervisor back end", ErrLiveUnsupported, name)
+	}
+	if v.src.State.Active() {
+		if snap.Memory == "" && flags&RevertForce == 0 {
+			return fmt.Errorf("%w: %s is %s and snapshot %s holds no memory: reverting would stop it (use FORCE)",
+				ErrOperationInvalid, domain, v.src.State, name)
+		}
+		if err := d.h.Destroy(ctx, domain); err != nil {
+			return err
+		}
+		v.src.State = StateShutoff
 	}
 	if _, err := d.st.Revert(ctx, domain, name); err != nil {
 		return err
@@ -45,26 +58,38 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 		}
 		v.src.XML, v.disks = snap.DomainXML, fileDisks(def)
 	}
-	return d.afterChange(ctx, v)
+	if err := d.afterChange(ctx, v); err != nil {
+		return err
+	}
+	if snap.Memory == "" {
+		return nil
+	}
+	paused := flags&RevertPaused != 0 || snap.State == string(StatePaused) && flags&RevertRunning == 0
+	return d.restore(ctx, v, snap.Memory, paused)
 }
 
 // SnapshotDelete is virDomainSnapshotDelete. Unlike libvirt's own
 // drivers it deletes non-leaf external snapshots (merging images in the
-// cheaper direction) and external snapshots with CHILDREN, and keeps an
-// image that still backs others. It returns what happened to each disk.
+// cheaper direction; live block jobs for images a running domain reads)
+// and external snapshots with CHILDREN, and keeps an image that still
+// backs others. It returns what happened to each disk.
 func (d *Driver) SnapshotDelete(ctx context.Context, domain, name string, flags DeleteFlags) (*storage.DeleteReport, error) {
 	v, err := d.sync(ctx, domain)
 	if err != nil {
 		return nil, err
 	}
-	if err := inactive(v, "a delete"); err != nil {
-		return nil, err
-	}
-	report, err := d.st.DeleteSnapshot(ctx, domain, name, storage.DeleteOptions{
+	opts := storage.DeleteOptions{
 		Children:     flags&DeleteChildren != 0,
 		ChildrenOnly: flags&DeleteChildrenOnly != 0,
 		MetadataOnly: flags&DeleteMetadataOnly != 0,
-	})
+	}
+	if v.src.State.Active() {
+		// Merges of images the device model reads run as its block jobs.
+		if opts.Live, err = d.live(v, "a delete"); err != nil {
+			return nil, err
+		}
+	}
+	report, err := d.st.DeleteSnapshot(ctx, domain, name, opts)
 	if err != nil {
 		return report, err
 	}

@@ -29,6 +29,9 @@ type SnapshotSpec struct {
 	NoMetadata bool
 	// Created defaults to now.
 	Created time.Time
+	// Live takes the snapshot through the running domain's device model:
+	// every disk in one transaction.
+	Live Live
 }
 
 // SnapshotDiskSpec is one disk's part in a new snapshot.
@@ -94,6 +97,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 		snap.State = "shutoff"
 	}
 	in := newIntent(domain, "snapshot")
+	var group []step // a live snapshot's disks, for one transaction
 	seen := map[string]bool{}
 	for _, ds := range spec.Disks {
 		disk := next.Disk(ds.Target)
@@ -112,8 +116,13 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 			if err != nil {
 				return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
 			}
-			if st != nil {
+			switch {
+			case st != nil && spec.Live != nil:
+				group = append(group, *st)
+			case st != nil:
 				in.Steps = append(in.Steps, *st)
+			case spec.Live != nil:
+				return nil, fmt.Errorf("%w: disk %s: reusing an overlay on a running domain", ErrLiveUnsupported, ds.Target)
 			}
 			rec.Image, rec.Format, rec.Overlay = disk.Active, disk.Format, overlay
 			next.Images[overlay] = &Image{Format: fmtName, Backing: disk.Active, BackingFormat: disk.Format, Owned: st != nil}
@@ -125,7 +134,12 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 			if _, err := m.internal(disk.Active); err != nil {
 				return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
 			}
-			in.Steps = append(in.Steps, step{Kind: metastore.StepInternalCreate, Path: disk.Active, Format: disk.Format, Name: spec.Name, Disk: ds.Target})
+			st := step{Kind: metastore.StepInternalCreate, Path: disk.Active, Format: disk.Format, Name: spec.Name, Disk: ds.Target}
+			if spec.Live != nil {
+				group = append(group, st)
+			} else {
+				in.Steps = append(in.Steps, st)
+			}
 			rec.Image, rec.Format = disk.Active, disk.Format
 		default:
 			return nil, fmt.Errorf("%w: disk %s: snapshot mode %q", ErrInvalidArg, ds.Target, ds.Mode)
@@ -137,13 +151,16 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 			snap.Disks = append(snap.Disks, SnapshotDisk{Target: disk.Target, Mode: DiskNone})
 		}
 	}
+	if len(group) > 0 {
+		in.Steps, in.Live = []step{{Kind: metastore.StepLiveSnapshot, Group: group}}, true
+	}
 	in.NoReturn = len(in.Steps) // a new overlay or internal snapshot can always go again
 	in.Commit = &metastore.Commit{Domain: next}
 	if !spec.NoMetadata {
 		next.Current = snap.Name
 		in.Commit.PutSnapshots = []*Snapshot{snap}
 	}
-	if err := m.run(ctx, in); err != nil {
+	if err := m.run(ctx, in, spec.Live); err != nil {
 		return nil, err
 	}
 	return snap, nil

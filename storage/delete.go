@@ -14,6 +14,9 @@ type DeleteOptions struct {
 	Children     bool // the snapshot and all its descendants
 	ChildrenOnly bool // its descendants, not the snapshot
 	MetadataOnly bool // forget the records, leave every image as it is
+	// Live merges the images a running domain uses through its device
+	// model (block jobs); images it does not use are merged offline.
+	Live Live
 }
 
 // DiskAction says what a delete did to one disk of one snapshot.
@@ -76,7 +79,7 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, domain, name string, opts 
 	}
 	report := &DeleteReport{}
 	for _, n := range order {
-		if err := m.deleteOne(ctx, domain, n, opts.MetadataOnly, report); err != nil {
+		if err := m.deleteOne(ctx, domain, n, opts, report); err != nil {
 			return report, fmt.Errorf("deleting snapshot %s: %w", n, err)
 		}
 		report.Deleted = append(report.Deleted, n)
@@ -104,7 +107,8 @@ func descendantsLeavesFirst(snaps map[string]*Snapshot, name string) []string {
 	return out
 }
 
-func (m *Manager) deleteOne(ctx context.Context, domain, name string, metadataOnly bool, report *DeleteReport) error {
+func (m *Manager) deleteOne(ctx context.Context, domain, name string, opts DeleteOptions, report *DeleteReport) error {
+	metadataOnly, live := opts.MetadataOnly, opts.Live
 	d, snaps, err := m.load(ctx, domain)
 	if err != nil {
 		return err
@@ -132,11 +136,15 @@ func (m *Manager) deleteOne(ctx context.Context, domain, name string, metadataOn
 					if err := m.checkInternalName(sd.Image, sd.Format, name, true); err != nil {
 						return err
 					}
-					forward = append(forward, step{Kind: metastore.StepInternalDelete, Path: sd.Image, Format: sd.Format, Name: name, Disk: sd.Target})
+					kind, err := m.liveKind(ctx, live, sd.Image, metastore.StepInternalDelete, metastore.StepLiveInternalDelete)
+					if err != nil {
+						return err
+					}
+					forward = append(forward, step{Kind: kind, Path: sd.Image, Format: sd.Format, Name: name, Disk: sd.Target})
 				}
 				r.Action, r.Kept = ActionInternalDeleted, sd.Image
 			case DiskExternal:
-				undoable, fwd, err := m.planMerge(ctx, next, snaps, name, sd, others, &r)
+				undoable, fwd, err := m.planMerge(ctx, next, sd, others, live, &r)
 				if err != nil {
 					return fmt.Errorf("disk %s: %w", sd.Target, err)
 				}
@@ -158,6 +166,9 @@ func (m *Manager) deleteOne(ctx context.Context, domain, name string, metadataOn
 	}
 	in.NoReturn = len(in.Steps)
 	in.Steps = append(in.Steps, forward...)
+	for _, st := range in.Steps {
+		in.Live = in.Live || isLiveStep(st.Kind)
+	}
 
 	// The snapshot tree: children move up to the deleted one's parent,
 	// and so does "current".
@@ -187,14 +198,14 @@ func (m *Manager) deleteOne(ctx context.Context, domain, name string, metadataOn
 			return err
 		}
 	}
-	return m.run(ctx, in)
+	return m.run(ctx, in, live)
 }
 
 // planMerge merges an external snapshot's state image X with its only
 // child C in the cheaper direction, unless that would change an image
 // that others depend on. It updates next's image tree and disks and fills
 // the report; the merge's steps come back split into undoable and not.
-func (m *Manager) planMerge(ctx context.Context, next *Domain, snaps map[string]*Snapshot, name string, sd SnapshotDisk, others map[string]bool, r *DiskReport) (undoable, forward []step, err error) {
+func (m *Manager) planMerge(ctx context.Context, next *Domain, sd SnapshotDisk, others map[string]bool, live Live, r *DiskReport) (undoable, forward []step, err error) {
 	x := sd.Image
 	ximg, ok := next.Images[x]
 	if !ok {
@@ -235,6 +246,39 @@ func (m *Manager) planMerge(ctx context.Context, next *Domain, snaps map[string]
 			return nil, nil, err
 		}
 		down = bc < bx
+	}
+	liveMerge := false
+	if live != nil {
+		if liveMerge, err = live.Uses(ctx, c); err != nil {
+			return nil, nil, err
+		}
+	}
+	if down && liveMerge {
+		// The device model commits C into X and repoints C's overlay.
+		forward = append(forward, step{Kind: metastore.StepLiveCommit, Path: c, Format: cimg.Format, Backing: x, BackingFormat: ximg.Format, Disk: sd.Target})
+		for _, gc := range next.Children(c) {
+			// QEMU repoints the overlay it has open; a branch it does not
+			// use is repointed here.
+			if used, err := live.Uses(ctx, gc); err != nil {
+				return nil, nil, err
+			} else if !used {
+				forward = append(forward, step{Kind: metastore.StepRebaseUnsafe, Path: gc, Format: next.Images[gc].Format,
+					Backing: x, BackingFormat: ximg.Format, UndoBacking: c, UndoBackingFormat: cimg.Format, Disk: sd.Target})
+			}
+			next.Images[gc].Backing, next.Images[gc].BackingFormat = x, ximg.Format
+		}
+		replaceImage(next, c, x)
+		r.Action, r.Kept, r.Removed = ActionMergedDown, x, c
+		return nil, forward, nil
+	}
+	if !down && liveMerge {
+		// The device model streams X into C, whose backing becomes X's.
+		undoable = append(undoable, step{Kind: metastore.StepLiveStream, Path: c, Format: cimg.Format,
+			Backing: ximg.Backing, BackingFormat: ximg.BackingFormat, UndoBacking: x, UndoBackingFormat: ximg.Format, Disk: sd.Target})
+		cimg.Backing, cimg.BackingFormat = ximg.Backing, ximg.BackingFormat
+		replaceImage(next, x, c)
+		r.Action, r.Kept, r.Removed = ActionPulledUp, c, x
+		return undoable, nil, nil
 	}
 	if down {
 		// Commit C into X, point C's children at X, forget C.
@@ -360,4 +404,17 @@ func (m *Manager) imagesOfOtherDomains(ctx context.Context, domain string) (map[
 		return nil
 	})
 	return out, err
+}
+
+// liveKind picks the live step kind for an image the device model uses,
+// the offline one otherwise.
+func (m *Manager) liveKind(ctx context.Context, live Live, image string, offline, online metastore.StepKind) (metastore.StepKind, error) {
+	if live == nil {
+		return offline, nil
+	}
+	used, err := live.Uses(ctx, image)
+	if err != nil || !used {
+		return offline, err
+	}
+	return online, nil
 }

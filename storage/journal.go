@@ -35,7 +35,7 @@ func newIntent(domain, op string) *intent {
 // before the first disk change; steps before NoReturn are undone if one
 // fails; the metadata and the intent's end are one transaction; cleanup
 // (removing images nothing needs) runs only after that.
-func (m *Manager) run(ctx context.Context, in *intent) error {
+func (m *Manager) run(ctx context.Context, in *intent, live Live) error {
 	crash := func(point string) { crashpoint.Hit(in.Op + "/" + point) }
 	crash("begin")
 	if err := m.store.Update(ctx, func(tx metastore.Tx) error { return tx.PutIntent(in) }); err != nil {
@@ -46,13 +46,13 @@ func (m *Manager) run(ctx context.Context, in *intent) error {
 		if i == in.NoReturn && !in.PassedNoReturn {
 			in.PassedNoReturn = true
 			if err := m.store.Update(ctx, func(tx metastore.Tx) error { return tx.PutIntent(in) }); err != nil {
-				return m.abandon(ctx, in, i-1, err)
+				return m.abandon(ctx, in, i-1, err, live)
 			}
 		}
 		crash(fmt.Sprintf("step%d-%s", i, st.Kind))
-		if err := m.redo(ctx, st); err != nil {
+		if err := m.redo(ctx, st, live); err != nil {
 			if i < in.NoReturn {
-				return m.abandon(ctx, in, i, err)
+				return m.abandon(ctx, in, i, err, live)
 			}
 			return fmt.Errorf("%w (%s %s: finish it with Repair once the cause is fixed): %w", ErrPending, in.Op, in.ID, err)
 		}
@@ -63,20 +63,20 @@ func (m *Manager) run(ctx context.Context, in *intent) error {
 
 // abandon undoes steps[0..last] in reverse, drops the intent and returns
 // the cause of the failure.
-func (m *Manager) abandon(ctx context.Context, in *intent, last int, cause error) error {
-	if err := m.rollBack(ctx, in, last); err != nil {
+func (m *Manager) abandon(ctx context.Context, in *intent, last int, cause error, live Live) error {
+	if err := m.rollBack(ctx, in, last, live); err != nil {
 		return fmt.Errorf("%w; undoing it failed too, the journal keeps it for Repair: %w", cause, err)
 	}
 	return cause
 }
 
 // rollBack undoes steps[0..last] in reverse and drops the intent.
-func (m *Manager) rollBack(ctx context.Context, in *intent, last int) error {
+func (m *Manager) rollBack(ctx context.Context, in *intent, last int, live Live) error {
 	// Undo must run even when ctx was cancelled: that is often the cause.
 	uctx := context.WithoutCancel(ctx)
 	var undoErr error
 	for i := last; i >= 0; i-- {
-		if err := m.undo(uctx, in.Steps[i]); err != nil {
+		if err := m.undo(uctx, in.Steps[i], live); err != nil {
 			undoErr = multierror.Append(undoErr, err)
 		}
 	}
@@ -130,7 +130,7 @@ func (m *Manager) commit(ctx context.Context, in *intent) error {
 func (m *Manager) cleanup(ctx context.Context, in *intent) error {
 	for i, st := range in.Cleanup {
 		crashpoint.Hit(fmt.Sprintf("%s/cleanup%d", in.Op, i))
-		if err := m.redo(ctx, st); err != nil {
+		if err := m.redo(ctx, st, nil); err != nil {
 			return fmt.Errorf("%w (cleanup of %s %s): %w", ErrPending, in.Op, in.ID, err)
 		}
 	}
@@ -150,6 +150,9 @@ func (m *Manager) Recover(ctx context.Context) error {
 	}
 	var errs error
 	for _, in := range intents {
+		if in.Live && !in.Committed {
+			continue // needs the device model: RecoverLive
+		}
 		unlock, err := m.locks.lock(ctx, in.Domain, false)
 		if errors.Is(err, ErrBusy) {
 			continue // in progress in another process or goroutine
@@ -157,7 +160,7 @@ func (m *Manager) Recover(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		if err := m.recoverIntent(ctx, in); err != nil {
+		if err := m.recoverIntent(ctx, in, nil); err != nil {
 			errs = multierror.Append(errs, fmt.Errorf("intent %s (%s of %s): %w", in.ID, in.Op, in.Domain, err))
 		}
 		unlock()
@@ -165,20 +168,58 @@ func (m *Manager) Recover(ctx context.Context) error {
 	return errs
 }
 
-func (m *Manager) recoverIntent(ctx context.Context, in *intent) error {
+func (m *Manager) recoverIntent(ctx context.Context, in *intent, live Live) error {
 	switch {
 	case in.Committed:
 		return m.cleanup(ctx, in)
 	case in.PassedNoReturn:
-		for _, st := range in.Steps {
-			if err := m.redo(ctx, st); err != nil {
-				return err
+		return m.rollForward(ctx, in, live)
+	}
+	// Steps from NoReturn on never started: run makes PassedNoReturn
+	// durable before the first of them, so only the undoable ones ran.
+	err := m.rollBack(ctx, in, min(in.NoReturn, len(in.Steps))-1, live)
+	if errors.Is(err, errLiveDone) {
+		// The device model shows the change happened: finish it.
+		return m.rollForward(ctx, in, live)
+	}
+	return err
+}
+
+func (m *Manager) rollForward(ctx context.Context, in *intent, live Live) error {
+	for _, st := range in.Steps {
+		if err := m.redo(ctx, st, live); err != nil {
+			return err
+		}
+	}
+	return m.commit(ctx, in)
+}
+
+// RecoverLive finishes or undoes the pending operations of an active
+// domain, reading their outcome from its device model. The driver calls
+// it for each active domain once it can reach the hypervisor.
+func (m *Manager) RecoverLive(ctx context.Context, domain string, live Live) error {
+	unlock, err := m.locks.lock(ctx, domain, true)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	var intents []*intent
+	if err := m.store.View(ctx, func(tx metastore.Tx) error {
+		var err error
+		intents, err = tx.Intents()
+		return err
+	}); err != nil {
+		return err
+	}
+	var errs error
+	for _, in := range intents {
+		if in.Domain == domain && in.Live {
+			if err := m.recoverIntent(ctx, in, live); err != nil {
+				errs = multierror.Append(errs, fmt.Errorf("intent %s (%s of %s): %w", in.ID, in.Op, in.Domain, err))
 			}
 		}
-		return m.commit(ctx, in)
-	default:
-		return m.rollBack(ctx, in, len(in.Steps)-1)
 	}
+	return errs
 }
 
 func (m *Manager) backendFor(path string) (Backend, error) {
@@ -203,7 +244,10 @@ func (m *Manager) internal(path string) (InternalSnapshotter, error) {
 
 // redo runs a step so that running it again is harmless: recovery may
 // repeat any step whose outcome it cannot see.
-func (m *Manager) redo(ctx context.Context, st step) error {
+func (m *Manager) redo(ctx context.Context, st step, live Live) error {
+	if isLiveStep(st.Kind) {
+		return m.redoLive(ctx, st, live)
+	}
 	b, err := m.backendFor(st.Path)
 	if err != nil {
 		return err
@@ -264,7 +308,10 @@ func (m *Manager) redo(ctx context.Context, st step) error {
 }
 
 // undo reverses a step that ran, ran in part, or never ran.
-func (m *Manager) undo(ctx context.Context, st step) error {
+func (m *Manager) undo(ctx context.Context, st step, live Live) error {
+	if isLiveStep(st.Kind) {
+		return m.undoLive(ctx, st, live)
+	}
 	b, err := m.backendFor(st.Path)
 	if err != nil {
 		return err

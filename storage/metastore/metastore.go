@@ -172,6 +172,9 @@ type Intent struct {
 	// images nothing needs). An intent with Committed set is only that.
 	Cleanup   []Step `json:"cleanup,omitempty"`
 	Committed bool   `json:"committed,omitempty"`
+	// Live marks an operation on an active domain: its steps go through
+	// the device model, and only the device model can tell how far it got.
+	Live bool `json:"live,omitempty"`
 	// PassedNoReturn is set, durably, before step NoReturn starts.
 	PassedNoReturn bool `json:"passed_no_return,omitempty"`
 }
@@ -192,10 +195,16 @@ const (
 	StepInternalApply  StepKind = "internal-apply"
 	StepInternalDelete StepKind = "internal-delete"
 	StepInternalCopy   StepKind = "internal-copy"
-	StepCommit         StepKind = "commit"
-	StepRebase         StepKind = "rebase"
-	StepRebaseUnsafe   StepKind = "rebase-unsafe"
-	StepRemove         StepKind = "remove"
+
+	// Steps carried out by a running device model.
+	StepLiveSnapshot       StepKind = "live-snapshot"        // one transaction over Group
+	StepLiveInternalDelete StepKind = "live-internal-delete" // internal snapshot Name of Path
+	StepLiveCommit         StepKind = "live-commit"          // block-commit Path into Backing
+	StepLiveStream         StepKind = "live-stream"          // block-stream into Path from above Backing
+	StepCommit             StepKind = "commit"
+	StepRebase             StepKind = "rebase"
+	StepRebaseUnsafe       StepKind = "rebase-unsafe"
+	StepRemove             StepKind = "remove"
 )
 
 // Step is one disk change with everything needed to run it again.
@@ -213,6 +222,8 @@ type Step struct {
 	SourceFormat string `json:"source_format,omitempty"`
 	// Name is the internal snapshot's name for internal steps.
 	Name string `json:"name,omitempty"`
+	// Group holds the overlays of a live-snapshot step, one per disk.
+	Group []Step `json:"group,omitempty"`
 	// Disk is the domain disk this step changes, for events.
 	Disk string `json:"disk,omitempty"`
 }

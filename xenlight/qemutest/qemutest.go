@@ -5,7 +5,11 @@ package qemutest
 
 import (
 	"bytes"
+	"context"
+	"strings"
+
 	"fmt"
+	"github.com/xlsnap/xlsnap/xenlight/qmp"
 	"net"
 	"os"
 	"os/exec"
@@ -37,7 +41,8 @@ func Args(disks []Disk) []string {
 		args = append(args,
 			"-blockdev", fmt.Sprintf("driver=file,filename=%s,node-name=file-%s", d.Path, d.NodeName),
 			"-blockdev", fmt.Sprintf("driver=%s,file=file-%s,node-name=%s", d.Format, d.NodeName, d.NodeName),
-			"-device", fmt.Sprintf("virtio-blk-pci,drive=%s,id=dev%d", d.NodeName, i))
+			// share-rw lets GuestIO write as the guest would, beside the device.
+			"-device", fmt.Sprintf("virtio-blk-pci,drive=%s,id=dev%d,share-rw=on", d.NodeName, i))
 	}
 	return args
 }
@@ -91,4 +96,20 @@ func SocketPath(t testing.TB, name string) string {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	return filepath.Join(dir, name)
+}
+
+// GuestIO runs a qemu-io command (write -P 0x5a 0 1M, read -P ...) on a
+// block node inside the device model, standing in for the guest's I/O; a
+// read whose pattern differs is an error.
+func GuestIO(ctx context.Context, m *qmp.Monitor, node, command string) error {
+	var out string
+	err := m.Execute(ctx, "human-monitor-command", map[string]any{
+		"command-line": fmt.Sprintf("qemu-io %s %q", node, command)}, &out)
+	if err != nil {
+		return err
+	}
+	if strings.Contains(out, "failed") || strings.Contains(out, "rror") || !strings.Contains(out, "bytes at offset") {
+		return fmt.Errorf("qemu-io %s %q: %s", node, command, out)
+	}
+	return nil
 }

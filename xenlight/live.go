@@ -1,0 +1,306 @@
+package xenlight
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync/atomic"
+
+	"github.com/xlsnap/xlsnap/chain"
+	"github.com/xlsnap/xlsnap/storage"
+	"github.com/xlsnap/xlsnap/xenlight/qmp"
+)
+
+// Live carries out storage's chain changes for one active domain through
+// its device model's QMP; it connects for each call and lets go.
+type Live struct {
+	h      Hypervisor
+	domain string
+}
+
+var _ storage.Live = (*Live)(nil)
+
+// NewLive returns the storage.Live of an active domain.
+func NewLive(h Hypervisor, domain string) *Live { return &Live{h: h, domain: domain} }
+
+func (l *Live) with(ctx context.Context, fn func(m *qmp.Monitor) error) error {
+	m, err := l.h.DeviceModel(ctx, l.domain)
+	if err != nil {
+		return err
+	}
+	defer m.Disconnect()
+	return fn(m)
+}
+
+// DiskChain is one disk as the device model sees it: its top node and
+// the files of its chain, top to base.
+type DiskChain struct {
+	Node  string
+	Files []string
+}
+
+type imageInfo struct {
+	Filename string     `json:"filename"`
+	Backing  *imageInfo `json:"backing-image"`
+}
+
+// Chains reads every disk's chain from the device model (query-block).
+func Chains(ctx context.Context, m *qmp.Monitor) ([]DiskChain, error) {
+	var blocks []struct {
+		Inserted *struct {
+			Node  string    `json:"node-name"`
+			Image imageInfo `json:"image"`
+		} `json:"inserted"`
+	}
+	if err := m.Execute(ctx, "query-block", nil, &blocks); err != nil {
+		return nil, err
+	}
+	var out []DiskChain
+	for _, b := range blocks {
+		if b.Inserted == nil {
+			continue
+		}
+		dc := DiskChain{Node: b.Inserted.Node}
+		for img := &b.Inserted.Image; img != nil; img = img.Backing {
+			dc.Files = append(dc.Files, img.Filename)
+		}
+		out = append(out, dc)
+	}
+	return out, nil
+}
+
+func (l *Live) chains(ctx context.Context) ([]DiskChain, error) {
+	var out []DiskChain
+	err := l.with(ctx, func(m *qmp.Monitor) error {
+		var err error
+		out, err = Chains(ctx, m)
+		return err
+	})
+	return out, err
+}
+
+// Writes reports whether a disk writes to image.
+func (l *Live) Writes(ctx context.Context, image string) (bool, error) {
+	chains, err := l.chains(ctx)
+	return slices.ContainsFunc(chains, func(c DiskChain) bool { return c.Files[0] == image }), err
+}
+
+// Uses reports whether any disk's chain holds image.
+func (l *Live) Uses(ctx context.Context, image string) (bool, error) {
+	chains, err := l.chains(ctx)
+	return slices.ContainsFunc(chains, func(c DiskChain) bool { return slices.Contains(c.Files, image) }), err
+}
+
+// errNotInUse: the device model has no disk chain holding the image.
+var errNotInUse = errors.New("no disk of the device model uses the image")
+
+// chainOf finds the disk whose chain holds image.
+func chainOf(chains []DiskChain, image string) (DiskChain, error) {
+	for _, c := range chains {
+		if slices.Contains(c.Files, image) {
+			return c, nil
+		}
+	}
+	return DiskChain{}, fmt.Errorf("%w: %s", errNotInUse, image)
+}
+
+var nodeSeq atomic.Uint32
+
+// nodeName names a new overlay's node: QMP node names are short
+// identifiers, so a hash of the path plus a counter.
+func nodeName(path string) string {
+	h := fnv.New32a()
+	h.Write([]byte(path))
+	return fmt.Sprintf("xl%08x%d", h.Sum32(), nodeSeq.Add(1))
+}
+
+// Snapshot runs one QMP transaction over every disk: blockdev-snapshot-sync
+// for external ones (QEMU creates the overlay, with the backing format
+// written), blockdev-snapshot-internal-sync for internal ones. QEMU undoes
+// a failed transaction inside itself but leaves the files of the actions
+// that succeeded: those are removed here.
+func (l *Live) Snapshot(ctx context.Context, disks []storage.LiveOverlay) error {
+	return l.with(ctx, func(m *qmp.Monitor) error {
+		chains, err := Chains(ctx, m)
+		if err != nil {
+			return err
+		}
+		var actions []map[string]any
+		var created []string
+		for _, d := range disks {
+			c, err := chainOf(chains, d.Image)
+			if err != nil || c.Files[0] != d.Image {
+				return fmt.Errorf("disk %s: %s is not the active layer the device model writes: %w", d.Disk, d.Image, errNotInUse)
+			}
+			if d.Internal != "" {
+				actions = append(actions, map[string]any{"type": "blockdev-snapshot-internal-sync",
+					"data": map[string]any{"device": c.Node, "name": d.Internal}})
+				continue
+			}
+			if _, err := os.Lstat(d.Overlay); err == nil {
+				return fmt.Errorf("%w: overlay %s exists", storage.ErrInvalidArg, d.Overlay)
+			}
+			created = append(created, d.Overlay)
+			actions = append(actions, map[string]any{"type": "blockdev-snapshot-sync",
+				"data": map[string]any{"node-name": c.Node, "snapshot-file": d.Overlay,
+					"snapshot-node-name": nodeName(d.Overlay), "format": d.Format, "mode": "absolute-paths"}})
+		}
+		err = m.Execute(ctx, "transaction", map[string]any{"actions": actions}, nil)
+		if err != nil {
+			for _, p := range created {
+				os.Remove(p)
+			}
+			return fmt.Errorf("live snapshot of %s: %w", l.domain, err)
+		}
+		return nil
+	})
+}
+
+// InternalDelete deletes an internal snapshot of an image a disk uses.
+func (l *Live) InternalDelete(ctx context.Context, image, name string) error {
+	return l.with(ctx, func(m *qmp.Monitor) error {
+		node, err := nodeOf(ctx, m, image)
+		if err != nil {
+			return err
+		}
+		return m.Execute(ctx, "blockdev-snapshot-delete-internal-sync", map[string]any{"device": node, "name": name}, nil)
+	})
+}
+
+// nodeOf finds the format node of an image in a disk's chain.
+func nodeOf(ctx context.Context, m *qmp.Monitor, image string) (string, error) {
+	chains, err := Chains(ctx, m)
+	if err != nil {
+		return "", err
+	}
+	c, err := chainOf(chains, image)
+	if err != nil {
+		return "", err
+	}
+	if c.Files[0] == image {
+		return c.Node, nil
+	}
+	var nodes []struct {
+		Node    string `json:"node-name"`
+		File    string `json:"file"`
+		Drv     string `json:"drv"`
+		Backing string `json:"backing_file"`
+	}
+	if err := m.Execute(ctx, "query-named-block-nodes", map[string]any{"flat": true}, &nodes); err != nil {
+		return "", err
+	}
+	// The format node of image (not its protocol node), as the chain below
+	// it says: its backing is the next file of the chain.
+	i := slices.Index(c.Files, image)
+	for _, n := range nodes {
+		if n.File != image || n.Drv == "file" {
+			continue
+		}
+		if i+1 == len(c.Files) || n.Backing == c.Files[i+1] {
+			return n.Node, nil
+		}
+	}
+	return "", fmt.Errorf("%w: no node for %s", errNotInUse, image)
+}
+
+// Commit runs block-commit of top into base: an active commit (completed
+// and pivoted) when a disk writes to top, else an intermediate one, after
+// which QEMU repoints top's overlay at base itself.
+func (l *Live) Commit(ctx context.Context, top, base string, progress func(float64)) error {
+	return l.with(ctx, func(m *qmp.Monitor) error {
+		chains, err := Chains(ctx, m)
+		if err != nil {
+			return err
+		}
+		c, err := chainOf(chains, top)
+		if err != nil {
+			return err
+		}
+		job := qmp.Job{ID: nodeName("commit" + top), Progress: percent(progress)}
+		return m.RunJob(ctx, job, "block-commit", map[string]any{"job-id": job.ID, "device": c.Node, "top": top, "base": base})
+	})
+}
+
+// Stream runs block-stream into image from the chain above base ("" for
+// all of it); QEMU then makes base image's backing.
+func (l *Live) Stream(ctx context.Context, image, base, baseFormat string, progress func(float64)) error {
+	return l.with(ctx, func(m *qmp.Monitor) error {
+		node, err := nodeOf(ctx, m, image)
+		if err != nil {
+			return err
+		}
+		job := qmp.Job{ID: nodeName("stream" + image), Progress: percent(progress)}
+		args := map[string]any{"job-id": job.ID, "device": node}
+		if base != "" {
+			args["base"] = base
+		}
+		return m.RunJob(ctx, job, "block-stream", args)
+	})
+}
+
+func percent(progress func(float64)) func(done, total int64) {
+	if progress == nil {
+		return nil
+	}
+	return func(done, total int64) {
+		if total > 0 {
+			progress(100 * float64(done) / float64(total))
+		}
+	}
+}
+
+// ErrChainMismatch: the device model's view of a disk differs from the
+// chain on disk; the error says exactly how.
+var ErrChainMismatch = errors.New("device model and disk chains differ")
+
+// MismatchError is the exact difference for one disk.
+type MismatchError struct {
+	Disk         string
+	DeviceModel  []string
+	OnDisk       []string
+	Reopened     bool
+	ReopenDetail string
+}
+
+func (e *MismatchError) Error() string {
+	return fmt.Sprintf("disk %s: device model reads %v, the chain on disk is %v", e.Disk, e.DeviceModel, e.OnDisk)
+}
+func (e *MismatchError) Unwrap() error { return ErrChainMismatch }
+
+// CompareChain is the rescan hook's check for one disk whose active layer
+// is active: the chain on disk (read natively under policy) against what
+// the device model has open. It returns a *MismatchError on a difference.
+func (l *Live) CompareChain(ctx context.Context, disk, active string, format chain.Format, policy chain.Policy) error {
+	onDisk, err := chain.Walk(ctx, active, format, policy)
+	if err != nil {
+		return err
+	}
+	var files []string
+	for _, layer := range onDisk.Layers {
+		files = append(files, layer.Path)
+	}
+	chains, err := l.chains(ctx)
+	if err != nil {
+		return err
+	}
+	c, err := chainOf(chains, active)
+	if err != nil {
+		return &MismatchError{Disk: disk, OnDisk: files}
+	}
+	if !slices.Equal(cleanAll(c.Files), cleanAll(files)) {
+		return &MismatchError{Disk: disk, DeviceModel: c.Files, OnDisk: files}
+	}
+	return nil
+}
+
+func cleanAll(paths []string) []string {
+	out := make([]string, len(paths))
+	for i, p := range paths {
+		out[i] = filepath.Clean(p)
+	}
+	return out
+}
