@@ -78,7 +78,7 @@ func (m *Manager) Revert(ctx context.Context, domain, name string) (*Domain, err
 	next.Current = name
 	in.Cleanup = m.collect(next, snaps)
 	in.Commit = &metastore.Commit{Domain: next}
-	if err := m.run(ctx, in); err != nil {
+	if err := m.run(ctx, in, nil); err != nil {
 		return nil, err
 	}
 	return next, nil
