@@ -13,6 +13,8 @@ import (
 
 	"github.com/xlsnap/xlsnap/driver"
 	"github.com/xlsnap/xlsnap/driver/libvirtsource"
+	"github.com/xlsnap/xlsnap/xenlight"
+	"github.com/xlsnap/xlsnap/xenlight/qemu"
 )
 
 // globals are the options every command shares, as virsh's.
@@ -43,38 +45,44 @@ func defaultStateDir() string {
 	return "xlsnap-state"
 }
 
-// source opens the domain source the --connect URI names.
-func (g *globals) source() (driver.DomainSource, func(), error) {
+// source opens the domain source the --connect URI names, and the
+// hypervisor back end for its active domains: for a folder, a domain is
+// active when a device model answers at NAME.qmp beside NAME.xml.
+func (g *globals) source() (driver.DomainSource, xenlight.Hypervisor, func(), error) {
 	uri := g.connect
 	if uri == "" {
 		wd, err := os.Getwd()
 		if err != nil {
-			return nil, nil, err
+			return nil, nil, nil, err
 		}
 		uri = "file://" + wd
 	}
 	u, err := url.Parse(uri)
 	if err != nil {
-		return nil, nil, fmt.Errorf("%w: --connect %q: %w", driver.ErrInvalidArg, uri, err)
+		return nil, nil, nil, fmt.Errorf("%w: --connect %q: %w", driver.ErrInvalidArg, uri, err)
 	}
 	if u.Scheme == "file" {
 		src, err := driver.NewDirSource(u.Path)
-		return src, func() {}, err
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		h := qemu.New(func(domain string) string { return filepath.Join(src.Dir(), domain+".qmp") })
+		return src, h, func() {}, nil
 	}
 	src, err := libvirtsource.Open(uri)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return src, func() { src.Close() }, nil
+	return src, nil, func() { src.Close() }, nil
 }
 
 // open opens the driver for one command.
 func (g *globals) open(ctx context.Context) (*driver.Driver, func(), error) {
-	src, closeSrc, err := g.source()
+	src, h, closeSrc, err := g.source()
 	if err != nil {
 		return nil, nil, err
 	}
-	d, err := driver.Open(ctx, driver.Config{StateDir: g.stateDir, Source: src, Pools: g.pools})
+	d, err := driver.Open(ctx, driver.Config{StateDir: g.stateDir, Source: src, Pools: g.pools, Hypervisor: h})
 	if err != nil {
 		closeSrc()
 		return nil, nil, err
