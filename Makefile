@@ -36,7 +36,7 @@ fuzz: deps
 test: lint unit fuzz-short
 
 bench: deps
-	$(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) ./chain/ | scripts/benchtable.sh
+	set -o pipefail; $(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) ./chain/ ./storage/ | scripts/benchtable.sh
 
 demo: build
 	@scripts/demo.sh

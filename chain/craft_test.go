@@ -1,6 +1,9 @@
 package chain_test
 
-import "encoding/binary"
+import (
+	"bytes"
+	"encoding/binary"
+)
 
 // crafted describes a qcow2 image built byte by byte, so a test can say
 // exactly which field is hostile.
@@ -127,3 +130,5 @@ func snapshotEntry(id, name string, extraLen uint32, extra []byte) []byte {
 	}
 	return e
 }
+
+func bytesReader(b []byte) *bytes.Reader { return bytes.NewReader(b) }

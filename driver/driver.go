@@ -133,31 +133,27 @@ func (d *Driver) sync(ctx context.Context, name string) (*domainView, error) {
 	for _, di := range disks {
 		specs = append(specs, storage.DiskSpec{Target: di.Target, Path: di.Path, Format: di.Format})
 	}
-	uuid := def.UUID
-	rec, err := d.st.DefineDomain(ctx, name, uuid, specs)
-	if err != nil {
-		return nil, err
-	}
-	v := &domainView{src: sd, disks: disks, rec: rec}
 	if d.h != nil {
 		st, err := d.h.State(ctx, name)
 		if err != nil {
 			return nil, err
 		}
 		if st != xenlight.Shutoff {
-			v.src.State = DomainState(st)
+			sd.State = DomainState(st)
 		}
 	}
-	if v.src.State.Active() {
+	if sd.State.Active() {
 		// Operations a crash left half-done on this domain can be judged
-		// now that its device model is reachable.
+		// now that its device model is reachable; before anything else.
 		if err := d.st.RecoverLive(ctx, name, xenlight.NewLive(d.h, name)); err != nil {
 			return nil, err
 		}
-		if v.rec, err = d.st.Domain(ctx, name); err != nil {
-			return nil, err
-		}
 	}
+	rec, err := d.st.DefineDomain(ctx, name, def.UUID, specs)
+	if err != nil {
+		return nil, err
+	}
+	v := &domainView{src: sd, disks: disks, rec: rec}
 	if err := d.writeDisks(ctx, v); err != nil {
 		return nil, err
 	}

@@ -18,6 +18,6 @@ END {
   for (i = 1; i <= count; i++) {
     k = order[i]
     if (!(k in base)) continue
-    printf "%-32s %11.1f µs %11.1f µs %9.0f×  (vs %s)\n", k, native[k] / 1000, base[k] / 1000, base[k] / native[k], baseName[k]
+    printf "%-32s %11.1f µs %11.1f µs %9.2f×  (vs %s)\n", k, native[k] / 1000, base[k] / 1000, base[k] / native[k], baseName[k]
   }
 }' 1>&2

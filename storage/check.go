@@ -218,7 +218,7 @@ func (m *Manager) removeIfEmpty(ctx context.Context, b Backend, path string, pr 
 // edited a disk's chain behind storage's back. It rereads the chain from
 // the disk's active layer, records it, and tells every subscriber.
 func (m *Manager) ChainChanged(ctx context.Context, domain, disk string) (*chain.Chain, error) {
-	unlock, err := m.locks.lock(ctx, domain, true)
+	unlock, err := m.lockDomain(ctx, domain)
 	if err != nil {
 		return nil, err
 	}

@@ -64,7 +64,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 	if err := ValidName("snapshot", spec.Name); err != nil {
 		return nil, err
 	}
-	unlock, err := m.locks.lock(ctx, domain, true)
+	unlock, err := m.lockDomain(ctx, domain)
 	if err != nil {
 		return nil, err
 	}

@@ -58,7 +58,7 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, domain, name string, opts 
 	if opts.Children && opts.ChildrenOnly {
 		return nil, fmt.Errorf("%w: children and children-only together", ErrInvalidArg)
 	}
-	unlock, err := m.locks.lock(ctx, domain, true)
+	unlock, err := m.lockDomain(ctx, domain)
 	if err != nil {
 		return nil, err
 	}

@@ -51,9 +51,12 @@ func (b *broker) subscribe() (<-chan ChainChanged, func()) {
 	return s.out, func() {
 		once.Do(func() {
 			b.mu.Lock()
+			_, live := b.subs[s] // Close may have ended it already
 			delete(b.subs, s)
 			b.mu.Unlock()
-			close(s.done)
+			if live {
+				close(s.done)
+			}
 		})
 	}
 }

@@ -407,3 +407,39 @@ func (m *Manager) publishChanges(before, after *Domain, reason string) {
 		}
 	}
 }
+
+// lockDomain takes a domain's lock for an operation, then finishes or
+// undoes what the journal still holds for that domain: no operation may
+// plan on metadata a pending one will overwrite, nor use images it left
+// half written. Holding the lock, no such intent can be in progress.
+func (m *Manager) lockDomain(ctx context.Context, domain string) (func(), error) {
+	unlock, err := m.locks.lock(ctx, domain, true)
+	if err != nil {
+		return nil, err
+	}
+	var pending []*intent
+	err = m.store.View(ctx, func(tx metastore.Tx) error {
+		all, err := tx.Intents()
+		for _, in := range all {
+			if in.Domain == domain {
+				pending = append(pending, in)
+			}
+		}
+		return err
+	})
+	for _, in := range pending {
+		if err != nil {
+			break
+		}
+		if in.Live && !in.Committed {
+			err = fmt.Errorf("%w: %s %s of domain %s needs the device model (RecoverLive)", ErrPending, in.Op, in.ID, domain)
+		} else if rerr := m.recoverIntent(ctx, in, nil); rerr != nil {
+			err = fmt.Errorf("%w (%s %s of domain %s; Repair once the cause is fixed): %w", ErrPending, in.Op, in.ID, domain, rerr)
+		}
+	}
+	if err != nil {
+		unlock()
+		return nil, err
+	}
+	return unlock, nil
+}

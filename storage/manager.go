@@ -136,7 +136,7 @@ func (m *Manager) DefineDomain(ctx context.Context, name, uuid string, disks []D
 	if err := ValidName("domain", name); err != nil {
 		return nil, err
 	}
-	unlock, err := m.locks.lock(ctx, name, true)
+	unlock, err := m.lockDomain(ctx, name)
 	if err != nil {
 		return nil, err
 	}

@@ -16,7 +16,7 @@ func (m *Manager) RedefineSnapshot(ctx context.Context, domain string, snap *Sna
 	if err := ValidName("snapshot", snap.Name); err != nil {
 		return err
 	}
-	unlock, err := m.locks.lock(ctx, domain, true)
+	unlock, err := m.lockDomain(ctx, domain)
 	if err != nil {
 		return err
 	}

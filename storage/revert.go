@@ -14,7 +14,7 @@ import (
 // removed after the new metadata is durable, and only if no snapshot
 // needs them. It returns the domain with its new active layers.
 func (m *Manager) Revert(ctx context.Context, domain, name string) (*Domain, error) {
-	unlock, err := m.locks.lock(ctx, domain, true)
+	unlock, err := m.lockDomain(ctx, domain)
 	if err != nil {
 		return nil, err
 	}

@@ -113,7 +113,8 @@ func (e *Env) Expect(domain, disk string, pattern byte, off, length int) {
 // ExpectImage asserts an image reads pattern over [off, off+len).
 func ExpectImage(t *testing.T, path, format string, pattern byte, off, length int) {
 	t.Helper()
-	out, err := exec.Command("qemu-io", "-r", "-f", format, "-c",
+	// -U: the image may be open in a running device model.
+	out, err := exec.Command("qemu-io", "-r", "-U", "-f", format, "-c",
 		fmt.Sprintf("read -P 0x%02x %d %d", pattern, off, length), path).CombinedOutput()
 	if err != nil || strings.Contains(string(out), "Pattern verification failed") || strings.Contains(string(out), "error") {
 		t.Fatalf("%s at %d+%d: want pattern 0x%02x: %v\n%s", path, off, length, pattern, err, out)

@@ -98,18 +98,21 @@ func SocketPath(t testing.TB, name string) string {
 	return filepath.Join(dir, name)
 }
 
-// GuestIO runs a qemu-io command (write -P 0x5a 0 1M, read -P ...) on a
-// block node inside the device model, standing in for the guest's I/O; a
-// read whose pattern differs is an error.
-func GuestIO(ctx context.Context, m *qmp.Monitor, node, command string) error {
-	var out string
-	err := m.Execute(ctx, "human-monitor-command", map[string]any{
-		"command-line": fmt.Sprintf("qemu-io %s %q", node, command)}, &out)
-	if err != nil {
-		return err
-	}
-	if strings.Contains(out, "failed") || strings.Contains(out, "rror") || !strings.Contains(out, "bytes at offset") {
-		return fmt.Errorf("qemu-io %s %q: %s", node, command, out)
+// GuestWrite writes pattern over [off, off+length) of a block node inside
+// the device model, standing in for the guest's own writes, and flushes
+// so the image on disk holds it. (HMP's qemu-io prints its result on
+// QEMU's stdout, not on the monitor: callers read the data back from the
+// image instead.)
+func GuestWrite(ctx context.Context, m *qmp.Monitor, node string, pattern byte, off, length int) error {
+	for _, c := range []string{fmt.Sprintf("write -P 0x%02x %d %d", pattern, off, length), "flush"} {
+		var out string
+		if err := m.Execute(ctx, "human-monitor-command", map[string]any{
+			"command-line": fmt.Sprintf("qemu-io %s %q", node, c)}, &out); err != nil {
+			return err
+		}
+		if strings.TrimSpace(out) != "" {
+			return fmt.Errorf("qemu-io %s %q: %s", node, c, out)
+		}
 	}
 	return nil
 }

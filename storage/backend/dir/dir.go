@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/xlsnap/xlsnap/chain"
 	"github.com/xlsnap/xlsnap/internal/qemuimg"
 	"github.com/xlsnap/xlsnap/storage"
 )
@@ -65,8 +66,11 @@ func (b *Backend) RebaseUnsafe(ctx context.Context, path, format, backing, backi
 	return b.img.Rebase(ctx, qemuimg.RebaseOptions{Path: path, Format: format, Backing: backing, BackingFormat: backingFormat, Unsafe: true})
 }
 
+// AllocatedBytes reads the image's own tables (chain.Allocated): no
+// qemu-img process, and no lock, so it works on images a running device
+// model holds open.
 func (b *Backend) AllocatedBytes(ctx context.Context, path, format string) (int64, error) {
-	return b.img.AllocatedBytes(ctx, path, format)
+	return chain.Allocated(path, chain.Format(format))
 }
 
 func (b *Backend) Check(ctx context.Context, path, format string) error {
