@@ -99,6 +99,27 @@ x check
 for img in "$dom"/*; do case $img in *.xml) ;; *) qemu-img check -q -f qcow2 "$img";; esac; done
 echo "   qemu-img check: every image clean ✓"
 
+step "live: the same domain running on a QEMU device model (QMP at domains/vm.qmp)"
+qemu_args=(-machine q35,accel=tcg -nodefaults -display none -S -qmp "unix:$dom/vm.qmp,server=on,wait=off")
+for d in xvda xvdb; do
+  img=$(active $d)
+  qemu_args+=(-blockdev "driver=file,filename=$img,node-name=f-$d" -blockdev "driver=qcow2,file=f-$d,node-name=$d"
+    -device "virtio-blk-pci,drive=$d,share-rw=on")
+done
+qemu-system-x86_64 "${qemu_args[@]}" >"$work/qemu.log" 2>&1 &
+qemu_pid=$!
+trap 'kill $qemu_pid 2>/dev/null || true; rm -rf "$work"' EXIT
+for _ in $(seq 100); do [ -S "$dom/vm.qmp" ] && break; sleep 0.1; done
+x snapshot-create-as vm live1 --disk-only --description "taken while the device model runs"
+x snapshot-info vm live1 | grep -E 'State|Location'
+x domblklist vm
+x snapshot-delete vm live1
+echo "   (the merge ran as a block job inside the device model)"
+x domblklist vm
+x check
+kill $qemu_pid; wait $qemu_pid 2>/dev/null || true
+expect xvda 0x11 0; expect xvdb 0x21 0
+
 step "a backing reference that leaves the pool is refused"
 mkdir "$work/elsewhere"
 qemu-img create -q -f qcow2 "$work/elsewhere/secret.qcow2" 64M
