@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"libvirt.org/go/libvirtxml"
@@ -80,6 +81,7 @@ func (d *Driver) SnapshotCreateXML(ctx context.Context, domain, xmlDesc string, 
 }
 
 func (d *Driver) create(ctx context.Context, domain string, doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*Snapshot, error) {
+	defer d.lock(domain)()
 	if flags&CreateQuiesce != 0 {
 		return nil, fmt.Errorf("%w: QUIESCE needs a guest agent, which xlsnap does not drive", ErrUnsupported)
 	}
@@ -142,11 +144,13 @@ func diskSpecs(v *domainView, doc *libvirtxml.DomainSnapshot, diskOnly, reuse bo
 					target = di.Target
 				}
 			}
+			// libvirt (virDomainSnapshotAlignDisks) reports both as
+			// VIR_ERR_CONFIG_UNSUPPORTED.
 			if target == "" {
-				return nil, invalidf("domain %s has no disk %q", v.src.Name, sd.Name)
+				return nil, fmt.Errorf("%w: no disk named %q in domain %s", ErrUnsupported, sd.Name, v.src.Name)
 			}
 			if byTarget[target] != nil {
-				return nil, invalidf("disk %s named twice", target)
+				return nil, fmt.Errorf("%w: disk %s specified twice", ErrUnsupported, target)
 			}
 			byTarget[target] = sd
 		}
@@ -223,6 +227,16 @@ func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.Do
 		snap.Memory = doc.Memory.File
 	}
 	if doc.Domain != nil {
+		// libvirt's virDomainSnapshotRedefineValidate: the definition must
+		// be this domain's, or a revert would install another domain's.
+		cur, err := parseDomain(v.src.XML)
+		if err != nil {
+			return nil, err
+		}
+		if doc.Domain.Name != v.src.Name || doc.Domain.UUID != "" && cur.UUID != "" && !strings.EqualFold(doc.Domain.UUID, cur.UUID) {
+			return nil, invalidf("definition for snapshot %s must be domain %s (uuid %s), not %s (uuid %s)",
+				doc.Name, v.src.Name, cur.UUID, doc.Domain.Name, doc.Domain.UUID)
+		}
 		if snap.DomainXML, err = marshalDomain(doc.Domain); err != nil {
 			return nil, err
 		}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"sort"
+	"sync"
 
 	"github.com/xlsnap/xlsnap/chain"
 	"github.com/xlsnap/xlsnap/storage"
@@ -34,6 +35,28 @@ type Driver struct {
 	src DomainSource
 	st  *storage.Manager
 	h   xenlight.Hypervisor
+
+	mu      sync.Mutex
+	domains map[string]*sync.Mutex
+}
+
+// lock serialises the driver's calls on one domain: storage serialises
+// its own operations, and this keeps each definition rewrite in step with
+// the operation it follows. (Across processes a late rewrite is mended by
+// the next call's sync, since storage's record wins.)
+func (d *Driver) lock(domain string) func() {
+	d.mu.Lock()
+	if d.domains == nil {
+		d.domains = map[string]*sync.Mutex{}
+	}
+	m, ok := d.domains[domain]
+	if !ok {
+		m = &sync.Mutex{}
+		d.domains[domain] = m
+	}
+	d.mu.Unlock()
+	m.Lock()
+	return m.Unlock
 }
 
 // Open opens the storage layer (recovering its journal) over the pools.
@@ -116,6 +139,7 @@ type domainView struct {
 // sync reads a domain from its source and brings storage's record and
 // the definition into agreement (see storage.DefineDomain): a definition
 // left behind by an interrupted operation is rewritten here.
+// Callers hold the domain's lock.
 func (d *Driver) sync(ctx context.Context, name string) (*domainView, error) {
 	if err := storage.ValidName("domain", name); err != nil {
 		return nil, err
@@ -218,6 +242,7 @@ func (d *Driver) live(v *domainView, what string) (*xenlight.Live, error) {
 // disk's chain after someone else edited it, update metadata, tell
 // subscribers, and rewrite the definition if the active layer moved.
 func (d *Driver) ChainChanged(ctx context.Context, domain, disk string) error {
+	defer d.lock(domain)()
 	v, err := d.sync(ctx, domain)
 	if err != nil {
 		return err
@@ -253,6 +278,7 @@ type DiskInfo struct {
 
 // DiskList is virsh's domblklist: each file disk and its active layer.
 func (d *Driver) DiskList(ctx context.Context, domain string) ([]DiskInfo, error) {
+	defer d.lock(domain)()
 	v, err := d.sync(ctx, domain)
 	if err != nil {
 		return nil, err

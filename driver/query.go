@@ -169,6 +169,21 @@ func (d *Driver) SnapshotLookupByName(ctx context.Context, domain, name string, 
 	if flags != 0 {
 		return nil, invalidf("unsupported flags %#x", flags)
 	}
+	return d.snapshot(ctx, domain, name)
+}
+
+// snapshot reads one snapshot with its domain XML, after asking the
+// source for the domain as every other query does: a domain the source
+// has but storage never saw has no snapshots, one the source no longer
+// has is no domain.
+func (d *Driver) snapshot(ctx context.Context, domain, name string) (*Snapshot, error) {
+	t, err := d.snapshots(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := t.get(domain, name); err != nil {
+		return nil, err
+	}
 	return d.st.Snapshot(ctx, domain, name)
 }
 
@@ -226,7 +241,7 @@ func (d *Driver) SnapshotGetParent(ctx context.Context, domain, name string, fla
 // SnapshotGetXMLDesc is virDomainSnapshotGetXMLDesc: libvirt's domain
 // snapshot XML, with the domain definition of the snapshot's time.
 func (d *Driver) SnapshotGetXMLDesc(ctx context.Context, domain, name string, flags uint32) (string, error) {
-	s, err := d.st.Snapshot(ctx, domain, name)
+	s, err := d.snapshot(ctx, domain, name)
 	if err != nil {
 		return "", err
 	}

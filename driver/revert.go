@@ -20,6 +20,7 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 	if flags&RevertRunning != 0 && flags&RevertPaused != 0 {
 		return invalidf("RUNNING and PAUSED together")
 	}
+	defer d.lock(domain)()
 	v, err := d.sync(ctx, domain)
 	if err != nil {
 		return err
@@ -38,6 +39,9 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 		if snap.Memory == "" && flags&RevertForce == 0 {
 			return fmt.Errorf("%w: %s is %s and snapshot %s holds no memory: reverting would stop it (use FORCE)",
 				ErrOperationInvalid, domain, v.src.State, name)
+		}
+		if d.h == nil {
+			return fmt.Errorf("%w: stopping %s domain %s for a revert needs a hypervisor back end", ErrLiveUnsupported, v.src.State, domain)
 		}
 		if err := d.h.Destroy(ctx, domain); err != nil {
 			return err
@@ -74,6 +78,7 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 // and external snapshots with CHILDREN, and keeps an image that still
 // backs others. It returns what happened to each disk.
 func (d *Driver) SnapshotDelete(ctx context.Context, domain, name string, flags DeleteFlags) (*storage.DeleteReport, error) {
+	defer d.lock(domain)()
 	v, err := d.sync(ctx, domain)
 	if err != nil {
 		return nil, err

@@ -141,12 +141,14 @@ func (m *Manager) DefineDomain(ctx context.Context, name, uuid string, disks []D
 		return nil, err
 	}
 	defer unlock()
-	var d *Domain
+	var d, before *Domain
 	err = m.store.Update(ctx, func(tx metastore.Tx) error {
 		var err error
 		d, err = tx.Domain(name)
 		if errors.Is(err, metastore.ErrNotFound) {
 			d, err = &Domain{Name: name, Images: map[string]*Image{}}, nil
+		} else if err == nil {
+			before = d.Clone()
 		}
 		if err != nil {
 			return err
@@ -180,6 +182,11 @@ func (m *Manager) DefineDomain(ctx context.Context, name, uuid string, disks []D
 		d.Disks = next
 		return tx.PutDomain(d)
 	})
+	if err == nil && before != nil {
+		// A chain edited behind storage's back, or a disk the operator
+		// repointed, is adopted here: tell subscribers, as ChainChanged does.
+		m.publishChanges(before, d, "rescan")
+	}
 	return d, err
 }
 
