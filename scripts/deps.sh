@@ -9,14 +9,23 @@ declare -A need=(
   [qemu-img]=qemu-utils
   [qemu-io]=qemu-utils
   [qemu-system-x86_64]=qemu-system-x86
+  [libvirtd]=libvirt-daemon
 )
 # pkg-config module → Debian package (cgo builds against these)
 declare -A needpc=(
   [libvirt]=libvirt-dev
+  [xenlight]=libxen-dev
+)
+# files → Debian package (plugins no command or pkg-config names)
+declare -A needfile=(
+  [/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so]=libvirt-daemon-driver-qemu
 )
 missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
+done
+for f in "${!needfile[@]}"; do
+  [ -e "$f" ] || missing+=("${needfile[$f]}")
 done
 if ! command -v pkg-config >/dev/null 2>&1; then
   missing+=(pkg-config "${needpc[@]}")

@@ -14,6 +14,7 @@ import (
 	"github.com/xlsnap/xlsnap/driver"
 	"github.com/xlsnap/xlsnap/driver/libvirtsource"
 	"github.com/xlsnap/xlsnap/xenlight"
+	xlvirt "github.com/xlsnap/xlsnap/xenlight/libvirt"
 	"github.com/xlsnap/xlsnap/xenlight/qemu"
 )
 
@@ -47,7 +48,8 @@ func defaultStateDir() string {
 
 // source opens the domain source the --connect URI names, and the
 // hypervisor back end for its active domains: for a folder, a domain is
-// active when a device model answers at NAME.qmp beside NAME.xml.
+// active when a device model answers at NAME.qmp beside NAME.xml; for a
+// libvirt URI, libvirt says and drives it.
 func (g *globals) source() (driver.DomainSource, xenlight.Hypervisor, func(), error) {
 	uri := g.connect
 	if uri == "" {
@@ -73,7 +75,8 @@ func (g *globals) source() (driver.DomainSource, xenlight.Hypervisor, func(), er
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	return src, nil, func() { src.Close() }, nil
+	// Active domains of a libvirt connection go through libvirt too.
+	return src, xlvirt.New(src.Conn()), func() { src.Close() }, nil
 }
 
 // open opens the driver for one command.

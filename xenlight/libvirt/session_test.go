@@ -1,0 +1,200 @@
+package libvirt
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/xlsnap/xlsnap/xenlight"
+)
+
+// nobody is who runs the daemon when the tests run as root: a session
+// daemon is an unprivileged user's own.
+const nobody = 65534
+
+// sessionDaemon starts a private libvirtd session daemon (QEMU under TCG,
+// no root set-up, its own HOME and sockets in a temporary folder) and
+// returns a connection to it and a folder its QEMU can write.
+func sessionDaemon(t *testing.T) (*Hypervisor, string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("-short: no libvirtd session daemon")
+	}
+	for _, bin := range []string{"libvirtd", "qemu-system-x86_64", "qemu-img"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Skipf("%s not installed: no libvirtd session daemon test", bin)
+		}
+	}
+	root := os.Getuid() == 0
+	if root {
+		if _, err := exec.LookPath("setpriv"); err != nil {
+			t.Skip("running as root without setpriv: no unprivileged session daemon")
+		}
+	}
+	dir, err := os.MkdirTemp("", "xlsnap-lvd-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := os.RemoveAll(dir); err != nil {
+			t.Error(err)
+		}
+	})
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{"run", "images"} {
+		if err := os.Mkdir(filepath.Join(dir, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// QEMU's output straight to a file: no virtlogd, which the daemon
+	// would otherwise start and leave running after it is killed.
+	conf := filepath.Join(dir, ".config", "libvirt")
+	if err := os.MkdirAll(conf, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(conf, "qemu.conf"), []byte("stdio_handler = \"file\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	env := []string{"HOME=" + dir, "XDG_RUNTIME_DIR=" + dir + "/run", "XDG_CONFIG_HOME=" + dir + "/.config",
+		"XDG_CACHE_HOME=" + dir + "/.cache", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	args := []string{"libvirtd", "--timeout=120"} // exits on its own if a test dies
+	if root {
+		args = append([]string{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"}, args...)
+	}
+	cmd := exec.Command(args[0], args[1:]...)
+	cmd.Env = env
+	var log bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &log, &log
+	if root {
+		chown(t, dir)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("libvirtd log:\n%s", log.String())
+		}
+	})
+
+	sock := filepath.Join(dir, "run", "libvirt", "libvirt-sock")
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("libvirtd made no socket %s in 20 s:\n%s", sock, log.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	h, err := Open("qemu+unix:///session?socket=" + sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	return h, filepath.Join(dir, "images")
+}
+
+func chown(t *testing.T, dir string) {
+	t.Helper()
+	err := filepath.Walk(dir, func(p string, _ os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		return os.Lchown(p, nobody, nobody)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestSessionDaemon runs the save/restore hazard on a real QEMU domain:
+// a restore with a repointed disk must leave QEMU writing to the new
+// overlay, not to the image the domain was saved with.
+func TestSessionDaemon(t *testing.T) {
+	h, dir := sessionDaemon(t)
+	ctx := context.Background()
+	oldDisk, newDisk := filepath.Join(dir, "a.qcow2"), filepath.Join(dir, "b.qcow2")
+	for _, args := range [][]string{
+		{"create", "-q", "-f", "qcow2", oldDisk, "64M"},
+		{"create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", oldDisk, newDisk},
+	} {
+		if out, err := exec.Command("qemu-img", args...).CombinedOutput(); err != nil {
+			t.Fatalf("qemu-img %v: %v\n%s", args, err, out)
+		}
+	}
+	if os.Getuid() == 0 {
+		chown(t, dir)
+	}
+	def := `<domain type='qemu'>
+  <name>sess1</name>
+  <uuid>1f9c5e4a-7b7e-4f59-9a55-0d1f4b6c9e21</uuid>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='` + oldDisk + `'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>`
+	dom, err := h.Conn().DomainCreateXML(def, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dom.Free()
+	t.Cleanup(func() { h.Destroy(context.Background(), "sess1") })
+
+	wantState(t, h, "sess1", xenlight.Running)
+	if err := h.Pause(ctx, "sess1"); err != nil {
+		t.Fatal(err)
+	}
+	wantState(t, h, "sess1", xenlight.Paused)
+	if err := h.Resume(ctx, "sess1"); err != nil {
+		t.Fatal(err)
+	}
+	wantState(t, h, "sess1", xenlight.Running)
+
+	mem := filepath.Join(dir, "sess1.mem")
+	if err := h.SaveMemory(ctx, "sess1", mem, false); err != nil {
+		t.Fatal(err)
+	}
+	wantState(t, h, "sess1", xenlight.Shutoff) // transient: gone
+	if fi, err := os.Stat(mem); err != nil || fi.Size() == 0 {
+		t.Fatalf("memory image: %v", err)
+	}
+
+	// Real libvirt takes the definition with the image (dxml).
+	if err := h.Restore(ctx, "sess1", mem, strings.ReplaceAll(def, oldDisk, newDisk), true); err != nil {
+		t.Fatal(err)
+	}
+	wantState(t, h, "sess1", xenlight.Paused)
+	live := xmlOf(t, h, "sess1")
+	// QEMU's chain is now [b, a]: the top source is the new overlay.
+	if i, j := strings.Index(live, newDisk), strings.Index(live, oldDisk); i < 0 || (j >= 0 && j < i) {
+		t.Fatalf("restored domain's disk is not %s on top:\n%s", newDisk, live)
+	}
+	if err := h.Resume(ctx, "sess1"); err != nil {
+		t.Fatal(err)
+	}
+	wantState(t, h, "sess1", xenlight.Running)
+	if err := h.Destroy(ctx, "sess1"); err != nil {
+		t.Fatal(err)
+	}
+	wantState(t, h, "sess1", xenlight.Shutoff)
+}

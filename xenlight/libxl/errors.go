@@ -1,0 +1,98 @@
+package libxl
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"syscall"
+
+	"github.com/xlsnap/xlsnap/storage"
+)
+
+var (
+	// ErrNoXen: libxl cannot open the hypervisor interface (libxc): this
+	// is not a Xen control domain, or (errors.Is fs.ErrPermission) the
+	// process may not use it.
+	ErrNoXen = errors.New("no Xen: libxl cannot open the hypervisor interface")
+	// ErrClosed: the Hypervisor was closed.
+	ErrClosed = errors.New("libxl context closed")
+)
+
+// libxl's error numbers (libxl_error in _libxl_types.h), the ones this
+// package tells apart.
+const (
+	codeFail           = -3  // ERROR_FAIL
+	codeNI             = -4  // ERROR_NI
+	codeInval          = -6  // ERROR_INVAL
+	codeLockFail       = -15 // ERROR_LOCK_FAIL
+	codeDomainNotFound = -21 // ERROR_DOMAIN_NOTFOUND
+	codeFeatureRemoved = -25 // ERROR_FEATURE_REMOVED
+)
+
+// codeNames are libxl_error's names, by -code.
+var codeNames = [...]string{"", "NONSPECIFIC", "VERSION", "FAIL", "NI", "NOMEM", "INVAL",
+	"BADFAIL", "GUEST_TIMEDOUT", "TIMEDOUT", "NOPARAVIRT", "NOT_READY", "OSEVENT_REG_FAIL",
+	"BUFFERFULL", "UNKNOWN_CHILD", "LOCK_FAIL", "JSON_CONFIG_EMPTY", "DEVICE_EXISTS",
+	"CHECKPOINT_DEVOPS_DOES_NOT_MATCH", "CHECKPOINT_DEVICE_NOT_SUPPORTED", "VNUMA_CONFIG_INVALID",
+	"DOMAIN_NOTFOUND", "ABORTED", "NOTFOUND", "DOMAIN_DESTROYED", "FEATURE_REMOVED",
+	"PROTOCOL_ERROR_QMP", "UNKNOWN_QMP_ERROR", "QMP_GENERIC_ERROR", "QMP_COMMAND_NOT_FOUND",
+	"QMP_DEVICE_NOT_ACTIVE", "QMP_DEVICE_NOT_FOUND", "QEMU_API"}
+
+// Error is a failed libxl call. It keeps libxl's error number and what
+// libxl logged at error level during the call (libxl's return codes say
+// little; its log says what went wrong). errors.Is finds xlsnap's
+// sentinel for the code, and the errno libxl last logged.
+type Error struct {
+	Op    string        // what was being done: "pausing dom1"
+	Code  int           // libxl_error, negative (ERROR_FAIL is -3)
+	Log   []string      // libxl's error messages, oldest first
+	Errno syscall.Errno // the last errno libxl logged, 0 if none
+
+	sentinel error
+}
+
+func newError(op string, code int, log []string, errno syscall.Errno) *Error {
+	e := &Error{Op: op, Code: code, Log: log, Errno: errno}
+	switch code {
+	case codeDomainNotFound:
+		e.sentinel = storage.ErrNoDomain
+	case codeInval:
+		e.sentinel = storage.ErrInvalidArg
+	case codeNI, codeFeatureRemoved:
+		e.sentinel = storage.ErrUnsupported
+	case codeLockFail:
+		e.sentinel = storage.ErrBusy
+	}
+	return e
+}
+
+// CodeName is libxl's name for the code ("DOMAIN_NOTFOUND").
+func (e *Error) CodeName() string {
+	if i := -e.Code; i > 0 && i < len(codeNames) {
+		return codeNames[i]
+	}
+	return fmt.Sprintf("%d", e.Code)
+}
+
+func (e *Error) Error() string {
+	msg := fmt.Sprintf("%s: libxl error %s (%d)", e.Op, e.CodeName(), e.Code)
+	if len(e.Log) > 0 {
+		msg += ": " + strings.Join(e.Log, "; ")
+	}
+	return msg
+}
+
+// LibxlCode is libxl's error number, for callers that match on it
+// without this package's type.
+func (e *Error) LibxlCode() int { return e.Code }
+
+func (e *Error) Unwrap() []error {
+	var errs []error
+	if e.sentinel != nil {
+		errs = append(errs, e.sentinel)
+	}
+	if e.Errno != 0 {
+		errs = append(errs, e.Errno)
+	}
+	return errs
+}
