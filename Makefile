@@ -41,7 +41,7 @@ fuzz: deps
 test: lint unit fuzz-short
 
 bench: deps
-	set -o pipefail; $(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) ./chain/ ./storage/ | scripts/benchtable.sh
+	set -o pipefail; $(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) ./chain/ ./storage/ ./integration/live/ | scripts/benchtable.sh
 
 demo: build
 	@scripts/demo.sh

@@ -170,7 +170,8 @@ type crashSubOp struct {
 	do crashAct
 	// forwardFrom is the first crash point (without the operation's
 	// prefix) from which recovery must finish the sub-operation rather
-	// than undo it: its point of no return, else "committed".
+	// than undo it: its point of no return ("intent-written" when its
+	// first step already cannot be undone), else "committed".
 	forwardFrom string
 }
 
@@ -234,7 +235,7 @@ func crashScenarios() []crashScenario {
 				crashSnap("i2", in...), crashWrite(0x43, 0, 1)},
 			op:         crashRevert("i1"),
 			prefix:     "revert",
-			subOps:     []crashSubOp{{do: crashRevert("i1"), forwardFrom: "step0-internal-apply"}},
+			subOps:     []crashSubOp{{do: crashRevert("i1"), forwardFrom: "intent-written"}},
 			finalFiles: files("qcow2"),
 		},
 		{
@@ -279,7 +280,7 @@ func crashScenarios() []crashScenario {
 				crashSnap("s2", ext...), crashWrite(0x73, 2, 1)},
 			op:         crashDelete("s1"),
 			prefix:     "delete",
-			subOps:     []crashSubOp{{do: crashDelete("s1"), forwardFrom: "step0-commit"}},
+			subOps:     []crashSubOp{{do: crashDelete("s1"), forwardFrom: "intent-written"}},
 			finalFiles: files("qcow2", "s2"),
 		},
 		{
@@ -288,7 +289,7 @@ func crashScenarios() []crashScenario {
 				crashSnap("i2", in...), crashWrite(0x83, 2, 1)},
 			op:         crashDelete("i1"),
 			prefix:     "delete",
-			subOps:     []crashSubOp{{do: crashDelete("i1"), forwardFrom: "step0-internal-delete"}},
+			subOps:     []crashSubOp{{do: crashDelete("i1"), forwardFrom: "intent-written"}},
 			finalFiles: files("qcow2"),
 		},
 		{
@@ -302,7 +303,7 @@ func crashScenarios() []crashScenario {
 			op:     crashDeleteChildren("b"),
 			prefix: "delete",
 			subOps: []crashSubOp{
-				{do: crashDelete("c"), forwardFrom: "step0-commit"},
+				{do: crashDelete("c"), forwardFrom: "intent-written"},
 				{do: crashDelete("b"), forwardFrom: "committed"},
 			},
 			finalFiles: files("b", "qcow2"),

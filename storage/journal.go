@@ -38,6 +38,9 @@ func newIntent(domain, op string) *intent {
 func (m *Manager) run(ctx context.Context, in *intent, live Live) error {
 	crash := func(point string) { crashpoint.Hit(in.Op + "/" + point) }
 	crash("begin")
+	// An operation that cannot be undone from its first step says so in
+	// the intent itself: one journal write fewer.
+	in.PassedNoReturn = in.NoReturn == 0 && len(in.Steps) > 0
 	if err := m.store.Update(ctx, func(tx metastore.Tx) error { return tx.PutIntent(in) }); err != nil {
 		return err
 	}
@@ -50,7 +53,7 @@ func (m *Manager) run(ctx context.Context, in *intent, live Live) error {
 			}
 		}
 		crash(fmt.Sprintf("step%d-%s", i, st.Kind))
-		if err := m.redo(ctx, st, live); err != nil {
+		if err := m.forward(ctx, st, live); err != nil {
 			if i < in.NoReturn {
 				return m.abandon(ctx, in, i, err, live)
 			}
@@ -59,6 +62,14 @@ func (m *Manager) run(ctx context.Context, in *intent, live Live) error {
 	}
 	crash("steps-done")
 	return m.commit(ctx, in)
+}
+
+// forward runs a step for the first time; see redoLive.
+func (m *Manager) forward(ctx context.Context, st step, live Live) error {
+	if isLiveStep(st.Kind) {
+		return m.redoLive(ctx, st, live, true)
+	}
+	return m.redo(ctx, st, live)
 }
 
 // abandon undoes steps[0..last] in reverse, drops the intent and returns
@@ -246,7 +257,7 @@ func (m *Manager) internal(path string) (InternalSnapshotter, error) {
 // repeat any step whose outcome it cannot see.
 func (m *Manager) redo(ctx context.Context, st step, live Live) error {
 	if isLiveStep(st.Kind) {
-		return m.redoLive(ctx, st, live)
+		return m.redoLive(ctx, st, live, false)
 	}
 	b, err := m.backendFor(st.Path)
 	if err != nil {

@@ -61,16 +61,20 @@ func needLive(live Live, st step) error {
 	return nil
 }
 
-// redoLive runs a live step unless the device model shows it done.
-func (m *Manager) redoLive(ctx context.Context, st step, live Live) error {
+// redoLive runs a live step unless the device model shows it done. A
+// fresh step (run for the first time, not by recovery) skips that check:
+// it costs queries inside the device model while the guest waits.
+func (m *Manager) redoLive(ctx context.Context, st step, live Live, fresh bool) error {
 	if err := needLive(live, st); err != nil {
 		return err
 	}
 	switch st.Kind {
 	case metastore.StepLiveSnapshot:
-		done, err := m.liveSnapshotDone(ctx, st, live)
-		if err != nil || done {
-			return err
+		if !fresh {
+			done, err := m.liveSnapshotDone(ctx, st, live)
+			if err != nil || done {
+				return err
+			}
 		}
 		var disks []LiveOverlay
 		for _, g := range st.Group {
@@ -87,13 +91,17 @@ func (m *Manager) redoLive(ctx context.Context, st step, live Live) error {
 		}
 		return live.InternalDelete(ctx, st.Path, st.Name)
 	case metastore.StepLiveCommit:
-		if used, err := live.Uses(ctx, st.Path); err != nil || !used {
-			return err
+		if !fresh {
+			if used, err := live.Uses(ctx, st.Path); err != nil || !used {
+				return err
+			}
 		}
 		return live.Commit(ctx, st.Path, st.Backing, progressFor(ctx, "commit", st))
 	case metastore.StepLiveStream:
-		if used, err := live.Uses(ctx, st.UndoBacking); err != nil || !used {
-			return err
+		if !fresh {
+			if used, err := live.Uses(ctx, st.UndoBacking); err != nil || !used {
+				return err
+			}
 		}
 		return live.Stream(ctx, st.Path, st.Backing, st.BackingFormat, progressFor(ctx, "stream", st))
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 
@@ -142,7 +143,7 @@ func (m *Manager) DefineDomain(ctx context.Context, name, uuid string, disks []D
 	}
 	defer unlock()
 	var d, before *Domain
-	err = m.store.Update(ctx, func(tx metastore.Tx) error {
+	err = m.store.View(ctx, func(tx metastore.Tx) error {
 		var err error
 		d, err = tx.Domain(name)
 		if errors.Is(err, metastore.ErrNotFound) {
@@ -150,38 +151,43 @@ func (m *Manager) DefineDomain(ctx context.Context, name, uuid string, disks []D
 		} else if err == nil {
 			before = d.Clone()
 		}
-		if err != nil {
-			return err
-		}
-		d.UUID = uuid
-		var next []Disk
-		for _, ds := range disks {
-			if err := ValidName("disk", ds.Target); err != nil {
-				return err
-			}
-			abs, err := filepath.Abs(ds.Path)
-			if err != nil {
-				return err
-			}
-			format := ds.Format
-			if old := d.Disk(ds.Target); old != nil && old.Active != abs {
-				if _, known := d.Images[abs]; known {
-					abs, format = old.Active, old.Format
-				}
-			}
-			if _, err := m.poolOf(abs); err != nil {
-				return fmt.Errorf("disk %s: %w", ds.Target, err)
-			}
-			c, err := chain.Walk(ctx, abs, chain.Format(format), m.policy())
-			if err != nil {
-				return fmt.Errorf("disk %s: %w", ds.Target, err)
-			}
-			m.recordChain(d, c)
-			next = append(next, Disk{Target: ds.Target, Active: abs, Format: c.Top().Format.String()})
-		}
-		d.Disks = next
-		return tx.PutDomain(d)
+		return err
 	})
+	if err != nil {
+		return nil, err
+	}
+	d.UUID = uuid
+	var next []Disk
+	for _, ds := range disks {
+		if err := ValidName("disk", ds.Target); err != nil {
+			return nil, err
+		}
+		abs, err := filepath.Abs(ds.Path)
+		if err != nil {
+			return nil, err
+		}
+		format := ds.Format
+		if old := d.Disk(ds.Target); old != nil && old.Active != abs {
+			if _, known := d.Images[abs]; known {
+				abs, format = old.Active, old.Format
+			}
+		}
+		if _, err := m.poolOf(abs); err != nil {
+			return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
+		}
+		c, err := chain.Walk(ctx, abs, chain.Format(format), m.policy())
+		if err != nil {
+			return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
+		}
+		m.recordChain(d, c)
+		next = append(next, Disk{Target: ds.Target, Active: abs, Format: c.Top().Format.String()})
+	}
+	d.Disks = next
+	// Most calls find nothing changed: then no write (and no fsync).
+	if before != nil && reflect.DeepEqual(before, d) {
+		return d, nil
+	}
+	err = m.store.Update(ctx, func(tx metastore.Tx) error { return tx.PutDomain(d) })
 	if err == nil && before != nil {
 		// A chain edited behind storage's back, or a disk the operator
 		// repointed, is adopted here: tell subscribers, as ChainChanged does.
