@@ -221,8 +221,31 @@ func (l *Live) Commit(ctx context.Context, top, base string, progress func(float
 			return err
 		}
 		job := qmp.Job{ID: nodeName("commit" + top), Progress: percent(progress)}
-		return m.RunJob(ctx, job, "block-commit", map[string]any{"job-id": job.ID, "device": c.Node, "top": top, "base": base})
+		if err := m.RunJob(ctx, job, "block-commit", map[string]any{"job-id": job.ID, "device": c.Node, "top": top, "base": base}); err != nil {
+			return err
+		}
+		return flush(ctx, m, base)
 	})
+}
+
+// flush makes what a block job wrote durable on disk before storage
+// records the merge and removes the image the data came from: QEMU keeps
+// qcow2 metadata in its caches until a flush. QMP has no flush command;
+// HMP's qemu-io flush on the node is the one way short of pausing the
+// guest (stop flushes everything, but the guest would feel it).
+func flush(ctx context.Context, m *qmp.Monitor, image string) error {
+	node, err := nodeOf(ctx, m, image)
+	if err != nil {
+		return err
+	}
+	var out string
+	if err := m.Execute(ctx, "human-monitor-command", map[string]any{"command-line": "qemu-io " + node + " flush"}, &out); err != nil {
+		return err
+	}
+	if out != "" {
+		return fmt.Errorf("flushing %s: %s", image, out)
+	}
+	return nil
 }
 
 // Stream runs block-stream into image from the chain above base ("" for
@@ -238,7 +261,10 @@ func (l *Live) Stream(ctx context.Context, image, base, baseFormat string, progr
 		if base != "" {
 			args["base"] = base
 		}
-		return m.RunJob(ctx, job, "block-stream", args)
+		if err := m.RunJob(ctx, job, "block-stream", args); err != nil {
+			return err
+		}
+		return flush(ctx, m, image)
 	})
 }
 
