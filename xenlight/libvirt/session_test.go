@@ -6,7 +6,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -70,10 +72,18 @@ func sessionDaemon(t *testing.T) (*Hypervisor, string) {
 	if root {
 		args = append([]string{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"}, args...)
 	}
+	// Where the unprivileged user cannot even run libvirtd (a chroot
+	// whose root folder only root may enter, say), there is no session
+	// daemon to test.
+	probe := exec.Command(args[0], append(slices.Clone(args[1:len(args)-1]), "--version")...)
+	probe.Env = env
+	if out, err := probe.CombinedOutput(); err != nil {
+		t.Skipf("the unprivileged user cannot run libvirtd here: %v: %s", err, out)
+	}
 	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Env = env
-	var log bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &log, &log
+	log := &lockedBuffer{}
+	cmd.Stdout, cmd.Stderr = log, log
 	if root {
 		chown(t, dir)
 	}
@@ -84,7 +94,7 @@ func sessionDaemon(t *testing.T) (*Hypervisor, string) {
 		cmd.Process.Kill()
 		cmd.Wait()
 		if t.Failed() {
-			t.Logf("libvirtd log:\n%s", log.String())
+			t.Logf("libvirtd log:\n%s", log)
 		}
 	})
 
@@ -95,7 +105,7 @@ func sessionDaemon(t *testing.T) (*Hypervisor, string) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("libvirtd made no socket %s in 20 s:\n%s", sock, log.String())
+			t.Fatalf("libvirtd made no socket %s in 20 s:\n%s", sock, log)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -197,4 +207,22 @@ func TestSessionDaemon(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantState(t, h, "sess1", xenlight.Shutoff)
+}
+
+// lockedBuffer collects a process's output while the test may read it.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
