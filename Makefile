@@ -48,3 +48,11 @@ demo: build
 
 clean:
 	rm -rf bin
+
+# Xen paths on a real Xen 4.17 booted under QEMU TCG (integration/xen/):
+# the dom0 image is built once from Debian packages and cached in
+# /var/cache/xlsnap-xen; needs root, debootstrap, qemu-system-x86_64 and
+# libxen-dev.
+.PHONY: test-xen
+test-xen:
+	integration/xen/run.sh
