@@ -270,29 +270,17 @@ func (m *Manager) redo(ctx context.Context, st step, live Live) error {
 		}
 		return b.CreateOverlay(ctx, st.Path, st.Format, st.Backing, st.BackingFormat)
 	case metastore.StepInternalCreate:
-		if has, err := hasInternal(st.Path, st.Name); err != nil || has {
-			return err
-		}
-		is, err := m.internal(st.Path)
-		if err != nil {
-			return err
-		}
-		return is.InternalCreate(ctx, st.Path, st.Format, st.Name)
+		return m.internalStep(st, presentDone, func(is InternalSnapshotter) error {
+			return is.InternalCreate(ctx, st.Path, st.Format, st.Name)
+		})
 	case metastore.StepInternalApply:
-		is, err := m.internal(st.Path)
-		if err != nil {
-			return err
-		}
-		return is.InternalApply(ctx, st.Path, st.Format, st.Name)
+		return m.internalStep(st, nil, func(is InternalSnapshotter) error {
+			return is.InternalApply(ctx, st.Path, st.Format, st.Name)
+		})
 	case metastore.StepInternalDelete:
-		if has, err := hasInternal(st.Path, st.Name); err != nil || !has {
-			return err
-		}
-		is, err := m.internal(st.Path)
-		if err != nil {
-			return err
-		}
-		return is.InternalDelete(ctx, st.Path, st.Format, st.Name)
+		return m.internalStep(st, absentDone, func(is InternalSnapshotter) error {
+			return is.InternalDelete(ctx, st.Path, st.Format, st.Name)
+		})
 	case metastore.StepInternalCopy:
 		is, err := m.internal(st.Source)
 		if err != nil {
@@ -335,14 +323,9 @@ func (m *Manager) undo(ctx context.Context, st step, live Live) error {
 		}
 		return nil
 	case metastore.StepInternalCreate:
-		if has, err := hasInternal(st.Path, st.Name); err != nil || !has {
-			return err
-		}
-		is, err := m.internal(st.Path)
-		if err != nil {
-			return err
-		}
-		return is.InternalDelete(ctx, st.Path, st.Format, st.Name)
+		return m.internalStep(st, absentDone, func(is InternalSnapshotter) error {
+			return is.InternalDelete(ctx, st.Path, st.Format, st.Name)
+		})
 	case metastore.StepInternalCopy:
 		// The copy is a new file named at plan time: nothing else is there.
 		return b.Remove(ctx, st.Path)
@@ -453,4 +436,26 @@ func (m *Manager) lockDomain(ctx context.Context, domain string) (func(), error)
 		return nil, err
 	}
 	return unlock, nil
+}
+
+// presentDone and absentDone say when an internal step has nothing to do:
+// its snapshot is already there, or already gone.
+func presentDone(has bool) bool { return has }
+func absentDone(has bool) bool  { return !has }
+
+// internalStep runs op on the image's internal snapshotter unless done
+// (when given) finds the image already in the step's end state: recovery
+// may repeat any step.
+func (m *Manager) internalStep(st step, done func(has bool) bool, op func(InternalSnapshotter) error) error {
+	if done != nil {
+		has, err := hasInternal(st.Path, st.Name)
+		if err != nil || done(has) {
+			return err
+		}
+	}
+	is, err := m.internal(st.Path)
+	if err != nil {
+		return err
+	}
+	return op(is)
 }
