@@ -7,7 +7,7 @@
 #   XEN_TIMEOUT  seconds for the whole QEMU run (default 1200)
 #   XEN_RUN      -test.run pattern (default: all)
 #   XEN_KEEP=1   keep the run folder
-#   XEN_CPU      QEMU -cpu (default max,-smap,-smep: see the reference)
+#   XEN_CPU      QEMU -cpu (default max,-smap,-smep,-xsave: see README.md)
 #   XEN_SCRIPT   a shell script to run in dom0 instead of the tests
 #   XEN_TCG_THREAD  TCG threading, multi or single
 set -euo pipefail
@@ -46,7 +46,7 @@ qemu-img create -q -f qcow2 -F raw -b "$img/dom0.img" "$run/run.qcow2"
 echo "test-xen: booting Xen (timeout ${timeout_s}s, serial log $run/serial.log)"
 t0=$(date +%s.%N)
 set +e
-timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 -M pc -accel "tcg,thread=${XEN_TCG_THREAD:-multi}" -cpu "${XEN_CPU:-max,-smap,-smep}" \
+timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 -M pc -accel "tcg,thread=${XEN_TCG_THREAD:-multi}" -cpu "${XEN_CPU:-max,-smap,-smep,-xsave}" \
 	-smp 2 -m 2048 -display none -no-reboot -nic none -serial "file:$run/serial.log" -monitor none \
 	-drive "file=$run/run.qcow2,format=qcow2,if=virtio,cache=unsafe" \
 	-virtfs "local,path=$share,mount_tag=hostshare,security_model=none,id=hs" \

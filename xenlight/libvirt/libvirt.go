@@ -2,8 +2,9 @@
 // through a libvirt connection, any URI (xen:///system, qemu:///session,
 // test:///default), by libvirt.org/go/libvirt. libvirt keeps the domain's
 // lifecycle; this package only pauses, resumes, saves, restores and
-// destroys. It has no QMP of its own: libvirt owns the device model's
-// monitor, so live block operations need another back end.
+// destroys. Live block operations need the device model's QMP: libvirt's
+// libxl driver leaves it to libxl's socket, which DeviceModel uses; the
+// QEMU driver keeps it to itself.
 package libvirt
 
 import (
@@ -176,7 +177,10 @@ func (h *Hypervisor) Resume(ctx context.Context, domain string) error {
 
 // SaveMemory saves the domain's memory and stops it (virDomainSaveFlags).
 // A checkpoint, where the domain goes on, is ErrLiveUnsupported: libvirt's
-// save always stops the domain.
+// save always stops the domain. libvirt's libxl driver saves only a
+// running domain (libxl's suspend needs the guest to acknowledge it), so
+// a paused one is resumed for the save and stands at the point the
+// suspend stopped it, as xl save does; a failed save pauses it again.
 func (h *Hypervisor) SaveMemory(ctx context.Context, domain, path string, checkpoint bool) error {
 	if checkpoint {
 		return fmt.Errorf("%w: saving the memory of %s through libvirt stops it; a checkpoint save needs the libxl back end", xenlight.ErrLiveUnsupported, domain)
@@ -187,7 +191,23 @@ func (h *Hypervisor) SaveMemory(ctx context.Context, domain, path string, checkp
 		return fmt.Errorf("saving the memory of %s: %w", domain, err)
 	}
 	return h.with(ctx, "saving the memory of", domain, func(dom *lv.Domain) error {
-		return dom.SaveFlags(abs, "", 0)
+		st, _, err := dom.GetState()
+		if err != nil {
+			return err
+		}
+		resumed := st == lv.DOMAIN_PAUSED && h.isXen()
+		if resumed {
+			if err := dom.Resume(); err != nil {
+				return err
+			}
+		}
+		err = dom.SaveFlags(abs, "", 0)
+		if err != nil && resumed {
+			if perr := dom.Suspend(); perr != nil {
+				return errors.Join(err, perr)
+			}
+		}
+		return err
 	})
 }
 
@@ -221,8 +241,8 @@ func (h *Hypervisor) Restore(ctx context.Context, domain, path, definition strin
 		}
 		return nil
 	}
-	if err := h.conn.DomainSaveImageDefineXML(abs, definition, 0); err != nil {
-		return wrap(op+": the driver takes no definition with the image, nor into it", err)
+	if err := h.defineImage(abs, definition); err != nil {
+		return fmt.Errorf("%s: %w", op, err)
 	}
 	err = h.conn.DomainRestoreFlags(abs, "", flags)
 	if err != nil && unsupportedFlags(err) {
@@ -237,6 +257,32 @@ func (h *Hypervisor) Restore(ctx context.Context, domain, path, definition strin
 		return wrap(op, err)
 	}
 	return nil
+}
+
+// defineImage puts definition into the save image: through libvirt
+// (virDomainSaveImageDefineXML) where the driver can, and for libvirt's
+// libxl driver, which cannot, by rewriting the image's header.
+func (h *Hypervisor) defineImage(path, definition string) error {
+	err := h.conn.DomainSaveImageDefineXML(path, definition, 0)
+	if err == nil {
+		return nil
+	}
+	if code(err) != lv.ERR_NO_SUPPORT || !h.isXen() {
+		return wrap("the driver takes no definition with the image, nor into it", err)
+	}
+	if err := redefineLibxlImage(path, definition); err != nil {
+		if errors.Is(err, errNotLibxlImage) {
+			err = fmt.Errorf("%w: %v", storage.ErrInvalidArg, err)
+		}
+		return fmt.Errorf("rewriting the definition in the save image: %w", err)
+	}
+	return nil
+}
+
+// isXen: the connection is libvirt's libxl driver (xen:///system).
+func (h *Hypervisor) isXen() bool {
+	typ, err := h.conn.GetType()
+	return err == nil && typ == "Xen"
 }
 
 // refusedDefinition: the driver took neither the definition with the
@@ -273,9 +319,28 @@ func (h *Hypervisor) Destroy(ctx context.Context, domain string) error {
 	return h.with(ctx, "destroying", domain, (*lv.Domain).Destroy)
 }
 
-// DeviceModel is ErrLiveUnsupported: libvirt owns the device model's
-// monitor and offers no socket to it (its qemu-monitor-command
-// passthrough is one command at a time, without events or block jobs).
+// XenQMPDir is where libxl puts each domain's device-model QMP socket,
+// qmp-libxl-<domid>.
+const XenQMPDir = "/var/run/xen"
+
+// DeviceModel connects to the domain's device model where libvirt leaves
+// its monitor free: under libvirt's libxl driver (xen:///system) libxl
+// owns it, at XenQMPDir/qmp-libxl-<domid>, one command at a time, as
+// xlsnap uses it. Elsewhere it is ErrLiveUnsupported: the QEMU driver owns
+// its monitor and offers no socket to it (qemu-monitor-command passes one
+// command at a time, without events or block jobs).
 func (h *Hypervisor) DeviceModel(ctx context.Context, domain string) (*qmp.Monitor, error) {
-	return nil, fmt.Errorf("%w: no direct QMP socket to the device model of %s through libvirt", xenlight.ErrLiveUnsupported, domain)
+	if !h.isXen() {
+		return nil, fmt.Errorf("%w: no direct QMP socket to the device model of %s through libvirt", xenlight.ErrLiveUnsupported, domain)
+	}
+	var id uint
+	err := h.with(ctx, "connecting to the device model of", domain, func(dom *lv.Domain) error {
+		var err error
+		id, err = dom.GetID()
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return qmp.Dial(ctx, "unix", fmt.Sprintf("%s/qmp-libxl-%d", XenQMPDir, id))
 }

@@ -9,6 +9,8 @@ import (
 	"io"
 	"strings"
 
+	"libvirt.org/go/libvirtxml"
+
 	"github.com/xlsnap/xlsnap/storage"
 )
 
@@ -66,18 +68,65 @@ func RepointDisks(definition string, disks map[string]Disk) (string, error) {
 	return out.String(), nil
 }
 
+// restoreConfig is the libxl JSON configuration to restore domain with.
+// definition is libxl's JSON as it stands, or the domain's libvirt XML,
+// which is what xlsnap's driver passes: libxenlight parses no XML, so
+// the configuration saved in the image (saved) is taken with its disks
+// repointed at the XML's sources, matched by target (vdev). The rest of
+// the XML is not read: memory, vCPUs and devices come back as saved.
+func restoreConfig(domain, definition, saved string) (string, error) {
+	def := strings.TrimSpace(definition)
+	if !strings.HasPrefix(def, "<") {
+		return definition, checkDefinition(domain, definition)
+	}
+	var dom libvirtxml.Domain
+	if err := dom.Unmarshal(def); err != nil {
+		return "", fmt.Errorf("%w: domain XML: %v", storage.ErrInvalidArg, err)
+	}
+	if dom.Name != domain {
+		return "", fmt.Errorf("%w: the definition is of domain %q", storage.ErrInvalidArg, dom.Name)
+	}
+	if saved == "" {
+		return "", fmt.Errorf("%w: the image carries no libxl configuration to repoint; pass libxl's JSON (Definition, RepointDisks)", storage.ErrUnsupported)
+	}
+	disks := map[string]Disk{}
+	for _, d := range dom.Devices.Disks {
+		if d.Target == nil || d.Source == nil || (d.Device != "" && d.Device != "disk") {
+			continue
+		}
+		var path string
+		switch {
+		case d.Source.File != nil:
+			path = d.Source.File.File
+		case d.Source.Block != nil:
+			path = d.Source.Block.Dev
+		}
+		if path == "" {
+			return "", fmt.Errorf("%w: disk %s: only file and block sources can be restored onto", storage.ErrUnsupported, d.Target.Dev)
+		}
+		disk := Disk{Path: path}
+		if d.Driver != nil {
+			disk.Format = d.Driver.Type
+		}
+		disks[d.Target.Dev] = disk
+	}
+	out, err := RepointDisks(saved, disks)
+	if err != nil {
+		return "", err
+	}
+	return out, checkDefinition(domain, out)
+}
+
 // checkDefinition accepts libxl's JSON domain configuration of domain,
 // the only form libxenlight itself parses: xl's config files are parsed
-// by xl's own code, and libvirt's XML by libvirt's libxl driver.
+// by xl's own code.
 func checkDefinition(domain, definition string) error {
 	def := strings.TrimSpace(definition)
 	switch {
 	case def == "":
 		return fmt.Errorf("%w: a restore needs the domain configuration with the disks it is to use", storage.ErrInvalidArg)
-	case strings.HasPrefix(def, "<"):
-		return fmt.Errorf("%w: a libvirt XML definition; the libxl back end takes libxl's JSON domain configuration (Definition, RepointDisks)", storage.ErrUnsupported)
 	case !strings.HasPrefix(def, "{"):
-		return fmt.Errorf("%w: not libxl's JSON domain configuration (an xl config file? only xl parses those, not libxenlight)", storage.ErrUnsupported)
+		return fmt.Errorf("%w: not libxl's JSON domain configuration nor libvirt XML (an xl config file? only xl parses those, not libxenlight)", storage.ErrUnsupported)
 	}
 	var cfg struct {
 		CInfo struct {

@@ -145,6 +145,58 @@ func TestCheckDefinition(t *testing.T) {
 	}
 }
 
+// TestRestoreConfigFromXML: the driver hands Restore the domain's libvirt
+// XML; the configuration saved in the image comes back with its disks
+// at the XML's sources.
+func TestRestoreConfigFromXML(t *testing.T) {
+	const xml = `<domain type='xen'><name>dom1</name><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/pool/dom1.s1.qcow2'/><target dev='xvda' bus='xen'/></disk>
+<disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='/dev/vg/data-s1'/><target dev='xvdb' bus='xen'/></disk>
+<disk type='file' device='cdrom'><source file='/iso/install.iso'/><target dev='xvdc' bus='xen'/></disk>
+</devices></domain>`
+	out, err := restoreConfig("dom1", xml, cfgJSON)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg struct {
+		BInfo map[string]json.Number `json:"b_info"`
+		Disks []map[string]any       `json:"disks"`
+	}
+	dec := json.NewDecoder(strings.NewReader(out))
+	dec.UseNumber()
+	if err := dec.Decode(&cfg); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.BInfo["max_memkb"] != "9007199254740993" || len(cfg.Disks) != 2 {
+		t.Fatalf("the saved configuration changed beyond its disks: %s", out)
+	}
+	for i, w := range []struct{ path, format string }{{"/pool/dom1.s1.qcow2", "qcow2"}, {"/dev/vg/data-s1", "raw"}} {
+		if d := cfg.Disks[i]; d["pdev_path"] != w.path || d["format"] != w.format {
+			t.Errorf("disk %d: %v, want %+v", i, d, w)
+		}
+	}
+	if got, err := restoreConfig("dom1", cfgJSON, ""); err != nil || got != cfgJSON {
+		t.Errorf("libxl JSON is taken as it is: %v", err)
+	}
+
+	for name, tc := range map[string]struct {
+		def, saved string
+		want       error
+	}{
+		"another domain's XML": {strings.Replace(xml, "dom1", "dom2", 1), cfgJSON, storage.ErrInvalidArg},
+		"broken XML":           {"<domain><name>dom1", cfgJSON, storage.ErrInvalidArg},
+		"a disk libxl lacks":   {strings.Replace(xml, "xvdb", "xvdq", 1), cfgJSON, storage.ErrInvalidArg},
+		"no saved config":      {xml, "", storage.ErrUnsupported},
+		"network source":       {strings.Replace(strings.Replace(xml, "<source file='/pool/dom1.s1.qcow2'/>", "<source protocol='nbd' name='x'><host name='h'/></source>", 1), "type='file' device='disk'", "type='network' device='disk'", 1), cfgJSON, storage.ErrUnsupported},
+		"xl config file":       {"name = \"dom1\"\n", cfgJSON, storage.ErrUnsupported},
+		"saved of another":     {xml, strings.Replace(cfgJSON, `"dom1"`, `"dom2"`, 1), storage.ErrInvalidArg},
+	} {
+		if _, err := restoreConfig("dom1", tc.def, tc.saved); !errors.Is(err, tc.want) {
+			t.Errorf("%s: %v, want %v", name, err, tc.want)
+		}
+	}
+}
+
 func TestErrorKeepsCodeAndErrno(t *testing.T) {
 	e := newError("opening libxl", codeFail, []string{"libxl: cannot open libxc handle: Permission denied"}, syscall.EACCES)
 	e.sentinel = ErrNoXen

@@ -593,15 +593,17 @@ func syncFile(f *os.File) error {
 }
 
 // Restore creates the domain from an xl save file (libxl_domain_create_
-// restore) with definition, libxl's JSON domain configuration (see
-// Definition and RepointDisks): libxl opens the disks the definition
-// names, not those saved in the image. libvirt XML and xl config files
-// are ErrUnsupported: libxenlight parses neither. Unlike xl, no memory
-// is ballooned out of Domain-0 for the domain.
+// restore) with definition, whose disks libxl opens, not those saved in
+// the image. definition is libxl's JSON domain configuration (see
+// Definition and RepointDisks) or the domain's libvirt XML, whose disk
+// sources repoint the configuration saved in the image (see
+// restoreConfig). xl config files are ErrUnsupported: libxenlight does
+// not parse them. Unlike xl, no memory is ballooned out of Domain-0 for
+// the domain.
 func (h *Hypervisor) Restore(ctx context.Context, domain, path, definition string, paused bool) error {
 	op := "restoring " + domain
-	if err := checkDefinition(domain, definition); err != nil {
-		return fmt.Errorf("%s: %w", op, err)
+	if strings.TrimSpace(definition) == "" {
+		return fmt.Errorf("%s: %w: a restore needs the domain configuration with the disks it is to use", op, storage.ErrInvalidArg)
 	}
 	if err := h.begin(ctx, op); err != nil {
 		return err
@@ -617,10 +619,14 @@ func (h *Hypervisor) Restore(ctx context.Context, domain, path, definition strin
 		return fmt.Errorf("%s: %w", op, err)
 	}
 	defer f.Close()
-	version, _, err := readXLHeader(f)
+	version, saved, err := readXLHeader(f)
 	if errors.Is(err, errNotXLImage) {
 		err = fmt.Errorf("%w: %s: %v", storage.ErrInvalidArg, path, err)
 	}
+	if err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	definition, err = restoreConfig(domain, definition, saved)
 	if err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
