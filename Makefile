@@ -51,8 +51,11 @@ clean:
 
 # Xen paths on a real Xen 4.17 booted under QEMU TCG (integration/xen/):
 # the dom0 image is built once from Debian packages and cached in
-# /var/cache/xlsnap-xen; needs root, debootstrap, qemu-system-x86_64 and
-# libxen-dev.
-.PHONY: test-xen
-test-xen:
+# /var/cache/xlsnap-xen (needs root: debootstrap, chroot); deps-xen
+# installs the tools.
+.PHONY: test-xen deps-xen
+deps-xen:
+	@scripts/deps.sh $(STATICCHECK_VERSION) xen
+
+test-xen: deps-xen
 	integration/xen/run.sh

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs only what is missing: Debian packages through apt, Go tools
 # through the module proxy. Safe to run again and again.
+#   deps.sh [STATICCHECK_VERSION] [xen]   xen: also the Xen test bed's tools
 set -euo pipefail
 staticcheck_version=${1:-v0.8.2}
 
@@ -20,6 +21,10 @@ declare -A needpc=(
 declare -A needfile=(
   [/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so]=libvirt-daemon-driver-qemu
 )
+# The Xen test bed (make test-xen) builds its dom0 image with these.
+if [ "${2:-}" = xen ]; then
+  need+=([debootstrap]=debootstrap [mkfs.ext4]=e2fsprogs [xz]=xz-utils [zstd]=zstd [timeout]=coreutils)
+fi
 missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")

@@ -63,6 +63,15 @@ chroot "$root" /bin/sh -c "apt-get update -q && DEBIAN_FRONTEND=noninteractive a
 	>"$work/apt.log" 2>&1 || { tail -40 "$work/apt.log" >&2; exit 1; }
 log "packages done after $(($(date +%s) - start)) s"
 
+# libvirt's libxl driver will not start unless it can name the host CPU
+# by one of its models, and every model lists VME, which Xen's host
+# featureset lacks under TCG: the image's 486 model does without it.
+sed -i "/<feature name='vme'\/>/d" "$root/usr/share/libvirt/cpu_map/x86_486.xml"
+# libvirtd stops if any driver fails: the QEMU driver (a dependency of
+# libvirt-daemon) wants the libvirt-qemu user of libvirt-daemon-system,
+# which the image leaves out. dom0 needs only the libxl driver.
+rm -f "$root"/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so
+
 kver=$(basename "$(ls -d "$root"/lib/modules/* | head -1)")
 mkdir -p "$work/out"
 chroot "$root" mkinitramfs -o /boot/initrd-small.img "$kver" >"$work/initramfs.log" 2>&1 ||

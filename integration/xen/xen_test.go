@@ -275,8 +275,9 @@ func (g *guest) openDriver(h xenlight.Hypervisor) *driver.Driver {
 }
 
 // chains is the device model's view of the disks, by QMP at libxl's
-// /var/run/xen/qmp-libxl-<domid>, the socket Hypervisor.DeviceModel uses.
-func (g *guest) chains(h *libxl.Hypervisor) []xenlight.DiskChain {
+// /var/run/xen/qmp-libxl-<domid>, the socket both the libxl and the
+// libvirt back end's DeviceModel use.
+func (g *guest) chains(h xenlight.Hypervisor) []xenlight.DiskChain {
 	t := g.t
 	t.Helper()
 	m, err := h.DeviceModel(context.Background(), g.name)
