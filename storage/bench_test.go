@@ -3,7 +3,6 @@ package storage_test
 import (
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +13,7 @@ import (
 	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/storage/backend/dir"
 	"github.com/xlsnap/xlsnap/storage/metastore"
+	"github.com/xlsnap/xlsnap/storage/storagetest"
 )
 
 // Benchmarks of storage operations against the bare qemu-img command each
@@ -37,13 +37,6 @@ func benchTool(b *testing.B, name string) string {
 	return p
 }
 
-func benchRun(b *testing.B, name string, args ...string) {
-	b.Helper()
-	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
-		b.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
-	}
-}
-
 // benchManager opens a Manager on a fresh pool and state folder and
 // returns it with the pool's path.
 func benchManager(b *testing.B) (*storage.Manager, string) {
@@ -62,25 +55,6 @@ func benchManager(b *testing.B) (*storage.Manager, string) {
 	return m, pool
 }
 
-func benchCopy(b *testing.B, src, dst string) {
-	b.Helper()
-	in, err := os.Open(src)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		b.Fatal(err)
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		b.Fatal(err)
-	}
-	if err := out.Close(); err != nil {
-		b.Fatal(err)
-	}
-}
-
 // BenchmarkSnapshotCreate: one external disk-only snapshot of a 1-disk
 // domain (journal, overlay, metadata) against `qemu-img create -f qcow2
 // -F qcow2 -b BASE OVERLAY`. Both grow a chain and start a new one every
@@ -97,7 +71,7 @@ func BenchmarkSnapshotCreate(b *testing.B) {
 				b.StopTimer()
 				domain = fmt.Sprintf("vm%d", i/chainLen)
 				base := filepath.Join(pool, domain+".qcow2")
-				benchRun(b, qemuImg, "create", "-q", "-f", "qcow2", base, "1G")
+				storagetest.Run(b, qemuImg, "create", "-q", "-f", "qcow2", base, "1G")
 				if _, err := m.DefineDomain(ctx, domain, "", []storage.DiskSpec{{Target: "vda", Path: base, Format: "qcow2"}}); err != nil {
 					b.Fatal(err)
 				}
@@ -121,11 +95,11 @@ func BenchmarkSnapshotCreate(b *testing.B) {
 			if i%chainLen == 0 {
 				b.StopTimer()
 				top = filepath.Join(dir, fmt.Sprintf("vm%d.qcow2", i/chainLen))
-				benchRun(b, qemuImg, "create", "-q", "-f", "qcow2", top, "1G")
+				storagetest.Run(b, qemuImg, "create", "-q", "-f", "qcow2", top, "1G")
 				b.StartTimer()
 			}
 			overlay := filepath.Join(dir, fmt.Sprintf("vm%d.s%d", i/chainLen, i))
-			benchRun(b, qemuImg, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", top, overlay)
+			storagetest.Run(b, qemuImg, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", top, overlay)
 			top = overlay
 		}
 	})
@@ -139,10 +113,10 @@ func BenchmarkMerge(b *testing.B) {
 	qemuImg := benchTool(b, "qemu-img")
 	qemuIO := benchTool(b, "qemu-io")
 	template := filepath.Join(b.TempDir(), "template.qcow2")
-	benchRun(b, qemuImg, "create", "-q", "-f", "qcow2", template, "64M")
-	benchRun(b, qemuIO, "-f", "qcow2", "-c", "write -P 0x31 0 32M", template)
+	storagetest.Run(b, qemuImg, "create", "-q", "-f", "qcow2", template, "64M")
+	storagetest.Run(b, qemuIO, "-f", "qcow2", "-c", "write -P 0x31 0 32M", template)
 	writeChild := func(path string) {
-		benchRun(b, qemuIO, "-f", "qcow2", "-c", "write -P 0x32 32M 16M", path)
+		storagetest.Run(b, qemuIO, "-f", "qcow2", "-c", "write -P 0x32 32M 16M", path)
 	}
 	b.Run("native", func(b *testing.B) {
 		m, pool := benchManager(b)
@@ -150,7 +124,7 @@ func BenchmarkMerge(b *testing.B) {
 		base, child := filepath.Join(pool, "vm.qcow2"), filepath.Join(pool, "vm.s1")
 		for i := 0; i < b.N; i++ {
 			b.StopTimer()
-			benchCopy(b, template, base)
+			storagetest.CopyFile(b, template, base)
 			if _, err := m.DefineDomain(ctx, "vm", "", []storage.DiskSpec{{Target: "vda", Path: base, Format: "qcow2"}}); err != nil {
 				b.Fatal(err)
 			}
@@ -169,7 +143,7 @@ func BenchmarkMerge(b *testing.B) {
 				b.Fatalf("merge %+v, want a commit down", r.Disks)
 			}
 			if i == 0 {
-				benchRun(b, qemuIO, "-r", "-f", "qcow2", "-c", "read -P 0x31 0 32M", "-c", "read -P 0x32 32M 16M", base)
+				storagetest.Run(b, qemuIO, "-r", "-f", "qcow2", "-c", "read -P 0x31 0 32M", "-c", "read -P 0x32 32M 16M", base)
 			}
 			if err := os.Remove(base); err != nil {
 				b.Fatal(err)
@@ -182,11 +156,11 @@ func BenchmarkMerge(b *testing.B) {
 		base, child := filepath.Join(dir, "vm.qcow2"), filepath.Join(dir, "vm.s1")
 		for i := 0; i < b.N; i++ {
 			b.StopTimer()
-			benchCopy(b, template, base)
-			benchRun(b, qemuImg, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, child)
+			storagetest.CopyFile(b, template, base)
+			storagetest.Run(b, qemuImg, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, child)
 			writeChild(child)
 			b.StartTimer()
-			benchRun(b, qemuImg, "commit", "-q", "-f", "qcow2", child)
+			storagetest.Run(b, qemuImg, "commit", "-q", "-f", "qcow2", child)
 			b.StopTimer()
 			for _, p := range []string{base, child} {
 				if err := os.Remove(p); err != nil {

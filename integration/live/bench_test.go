@@ -15,7 +15,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -27,6 +26,7 @@ import (
 
 	"github.com/xlsnap/xlsnap/driver"
 	"github.com/xlsnap/xlsnap/storage"
+	"github.com/xlsnap/xlsnap/storage/storagetest"
 	"github.com/xlsnap/xlsnap/xenlight"
 	"github.com/xlsnap/xlsnap/xenlight/qemu"
 	"github.com/xlsnap/xlsnap/xenlight/qemutest"
@@ -41,13 +41,6 @@ const benchChain = 32
 
 var benchTargets = []string{"xvda", "xvdb", "xvdc", "xvdd"}
 
-func benchSh(b *testing.B, name string, args ...string) {
-	b.Helper()
-	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
-		b.Fatalf("%s %v: %v\n%s", name, args, err, out)
-	}
-}
-
 // benchDir is a short folder (it holds the QMP sockets) for definitions,
 // images and sockets alike, with its symlinks resolved as a pool's path.
 func benchDir(b *testing.B) string {
@@ -57,25 +50,6 @@ func benchDir(b *testing.B) string {
 		b.Fatal(err)
 	}
 	return dir
-}
-
-func benchCopy(b *testing.B, src, dst string) {
-	b.Helper()
-	in, err := os.Open(src)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		b.Fatal(err)
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		b.Fatal(err)
-	}
-	if err := out.Close(); err != nil {
-		b.Fatal(err)
-	}
 }
 
 // benchExpect asserts an image (open in the device model) reads pattern
@@ -118,9 +92,9 @@ func startDomain(b *testing.B, dir, name string, n int, template string) *benchD
 	for _, target := range benchTargets[:n] {
 		p := filepath.Join(dir, name+"-"+target+".qcow2")
 		if template != "" {
-			benchCopy(b, template, p)
+			storagetest.CopyFile(b, template, p)
 		} else {
-			benchSh(b, "qemu-img", "create", "-q", "-f", "qcow2", p, "64M")
+			storagetest.Run(b, "qemu-img", "create", "-q", "-f", "qcow2", p, "64M")
 		}
 		disks = append(disks, qemutest.Disk{NodeName: target, Path: p, Format: "qcow2"})
 		fmt.Fprintf(&def, "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='%s'/><target dev='%s'/></disk>\n", p, target)
@@ -525,8 +499,8 @@ func benchEndToEnd(b *testing.B, n int, native bool) {
 //     open; the merged overlay is removed after the timer stops.
 func BenchmarkLiveMerge(b *testing.B) {
 	template := filepath.Join(b.TempDir(), "template.qcow2")
-	benchSh(b, "qemu-img", "create", "-q", "-f", "qcow2", template, "64M")
-	benchSh(b, "qemu-io", "-f", "qcow2", "-c", "write -P 0x31 0 32M", template)
+	storagetest.Run(b, "qemu-img", "create", "-q", "-f", "qcow2", template, "64M")
+	storagetest.Run(b, "qemu-io", "-f", "qcow2", "-c", "write -P 0x31 0 32M", template)
 	// guestWrite writes the child's 16 MiB into the disk's active layer,
 	// through the device model.
 	guestWrite := func(b *testing.B, m *qmp.Monitor, overlay string) {

@@ -6,6 +6,7 @@ package storagetest
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -58,11 +59,38 @@ func (e *Env) Path(name string) string { return filepath.Join(e.Pool, name) }
 // Run runs a command and fails the test with its output on error.
 func (e *Env) Run(name string, args ...string) string {
 	e.T.Helper()
+	return Run(e.T, name, args...)
+}
+
+// Run runs a command and fails tb with its output on error.
+func Run(tb testing.TB, name string, args ...string) string {
+	tb.Helper()
 	out, err := exec.Command(name, args...).CombinedOutput()
 	if err != nil {
-		e.T.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+		tb.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
 	}
 	return string(out)
+}
+
+// CopyFile copies src to dst (made or truncated), for benchmarks that
+// start each round from a template image.
+func CopyFile(tb testing.TB, src, dst string) {
+	tb.Helper()
+	in, err := os.Open(src)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		tb.Fatal(err)
+	}
+	if err := out.Close(); err != nil {
+		tb.Fatal(err)
+	}
 }
 
 // NewDomain makes one qcow2 image of 16 MiB per disk and defines the

@@ -421,9 +421,8 @@ func (h *Hypervisor) destroy(op string, id C.uint32_t) error {
 	return h.call(op, func(c *C.libxl_ctx) C.int { return C.libxl_domain_destroy(c, id, nil) })
 }
 
-// Pause pauses the domain (libxl_domain_pause).
-func (h *Hypervisor) Pause(ctx context.Context, domain string) error {
-	op := "pausing " + domain
+// onGuest runs fn on a guest domain (never Domain-0) under the context.
+func (h *Hypervisor) onGuest(ctx context.Context, op, domain string, fn func(op string, id C.uint32_t) error) error {
 	if err := h.begin(ctx, op); err != nil {
 		return err
 	}
@@ -432,51 +431,35 @@ func (h *Hypervisor) Pause(ctx context.Context, domain string) error {
 	if err != nil {
 		return err
 	}
-	return h.pause(op, id)
+	return fn(op, id)
+}
+
+// Pause pauses the domain (libxl_domain_pause).
+func (h *Hypervisor) Pause(ctx context.Context, domain string) error {
+	return h.onGuest(ctx, "pausing "+domain, domain, h.pause)
 }
 
 // Resume unpauses the domain (libxl_domain_unpause).
 func (h *Hypervisor) Resume(ctx context.Context, domain string) error {
-	op := "resuming " + domain
-	if err := h.begin(ctx, op); err != nil {
-		return err
-	}
-	defer h.mu.RUnlock()
-	id, err := h.guest(op, domain)
-	if err != nil {
-		return err
-	}
-	return h.unpause(op, id)
+	return h.onGuest(ctx, "resuming "+domain, domain, h.unpause)
 }
 
 // Destroy destroys the domain (libxl_domain_destroy).
 func (h *Hypervisor) Destroy(ctx context.Context, domain string) error {
-	op := "destroying " + domain
-	if err := h.begin(ctx, op); err != nil {
-		return err
-	}
-	defer h.mu.RUnlock()
-	id, err := h.guest(op, domain)
-	if err != nil {
-		return err
-	}
-	return h.destroy(op, id)
+	return h.onGuest(ctx, "destroying "+domain, domain, h.destroy)
 }
 
 // Definition is the domain's configuration as libxl's JSON
 // (libxl_retrieve_domain_configuration): the form Restore takes, after
 // RepointDisks.
 func (h *Hypervisor) Definition(ctx context.Context, domain string) (string, error) {
-	op := "reading the configuration of " + domain
-	if err := h.begin(ctx, op); err != nil {
-		return "", err
-	}
-	defer h.mu.RUnlock()
-	id, err := h.guest(op, domain)
-	if err != nil {
-		return "", err
-	}
-	return h.configJSON(op, id)
+	var def string
+	err := h.onGuest(ctx, "reading the configuration of "+domain, domain, func(op string, id C.uint32_t) error {
+		var err error
+		def, err = h.configJSON(op, id)
+		return err
+	})
+	return def, err
 }
 
 func (h *Hypervisor) configJSON(op string, id C.uint32_t) (string, error) {
@@ -497,15 +480,12 @@ func (h *Hypervisor) configJSON(op string, id C.uint32_t) (string, error) {
 // paused again before its resume: it then stands at the saved point.
 // The image is synced before the domain is destroyed or resumed.
 func (h *Hypervisor) SaveMemory(ctx context.Context, domain, path string, checkpoint bool) error {
-	op := "saving the memory of " + domain
-	if err := h.begin(ctx, op); err != nil {
-		return err
-	}
-	defer h.mu.RUnlock()
-	id, err := h.guest(op, domain)
-	if err != nil {
-		return err
-	}
+	return h.onGuest(ctx, "saving the memory of "+domain, domain, func(op string, id C.uint32_t) error {
+		return h.save(ctx, op, id, path, checkpoint)
+	})
+}
+
+func (h *Hypervisor) save(ctx context.Context, op string, id C.uint32_t, path string, checkpoint bool) error {
 	st, err := h.state(op, id)
 	if err != nil {
 		return err
