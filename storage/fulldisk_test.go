@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/xlsnap/xlsnap/chain"
 	"github.com/xlsnap/xlsnap/internal/qemuimg"
 	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/storage/backend/dir"
@@ -245,8 +246,7 @@ func TestFullDiskMergeRollsBack(t *testing.T) {
 // fullDiskAllocated is the data an image holds itself, not its backing files.
 func fullDiskAllocated(t *testing.T, path string) int64 {
 	t.Helper()
-	var r qemuimg.Runner
-	n, err := r.AllocatedBytes(context.Background(), path, "qcow2")
+	n, err := chain.Allocated(path, chain.FormatQcow2)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/xlsnap/xlsnap/chain"
 )
 
 const mib = 1 << 20
@@ -109,26 +111,26 @@ func TestCreateAndInfo(t *testing.T) {
 		t.Errorf("overlay format-specific = %+v", fs)
 	}
 
-	chain, err := r.Info(ctx, v3, "qcow2", true)
+	backing, err := r.Info(ctx, v3, "qcow2", true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(chain) != 2 || chain[0].Filename != v3 || chain[1].Filename != v2 {
-		t.Fatalf("chain = %+v", chain)
+	if len(backing) != 2 || backing[0].Filename != v3 || backing[1].Filename != v2 {
+		t.Fatalf("backing = %+v", backing)
 	}
-	base := chain[1]
+	base := backing[1]
 	if base.Format != "qcow2" || base.VirtualSize != 8*mib || base.ClusterSize != 65536 ||
 		base.BackingFilename != "" || base.FormatSpecific == nil || base.FormatSpecific.Data.Compat != "0.10" {
 		t.Errorf("base info = %+v", base)
 	}
 
-	chain, err = r.Info(ctx, onRaw, "qcow2", true)
+	backing, err = r.Info(ctx, onRaw, "qcow2", true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(chain) != 2 || chain[0].VirtualSize != 4*mib || chain[0].BackingFilenameFormat != "raw" ||
-		chain[1].Format != "raw" || chain[1].Filename != raw || chain[1].FormatSpecific != nil {
-		t.Errorf("chain on raw = %+v", chain)
+	if len(backing) != 2 || backing[0].VirtualSize != 4*mib || backing[0].BackingFilenameFormat != "raw" ||
+		backing[1].Format != "raw" || backing[1].Filename != raw || backing[1].FormatSpecific != nil {
+		t.Errorf("backing on raw = %+v", backing)
 	}
 
 	rawInfo, err := r.Info(ctx, raw, "raw", false)
@@ -258,7 +260,7 @@ func TestCommit(t *testing.T) {
 		t.Fatal(err)
 	}
 	assertPattern(t, base, "read -P 0xab 0 1M")
-	if n, err := r.AllocatedBytes(ctx, top, "qcow2"); err != nil || n != 0 {
+	if n, err := chain.Allocated(top, chain.FormatQcow2); err != nil || n != 0 {
 		t.Fatalf("top after commit (emptied): %d bytes, %v", n, err)
 	}
 
@@ -268,7 +270,7 @@ func TestCommit(t *testing.T) {
 		t.Fatal(err)
 	}
 	assertPattern(t, base, "read -P 0xcd 1M 1M")
-	if n, err := r.AllocatedBytes(ctx, top, "qcow2"); err != nil || n != mib {
+	if n, err := chain.Allocated(top, chain.FormatQcow2); err != nil || n != mib {
 		t.Fatalf("top after commit -d: %d bytes, %v", n, err)
 	}
 }
@@ -369,7 +371,7 @@ func TestRebase(t *testing.T) {
 	if info[0].BackingFilename != cp || info[0].BackingFilenameFormat != "qcow2" {
 		t.Fatalf("after unsafe rebase: backing %q (%q)", info[0].BackingFilename, info[0].BackingFilenameFormat)
 	}
-	if n, err := r.AllocatedBytes(ctx, top, "qcow2"); err != nil || n != mib {
+	if n, err := chain.Allocated(top, chain.FormatQcow2); err != nil || n != mib {
 		t.Fatalf("unsafe rebase copied data: %d bytes, %v", n, err)
 	}
 
@@ -382,12 +384,12 @@ func TestRebase(t *testing.T) {
 	if err := os.Remove(cp); err != nil {
 		t.Fatal(err)
 	}
-	chain, err := r.Info(ctx, top, "qcow2", true)
+	backing, err := r.Info(ctx, top, "qcow2", true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(chain) != 1 || chain[0].BackingFilename != "" || chain[0].BackingFilenameFormat != "" {
-		t.Fatalf("after safe rebase: %+v", chain)
+	if len(backing) != 1 || backing[0].BackingFilename != "" || backing[0].BackingFilenameFormat != "" {
+		t.Fatalf("after safe rebase: %+v", backing)
 	}
 	assertPattern(t, top, "read -P 0xab 0 1M")
 	assertPattern(t, top, "read -P 0xcd 1M 1M")
@@ -505,69 +507,6 @@ func TestCheck(t *testing.T) {
 	_, err = r.Check(ctx, filepath.Join(dir, "missing.qcow2"), "qcow2")
 	if !errors.Is(err, ErrNotFound) || errors.Is(err, ErrCheckFailed) {
 		t.Fatalf("missing check err = %v", err)
-	}
-}
-
-func TestMeasure(t *testing.T) {
-	requireTools(t)
-	var r Runner
-	img := filepath.Join(t.TempDir(), "m.qcow2")
-	create(t, &r, CreateOptions{Path: img, Format: "qcow2", Size: 64 * mib})
-	mustIO(t, img, "write -P 1 0 2M")
-	m, err := r.Measure(context.Background(), img, "qcow2", "qcow2")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if m.Required < 2*mib || m.Required >= 4*mib || m.FullyAllocated < 64*mib {
-		t.Fatalf("measure = %+v", m)
-	}
-	m, err = r.Measure(context.Background(), img, "qcow2", "raw")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if m.Required != 64*mib || m.FullyAllocated != 64*mib {
-		t.Fatalf("measure raw = %+v", m)
-	}
-}
-
-func TestAllocatedBytes(t *testing.T) {
-	requireTools(t)
-	ctx := context.Background()
-	dir := t.TempDir()
-	var r Runner
-	base := filepath.Join(dir, "base.qcow2")
-	top := filepath.Join(dir, "top.qcow2")
-	create(t, &r, CreateOptions{Path: base, Format: "qcow2", Size: 16 * mib})
-	mustIO(t, base, "write -P 1 0 8M")
-	create(t, &r, CreateOptions{Path: top, Format: "qcow2", Backing: base, BackingFormat: "qcow2"})
-
-	if n, err := r.AllocatedBytes(ctx, top, "qcow2"); err != nil || n != 0 {
-		t.Fatalf("empty overlay: %d, %v", n, err)
-	}
-	if n, err := r.AllocatedBytes(ctx, base, "qcow2"); err != nil || n != 8*mib {
-		t.Fatalf("base: %d, %v", n, err)
-	}
-	mustIO(t, top, "write -P 2 4M 2M")
-	n, err := r.AllocatedBytes(ctx, top, "qcow2")
-	if err != nil || n < 2*mib || n >= 8*mib {
-		t.Fatalf("overlay with 2M written: %d, %v", n, err)
-	}
-
-	entries, err := r.Map(ctx, top, "qcow2")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var total int64
-	var sawBacking bool
-	for _, e := range entries {
-		total += e.Length
-		sawBacking = sawBacking || (e.Depth == 1 && e.Data)
-		if e.Data && e.Offset == nil {
-			t.Errorf("data extent without offset: %+v", e)
-		}
-	}
-	if total != 16*mib || !sawBacking {
-		t.Fatalf("map = %+v", entries)
 	}
 }
 
