@@ -208,13 +208,25 @@ func (m *Manager) planOverlay(ctx context.Context, disk *Disk, ds SnapshotDiskSp
 // id before its name: a name equal to another snapshot's id would act on
 // the wrong one. With existing set, the name must be there exactly once.
 func (m *Manager) checkInternalName(path, format, name string, existing bool) error {
-	if format != string(chain.FormatQcow2) {
-		return fmt.Errorf("%w: internal snapshots need qcow2, %s is %s", ErrUnsupported, path, format)
+	if err := checkInternalFormat(path, format); err != nil {
+		return err
 	}
 	h, err := readHeader(path)
 	if err != nil {
 		return err
 	}
+	return checkSnapshotName(h, path, name, existing)
+}
+
+func checkInternalFormat(path, format string) error {
+	if format != string(chain.FormatQcow2) {
+		return fmt.Errorf("%w: internal snapshots need qcow2, %s is %s", ErrUnsupported, path, format)
+	}
+	return nil
+}
+
+// checkSnapshotName is checkInternalName on a header already read.
+func checkSnapshotName(h *chain.Header, path, name string, existing bool) error {
 	byName := slices.IndexFunc(h.Snapshots, func(s chain.Snapshot) bool { return s.Name == name })
 	byID := slices.IndexFunc(h.Snapshots, func(s chain.Snapshot) bool { return s.ID == name })
 	switch {

@@ -2,7 +2,6 @@ package storage
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"sort"
 
@@ -130,10 +129,15 @@ func (m *Manager) deleteOne(ctx context.Context, domain, name string, opts Delet
 			case DiskNone:
 				continue
 			case DiskInternal:
-				if has, err := hasInternal(sd.Image, name); err != nil && !errors.Is(err, ErrChainBroken) {
+				h, err := readHeader(sd.Image)
+				if err != nil {
 					return err
-				} else if has {
-					if err := m.checkInternalName(sd.Image, sd.Format, name, true); err != nil {
+				}
+				if holdsSnapshot(h, name) {
+					if err := checkInternalFormat(sd.Image, sd.Format); err != nil {
+						return err
+					}
+					if err := checkSnapshotName(h, sd.Image, name, true); err != nil {
 						return err
 					}
 					kind, err := m.liveKind(ctx, live, sd.Image, metastore.StepInternalDelete, metastore.StepLiveInternalDelete)

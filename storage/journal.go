@@ -372,7 +372,11 @@ func hasInternal(path, name string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	return slices.ContainsFunc(h.Snapshots, func(s chain.Snapshot) bool { return s.Name == name }), nil
+	return holdsSnapshot(h, name), nil
+}
+
+func holdsSnapshot(h *chain.Header, name string) bool {
+	return slices.ContainsFunc(h.Snapshots, func(s chain.Snapshot) bool { return s.Name == name })
 }
 
 // chainOf lists a disk's images from metadata, top to base.

@@ -124,12 +124,8 @@ func (m *Manager) undoLive(ctx context.Context, st step, live Live) error {
 		// A transaction that failed half-way leaves the overlays of the
 		// actions that succeeded on disk; QEMU no longer uses them.
 		for _, g := range st.Group {
-			if g.Kind == metastore.StepCreateOverlay && (isOverlayOf(g.Path, g.Backing) || isEmptyFile(g.Path)) {
-				b, err := m.backendFor(g.Path)
-				if err != nil {
-					return err
-				}
-				if err := b.Remove(ctx, g.Path); err != nil {
+			if g.Kind == metastore.StepCreateOverlay {
+				if err := m.undo(ctx, g, nil); err != nil {
 					return err
 				}
 			}
