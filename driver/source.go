@@ -6,6 +6,8 @@ import (
 	"fmt"
 
 	"libvirt.org/go/libvirtxml"
+
+	"github.com/xlsnap/xlsnap/internal/domxml"
 )
 
 // DomainState is a domain's state in libvirt's words.
@@ -58,21 +60,10 @@ func parseDomain(doc string) (*libvirtxml.Domain, error) {
 // floppies): the disks snapshots are taken of.
 func fileDisks(d *libvirtxml.Domain) []diskInfo {
 	var out []diskInfo
-	if d.Devices == nil {
-		return nil
-	}
-	for _, disk := range d.Devices.Disks {
-		if disk.Device != "" && disk.Device != "disk" {
-			continue
+	for _, disk := range domxml.Disks(d) {
+		if disk.File != "" {
+			out = append(out, diskInfo{Target: disk.Target, Path: disk.File, Format: disk.Format, Snapshot: disk.Snapshot})
 		}
-		if disk.Source == nil || disk.Source.File == nil || disk.Target == nil {
-			continue
-		}
-		di := diskInfo{Target: disk.Target.Dev, Path: disk.Source.File.File, Snapshot: disk.Snapshot}
-		if disk.Driver != nil {
-			di.Format = disk.Driver.Type
-		}
-		out = append(out, di)
 	}
 	return out
 }

@@ -8,6 +8,7 @@ package xenlight
 
 import (
 	"context"
+	"fmt"
 
 	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/xenlight/qmp"
@@ -47,4 +48,11 @@ type Hypervisor interface {
 	// DeviceModel connects to the domain's QMP monitor for one operation;
 	// the caller disconnects when done (QEMU serves one client at a time).
 	DeviceModel(ctx context.Context, domain string) (*qmp.Monitor, error)
+}
+
+// LibxlQMPSocket is where libxl puts the QMP socket of domain domid's
+// device model (QEMU's -qmp), whoever drives libxl: xl, the libxl back
+// end, or libvirt's libxl driver.
+func LibxlQMPSocket(domid uint32) string {
+	return fmt.Sprintf("/var/run/xen/qmp-libxl-%d", domid)
 }

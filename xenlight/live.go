@@ -285,11 +285,9 @@ var ErrChainMismatch = errors.New("device model and disk chains differ")
 
 // MismatchError is the exact difference for one disk.
 type MismatchError struct {
-	Disk         string
-	DeviceModel  []string
-	OnDisk       []string
-	Reopened     bool
-	ReopenDetail string
+	Disk        string
+	DeviceModel []string
+	OnDisk      []string
 }
 
 func (e *MismatchError) Error() string {

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	lv "libvirt.org/go/libvirt"
 
@@ -27,6 +28,9 @@ import (
 type Hypervisor struct {
 	conn  *lv.Connect
 	owned bool
+
+	xenOnce sync.Once
+	xen     bool
 }
 
 var _ xenlight.Hypervisor = (*Hypervisor)(nil)
@@ -279,10 +283,14 @@ func (h *Hypervisor) defineImage(path, definition string) error {
 	return nil
 }
 
-// isXen: the connection is libvirt's libxl driver (xen:///system).
+// isXen: the connection is libvirt's libxl driver (xen:///system). A
+// connection's driver never changes: libvirt is asked once.
 func (h *Hypervisor) isXen() bool {
-	typ, err := h.conn.GetType()
-	return err == nil && typ == "Xen"
+	h.xenOnce.Do(func() {
+		typ, err := h.conn.GetType()
+		h.xen = err == nil && typ == "Xen"
+	})
+	return h.xen
 }
 
 // refusedDefinition: the driver took neither the definition with the
@@ -319,13 +327,9 @@ func (h *Hypervisor) Destroy(ctx context.Context, domain string) error {
 	return h.with(ctx, "destroying", domain, (*lv.Domain).Destroy)
 }
 
-// XenQMPDir is where libxl puts each domain's device-model QMP socket,
-// qmp-libxl-<domid>.
-const XenQMPDir = "/var/run/xen"
-
 // DeviceModel connects to the domain's device model where libvirt leaves
 // its monitor free: under libvirt's libxl driver (xen:///system) libxl
-// owns it, at XenQMPDir/qmp-libxl-<domid>, one command at a time, as
+// owns it, at xenlight.LibxlQMPSocket, one command at a time, as
 // xlsnap uses it. Elsewhere it is ErrLiveUnsupported: the QEMU driver owns
 // its monitor and offers no socket to it (qemu-monitor-command passes one
 // command at a time, without events or block jobs).
@@ -342,5 +346,5 @@ func (h *Hypervisor) DeviceModel(ctx context.Context, domain string) (*qmp.Monit
 	if err != nil {
 		return nil, err
 	}
-	return qmp.Dial(ctx, "unix", fmt.Sprintf("%s/qmp-libxl-%d", XenQMPDir, id))
+	return qmp.Dial(ctx, "unix", xenlight.LibxlQMPSocket(uint32(id)))
 }

@@ -11,6 +11,7 @@ import (
 
 	"libvirt.org/go/libvirtxml"
 
+	"github.com/xlsnap/xlsnap/internal/domxml"
 	"github.com/xlsnap/xlsnap/storage"
 )
 
@@ -90,25 +91,15 @@ func restoreConfig(domain, definition, saved string) (string, error) {
 		return "", fmt.Errorf("%w: the image carries no libxl configuration to repoint; pass libxl's JSON (Definition, RepointDisks)", storage.ErrUnsupported)
 	}
 	disks := map[string]Disk{}
-	for _, d := range dom.Devices.Disks {
-		if d.Target == nil || d.Source == nil || (d.Device != "" && d.Device != "disk") {
-			continue
-		}
-		var path string
-		switch {
-		case d.Source.File != nil:
-			path = d.Source.File.File
-		case d.Source.Block != nil:
-			path = d.Source.Block.Dev
+	for _, d := range domxml.Disks(&dom) {
+		path := d.File
+		if path == "" {
+			path = d.Block
 		}
 		if path == "" {
-			return "", fmt.Errorf("%w: disk %s: only file and block sources can be restored onto", storage.ErrUnsupported, d.Target.Dev)
+			return "", fmt.Errorf("%w: disk %s: only file and block sources can be restored onto", storage.ErrUnsupported, d.Target)
 		}
-		disk := Disk{Path: path}
-		if d.Driver != nil {
-			disk.Format = d.Driver.Type
-		}
-		disks[d.Target.Dev] = disk
+		disks[d.Target] = Disk{Path: path, Format: d.Format}
 	}
 	out, err := RepointDisks(saved, disks)
 	if err != nil {

@@ -190,8 +190,9 @@ func TestRestoreConfigFromXML(t *testing.T) {
 		"network source":       {strings.Replace(strings.Replace(xml, "<source file='/pool/dom1.s1.qcow2'/>", "<source protocol='nbd' name='x'><host name='h'/></source>", 1), "type='file' device='disk'", "type='network' device='disk'", 1), cfgJSON, storage.ErrUnsupported},
 		"xl config file":       {"name = \"dom1\"\n", cfgJSON, storage.ErrUnsupported},
 		"saved of another":     {xml, strings.Replace(cfgJSON, `"dom1"`, `"dom2"`, 1), storage.ErrInvalidArg},
+		"no devices":           {"<domain type='xen'><name>dom1</name></domain>", cfgJSON, nil},
 	} {
-		if _, err := restoreConfig("dom1", tc.def, tc.saved); !errors.Is(err, tc.want) {
+		if _, err := restoreConfig("dom1", tc.def, tc.saved); !errors.Is(err, tc.want) || (tc.want == nil) != (err == nil) {
 			t.Errorf("%s: %v, want %v", name, err, tc.want)
 		}
 	}

@@ -221,10 +221,6 @@ import (
 	"github.com/xlsnap/xlsnap/xenlight/qmp"
 )
 
-// QMPSocketDir is where libxl puts each domain's device model QMP socket,
-// qmp-libxl-<domid>.
-const QMPSocketDir = "/var/run/xen"
-
 // Hypervisor is one libxl context. libxl's calls are synchronous and run
 // to the end once started (its own timeouts apply: 60 s for a guest to
 // acknowledge a suspend); ctx is checked between them. Domains it
@@ -634,16 +630,16 @@ func (h *Hypervisor) Restore(ctx context.Context, domain, path, definition strin
 }
 
 // DeviceModel connects to the QMP socket libxl gives the domain's device
-// model (QEMU's -qmp at QMPSocketDir/qmp-libxl-<domid>).
+// model (xenlight.LibxlQMPSocket).
 func (h *Hypervisor) DeviceModel(ctx context.Context, domain string) (*qmp.Monitor, error) {
-	op := "connecting to the device model of " + domain
-	if err := h.begin(ctx, op); err != nil {
-		return nil, err
-	}
-	id, err := h.guest(op, domain)
-	h.mu.RUnlock() // the monitor outlives this call
+	var id C.uint32_t
+	// The monitor outlives the lookup: it is dialled outside the lock.
+	err := h.onGuest(ctx, "connecting to the device model of "+domain, domain, func(_ string, guest C.uint32_t) error {
+		id = guest
+		return nil
+	})
 	if err != nil {
 		return nil, err
 	}
-	return qmp.Dial(ctx, "unix", fmt.Sprintf("%s/qmp-libxl-%d", QMPSocketDir, uint32(id)))
+	return qmp.Dial(ctx, "unix", xenlight.LibxlQMPSocket(uint32(id)))
 }

@@ -1,0 +1,41 @@
+// Package domxml reads what xlsnap needs of libvirt domain XML: the
+// disks snapshots are taken of. The driver and the libxl back end both
+// read them, and must agree on which disks those are.
+package domxml
+
+import "libvirt.org/go/libvirtxml"
+
+// Disk is one disk of a definition: device "disk" (not a cdrom or a
+// floppy), with a target and a source.
+type Disk struct {
+	Target   string
+	File     string // the source file; "" for another kind of source
+	Block    string // the source device of a block disk
+	Format   string // the driver type: qcow2, raw
+	Snapshot string // the disk's own snapshot="..." default
+}
+
+// Disks lists a definition's disks in document order.
+func Disks(d *libvirtxml.Domain) []Disk {
+	if d == nil || d.Devices == nil {
+		return nil
+	}
+	var out []Disk
+	for _, disk := range d.Devices.Disks {
+		if (disk.Device != "" && disk.Device != "disk") || disk.Source == nil || disk.Target == nil {
+			continue
+		}
+		di := Disk{Target: disk.Target.Dev, Snapshot: disk.Snapshot}
+		if disk.Source.File != nil {
+			di.File = disk.Source.File.File
+		}
+		if disk.Source.Block != nil {
+			di.Block = disk.Source.Block.Dev
+		}
+		if disk.Driver != nil {
+			di.Format = disk.Driver.Type
+		}
+		out = append(out, di)
+	}
+	return out
+}
