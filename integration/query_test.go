@@ -240,15 +240,25 @@ func TestQueries(t *testing.T) {
 		if x2.Parent == nil || x2.Parent.Name != "s1" || x2.State != "shutoff" {
 			t.Fatalf("XML of s2: %+v", x2)
 		}
+		if x2.Disks == nil || len(x2.Disks.Disks) != 2 {
+			t.Fatalf("XML of s2: disks %+v, want 2", x2.Disks)
+		}
 		for _, sd := range x2.Disks.Disks {
 			if sd.Snapshot != "internal" || sd.Source != nil && sd.Source.File != nil && sd.Source.File.File != "" {
 				t.Fatalf("XML of s2: disk %+v", sd)
 			}
 		}
+		matched := 0
 		for _, disk := range x2.Domain.Devices.Disks {
-			if disk.Device == "disk" && disk.Source.File.File != e.path(disk.Target.Dev+".s1") {
-				t.Fatalf("XML of s2: domain disk %s on %s", disk.Target.Dev, disk.Source.File.File)
+			if disk.Device == "disk" {
+				if disk.Source.File.File != e.path(disk.Target.Dev+".s1") {
+					t.Fatalf("XML of s2: domain disk %s on %s", disk.Target.Dev, disk.Source.File.File)
+				}
+				matched++
 			}
+		}
+		if matched != 2 {
+			t.Fatalf("XML of s2: %d domain disks, want 2", matched)
 		}
 		_, err = e.d.SnapshotGetXMLDesc(e.ctx, e.dom, "nope", 0)
 		expectErr(t, err, driver.ErrNoSnapshot, driver.ErrNumNoDomainSnapshot)

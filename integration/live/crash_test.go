@@ -130,7 +130,10 @@ func TestLiveCrashRecovery(t *testing.T) {
 			if err != nil || len(problems) != 0 {
 				t.Fatalf("check after recovery: %+v %v", problems, err)
 			}
-			entries, _ := os.ReadDir(e.dir)
+			entries, err := os.ReadDir(e.dir)
+			if err != nil {
+				t.Fatal(err)
+			}
 			for _, en := range entries {
 				p := filepath.Join(e.dir, en.Name())
 				if filepath.Ext(p) == ".xml" || filepath.Ext(p) == ".qmp" {

@@ -191,6 +191,9 @@ func TestLiveDiskOnlySnapshotAndMerges(t *testing.T) {
 	if err != nil {
 		t.Fatalf("%v\n%s", err, e.qemu.Stderr())
 	}
+	if len(report.Disks) != 2 {
+		t.Fatalf("report %+v, want both disks", report.Disks)
+	}
 	for _, r := range report.Disks {
 		if r.Action != "merged-down" && r.Action != "pulled-up" {
 			t.Fatalf("report %+v", report.Disks)
@@ -205,8 +208,11 @@ func TestLiveDiskOnlySnapshotAndMerges(t *testing.T) {
 	e.expect("xvdb", 0x22, 0)
 
 	// Deleting the leaf s2 merges the active layer: an active commit.
-	if _, err := e.d.SnapshotDelete(e.ctx, "vm", "s2", 0); err != nil {
+	if report, err = e.d.SnapshotDelete(e.ctx, "vm", "s2", 0); err != nil {
 		t.Fatalf("%v\n%s", err, e.qemu.Stderr())
+	}
+	if len(report.Disks) != 2 {
+		t.Fatalf("report %+v, want both disks", report.Disks)
 	}
 	e.expectChains()
 	if n := len(e.disk("xvda").Chain); n != 1 {
@@ -229,28 +235,45 @@ func TestLiveInternalSnapshot(t *testing.T) {
 		t.Fatalf("%v\n%s", err, e.qemu.Stderr())
 	}
 	e.write("xvda", 0x32, 0)
-	// The internal snapshot is in the image the device model writes.
-	m, err := e.h.DeviceModel(e.ctx, "vm")
-	if err != nil {
-		t.Fatal(err)
+	// The internal snapshots of the image the device model writes.
+	snapshots := func() []string {
+		t.Helper()
+		m, err := e.h.DeviceModel(e.ctx, "vm")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var blocks []struct {
+			Inserted struct {
+				Image struct {
+					Snapshots []struct {
+						Name string `json:"name"`
+					} `json:"snapshots"`
+				} `json:"image"`
+			} `json:"inserted"`
+		}
+		err = m.Execute(e.ctx, "query-block", nil, &blocks)
+		m.Disconnect()
+		if err != nil || len(blocks) == 0 {
+			t.Fatalf("query-block: %+v %v", blocks, err)
+		}
+		var names []string
+		for _, s := range blocks[0].Inserted.Image.Snapshots {
+			names = append(names, s.Name)
+		}
+		return names
 	}
-	var blocks []struct {
-		Inserted struct {
-			Image struct {
-				Snapshots []struct {
-					Name string `json:"name"`
-				} `json:"snapshots"`
-			} `json:"image"`
-		} `json:"inserted"`
-	}
-	err = m.Execute(e.ctx, "query-block", nil, &blocks)
-	m.Disconnect()
-	if err != nil || len(blocks[0].Inserted.Image.Snapshots) != 1 || blocks[0].Inserted.Image.Snapshots[0].Name != "i1" {
-		t.Fatalf("query-block: %+v %v", blocks, err)
+	if got := snapshots(); !slices.Equal(got, []string{"i1"}) {
+		t.Fatalf("internal snapshots in the device model: %v, want [i1]", got)
 	}
 	// Deleted live too.
 	if _, err := e.d.SnapshotDelete(e.ctx, "vm", "i1", 0); err != nil {
 		t.Fatal(err)
+	}
+	if got := snapshots(); len(got) != 0 {
+		t.Fatalf("internal snapshots in the device model after the delete: %v", got)
+	}
+	if list, err := e.d.ListAllSnapshots(e.ctx, "vm", 0); err != nil || len(list) != 0 {
+		t.Fatalf("snapshots after the delete: %v %v", list, err)
 	}
 	e.expect("xvda", 0x32, 0)
 }
@@ -261,7 +284,19 @@ func TestLiveInternalSnapshot(t *testing.T) {
 func TestFailedTransactionLeavesNothing(t *testing.T) {
 	e := newEnv(t)
 	e.write("xvda", 0x41, 0)
-	before, _ := os.ReadDir(e.dir)
+	names := func() []string {
+		t.Helper()
+		entries, err := os.ReadDir(e.dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, en := range entries {
+			out = append(out, en.Name())
+		}
+		return out
+	}
+	before := names()
 	if err := os.Mkdir(e.path("ro"), 0o500); err != nil {
 		t.Fatal(err)
 	}
@@ -272,14 +307,14 @@ func TestFailedTransactionLeavesNothing(t *testing.T) {
 	if !errors.As(err, &qe) {
 		t.Fatalf("failed transaction: %v", err)
 	}
-	os.Remove(e.path("ro"))
-	after, _ := os.ReadDir(e.dir)
-	if len(after) != len(before) {
+	if err := os.Remove(e.path("ro")); err != nil {
+		t.Fatal(err)
+	}
+	if after := names(); !slices.Equal(after, before) {
 		t.Fatalf("files left behind: %v -> %v", before, after)
 	}
-	list, _ := e.d.ListAllSnapshots(e.ctx, "vm", 0)
-	if len(list) != 0 {
-		t.Fatalf("snapshot recorded after a failed transaction: %v", list)
+	if list, err := e.d.ListAllSnapshots(e.ctx, "vm", 0); err != nil || len(list) != 0 {
+		t.Fatalf("snapshot recorded after a failed transaction: %v %v", list, err)
 	}
 	e.expectChains()
 	e.expect("xvda", 0x41, 0)

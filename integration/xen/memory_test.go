@@ -41,7 +41,9 @@ func TestMemorySnapshotAndRevert(t *testing.T) {
 	if st, _ := h.State(ctx, g.name); st != xenlight.Running {
 		t.Fatalf("after the checkpoint the domain is %s, want running", st)
 	}
-	t.Logf("snapshot m1: state %s, memory %s", snap.State, snap.Memory)
+	if snap.State != "running" || snap.Memory != mem {
+		t.Fatalf("snapshot m1: state %q, memory %q; want running, %s", snap.State, snap.Memory, mem)
+	}
 	chains := g.chains(h)
 	frozen := 0
 	for _, disk := range disks {
