@@ -199,6 +199,16 @@ func writeImage(t *testing.T, dir, name string, cr crafted) string {
 	return p
 }
 
+// qemuImgOverlay has qemu-img write root/top.qcow2 over the backing
+// reference ref without opening it (-u): a hostile reference as real
+// tools write it. References qemu-img will not write are crafted.
+func qemuImgOverlay(t *testing.T, root, ref, format string) string {
+	t.Helper()
+	top := filepath.Join(root, "top.qcow2")
+	qemuImg(t, "create", "-q", "-f", "qcow2", "-u", "-F", format, "-b", ref, top, "1M")
+	return top
+}
+
 func TestHostileChains(t *testing.T) {
 	q := newCrafted
 	cases := []struct {
@@ -209,7 +219,7 @@ func TestHostileChains(t *testing.T) {
 		ref    string // the reference the error must name
 	}{
 		{"absolute outside", func(t *testing.T, root, out string) string {
-			return writeImage(t, root, "top.qcow2", q().withBacking("/etc/passwd", "raw"))
+			return qemuImgOverlay(t, root, "/etc/passwd", "raw")
 		}, nil, chain.ErrOutsideRoots, "/etc/passwd"},
 		{"dotdot outside", func(t *testing.T, root, out string) string {
 			writeImage(t, out, "base.qcow2", q())
@@ -247,13 +257,13 @@ func TestHostileChains(t *testing.T) {
 		}, nil, chain.ErrNoBackingFormat, "base.qcow2"},
 		{"unknown backing format", func(t *testing.T, root, out string) string {
 			writeImage(t, root, "base.vmdk", q())
-			return writeImage(t, root, "top.qcow2", q().withBacking("base.vmdk", "vmdk"))
+			return qemuImgOverlay(t, root, "base.vmdk", "vmdk")
 		}, nil, chain.ErrUnsupported, "base.vmdk"},
 		{"json backing", func(t *testing.T, root, out string) string {
-			return writeImage(t, root, "top.qcow2", q().withBacking(`json:{"file":{"driver":"file","filename":"/etc/shadow"}}`, "raw"))
+			return qemuImgOverlay(t, root, `json:{"file":{"driver":"file","filename":"/etc/shadow"}}`, "raw")
 		}, nil, chain.ErrProtocol, `json:{"file":{"driver":"file","filename":"/etc/shadow"}}`},
 		{"nbd backing", func(t *testing.T, root, out string) string {
-			return writeImage(t, root, "top.qcow2", q().withBacking("nbd://10.0.0.1:10809/disk", "raw"))
+			return qemuImgOverlay(t, root, "nbd://10.0.0.1:10809/disk", "raw")
 		}, nil, chain.ErrProtocol, "nbd://10.0.0.1:10809/disk"},
 		{"self loop", func(t *testing.T, root, out string) string {
 			return writeImage(t, root, "top.qcow2", q().withBacking("top.qcow2", "qcow2"))
@@ -332,7 +342,7 @@ func TestHostileChains(t *testing.T) {
 
 func TestAllowedProtocolEndsChain(t *testing.T) {
 	root := t.TempDir()
-	top := writeImage(t, root, "top.qcow2", newCrafted().withBacking("nbd://host/disk", "raw"))
+	top := qemuImgOverlay(t, root, "nbd://host/disk", "raw")
 	c, err := chain.Walk(context.Background(), top, chain.FormatQcow2, chain.Policy{AllowProtocol: true})
 	if err != nil {
 		t.Fatal(err)
