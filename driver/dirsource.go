@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/xlsnap/xlsnap/internal/fsutil"
 	"github.com/xlsnap/xlsnap/storage"
 )
 
@@ -109,10 +110,5 @@ func (s *DirSource) Redefine(ctx context.Context, name, doc string) error {
 	if err := os.Rename(tmp.Name(), p); err != nil {
 		return err
 	}
-	d, err := os.Open(s.dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return fsutil.SyncDir(s.dir)
 }

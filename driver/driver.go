@@ -285,16 +285,7 @@ func (d *Driver) DiskList(ctx context.Context, domain string) ([]DiskInfo, error
 	}
 	var out []DiskInfo
 	for _, di := range v.disks {
-		info := DiskInfo{Target: di.Target, Source: di.Path, Format: di.Format}
-		for p := di.Path; p != "" && len(info.Chain) <= len(v.rec.Images); {
-			info.Chain = append(info.Chain, p)
-			img, ok := v.rec.Images[p]
-			if !ok {
-				break
-			}
-			p = img.Backing
-		}
-		out = append(out, info)
+		out = append(out, DiskInfo{Target: di.Target, Source: di.Path, Format: di.Format, Chain: v.rec.Chain(di.Path)})
 	}
 	return out, nil
 }

@@ -118,7 +118,7 @@ func (m *Manager) checkDomain(ctx context.Context, d *Domain, snaps []*Snapshot,
 		}
 	}
 	for _, disk := range d.Disks {
-		recorded := chainOf(d, disk.Active)
+		recorded := d.Chain(disk.Active)
 		c, err := chain.Walk(ctx, disk.Active, chain.Format(disk.Format), m.policy())
 		if err != nil {
 			problems = append(problems, Problem{Kind: ProblemBadImage, Domain: d.Name, Disk: disk.Target, Path: disk.Active, Detail: err.Error()})
@@ -234,7 +234,7 @@ func (m *Manager) ChainChanged(ctx context.Context, domain, disk string) (*chain
 		if dk == nil {
 			return fmt.Errorf("%w: domain %s has no disk %q", ErrInvalidArg, domain, disk)
 		}
-		before := chainOf(d, dk.Active)
+		before := d.Chain(dk.Active)
 		if c, err = chain.Walk(ctx, dk.Active, chain.Format(dk.Format), m.policy()); err != nil {
 			return err
 		}

@@ -379,27 +379,13 @@ func holdsSnapshot(h *chain.Header, name string) bool {
 	return slices.ContainsFunc(h.Snapshots, func(s chain.Snapshot) bool { return s.Name == name })
 }
 
-// chainOf lists a disk's images from metadata, top to base.
-func chainOf(d *Domain, top string) []string {
-	var out []string
-	for p := top; p != "" && len(out) <= len(d.Images); {
-		out = append(out, p)
-		img, ok := d.Images[p]
-		if !ok {
-			break
-		}
-		p = img.Backing
-	}
-	return out
-}
-
 func (m *Manager) publishChanges(before, after *Domain, reason string) {
 	for _, disk := range after.Disks {
 		var old []string
 		if bd := before.Disk(disk.Target); bd != nil {
-			old = chainOf(before, bd.Active)
+			old = before.Chain(bd.Active)
 		}
-		now := chainOf(after, disk.Active)
+		now := after.Chain(disk.Active)
 		if !slices.Equal(old, now) {
 			m.events.publish(ChainChanged{Domain: after.Name, Disk: disk.Target, Before: old, After: now, Reason: reason})
 		}

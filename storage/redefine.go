@@ -49,7 +49,7 @@ func (m *Manager) RedefineSnapshot(ctx context.Context, domain string, snap *Sna
 			sd.Image, sd.Format = img.Backing, img.BackingFormat
 		case DiskInternal:
 			sd.Image = ""
-			for _, p := range chainOf(d, disk.Active) {
+			for _, p := range d.Chain(disk.Active) {
 				if has, err := hasInternal(p, snap.Name); err == nil && has {
 					sd.Image, sd.Format = p, d.Images[p].Format
 					break

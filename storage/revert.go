@@ -133,7 +133,7 @@ func (m *Manager) freeOverlayPath(d *Domain, image, snapshot string) string {
 func (m *Manager) collect(d *Domain, snaps map[string]*Snapshot) []step {
 	needed := map[string]bool{}
 	mark := func(top string) {
-		for _, p := range chainOf(d, top) {
+		for _, p := range d.Chain(top) {
 			needed[p] = true
 		}
 	}

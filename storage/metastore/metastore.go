@@ -81,6 +81,22 @@ func (d *Domain) Disk(target string) *Disk {
 	return nil
 }
 
+// Chain lists the images from top down its recorded backing files, top
+// to base. A loop in the records ends it after len(Images)+1 entries, so
+// a longer list than there are images shows one.
+func (d *Domain) Chain(top string) []string {
+	var out []string
+	for p := top; p != "" && len(out) <= len(d.Images); {
+		out = append(out, p)
+		img, ok := d.Images[p]
+		if !ok {
+			break
+		}
+		p = img.Backing
+	}
+	return out
+}
+
 // Children lists the images backed by path.
 func (d *Domain) Children(path string) []string {
 	var out []string

@@ -182,11 +182,11 @@ func (e *Env) Chain(domain, disk string) []string {
 		e.T.Fatal(err)
 	}
 	var out []string
-	for p := d.Disk(disk).Active; p != ""; p = d.Images[p].Backing {
+	for _, p := range d.Chain(d.Disk(disk).Active) {
 		out = append(out, filepath.Base(p))
-		if len(out) > len(d.Images) {
-			e.T.Fatalf("loop in the recorded chain %v", out)
-		}
+	}
+	if len(out) > len(d.Images) {
+		e.T.Fatalf("loop in the recorded chain %v", out)
 	}
 	return out
 }

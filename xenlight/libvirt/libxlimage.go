@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/xlsnap/xlsnap/internal/fsutil"
 	"github.com/xlsnap/xlsnap/storage"
 )
 
@@ -90,10 +91,5 @@ func redefineLibxlImage(path, definition string) (err error) {
 	if err := os.Rename(out.Name(), path); err != nil {
 		return err
 	}
-	dir, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	defer dir.Close()
-	return dir.Sync()
+	return fsutil.SyncDir(filepath.Dir(path))
 }

@@ -216,6 +216,7 @@ import (
 	"syscall"
 	"unsafe"
 
+	"github.com/xlsnap/xlsnap/internal/fsutil"
 	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/xenlight"
 	"github.com/xlsnap/xlsnap/xenlight/qmp"
@@ -560,12 +561,7 @@ func syncFile(f *os.File) error {
 	if err != nil {
 		return err
 	}
-	dir, err := os.Open(filepath.Dir(f.Name()))
-	if err != nil {
-		return err
-	}
-	defer dir.Close()
-	return dir.Sync()
+	return fsutil.SyncDir(filepath.Dir(f.Name()))
 }
 
 // Restore creates the domain from an xl save file (libxl_domain_create_

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 
 	"github.com/xlsnap/xlsnap/chain"
+	"github.com/xlsnap/xlsnap/internal/fsutil"
 	"github.com/xlsnap/xlsnap/internal/qemuimg"
 	"github.com/xlsnap/xlsnap/storage"
 )
@@ -111,11 +112,4 @@ func (b *Backend) InternalCopy(ctx context.Context, path, format, name, dst, bac
 }
 
 // syncDir makes a created or removed name durable.
-func syncDir(path string) error {
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
+func syncDir(path string) error { return fsutil.SyncDir(filepath.Dir(path)) }
