@@ -62,7 +62,7 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, domain, name string, opts 
 		return nil, err
 	}
 	defer unlock()
-	_, snaps, err := m.load(ctx, domain)
+	d, snaps, err := m.load(ctx, domain)
 	if err != nil {
 		return nil, err
 	}
@@ -77,8 +77,13 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, domain, name string, opts 
 		order = append(order, name)
 	}
 	report := &DeleteReport{}
-	for _, n := range order {
-		if err := m.deleteOne(ctx, domain, n, opts, report); err != nil {
+	for i, n := range order {
+		if i > 0 { // the previous delete committed new records
+			if d, snaps, err = m.load(ctx, domain); err != nil {
+				return report, err
+			}
+		}
+		if err := m.deleteOne(ctx, d, snaps, n, opts, report); err != nil {
 			return report, fmt.Errorf("deleting snapshot %s: %w", n, err)
 		}
 		report.Deleted = append(report.Deleted, n)
@@ -106,12 +111,8 @@ func descendantsLeavesFirst(snaps map[string]*Snapshot, name string) []string {
 	return out
 }
 
-func (m *Manager) deleteOne(ctx context.Context, domain, name string, opts DeleteOptions, report *DeleteReport) error {
-	metadataOnly, live := opts.MetadataOnly, opts.Live
-	d, snaps, err := m.load(ctx, domain)
-	if err != nil {
-		return err
-	}
+func (m *Manager) deleteOne(ctx context.Context, d *Domain, snaps map[string]*Snapshot, name string, opts DeleteOptions, report *DeleteReport) error {
+	metadataOnly, live, domain := opts.MetadataOnly, opts.Live, d.Name
 	s := snaps[name]
 	next := d.Clone()
 	in := newIntent(domain, "delete")
@@ -257,15 +258,24 @@ func (m *Manager) planMerge(ctx context.Context, next *Domain, sd SnapshotDisk, 
 			return nil, nil, err
 		}
 	}
-	if down && liveMerge {
-		// The device model commits C into X and repoints C's overlay.
-		forward = append(forward, step{Kind: metastore.StepLiveCommit, Path: c, Format: cimg.Format, Backing: x, BackingFormat: ximg.Format, Disk: sd.Target})
+	if down {
+		// Commit C into X, point C's children at X, forget C; the device
+		// model does the commit when it reads C.
+		commit := step{Kind: metastore.StepCommit, Path: c, Format: cimg.Format, Disk: sd.Target}
+		if liveMerge {
+			commit.Kind, commit.Backing, commit.BackingFormat = metastore.StepLiveCommit, x, ximg.Format
+		}
+		forward = append(forward, commit)
 		for _, gc := range next.Children(c) {
-			// QEMU repoints the overlay it has open; a branch it does not
-			// use is repointed here.
-			if used, err := live.Uses(ctx, gc); err != nil {
-				return nil, nil, err
-			} else if !used {
+			// QEMU repoints the overlay it has open; any other child is
+			// repointed here.
+			used := false
+			if liveMerge {
+				if used, err = live.Uses(ctx, gc); err != nil {
+					return nil, nil, err
+				}
+			}
+			if !used {
 				forward = append(forward, step{Kind: metastore.StepRebaseUnsafe, Path: gc, Format: next.Images[gc].Format,
 					Backing: x, BackingFormat: ximg.Format, UndoBacking: c, UndoBackingFormat: cimg.Format, Disk: sd.Target})
 			}
@@ -275,29 +285,13 @@ func (m *Manager) planMerge(ctx context.Context, next *Domain, sd SnapshotDisk, 
 		r.Action, r.Kept, r.Removed = ActionMergedDown, x, c
 		return nil, forward, nil
 	}
-	if !down && liveMerge {
-		// The device model streams X into C, whose backing becomes X's.
-		undoable = append(undoable, step{Kind: metastore.StepLiveStream, Path: c, Format: cimg.Format,
-			Backing: ximg.Backing, BackingFormat: ximg.BackingFormat, UndoBacking: x, UndoBackingFormat: ximg.Format, Disk: sd.Target})
-		cimg.Backing, cimg.BackingFormat = ximg.Backing, ximg.BackingFormat
-		replaceImage(next, x, c)
-		r.Action, r.Kept, r.Removed = ActionPulledUp, c, x
-		return undoable, nil, nil
+	// Pull X into C: C is rebased onto X's backing with X's data copied
+	// in, by the device model (a stream) when it reads C.
+	kind := metastore.StepRebase
+	if liveMerge {
+		kind = metastore.StepLiveStream
 	}
-	if down {
-		// Commit C into X, point C's children at X, forget C.
-		forward = append(forward, step{Kind: metastore.StepCommit, Path: c, Format: cimg.Format, Disk: sd.Target})
-		for _, gc := range next.Children(c) {
-			forward = append(forward, step{Kind: metastore.StepRebaseUnsafe, Path: gc, Format: next.Images[gc].Format,
-				Backing: x, BackingFormat: ximg.Format, UndoBacking: c, UndoBackingFormat: cimg.Format, Disk: sd.Target})
-			next.Images[gc].Backing, next.Images[gc].BackingFormat = x, ximg.Format
-		}
-		replaceImage(next, c, x)
-		r.Action, r.Kept, r.Removed = ActionMergedDown, x, c
-		return nil, forward, nil
-	}
-	// Pull X into C: C is rebased onto X's backing with X's data copied in.
-	undoable = append(undoable, step{Kind: metastore.StepRebase, Path: c, Format: cimg.Format,
+	undoable = append(undoable, step{Kind: kind, Path: c, Format: cimg.Format,
 		Backing: ximg.Backing, BackingFormat: ximg.BackingFormat, UndoBacking: x, UndoBackingFormat: ximg.Format, Disk: sd.Target})
 	cimg.Backing, cimg.BackingFormat = ximg.Backing, ximg.BackingFormat
 	replaceImage(next, x, c)

@@ -151,12 +151,8 @@ func (m *Manager) cleanup(ctx context.Context, in *intent) error {
 // Recover finishes or undoes every intent in the journal whose domain no
 // other process is working on. Open calls it; Repair calls it again.
 func (m *Manager) Recover(ctx context.Context) error {
-	var intents []*intent
-	if err := m.store.View(ctx, func(tx metastore.Tx) error {
-		var err error
-		intents, err = tx.Intents()
-		return err
-	}); err != nil {
+	intents, err := m.intents(ctx, "")
+	if err != nil {
 		return err
 	}
 	var errs error
@@ -172,7 +168,7 @@ func (m *Manager) Recover(ctx context.Context) error {
 			return err
 		}
 		if err := m.recoverIntent(ctx, in, nil); err != nil {
-			errs = multierror.Append(errs, fmt.Errorf("intent %s (%s of %s): %w", in.ID, in.Op, in.Domain, err))
+			errs = multierror.Append(errs, intentErr(in, err))
 		}
 		unlock()
 	}
@@ -214,23 +210,38 @@ func (m *Manager) RecoverLive(ctx context.Context, domain string, live Live) err
 		return err
 	}
 	defer unlock()
-	var intents []*intent
-	if err := m.store.View(ctx, func(tx metastore.Tx) error {
-		var err error
-		intents, err = tx.Intents()
-		return err
-	}); err != nil {
+	intents, err := m.intents(ctx, domain)
+	if err != nil {
 		return err
 	}
 	var errs error
 	for _, in := range intents {
-		if in.Domain == domain && in.Live {
+		if in.Live {
 			if err := m.recoverIntent(ctx, in, live); err != nil {
-				errs = multierror.Append(errs, fmt.Errorf("intent %s (%s of %s): %w", in.ID, in.Op, in.Domain, err))
+				errs = multierror.Append(errs, intentErr(in, err))
 			}
 		}
 	}
 	return errs
+}
+
+// intents lists the journal's intents, of one domain unless domain is "".
+func (m *Manager) intents(ctx context.Context, domain string) ([]*intent, error) {
+	var out []*intent
+	err := m.store.View(ctx, func(tx metastore.Tx) error {
+		all, err := tx.Intents()
+		for _, in := range all {
+			if domain == "" || in.Domain == domain {
+				out = append(out, in)
+			}
+		}
+		return err
+	})
+	return out, err
+}
+
+func intentErr(in *intent, err error) error {
+	return fmt.Errorf("intent %s (%s of %s): %w", in.ID, in.Op, in.Domain, err)
 }
 
 func (m *Manager) backendFor(path string) (Backend, error) {
@@ -401,16 +412,7 @@ func (m *Manager) lockDomain(ctx context.Context, domain string) (func(), error)
 	if err != nil {
 		return nil, err
 	}
-	var pending []*intent
-	err = m.store.View(ctx, func(tx metastore.Tx) error {
-		all, err := tx.Intents()
-		for _, in := range all {
-			if in.Domain == domain {
-				pending = append(pending, in)
-			}
-		}
-		return err
-	})
+	pending, err := m.intents(ctx, domain)
 	for _, in := range pending {
 		if err != nil {
 			break
