@@ -7,7 +7,6 @@ import (
 	"sort"
 	"sync"
 
-	"github.com/xlsnap/xlsnap/chain"
 	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/storage/backend/dir"
 	"github.com/xlsnap/xlsnap/xenlight"
@@ -264,8 +263,7 @@ func (d *Driver) ChainChanged(ctx context.Context, domain, disk string) error {
 	if err != nil {
 		return err
 	}
-	top := c.Top()
-	return live.CompareChain(ctx, disk, top.Path, top.Format, chain.Policy{Roots: d.st.Roots()})
+	return live.CompareChain(ctx, disk, c)
 }
 
 // DiskInfo is one disk as domblklist shows it, with its recorded chain.

@@ -99,9 +99,6 @@ func (m *Manager) poolOf(path string) (*pool, error) {
 	return nil, fmt.Errorf("%w: %s is in no pool", ErrInvalidArg, path)
 }
 
-// Roots are the pools' folders.
-func (m *Manager) Roots() []string { return m.policy().Roots }
-
 // policy is the chain policy of every walk: images stay inside the pools.
 func (m *Manager) policy() chain.Policy {
 	p := chain.Policy{}

@@ -295,14 +295,12 @@ func (e *MismatchError) Error() string {
 }
 func (e *MismatchError) Unwrap() error { return ErrChainMismatch }
 
-// CompareChain is the rescan hook's check for one disk whose active layer
-// is active: the chain on disk (read natively under policy) against what
-// the device model has open. It returns a *MismatchError on a difference.
-func (l *Live) CompareChain(ctx context.Context, disk, active string, format chain.Format, policy chain.Policy) error {
-	onDisk, err := chain.Walk(ctx, active, format, policy)
-	if err != nil {
-		return err
-	}
+// CompareChain is the rescan hook's check for one disk of an active
+// domain: the chain on disk, as storage's rescan just walked it, against
+// what the device model has open. It returns a *MismatchError on a
+// difference.
+func (l *Live) CompareChain(ctx context.Context, disk string, onDisk *chain.Chain) error {
+	active := onDisk.Top().Path
 	var files []string
 	for _, layer := range onDisk.Layers {
 		files = append(files, layer.Path)
