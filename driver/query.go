@@ -77,8 +77,8 @@ func (t *tree) descendants(name string, all bool) []*Snapshot {
 	return out
 }
 
-// isExternal is libvirt's location test: any external disk or memory file.
-func isExternal(s *Snapshot) bool {
+// IsExternal is libvirt's location test: any external disk or memory file.
+func IsExternal(s *Snapshot) bool {
 	if s.Memory != "" {
 		return true
 	}
@@ -114,7 +114,7 @@ func (t *tree) filter(in []*Snapshot, flags ListFlags) []*Snapshot {
 			}
 		}
 		if flags&(ListInternal|ListExternal) != 0 {
-			ext := isExternal(s)
+			ext := IsExternal(s)
 			if !(flags&ListExternal != 0 && ext || flags&ListInternal != 0 && !ext) {
 				continue
 			}
@@ -148,11 +148,8 @@ func (d *Driver) ListAllSnapshots(ctx context.Context, domain string, flags List
 // SnapshotListAllChildren is virDomainSnapshotListAllChildren: the direct
 // children, or every descendant with ListDescendants, filtered.
 func (d *Driver) SnapshotListAllChildren(ctx context.Context, domain, name string, flags ListFlags) ([]*Snapshot, error) {
-	t, err := d.snapshots(ctx, domain)
+	t, _, err := d.lookup(ctx, domain, name)
 	if err != nil {
-		return nil, err
-	}
-	if _, err := t.get(domain, name); err != nil {
 		return nil, err
 	}
 	return t.filter(t.descendants(name, flags&ListDescendants != 0), flags&^ListDescendants), nil
@@ -177,14 +174,23 @@ func (d *Driver) SnapshotLookupByName(ctx context.Context, domain, name string, 
 // has but storage never saw has no snapshots, one the source no longer
 // has is no domain.
 func (d *Driver) snapshot(ctx context.Context, domain, name string) (*Snapshot, error) {
-	t, err := d.snapshots(ctx, domain)
-	if err != nil {
-		return nil, err
-	}
-	if _, err := t.get(domain, name); err != nil {
+	if _, _, err := d.lookup(ctx, domain, name); err != nil {
 		return nil, err
 	}
 	return d.st.Snapshot(ctx, domain, name)
+}
+
+// lookup reads the domain's snapshot tree and the named snapshot in it.
+func (d *Driver) lookup(ctx context.Context, domain, name string) (*tree, *Snapshot, error) {
+	t, err := d.snapshots(ctx, domain)
+	if err != nil {
+		return nil, nil, err
+	}
+	s, err := t.get(domain, name)
+	if err != nil {
+		return nil, nil, err
+	}
+	return t, s, nil
 }
 
 // SnapshotCurrent is virDomainSnapshotCurrent.
@@ -201,11 +207,8 @@ func (d *Driver) SnapshotCurrent(ctx context.Context, domain string, flags uint3
 
 // SnapshotIsCurrent is virDomainSnapshotIsCurrent.
 func (d *Driver) SnapshotIsCurrent(ctx context.Context, domain, name string, flags uint32) (bool, error) {
-	t, err := d.snapshots(ctx, domain)
+	t, _, err := d.lookup(ctx, domain, name)
 	if err != nil {
-		return false, err
-	}
-	if _, err := t.get(domain, name); err != nil {
 		return false, err
 	}
 	return t.current == name, nil
@@ -214,21 +217,13 @@ func (d *Driver) SnapshotIsCurrent(ctx context.Context, domain, name string, fla
 // SnapshotHasMetadata is virDomainSnapshotHasMetadata: every snapshot
 // xlsnap can name has metadata (NO_METADATA ones are not named later).
 func (d *Driver) SnapshotHasMetadata(ctx context.Context, domain, name string, flags uint32) (bool, error) {
-	t, err := d.snapshots(ctx, domain)
-	if err != nil {
-		return false, err
-	}
-	_, err = t.get(domain, name)
+	_, _, err := d.lookup(ctx, domain, name)
 	return err == nil, err
 }
 
 // SnapshotGetParent is virDomainSnapshotGetParent.
 func (d *Driver) SnapshotGetParent(ctx context.Context, domain, name string, flags uint32) (*Snapshot, error) {
-	t, err := d.snapshots(ctx, domain)
-	if err != nil {
-		return nil, err
-	}
-	s, err := t.get(domain, name)
+	t, s, err := d.lookup(ctx, domain, name)
 	if err != nil {
 		return nil, err
 	}

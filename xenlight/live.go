@@ -238,6 +238,11 @@ func flush(ctx context.Context, m *qmp.Monitor, image string) error {
 	if err != nil {
 		return err
 	}
+	return flushNode(ctx, m, node, image)
+}
+
+// flushNode is flush on a node already looked up.
+func flushNode(ctx context.Context, m *qmp.Monitor, node, image string) error {
 	var out string
 	if err := m.Execute(ctx, "human-monitor-command", map[string]any{"command-line": "qemu-io " + node + " flush"}, &out); err != nil {
 		return err
@@ -264,7 +269,8 @@ func (l *Live) Stream(ctx context.Context, image, base, baseFormat string, progr
 		if err := m.RunJob(ctx, job, "block-stream", args); err != nil {
 			return err
 		}
-		return flush(ctx, m, image)
+		// The node keeps its name through the stream.
+		return flushNode(ctx, m, node, image)
 	})
 }
 

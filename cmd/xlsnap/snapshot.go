@@ -38,12 +38,7 @@ type diskJSON struct {
 }
 
 func location(s *driver.Snapshot) string {
-	for _, sd := range s.Disks {
-		if sd.Mode == storage.DiskExternal {
-			return "external"
-		}
-	}
-	if s.Memory != "" {
+	if driver.IsExternal(s) {
 		return "external"
 	}
 	return "internal"
