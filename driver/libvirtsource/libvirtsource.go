@@ -5,13 +5,13 @@ package libvirtsource
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"sort"
 
 	"libvirt.org/go/libvirt"
 
 	"github.com/xlsnap/xlsnap/driver"
+	"github.com/xlsnap/xlsnap/internal/virterr"
 )
 
 // Source reads and redefines domains through one libvirt connection.
@@ -37,35 +37,13 @@ func (s *Source) Close() error {
 	return err
 }
 
-// libvirtError keeps libvirt's own code and message; driver.Code reads
-// the code through LibvirtCode, and errors.Is still finds the sentinel.
-type libvirtError struct {
-	err      libvirt.Error
-	sentinel error
+// xmlErrors: a definition libvirt cannot parse is the driver's ErrXML.
+var xmlErrors = map[libvirt.ErrorNumber]error{
+	libvirt.ERR_XML_ERROR:  driver.ErrXML,
+	libvirt.ERR_XML_DETAIL: driver.ErrXML,
 }
 
-func (e *libvirtError) Error() string    { return e.err.Message }
-func (e *libvirtError) Unwrap() error    { return e.sentinel }
-func (e *libvirtError) LibvirtCode() int { return int(e.err.Code) }
-
-func wrap(err error) error {
-	var le libvirt.Error
-	if !errors.As(err, &le) {
-		return err
-	}
-	var sentinel error
-	switch le.Code {
-	case libvirt.ERR_NO_DOMAIN:
-		sentinel = driver.ErrNoDomain
-	case libvirt.ERR_INVALID_ARG:
-		sentinel = driver.ErrInvalidArg
-	case libvirt.ERR_OPERATION_INVALID:
-		sentinel = driver.ErrOperationInvalid
-	case libvirt.ERR_XML_ERROR:
-		sentinel = driver.ErrXML
-	}
-	return &libvirtError{err: le, sentinel: sentinel}
-}
+func wrap(err error) error { return virterr.Wrap("", err, xmlErrors) }
 
 func (s *Source) Domain(ctx context.Context, name string) (*driver.SourceDomain, error) {
 	dom, err := s.conn.LookupDomainByName(name)

@@ -18,6 +18,7 @@ import (
 
 	lv "libvirt.org/go/libvirt"
 
+	"github.com/xlsnap/xlsnap/internal/virterr"
 	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/xenlight"
 	"github.com/xlsnap/xlsnap/xenlight/qmp"
@@ -61,54 +62,7 @@ func (h *Hypervisor) Close() error {
 	return nil
 }
 
-// libvirtError keeps libvirt's own code and message: driver.Code reads
-// the code through LibvirtCode, errors.Is finds xlsnap's sentinel, and
-// errors.As still finds the libvirt.Error.
-type libvirtError struct {
-	op       string
-	err      lv.Error
-	sentinel error
-}
-
-func (e *libvirtError) Error() string    { return e.op + ": " + e.err.Message }
-func (e *libvirtError) LibvirtCode() int { return int(e.err.Code) }
-func (e *libvirtError) Unwrap() []error {
-	if e.sentinel == nil {
-		return []error{e.err}
-	}
-	return []error{e.sentinel, e.err}
-}
-
-func wrap(op string, err error) error {
-	var le lv.Error
-	if !errors.As(err, &le) {
-		return fmt.Errorf("%s: %w", op, err)
-	}
-	var sentinel error
-	switch le.Code {
-	case lv.ERR_NO_DOMAIN:
-		sentinel = storage.ErrNoDomain
-	case lv.ERR_INVALID_ARG, lv.ERR_XML_ERROR, lv.ERR_XML_DETAIL:
-		sentinel = storage.ErrInvalidArg
-	case lv.ERR_OPERATION_INVALID:
-		sentinel = storage.ErrOperationInvalid
-	case lv.ERR_NO_SUPPORT, lv.ERR_OPERATION_UNSUPPORTED, lv.ERR_ARGUMENT_UNSUPPORTED:
-		sentinel = storage.ErrUnsupported
-	case lv.ERR_OPERATION_TIMEOUT:
-		// libvirt's "cannot acquire state change lock": someone else
-		// is working on the domain.
-		sentinel = storage.ErrBusy
-	}
-	return &libvirtError{op: op, err: le, sentinel: sentinel}
-}
-
-func code(err error) lv.ErrorNumber {
-	var le lv.Error
-	if errors.As(err, &le) {
-		return le.Code
-	}
-	return lv.ERR_OK
-}
+func wrap(op string, err error) error { return virterr.Wrap(op, err, nil) }
 
 // with looks the domain up and runs fn on it; libvirt's calls cannot be
 // cancelled, so ctx is checked before the call only.
@@ -271,7 +225,7 @@ func (h *Hypervisor) defineImage(path, definition string) error {
 	if err == nil {
 		return nil
 	}
-	if code(err) != lv.ERR_NO_SUPPORT || !h.isXen() {
+	if virterr.Code(err) != lv.ERR_NO_SUPPORT || !h.isXen() {
 		return wrap("the driver takes no definition with the image, nor into it", err)
 	}
 	if err := redefineLibxlImage(path, definition); err != nil {
@@ -296,7 +250,7 @@ func (h *Hypervisor) isXen() bool {
 // refusedDefinition: the driver took neither the definition with the
 // image nor the flags (the test driver checks its flags first).
 func refusedDefinition(err error) bool {
-	return code(err) == lv.ERR_ARGUMENT_UNSUPPORTED || unsupportedFlags(err)
+	return virterr.Code(err) == lv.ERR_ARGUMENT_UNSUPPORTED || unsupportedFlags(err)
 }
 
 func unsupportedFlags(err error) bool {
