@@ -1,6 +1,11 @@
 package storage
 
-import "sync"
+import (
+	"context"
+	"sync"
+
+	"github.com/xlsnap/xlsnap/internal/fanout"
+)
 
 // ChainChanged tells that a disk's chain changed: the images top to base
 // before and after, and why ("snapshot", "revert", "delete", "rescan").
@@ -21,9 +26,7 @@ type broker struct {
 }
 
 type subscriber struct {
-	mu    sync.Mutex
-	queue []ChainChanged
-	wake  chan struct{}
+	queue *fanout.Queue[ChainChanged]
 	done  chan struct{}
 	out   chan ChainChanged
 }
@@ -37,7 +40,7 @@ func (m *Manager) Subscribe() (<-chan ChainChanged, func()) {
 }
 
 func (b *broker) subscribe() (<-chan ChainChanged, func()) {
-	s := &subscriber{wake: make(chan struct{}, 1), done: make(chan struct{}), out: make(chan ChainChanged)}
+	s := &subscriber{queue: fanout.New[ChainChanged](), done: make(chan struct{}), out: make(chan ChainChanged)}
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
@@ -63,39 +66,14 @@ func (b *broker) subscribe() (<-chan ChainChanged, func()) {
 
 func (s *subscriber) run() {
 	defer close(s.out)
-	for {
-		s.mu.Lock()
-		if len(s.queue) == 0 {
-			s.mu.Unlock()
-			select {
-			case <-s.wake:
-				continue
-			case <-s.done:
-				return
-			}
-		}
-		ev := s.queue[0]
-		s.queue = s.queue[1:]
-		s.mu.Unlock()
-		select {
-		case s.out <- ev:
-		case <-s.done:
-			return
-		}
-	}
+	s.queue.Drain(context.Background(), s.out, s.done)
 }
 
 func (b *broker) publish(ev ChainChanged) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	for s := range b.subs {
-		s.mu.Lock()
-		s.queue = append(s.queue, ev)
-		s.mu.Unlock()
-		select {
-		case s.wake <- struct{}{}:
-		default:
-		}
+		s.queue.Push(ev)
 	}
 }
 

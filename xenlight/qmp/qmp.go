@@ -19,6 +19,8 @@ import (
 	"sync"
 
 	goqmp "github.com/digitalocean/go-qemu/qmp"
+
+	"github.com/xlsnap/xlsnap/internal/fanout"
 )
 
 var (
@@ -247,9 +249,7 @@ func (m *Monitor) execute(ctx context.Context, command string, args any) (json.R
 
 // subscriber queues events so a slow reader never stalls the connection.
 type subscriber struct {
-	mu    sync.Mutex
-	queue []goqmp.Event
-	wake  chan struct{}
+	queue *fanout.Queue[goqmp.Event]
 	done  chan struct{}
 	once  sync.Once
 }
@@ -259,7 +259,7 @@ func (s *subscriber) close() { s.once.Do(func() { close(s.done) }) }
 // Events is qmp.Monitor's Events: every event from now until ctx ends or
 // the connection closes.
 func (m *Monitor) Events(ctx context.Context) (<-chan goqmp.Event, error) {
-	s := &subscriber{wake: make(chan struct{}, 1), done: make(chan struct{})}
+	s := &subscriber{queue: fanout.New[goqmp.Event](), done: make(chan struct{})}
 	m.mu.Lock()
 	if m.subs == nil {
 		m.mu.Unlock()
@@ -275,30 +275,7 @@ func (m *Monitor) Events(ctx context.Context) (<-chan goqmp.Event, error) {
 			delete(m.subs, s)
 			m.mu.Unlock()
 		}()
-		for {
-			s.mu.Lock()
-			if len(s.queue) > 0 {
-				ev := s.queue[0]
-				s.queue = s.queue[1:]
-				s.mu.Unlock()
-				select {
-				case out <- ev:
-				case <-ctx.Done():
-					return
-				case <-s.done:
-					return
-				}
-				continue
-			}
-			s.mu.Unlock()
-			select {
-			case <-s.wake:
-			case <-ctx.Done():
-				return
-			case <-s.done:
-				return
-			}
-		}
+		s.queue.Drain(ctx, out, s.done)
 	}()
 	return out, nil
 }
@@ -307,12 +284,6 @@ func (m *Monitor) publish(ev goqmp.Event) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for s := range m.subs {
-		s.mu.Lock()
-		s.queue = append(s.queue, ev)
-		s.mu.Unlock()
-		select {
-		case s.wake <- struct{}{}:
-		default:
-		}
+		s.queue.Push(ev)
 	}
 }
