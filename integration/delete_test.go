@@ -14,15 +14,9 @@ import (
 // collects the image nothing needs any more.
 func TestDeleteAfterRevertToNonLeaf(t *testing.T) {
 	both(t, nil, func(t *testing.T, e *env) {
-		e.write(0)
-		e.snap("s1", driver.CreateDiskOnly)
-		e.write(1)
-		e.snap("s2", driver.CreateDiskOnly)
-		e.write(2)
-		e.revert("s1", 0)
+		e.revertedToNonLeaf()
 		e.expectChain("vda", "vda.s1-1", "vda.qcow2")
 		e.expectChain("vdb", "vdb.s1-1", "vdb.qcow2")
-		e.write(3)
 
 		rep := e.del("s1", 0)
 		for _, disk := range e.disks {
@@ -51,13 +45,7 @@ func TestDeleteAfterRevertToNonLeaf(t *testing.T) {
 // the chain collapses to one image holding everything.
 func TestDeleteAfterRevertChildFirst(t *testing.T) {
 	both(t, nil, func(t *testing.T, e *env) {
-		e.write(0)
-		e.snap("s1", driver.CreateDiskOnly)
-		e.write(1)
-		e.snap("s2", driver.CreateDiskOnly)
-		e.write(2)
-		e.revert("s1", 0)
-		e.write(3)
+		e.revertedToNonLeaf()
 		e.del("s2", 0)
 		e.expectChain("vda", "vda.s1-1", "vda.qcow2")
 		e.expectCurrent("s1")

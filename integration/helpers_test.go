@@ -520,7 +520,7 @@ func (e *env) expectChain(disk string, want ...string) {
 		e.t.Fatal(err)
 	}
 	var recorded []string
-	for p := rec.Disk(disk).Active; p != "" && len(recorded) <= len(rec.Images); p = rec.Images[p].Backing {
+	for _, p := range rec.Chain(rec.Disk(disk).Active) {
 		recorded = append(recorded, filepath.Base(p))
 	}
 	if !slices.Equal(recorded, want) {
@@ -732,6 +732,19 @@ func (e *env) finish() {
 }
 
 // chainOf is a disk's chain from DiskList, as file names.
+// revertedToNonLeaf builds the tree of the revert-then-delete tests:
+// data 0, s1, data 1, s2, data 2, a revert to s1 (a non-leaf), data 3.
+func (e *env) revertedToNonLeaf() {
+	e.t.Helper()
+	e.write(0)
+	e.snap("s1", driver.CreateDiskOnly)
+	e.write(1)
+	e.snap("s2", driver.CreateDiskOnly)
+	e.write(2)
+	e.revert("s1", 0)
+	e.write(3)
+}
+
 func (e *env) chainOf(disk string) []string {
 	e.t.Helper()
 	list, err := e.d.DiskList(e.ctx, e.dom)

@@ -141,12 +141,7 @@ func TestLibvirtXen(t *testing.T) {
 	t.Cleanup(func() { d.Close() })
 
 	// case 8a: live disk-only snapshot through libvirt + libxl's QMP.
-	s1 := map[string]string{}
-	req := driver.SnapshotRequest{Name: "s1"}
-	for _, disk := range disks {
-		s1[disk] = filepath.Join(g.dir, disk+".s1.qcow2")
-		req.Disks = append(req.Disks, driver.DiskRequest{Name: disk, External: true, ExternalFormat: "qcow2", ExternalPath: s1[disk]})
-	}
+	req, s1 := g.externalRequest("s1")
 	t0 = time.Now()
 	if _, err := d.CreateSnapshot(ctx, g.name, req, driver.CreateDiskOnly|driver.CreateAtomic); err != nil {
 		t.Fatalf("live snapshot through libvirt: %v\n%s", err, g.console())
@@ -167,12 +162,8 @@ func TestLibvirtXen(t *testing.T) {
 	// domain; it is restored onto the new overlays, whose definition
 	// the back end writes into libvirt's save image.
 	mem := filepath.Join(workDir, g.name, "m1.save")
-	m1 := map[string]string{}
-	req = driver.SnapshotRequest{Name: "m1", Memory: true, MemoryPath: mem}
-	for _, disk := range disks {
-		m1[disk] = filepath.Join(g.dir, disk+".m1.qcow2")
-		req.Disks = append(req.Disks, driver.DiskRequest{Name: disk, External: true, ExternalFormat: "qcow2", ExternalPath: m1[disk]})
-	}
+	req, m1 := g.externalRequest("m1")
+	req.Memory, req.MemoryPath = true, mem
 	t0 = time.Now()
 	if _, err := d.CreateSnapshot(ctx, g.name, req, 0); err != nil {
 		t.Fatalf("memory snapshot through libvirt: %v\n%s", err, g.console())

@@ -26,12 +26,8 @@ func TestMemorySnapshotAndRevert(t *testing.T) {
 	d := g.openDriver(h)
 
 	mem := filepath.Join(workDir, g.name, "m1.mem")
-	overlays := map[string]string{}
-	req := driver.SnapshotRequest{Name: "m1", Memory: true, MemoryPath: mem}
-	for _, disk := range disks {
-		overlays[disk] = filepath.Join(g.dir, disk+".m1.qcow2")
-		req.Disks = append(req.Disks, driver.DiskRequest{Name: disk, External: true, ExternalFormat: "qcow2", ExternalPath: overlays[disk]})
-	}
+	req, overlays := g.externalRequest("m1")
+	req.Memory, req.MemoryPath = true, mem
 	t0 := time.Now()
 	snap, err := d.CreateSnapshot(ctx, g.name, req, 0)
 	if err != nil {

@@ -320,6 +320,19 @@ func (g *guest) diskList(d *driver.Driver) map[string]driver.DiskInfo {
 	return out
 }
 
+// externalRequest asks for an external snapshot of every disk, each
+// overlay DISK.NAME.qcow2 in the guest's image folder; it returns the
+// request and the overlays by disk.
+func (g *guest) externalRequest(name string) (driver.SnapshotRequest, map[string]string) {
+	req := driver.SnapshotRequest{Name: name}
+	overlays := map[string]string{}
+	for _, disk := range disks {
+		overlays[disk] = filepath.Join(g.dir, disk+"."+name+".qcow2")
+		req.Disks = append(req.Disks, driver.DiskRequest{Name: disk, External: true, ExternalFormat: "qcow2", ExternalPath: overlays[disk]})
+	}
+	return req, overlays
+}
+
 func newLibxl(t *testing.T) *libxl.Hypervisor {
 	t.Helper()
 	h, err := libxl.New()
@@ -349,12 +362,7 @@ func TestLiveSnapshotAndMerge(t *testing.T) {
 	h := newLibxl(t)
 	d := g.openDriver(h)
 
-	overlays := map[string]string{}
-	req := driver.SnapshotRequest{Name: "s1"}
-	for _, disk := range disks {
-		overlays[disk] = filepath.Join(g.dir, disk+".s1.qcow2")
-		req.Disks = append(req.Disks, driver.DiskRequest{Name: disk, External: true, ExternalFormat: "qcow2", ExternalPath: overlays[disk]})
-	}
+	req, overlays := g.externalRequest("s1")
 	t0 := time.Now()
 	if _, err := d.CreateSnapshot(ctx, g.name, req, driver.CreateDiskOnly|driver.CreateAtomic); err != nil {
 		t.Fatalf("live disk-only snapshot: %v\n%s", err, g.console())
@@ -423,10 +431,7 @@ func offline(t *testing.T, g *guest, active map[string]string, records0 int) {
 	g.t = t
 	d := g.openDriver(nil)
 	t0 := time.Now()
-	req := driver.SnapshotRequest{Name: "off1"}
-	for _, disk := range disks {
-		req.Disks = append(req.Disks, driver.DiskRequest{Name: disk, External: true, ExternalFormat: "qcow2", ExternalPath: filepath.Join(g.dir, disk+".off1.qcow2")})
-	}
+	req, _ := g.externalRequest("off1")
 	if _, err := d.CreateSnapshot(ctx, g.name, req, driver.CreateDiskOnly); err != nil {
 		t.Fatal(err)
 	}
@@ -480,12 +485,7 @@ func TestSaveRestoreAfterLiveSnapshot(t *testing.T) {
 	g.start(nil)
 	h := newLibxl(t)
 	d := g.openDriver(h)
-	overlays := map[string]string{}
-	req := driver.SnapshotRequest{Name: "h1"}
-	for _, disk := range disks {
-		overlays[disk] = filepath.Join(g.dir, disk+".h1.qcow2")
-		req.Disks = append(req.Disks, driver.DiskRequest{Name: disk, External: true, ExternalFormat: "qcow2", ExternalPath: overlays[disk]})
-	}
+	req, overlays := g.externalRequest("h1")
 	t0 := time.Now()
 	if _, err := d.CreateSnapshot(ctx, g.name, req, driver.CreateDiskOnly|driver.CreateAtomic); err != nil {
 		t.Fatal(err)
