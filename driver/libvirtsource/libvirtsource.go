@@ -12,6 +12,7 @@ import (
 
 	"github.com/xlsnap/xlsnap/driver"
 	"github.com/xlsnap/xlsnap/internal/virterr"
+	xlibvirt "github.com/xlsnap/xlsnap/xenlight/libvirt"
 )
 
 // Source reads and redefines domains through one libvirt connection.
@@ -59,17 +60,7 @@ func (s *Source) Domain(ctx context.Context, name string) (*driver.SourceDomain,
 	if err != nil {
 		return nil, wrap(err)
 	}
-	return &driver.SourceDomain{Name: name, State: stateOf(state), XML: doc}, nil
-}
-
-func stateOf(st libvirt.DomainState) driver.DomainState {
-	switch st {
-	case libvirt.DOMAIN_RUNNING, libvirt.DOMAIN_BLOCKED:
-		return driver.StateRunning
-	case libvirt.DOMAIN_PAUSED, libvirt.DOMAIN_PMSUSPENDED:
-		return driver.StatePaused
-	}
-	return driver.StateShutoff
+	return &driver.SourceDomain{Name: name, State: driver.DomainState(xlibvirt.StateOf(state)), XML: doc}, nil
 }
 
 func (s *Source) Domains(ctx context.Context) ([]string, error) {

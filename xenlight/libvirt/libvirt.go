@@ -110,10 +110,13 @@ func (h *Hypervisor) State(ctx context.Context, domain string) (xenlight.State, 
 	if err != nil {
 		return "", err
 	}
-	return stateOf(st), nil
+	return StateOf(st), nil
 }
 
-func stateOf(st lv.DomainState) xenlight.State {
+// StateOf names a libvirt domain state: a domain shutting down or crashed
+// (and preserved) still has its disks open, so it is active, never
+// Shutoff. The domain source reads states through it too.
+func StateOf(st lv.DomainState) xenlight.State {
 	switch st {
 	case lv.DOMAIN_RUNNING, lv.DOMAIN_BLOCKED, lv.DOMAIN_SHUTDOWN:
 		return xenlight.Running
