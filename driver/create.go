@@ -123,7 +123,7 @@ func (d *Driver) create(ctx context.Context, domain string, doc *libvirtxml.Doma
 	if active {
 		return d.createActive(ctx, v, doc, flags, spec)
 	}
-	snap, err := d.st.CreateSnapshot(ctx, domain, spec)
+	snap, err := d.st.CreateSnapshot(ctx, v.key, spec)
 	if err != nil {
 		return nil, err
 	}
@@ -253,8 +253,8 @@ func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.Do
 			snap.Disks = append(snap.Disks, rec)
 		}
 	}
-	if err := d.st.RedefineSnapshot(ctx, v.rec.Name, snap, flags&CreateCurrent != 0); err != nil {
+	if err := d.st.RedefineSnapshot(ctx, v.key, snap, flags&CreateCurrent != 0); err != nil {
 		return nil, err
 	}
-	return d.st.Snapshot(ctx, domain, snap.Name)
+	return d.st.Snapshot(ctx, v.key, snap.Name)
 }

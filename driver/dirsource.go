@@ -34,6 +34,9 @@ func NewDirSource(dir string) (*DirSource, error) {
 	return &DirSource{dir: abs}, nil
 }
 
+// URI is file:// and the folder.
+func (s *DirSource) URI() string { return "file://" + s.dir }
+
 // Dir is the folder the source reads.
 func (s *DirSource) Dir() string { return s.dir }
 

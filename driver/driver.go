@@ -31,9 +31,10 @@ type Config struct {
 // Driver is libvirt's domain snapshot API over xlsnap's storage layer.
 // It is safe for concurrent use.
 type Driver struct {
-	src DomainSource
-	st  *storage.Manager
-	h   xenlight.Hypervisor
+	src  DomainSource
+	st   *storage.Manager
+	h    xenlight.Hypervisor
+	defs definitions
 
 	mu      sync.Mutex
 	domains map[string]*sync.Mutex
@@ -72,7 +73,8 @@ func Open(ctx context.Context, cfg Config) (*Driver, error) {
 	}
 	// Backends are registered by their consumer, explicitly.
 	storage.Register("dir", dir.New)
-	sc := storage.Config{StateDir: cfg.StateDir}
+	defs := definitions{src: cfg.Source}
+	sc := storage.Config{StateDir: cfg.StateDir, Definitions: defs}
 	for i, p := range pools {
 		sc.Pools = append(sc.Pools, storage.PoolConfig{Name: fmt.Sprintf("pool%d", i), Type: "dir", Path: p})
 	}
@@ -80,7 +82,7 @@ func Open(ctx context.Context, cfg Config) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Driver{src: cfg.Source, st: st, h: cfg.Hypervisor}, nil
+	return &Driver{src: cfg.Source, st: st, h: cfg.Hypervisor, defs: defs}, nil
 }
 
 // Close releases the storage layer.
@@ -130,6 +132,8 @@ func diskFolders(ctx context.Context, src DomainSource) ([]string, error) {
 // domainView is a domain as the driver works on it: the source's
 // definition and storage's record, made to agree.
 type domainView struct {
+	// key is the domain's key in storage (storage.DomainKey).
+	key   string
 	src   *SourceDomain
 	disks []diskInfo
 	rec   *storage.Domain
@@ -152,6 +156,7 @@ func (d *Driver) sync(ctx context.Context, name string) (*domainView, error) {
 		return nil, err
 	}
 	disks := fileDisks(def)
+	key := d.defs.key(name, def.UUID)
 	var specs []storage.DiskSpec
 	for _, di := range disks {
 		specs = append(specs, storage.DiskSpec{Target: di.Target, Path: di.Path, Format: di.Format})
@@ -168,15 +173,15 @@ func (d *Driver) sync(ctx context.Context, name string) (*domainView, error) {
 	if sd.State.Active() {
 		// Operations a crash left half-done on this domain can be judged
 		// now that its device model is reachable; before anything else.
-		if err := d.st.RecoverLive(ctx, name, xenlight.NewLive(d.h, name)); err != nil {
+		if err := d.st.RecoverLive(ctx, key, xenlight.NewLive(d.h, name)); err != nil {
 			return nil, err
 		}
 	}
-	rec, err := d.st.DefineDomain(ctx, name, def.UUID, specs)
+	rec, err := d.st.DefineDomain(ctx, key, name, def.UUID, specs)
 	if err != nil {
 		return nil, err
 	}
-	v := &domainView{src: sd, disks: disks, rec: rec}
+	v := &domainView{key: key, src: sd, disks: disks, rec: rec}
 	if err := d.writeDisks(ctx, v); err != nil {
 		return nil, err
 	}
@@ -218,13 +223,23 @@ func (d *Driver) writeDisks(ctx context.Context, v *domainView) error {
 	return nil
 }
 
-// afterChange re-reads storage's record and rewrites the definition.
+// afterChange re-reads storage's record and the definition, which the
+// operation's definition step rewrote; a definition that still differs
+// (a definition step that failed) is rewritten here.
 func (d *Driver) afterChange(ctx context.Context, v *domainView) error {
-	rec, err := d.st.Domain(ctx, v.src.Name)
+	rec, err := d.st.Domain(ctx, v.key)
 	if err != nil {
 		return err
 	}
-	v.rec = rec
+	sd, err := d.src.Domain(ctx, v.src.Name)
+	if err != nil {
+		return err
+	}
+	def, err := parseDomain(sd.XML)
+	if err != nil {
+		return err
+	}
+	v.rec, v.src.XML, v.disks = rec, sd.XML, fileDisks(def)
 	return d.writeDisks(ctx, v)
 }
 
@@ -246,7 +261,7 @@ func (d *Driver) ChainChanged(ctx context.Context, domain, disk string) error {
 	if err != nil {
 		return err
 	}
-	c, err := d.st.ChainChanged(ctx, domain, disk)
+	c, err := d.st.ChainChanged(ctx, v.key, disk)
 	if err != nil {
 		return err
 	}

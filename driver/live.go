@@ -26,7 +26,7 @@ func (d *Driver) createActive(ctx context.Context, v *domainView, doc *libvirtxm
 	wasRunning := v.src.State == StateRunning
 	if doc.Memory == nil || doc.Memory.Snapshot == "" || doc.Memory.Snapshot == "no" {
 		spec.State, spec.Live = "disk-snapshot", live
-		snap, err := d.st.CreateSnapshot(ctx, name, spec)
+		snap, err := d.st.CreateSnapshot(ctx, v.key, spec)
 		if err != nil {
 			return nil, err
 		}
@@ -52,7 +52,7 @@ func (d *Driver) createActive(ctx context.Context, v *domainView, doc *libvirtxm
 	switch {
 	case err == nil:
 		spec.Live = live
-		snap, err := d.st.CreateSnapshot(ctx, name, spec)
+		snap, err := d.st.CreateSnapshot(ctx, v.key, spec)
 		if err != nil {
 			return nil, errors.Join(err, resume())
 		}
@@ -68,7 +68,7 @@ func (d *Driver) createActive(ctx context.Context, v *domainView, doc *libvirtxm
 	if err := d.h.SaveMemory(ctx, name, doc.Memory.File, false); err != nil {
 		return nil, errors.Join(err, resume())
 	}
-	snap, err := d.st.CreateSnapshot(ctx, name, spec)
+	snap, err := d.st.CreateSnapshot(ctx, v.key, spec)
 	if err != nil {
 		return nil, errors.Join(err, d.restore(context.WithoutCancel(ctx), v, doc.Memory.File, !wasRunning))
 	}

@@ -14,6 +14,7 @@ import (
 
 // tree is a domain's snapshots with their children.
 type tree struct {
+	key      string // the domain's key in storage
 	current  string
 	byName   map[string]*Snapshot
 	children map[string][]string // "" holds the roots
@@ -25,11 +26,16 @@ func (d *Driver) snapshots(ctx context.Context, domain string) (*tree, error) {
 	if err := storage.ValidName("domain", domain); err != nil {
 		return nil, err
 	}
-	if _, err := d.src.Domain(ctx, domain); err != nil {
+	sd, err := d.src.Domain(ctx, domain)
+	if err != nil {
 		return nil, err
 	}
-	t := &tree{byName: map[string]*Snapshot{}, children: map[string][]string{}}
-	rec, err := d.st.Domain(ctx, domain)
+	def, err := parseDomain(sd.XML)
+	if err != nil {
+		return nil, err
+	}
+	t := &tree{key: d.defs.key(domain, def.UUID), byName: map[string]*Snapshot{}, children: map[string][]string{}}
+	rec, err := d.st.Domain(ctx, t.key)
 	if errors.Is(err, storage.ErrNoDomain) {
 		return t, nil
 	}
@@ -37,7 +43,7 @@ func (d *Driver) snapshots(ctx context.Context, domain string) (*tree, error) {
 		return nil, err
 	}
 	t.current = rec.Current
-	list, err := d.st.Snapshots(ctx, domain)
+	list, err := d.st.Snapshots(ctx, t.key)
 	if err != nil {
 		return nil, err
 	}
@@ -174,10 +180,11 @@ func (d *Driver) SnapshotLookupByName(ctx context.Context, domain, name string, 
 // has but storage never saw has no snapshots, one the source no longer
 // has is no domain.
 func (d *Driver) snapshot(ctx context.Context, domain, name string) (*Snapshot, error) {
-	if _, _, err := d.lookup(ctx, domain, name); err != nil {
+	t, _, err := d.lookup(ctx, domain, name)
+	if err != nil {
 		return nil, err
 	}
-	return d.st.Snapshot(ctx, domain, name)
+	return d.st.Snapshot(ctx, t.key, name)
 }
 
 // lookup reads the domain's snapshot tree and the named snapshot in it.

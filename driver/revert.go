@@ -25,9 +25,23 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 	if err != nil {
 		return err
 	}
-	snap, err := d.st.Snapshot(ctx, domain, name)
+	snap, err := d.st.Snapshot(ctx, v.key, name)
 	if err != nil {
 		return err
+	}
+	// The definition of the snapshot's time comes back, disks added or
+	// removed since included: storage writes it as the revert's
+	// definition step, its disks pointed at the reverted images.
+	opts := storage.RevertOptions{Definition: snap.DomainXML}
+	if snap.DomainXML != "" {
+		def, err := parseDomain(snap.DomainXML)
+		if err != nil {
+			return fmt.Errorf("the definition in snapshot %s: %w", name, err)
+		}
+		opts.Disks = []storage.DiskSpec{}
+		for _, di := range fileDisks(def) {
+			opts.Disks = append(opts.Disks, storage.DiskSpec{Target: di.Target, Path: di.Path, Format: di.Format})
+		}
 	}
 	if snap.Memory == "" && flags&(RevertRunning|RevertPaused) != 0 {
 		return fmt.Errorf("%w: %s holds no memory; starting %s afresh is the toolstack's job", ErrLiveUnsupported, name, domain)
@@ -48,19 +62,8 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 		}
 		v.src.State = StateShutoff
 	}
-	if _, err := d.st.Revert(ctx, domain, name); err != nil {
+	if _, err := d.st.Revert(ctx, v.key, name, opts); err != nil {
 		return err
-	}
-	if snap.DomainXML != "" {
-		// The definition of the snapshot's time; writeDisks repoints it.
-		if err := d.src.Redefine(ctx, domain, snap.DomainXML); err != nil {
-			return err
-		}
-		def, err := parseDomain(snap.DomainXML)
-		if err != nil {
-			return err
-		}
-		v.src.XML, v.disks = snap.DomainXML, fileDisks(def)
 	}
 	if err := d.afterChange(ctx, v); err != nil {
 		return err
@@ -94,7 +97,7 @@ func (d *Driver) SnapshotDelete(ctx context.Context, domain, name string, flags 
 			return nil, err
 		}
 	}
-	report, err := d.st.DeleteSnapshot(ctx, domain, name, opts)
+	report, err := d.st.DeleteSnapshot(ctx, v.key, name, opts)
 	if err != nil {
 		return report, err
 	}

@@ -37,6 +37,9 @@ type DomainSource interface {
 	Domains(ctx context.Context) ([]string, error)
 	// Redefine replaces the persistent definition of an existing domain.
 	Redefine(ctx context.Context, name, xml string) error
+	// URI names the source (file:///DIR, a libvirt URI): a domain is its
+	// UUID within its source.
+	URI() string
 }
 
 // diskInfo is one snapshot-capable disk of a definition.

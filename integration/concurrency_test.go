@@ -47,7 +47,7 @@ func TestConcurrentCreates(t *testing.T) {
 		}
 		e.expectCurrent(list[n-1].Name)
 		t.Run("definition", func(t *testing.T) {
-			rec, err := e.d.Storage().Domain(e.ctx, e.dom)
+			rec, err := e.d.Storage().Domain(e.ctx, e.key())
 			if err != nil {
 				t.Fatal(err)
 			}

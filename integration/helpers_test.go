@@ -388,7 +388,7 @@ func (e *env) verify() {
 // its source, points each disk at storage's active layer in qcow2.
 func (e *env) expectDefinitionSynced() {
 	e.t.Helper()
-	rec, err := e.d.Storage().Domain(e.ctx, e.dom)
+	rec, err := e.d.Storage().Domain(e.ctx, e.key())
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -515,7 +515,7 @@ func (e *env) expectChain(disk string, want ...string) {
 	if file != e.path(want[0]) || format != "qcow2" {
 		e.t.Fatalf("definition: disk %s on %s (%s), want %s (qcow2)", disk, file, format, e.path(want[0]))
 	}
-	rec, err := e.d.Storage().Domain(e.ctx, e.dom)
+	rec, err := e.d.Storage().Domain(e.ctx, e.key())
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -711,7 +711,7 @@ func (e *env) finish() {
 	if len(problems) > 0 {
 		e.t.Fatalf("Check found %+v", problems)
 	}
-	rec, err := e.d.Storage().Domain(e.ctx, e.dom)
+	rec, err := e.d.Storage().Domain(e.ctx, e.key())
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -773,4 +773,14 @@ func extra(names ...string) []string {
 		}
 	}
 	return out
+}
+
+// key is the domain's key in storage.
+func (e *env) key() string {
+	e.t.Helper()
+	k, err := e.d.DomainKey(e.ctx, e.dom)
+	if err != nil {
+		e.t.Fatalf("DomainKey: %v", err)
+	}
+	return k
 }

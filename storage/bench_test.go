@@ -72,7 +72,7 @@ func BenchmarkSnapshotCreate(b *testing.B) {
 				domain = fmt.Sprintf("vm%d", i/chainLen)
 				base := filepath.Join(pool, domain+".qcow2")
 				storagetest.Run(b, qemuImg, "create", "-q", "-f", "qcow2", base, "1G")
-				if _, err := m.DefineDomain(ctx, domain, "", []storage.DiskSpec{{Target: "vda", Path: base, Format: "qcow2"}}); err != nil {
+				if _, err := m.DefineDomain(ctx, domain, domain, "", []storage.DiskSpec{{Target: "vda", Path: base, Format: "qcow2"}}); err != nil {
 					b.Fatal(err)
 				}
 				b.StartTimer()
@@ -125,7 +125,7 @@ func BenchmarkMerge(b *testing.B) {
 		for i := 0; i < b.N; i++ {
 			b.StopTimer()
 			storagetest.CopyFile(b, template, base)
-			if _, err := m.DefineDomain(ctx, "vm", "", []storage.DiskSpec{{Target: "vda", Path: base, Format: "qcow2"}}); err != nil {
+			if _, err := m.DefineDomain(ctx, "vm", "vm", "", []storage.DiskSpec{{Target: "vda", Path: base, Format: "qcow2"}}); err != nil {
 				b.Fatal(err)
 			}
 			if _, err := m.CreateSnapshot(ctx, "vm", storage.SnapshotSpec{Name: "s1", DomainXML: benchXML,

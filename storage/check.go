@@ -3,7 +3,7 @@ package storage
 import (
 	"context"
 	"fmt"
-	"os"
+	"io/fs"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -20,7 +20,8 @@ const (
 	ProblemMissingImage ProblemKind = "missing-image"     // metadata names an image that is not there
 	ProblemChainDiffers ProblemKind = "chain-differs"     // a disk's chain on disk is not the recorded one
 	ProblemBadImage     ProblemKind = "bad-image"         // qemu-img check or the chain reader refuses an image
-	ProblemOrphan       ProblemKind = "orphan-image"      // an overlay of a known image that no record holds
+	ProblemOrphan       ProblemKind = "orphan-image"      // an overlay of a known image that no record holds and no definition reads
+	ProblemSharedBase   ProblemKind = "shared-base"       // a known image that images no record holds are backed by
 )
 
 // Problem is one finding; Fixed says Repair mended it, Note why not.
@@ -39,9 +40,9 @@ func (m *Manager) Check(ctx context.Context) ([]Problem, error) {
 	return m.check(ctx, false)
 }
 
-// Repair finishes pending operations, rescans chains that changed on
-// disk, and removes orphan overlays that hold no data. What it cannot
-// mend safely (a missing image, an orphan holding data) stays reported.
+// Repair finishes pending operations and rescans chains that changed on
+// disk. What it cannot mend safely (a missing image, an orphan) stays
+// reported; it removes no image.
 func (m *Manager) Repair(ctx context.Context) ([]Problem, error) {
 	return m.check(ctx, true)
 }
@@ -91,7 +92,7 @@ func (m *Manager) check(ctx context.Context, repair bool) ([]Problem, error) {
 		}
 		problems = append(problems, m.checkDomain(ctx, d, snaps[d.Name], repair)...)
 	}
-	problems = append(problems, m.orphans(ctx, known, repair)...)
+	problems = append(problems, m.orphans(ctx, known)...)
 	return problems, nil
 }
 
@@ -104,7 +105,7 @@ func (m *Manager) checkDomain(ctx context.Context, d *Domain, snaps []*Snapshot,
 	sort.Strings(paths)
 	for _, p := range paths {
 		if !exists(p) {
-			pr := Problem{Kind: ProblemMissingImage, Domain: d.Name, Path: p, Detail: "recorded image does not exist"}
+			pr := Problem{Kind: ProblemMissingImage, Domain: domainName(d), Path: p, Detail: "recorded image does not exist"}
 			if users := snapshotsUsing(snaps, p); len(users) > 0 {
 				pr.Detail += fmt.Sprintf("; snapshots %v need it", users)
 			}
@@ -113,7 +114,7 @@ func (m *Manager) checkDomain(ctx context.Context, d *Domain, snaps []*Snapshot,
 		}
 		if b, err := m.backendFor(p); err == nil {
 			if err := b.Check(ctx, p, d.Images[p].Format); err != nil {
-				problems = append(problems, Problem{Kind: ProblemBadImage, Domain: d.Name, Path: p, Detail: err.Error()})
+				problems = append(problems, Problem{Kind: ProblemBadImage, Domain: domainName(d), Path: p, Detail: err.Error()})
 			}
 		}
 	}
@@ -121,14 +122,14 @@ func (m *Manager) checkDomain(ctx context.Context, d *Domain, snaps []*Snapshot,
 		recorded := d.Chain(disk.Active)
 		c, err := chain.Walk(ctx, disk.Active, chain.Format(disk.Format), m.policy())
 		if err != nil {
-			problems = append(problems, Problem{Kind: ProblemBadImage, Domain: d.Name, Disk: disk.Target, Path: disk.Active, Detail: err.Error()})
+			problems = append(problems, Problem{Kind: ProblemBadImage, Domain: domainName(d), Disk: disk.Target, Path: disk.Active, Detail: err.Error()})
 			continue
 		}
 		onDisk := layerPaths(c)
 		if slices.Equal(recorded, onDisk) {
 			continue
 		}
-		pr := Problem{Kind: ProblemChainDiffers, Domain: d.Name, Disk: disk.Target, Path: disk.Active,
+		pr := Problem{Kind: ProblemChainDiffers, Domain: domainName(d), Disk: disk.Target, Path: disk.Active,
 			Detail: fmt.Sprintf("recorded %v, on disk %v", recorded, onDisk)}
 		if repair {
 			if _, err := m.ChainChanged(ctx, d.Name, disk.Target); err != nil {
@@ -162,56 +163,60 @@ func layerPaths(c *chain.Chain) []string {
 	return out
 }
 
-// orphans finds images in the pools that are backed by a known image but
-// are not known themselves: overlays a crash or an outside tool left.
-func (m *Manager) orphans(ctx context.Context, known map[string]bool, repair bool) []Problem {
+// orphans looks at the pools as they are: an image backed by a recorded
+// image that no record holds is either another user of that image (a
+// linked clone a definition reads: the recorded image is a shared base,
+// reported with its users) or an orphan no definition reads. Neither is
+// ever removed here: xlsnap removes only images its own records made.
+func (m *Manager) orphans(ctx context.Context, known map[string]bool) []Problem {
+	u, err := m.scanUsers(ctx)
+	if err != nil {
+		return []Problem{{Kind: ProblemBadImage, Detail: err.Error()}}
+	}
 	var problems []Problem
+	bases := map[string][]User{}
+	var baseOrder []string
 	for _, p := range m.pools {
 		root := p.backend.Root()
-		entries, err := os.ReadDir(root)
-		if err != nil {
-			problems = append(problems, Problem{Kind: ProblemBadImage, Path: root, Detail: err.Error()})
-			continue
-		}
-		for _, e := range entries {
-			path := filepath.Join(root, e.Name())
-			if known[path] || !e.Type().IsRegular() {
-				continue
+		filepath.WalkDir(root, func(path string, e fs.DirEntry, err error) error {
+			if err != nil || !e.Type().IsRegular() || known[path] {
+				return nil
 			}
-			h, err := readHeader(path)
-			if err != nil || h.BackingFile == "" {
-				continue
+			ref, err := m.headers.backingOf(path)
+			if err != nil || ref == "" {
+				return nil
 			}
-			backing := filepath.Clean(chain.ResolveBacking(path, h.BackingFile))
+			backing := filepath.Clean(chain.ResolveBacking(path, ref))
 			if !known[backing] {
-				continue
+				return nil
 			}
-			pr := Problem{Kind: ProblemOrphan, Path: path, Detail: "overlay of " + backing + " that no record holds"}
-			if repair {
-				m.removeIfEmpty(ctx, p.backend, path, &pr)
+			var named []User
+			for _, usr := range u.of(path) {
+				if usr.Kind == UserDefinition {
+					named = append(named, usr)
+				}
 			}
-			problems = append(problems, pr)
-		}
+			if len(named) == 0 {
+				problems = append(problems, Problem{Kind: ProblemOrphan, Path: path,
+					Detail: "overlay of " + backing + " that no record holds and no definition reads",
+					Note:   "kept: xlsnap removes only images its records hold"})
+			}
+			if bases[backing] == nil {
+				baseOrder = append(baseOrder, backing)
+			}
+			usr := User{Kind: UserOverlay, Path: path}
+			if len(named) > 0 {
+				usr = named[0]
+			}
+			bases[backing] = append(bases[backing], usr)
+			return nil
+		})
+	}
+	for _, b := range baseOrder {
+		problems = append(problems, Problem{Kind: ProblemSharedBase, Path: b,
+			Detail: "recorded image is also the base of " + describeUsers(bases[b]) + ": kept while they use it"})
 	}
 	return problems
-}
-
-// removeIfEmpty removes an orphan only when it holds no data of its own:
-// data that lives nowhere else is never removed.
-func (m *Manager) removeIfEmpty(ctx context.Context, b Backend, path string, pr *Problem) {
-	n, err := b.AllocatedBytes(ctx, path, "qcow2")
-	switch {
-	case err != nil:
-		pr.Note = err.Error()
-	case n > 0:
-		pr.Note = fmt.Sprintf("kept: holds %d bytes of data", n)
-	default:
-		if err := b.Remove(ctx, path); err != nil {
-			pr.Note = err.Error()
-		} else {
-			pr.Fixed = true
-		}
-	}
 }
 
 // ChainChanged is the public "a chain changed, rescan" call: someone
@@ -239,7 +244,7 @@ func (m *Manager) ChainChanged(ctx context.Context, domain, disk string) (*chain
 			return err
 		}
 		m.recordChain(d, c)
-		ev = ChainChanged{Domain: domain, Disk: disk, Before: before, After: layerPaths(c), Reason: "rescan"}
+		ev = ChainChanged{Domain: domainName(d), Disk: disk, Before: before, After: layerPaths(c), Reason: "rescan"}
 		return tx.PutDomain(d)
 	})
 	if err != nil {

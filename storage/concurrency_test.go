@@ -95,7 +95,7 @@ func concDiskWorker(ctx context.Context, m *storage.Manager, domain, disk string
 		if err := expect(b); err != nil {
 			return err
 		}
-		d, err := m.Revert(ctx, domain, name)
+		d, err := m.Revert(ctx, domain, name, storage.RevertOptions{})
 		if err != nil {
 			return fmt.Errorf("revert %s: %w", name, err)
 		}
@@ -124,7 +124,8 @@ func concDiskWorker(ctx context.Context, m *storage.Manager, domain, disk string
 
 // concExpectWorkersDone asserts what concDiskWorker leaves on each disk: the last
 // snapshot only, and the chain its revert and the pull-up of the previous
-// snapshot leave (vm-DISK.DISK-rLAST-1 on vm-DISK.DISK-rPREV-1).
+// snapshot leave (vm-DISK.DISK-rLAST-1 on the user's vm-DISK.qcow2: each
+// pull-up into an overlay of the user's image ends on the user's name).
 func concExpectWorkersDone(t *testing.T, e *storagetest.Env, domain string, disks []string, rounds int) {
 	t.Helper()
 	var want []string
@@ -133,7 +134,7 @@ func concExpectWorkersDone(t *testing.T, e *storagetest.Env, domain string, disk
 		want = append(want, last)
 		e.ExpectChain(domain, disk,
 			fmt.Sprintf("%s-%s.%s-1", domain, disk, last),
-			fmt.Sprintf("%s-%s.%s-r%d-1", domain, disk, disk, rounds-2))
+			fmt.Sprintf("%s-%s.qcow2", domain, disk))
 		e.Expect(domain, disk, byte((i+1)<<4|(rounds-1)), 0, 64<<10)
 	}
 	concExpectTree(t, e.Ctx, e.M, domain, want)
@@ -348,13 +349,13 @@ func TestDomainLockHeld(t *testing.T) {
 	cancel()
 	_, err = e.M.CreateSnapshot(cctx, "a", storage.SnapshotSpec{Name: "x"})
 	concExpectBusy(t, "CreateSnapshot with a cancelled context", err, context.Canceled)
-	_, err = e.M.Revert(cctx, "a", "s1")
+	_, err = e.M.Revert(cctx, "a", "s1", storage.RevertOptions{})
 	concExpectBusy(t, "Revert", err, context.Canceled)
 	_, err = e.M.DeleteSnapshot(cctx, "a", "s1", storage.DeleteOptions{})
 	concExpectBusy(t, "DeleteSnapshot", err, context.Canceled)
 	_, err = e.M.ChainChanged(cctx, "a", "vda")
 	concExpectBusy(t, "ChainChanged", err, context.Canceled)
-	_, err = e.M.DefineDomain(cctx, "a", "", nil)
+	_, err = e.M.DefineDomain(cctx, "a", "a", "", nil)
 	concExpectBusy(t, "DefineDomain", err, context.Canceled)
 	if got := e.Chain("a", "vda"); !slices.Equal(got, chainA) {
 		t.Errorf("refused calls changed a's chain: %v -> %v", chainA, got)
@@ -413,7 +414,7 @@ func TestDomainLockHeld(t *testing.T) {
 	e.Expect("a", "vda", 0xa1, 64<<10, concMiB-64<<10)
 	concExpectTree(t, e.Ctx, e.M, "a", nil)
 	concExpectTree(t, e.Ctx, e.M, "b", []string{"vda-r1", "from-m2"})
-	e.ExpectChain("b", "vda", "b-vda.from-m2", "b-vda.vda-r1-1", "b-vda.vda-r0-1")
+	e.ExpectChain("b", "vda", "b-vda.from-m2", "b-vda.vda-r1-1", "b-vda.qcow2")
 	e.Expect("b", "vda", 0xb1, 0, 64<<10) // concDiskWorker's last round on b
 	e.CheckClean("b")
 	e.CheckClean("a")

@@ -98,6 +98,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 	}
 	in := newIntent(domain, "snapshot")
 	var group []step // a live snapshot's disks, for one transaction
+	var u *users     // scanned when a disk's image is to be written
 	seen := map[string]bool{}
 	for _, ds := range spec.Disks {
 		disk := next.Disk(ds.Target)
@@ -132,6 +133,9 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 				return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
 			}
 			if _, err := m.internal(disk.Active); err != nil {
+				return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
+			}
+			if err := m.checkSoleWriter(ctx, &u, d, disk.Active); err != nil {
 				return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
 			}
 			st := step{Kind: metastore.StepInternalCreate, Path: disk.Active, Format: disk.Format, Name: spec.Name, Disk: ds.Target}
@@ -202,6 +206,28 @@ func (m *Manager) planOverlay(ctx context.Context, disk *Disk, ds SnapshotDiskSp
 	}
 	return overlay, format, &step{Kind: metastore.StepCreateOverlay, Path: overlay, Format: format,
 		Backing: disk.Active, BackingFormat: disk.Format, Disk: disk.Target}, nil
+}
+
+// checkSoleWriter refuses to write into an image that another domain's
+// definition or records name: that domain may have it open. Overlays of
+// it in the pools are fine: an internal snapshot changes no content.
+func (m *Manager) checkSoleWriter(ctx context.Context, u **users, d *Domain, path string) error {
+	if *u == nil {
+		var err error
+		if *u, err = m.scanUsers(ctx); err != nil {
+			return err
+		}
+	}
+	var others []User
+	for _, usr := range (*u).foreign(path, d.Name, d.Images) {
+		if usr.Kind != UserOverlay {
+			others = append(others, usr)
+		}
+	}
+	if len(others) > 0 {
+		return fmt.Errorf("%w: %s is also used by %s", ErrOperationInvalid, path, describeUsers(others))
+	}
+	return nil
 }
 
 // checkInternalName guards qemu-img's lookup, which matches a snapshot's

@@ -27,6 +27,7 @@ const (
 	ActionInternalDeleted DiskAction = "internal-deleted"  // qcow2 internal snapshot removed
 	ActionSharedBase      DiskAction = "kept-shared-base"  // state image backs several images: kept
 	ActionInternalAbove   DiskAction = "kept-for-internal" // a merge would change what an internal snapshot sees
+	ActionUserImage       DiskAction = "kept-user-image"   // a merge would remove an image xlsnap did not create
 	ActionUnreferenced    DiskAction = "unreferenced"      // state image had no child: left to the collector
 	ActionMetadataOnly    DiskAction = "metadata-only"
 )
@@ -40,6 +41,8 @@ type DiskReport struct {
 	// whose data moved into it.
 	Kept    string
 	Removed string
+	// Users are what kept a shared base: its users besides this domain.
+	Users []User `json:",omitempty"`
 }
 
 // DeleteReport lists what a delete did, disk by disk, and the images it
@@ -119,9 +122,10 @@ func (m *Manager) deleteOne(ctx context.Context, d *Domain, snaps map[string]*Sn
 	var forward []step // steps that cannot be undone: after NoReturn
 	var merged []step  // removal of images whose data a merge moved
 	movedTo := map[string]string{}
+	var u *users
 	if !metadataOnly {
-		others, err := m.imagesOfOtherDomains(ctx, domain)
-		if err != nil {
+		var err error
+		if u, err = m.scanUsers(ctx); err != nil {
 			return err
 		}
 		for _, sd := range s.Disks {
@@ -149,7 +153,7 @@ func (m *Manager) deleteOne(ctx context.Context, d *Domain, snaps map[string]*Sn
 				}
 				r.Action, r.Kept = ActionInternalDeleted, sd.Image
 			case DiskExternal:
-				undoable, fwd, err := m.planMerge(ctx, next, sd, others, live, &r)
+				undoable, fwd, err := m.planMerge(ctx, next, sd, u, live, &r)
 				if err != nil {
 					return fmt.Errorf("disk %s: %w", sd.Target, err)
 				}
@@ -190,7 +194,10 @@ func (m *Manager) deleteOne(ctx context.Context, d *Domain, snaps map[string]*Sn
 	}
 	put = append(put, repointSnapshots(snaps, movedTo, next)...)
 	if !metadataOnly {
-		collected := m.collect(next, snaps)
+		collected, err := m.collect(next, snaps, u, d.Images)
+		if err != nil {
+			return err
+		}
 		for _, st := range collected {
 			report.Collected = append(report.Collected, st.Path)
 		}
@@ -208,40 +215,84 @@ func (m *Manager) deleteOne(ctx context.Context, d *Domain, snaps map[string]*Sn
 
 // planMerge merges an external snapshot's state image X with its only
 // child C in the cheaper direction, unless that would change an image
-// that others depend on. It updates next's image tree and disks and fills
-// the report; the merge's steps come back split into undoable and not.
-func (m *Manager) planMerge(ctx context.Context, next *Domain, sd SnapshotDisk, others map[string]bool, live Live, r *DiskReport) (undoable, forward []step, err error) {
+// that anything besides this domain's own records uses (found by u, not
+// assumed), or remove or rename an image xlsnap did not create. It
+// updates next's image tree and disks and fills the report; the merge's
+// steps come back split into undoable and not.
+func (m *Manager) planMerge(ctx context.Context, next *Domain, sd SnapshotDisk, u *users, live Live, r *DiskReport) (undoable, forward []step, err error) {
 	x := sd.Image
 	ximg, ok := next.Images[x]
 	if !ok {
 		r.Action = ActionUnreferenced
 		return nil, nil, nil
 	}
-	children := next.Children(x)
-	switch {
-	case len(children) == 0:
+	kids := u.children(x, next.Images)
+	if len(kids) == 0 {
 		r.Action = ActionUnreferenced
 		return nil, nil, nil
-	case len(children) > 1 || others[x]:
+	}
+	c := kids[0]
+	cimg, inTree := next.Images[c]
+	shared := u.foreign(x, next.Name, next.Images)
+	if len(kids) == 1 && inTree {
+		shared = append(shared, u.foreign(c, next.Name, next.Images)...)
+	}
+	if len(kids) > 1 || !inTree || len(shared) > 0 {
 		r.Action, r.Kept = ActionSharedBase, x
+		r.Users = shared
+		if len(kids) > 1 {
+			for _, k := range kids {
+				r.Users = append(r.Users, User{Kind: UserOverlay, Path: k})
+			}
+		}
 		return nil, nil, nil
 	}
-	c := children[0]
-	cimg := next.Images[c]
 	// Internal snapshots in C or above see through to X: neither X nor C
-	// may change while they exist.
+	// may change while they exist. A header that cannot be read might
+	// hold one: the merge stops.
 	for _, p := range subtree(next, c) {
-		if h, err := readHeader(p); err == nil && len(h.Snapshots) > 0 {
+		if !exists(p) {
+			continue
+		}
+		h, err := readHeader(p)
+		if err != nil {
+			return nil, nil, fmt.Errorf("reading %s for internal snapshots: %w", p, err)
+		}
+		if len(h.Snapshots) > 0 {
 			r.Action, r.Kept = ActionInternalAbove, x
 			return nil, nil, nil
 		}
 	}
-	xHasInternal := false
-	if h, err := readHeader(x); err == nil && len(h.Snapshots) > 0 {
-		xHasInternal = true
+	xh, err := readHeader(x)
+	if err != nil && ximg.Format == "qcow2" {
+		return nil, nil, fmt.Errorf("reading %s for internal snapshots: %w", x, err)
 	}
-	down := xHasInternal // pulling X up would delete its internal snapshots
-	if !down {
+	xHasInternal := err == nil && len(xh.Snapshots) > 0
+	// C's overlays are repointed by a commit down: only those of this
+	// domain's own tree.
+	cKidsOwn := true
+	for _, gc := range u.children(c, next.Images) {
+		if _, ok := next.Images[gc]; !ok {
+			cKidsOwn = false
+		}
+	}
+	liveMerge := false
+	if live != nil {
+		if liveMerge, err = live.Uses(ctx, c); err != nil {
+			return nil, nil, err
+		}
+	}
+	// A commit down removes C; a pull-up removes X, or, when X is the
+	// user's own image, ends by giving C X's name (offline only: the
+	// device model holds C open by its name).
+	canDown := cimg.Owned && cKidsOwn
+	canUp := !xHasInternal && (ximg.Owned || !liveMerge && cimg.Owned)
+	if !canDown && !canUp {
+		r.Action, r.Kept = ActionUserImage, x
+		return nil, nil, nil
+	}
+	down := canDown
+	if canDown && canUp {
 		bx, err := m.allocated(ctx, x, ximg.Format)
 		if err != nil {
 			return nil, nil, err
@@ -250,13 +301,7 @@ func (m *Manager) planMerge(ctx context.Context, next *Domain, sd SnapshotDisk, 
 		if err != nil {
 			return nil, nil, err
 		}
-		down = bc < bx
-	}
-	liveMerge := false
-	if live != nil {
-		if liveMerge, err = live.Uses(ctx, c); err != nil {
-			return nil, nil, err
-		}
+		down = bc < bx || liveMerge && !ximg.Owned
 	}
 	if down {
 		// Commit C into X, point C's children at X, forget C; the device
@@ -294,9 +339,26 @@ func (m *Manager) planMerge(ctx context.Context, next *Domain, sd SnapshotDisk, 
 	undoable = append(undoable, step{Kind: kind, Path: c, Format: cimg.Format,
 		Backing: ximg.Backing, BackingFormat: ximg.BackingFormat, UndoBacking: x, UndoBackingFormat: ximg.Format, Disk: sd.Target})
 	cimg.Backing, cimg.BackingFormat = ximg.Backing, ximg.BackingFormat
-	replaceImage(next, x, c)
-	r.Action, r.Kept, r.Removed = ActionPulledUp, c, x
-	return undoable, nil, nil
+	if ximg.Owned {
+		replaceImage(next, x, c)
+		r.Action, r.Kept, r.Removed = ActionPulledUp, c, x
+		return undoable, nil, nil
+	}
+	// X is the user's: C takes its name (a second link, so the
+	// definition's name for C stays valid until it is rewritten), C's
+	// children follow, and C's own name goes in the cleanup.
+	forward = append(forward, step{Kind: metastore.StepLink, Path: c, Backing: x, Disk: sd.Target})
+	for _, gc := range next.Children(c) {
+		forward = append(forward, step{Kind: metastore.StepRebaseUnsafe, Path: gc, Format: next.Images[gc].Format,
+			Backing: x, BackingFormat: cimg.Format, UndoBacking: c, UndoBackingFormat: cimg.Format, Disk: sd.Target})
+		next.Images[gc].Backing, next.Images[gc].BackingFormat = x, cimg.Format
+	}
+	delete(next.Images, x)
+	next.Images[x] = &Image{Format: cimg.Format, Backing: cimg.Backing, BackingFormat: cimg.BackingFormat}
+	replaceImage(next, c, x)
+	next.Images[x].Owned = false
+	r.Action, r.Kept, r.Removed = ActionPulledUp, x, c
+	return undoable, forward, nil
 }
 
 func (m *Manager) allocated(ctx context.Context, path, format string) (int64, error) {
@@ -376,32 +438,6 @@ func (m *Manager) withXML(ctx context.Context, domain string, snaps []*Snapshot)
 		}
 		return nil
 	})
-}
-
-// imagesOfOtherDomains lists images other domains' trees hold: a merge
-// must never write into or remove an image another domain reads.
-func (m *Manager) imagesOfOtherDomains(ctx context.Context, domain string) (map[string]bool, error) {
-	out := map[string]bool{}
-	err := m.store.View(ctx, func(tx metastore.Tx) error {
-		names, err := tx.DomainNames()
-		if err != nil {
-			return err
-		}
-		for _, n := range names {
-			if n == domain {
-				continue
-			}
-			d, err := tx.Domain(n)
-			if err != nil {
-				return err
-			}
-			for p := range d.Images {
-				out[p] = true
-			}
-		}
-		return nil
-	})
-	return out, err
 }
 
 // liveKind picks the live step kind for an image the device model uses,

@@ -16,6 +16,7 @@ import (
 
 	"github.com/xlsnap/xlsnap/chain"
 	"github.com/xlsnap/xlsnap/internal/crashpoint"
+	"github.com/xlsnap/xlsnap/internal/fsutil"
 	"github.com/xlsnap/xlsnap/storage/metastore"
 )
 
@@ -41,6 +42,9 @@ func (m *Manager) run(ctx context.Context, in *intent, live Live) error {
 	// An operation that cannot be undone from its first step says so in
 	// the intent itself: one journal write fewer.
 	in.PassedNoReturn = in.NoReturn == 0 && len(in.Steps) > 0
+	if in.Commit != nil && in.Definition == nil {
+		in.Definition = &metastore.Definition{Name: domainName(in.Commit.Domain), Disks: in.Commit.Domain.Disks}
+	}
 	if err := m.store.Update(ctx, func(tx metastore.Tx) error { return tx.PutIntent(in) }); err != nil {
 		return err
 	}
@@ -122,7 +126,7 @@ func (m *Manager) commit(ctx context.Context, in *intent) error {
 				}
 			}
 		}
-		if len(in.Cleanup) == 0 {
+		if len(in.Cleanup) == 0 && in.Definition == nil {
 			return tx.DeleteIntent(in.ID)
 		}
 		in.Committed, in.Steps, in.Commit = true, nil, nil
@@ -138,7 +142,17 @@ func (m *Manager) commit(ctx context.Context, in *intent) error {
 	return m.cleanup(ctx, in)
 }
 
+// cleanup runs a committed intent's definition step, then removes what
+// nothing needs any more: no image the old definition named is removed
+// before the new one is durable.
 func (m *Manager) cleanup(ctx context.Context, in *intent) error {
+	if def := in.Definition; def != nil && m.defs != nil {
+		crashpoint.Hit(in.Op + "/definition")
+		if err := m.defs.Redefine(ctx, in.Domain, def.Name, def.Base, def.Disks); err != nil {
+			return fmt.Errorf("%w (rewriting the definition of %s, %s %s): %w", ErrPending, def.Name, in.Op, in.ID, err)
+		}
+		crashpoint.Hit(in.Op + "/defined")
+	}
 	for i, st := range in.Cleanup {
 		crashpoint.Hit(fmt.Sprintf("%s/cleanup%d", in.Op, i))
 		if err := m.redo(ctx, st, nil); err != nil {
@@ -312,7 +326,9 @@ func (m *Manager) redo(ctx context.Context, st step, live Live) error {
 	case metastore.StepRebaseUnsafe:
 		return b.RebaseUnsafe(ctx, st.Path, st.Format, st.Backing, st.BackingFormat)
 	case metastore.StepRemove:
-		return b.Remove(ctx, st.Path)
+		return m.removeUnused(ctx, b, st.Path)
+	case metastore.StepLink:
+		return linkOver(st.Path, st.Backing)
 	}
 	return fmt.Errorf("unknown step %q", st.Kind)
 }
@@ -340,12 +356,58 @@ func (m *Manager) undo(ctx context.Context, st step, live Live) error {
 	case metastore.StepInternalCopy:
 		// The copy is a new file named at plan time: nothing else is there.
 		return b.Remove(ctx, st.Path)
+	case metastore.StepLink:
+		// The link is made after the point of no return only.
+		return fmt.Errorf("step %q cannot be undone", st.Kind)
 	case metastore.StepRebase, metastore.StepRebaseUnsafe:
 		// Content is the same over either backing; only the reference
 		// goes back.
 		return b.RebaseUnsafe(ctx, st.Path, st.Format, st.UndoBacking, st.UndoBackingFormat)
 	}
 	return fmt.Errorf("step %q cannot be undone", st.Kind)
+}
+
+// removeUnused removes an image only when, looked for now, nothing uses
+// it: no definition names it or reads through it, no image in the pools
+// is backed by it, no record names it. Found users keep it:
+// a removal that is skipped loses nothing.
+func (m *Manager) removeUnused(ctx context.Context, b Backend, path string) error {
+	if !exists(path) {
+		return nil
+	}
+	u, err := m.scanUsers(ctx)
+	if err != nil {
+		return err
+	}
+	if len(u.of(path)) > 0 {
+		return nil // check lists it, with its users
+	}
+	return b.Remove(ctx, path)
+}
+
+// linkOver makes dst a name of src's file, atomically replacing what dst
+// named. Running it again once done changes nothing.
+func linkOver(src, dst string) error {
+	ss, err := os.Stat(src)
+	if err != nil {
+		if ds, derr := os.Stat(dst); derr == nil && ds != nil && errors.Is(err, fs.ErrNotExist) {
+			return nil // src was removed after the link: done
+		}
+		return err
+	}
+	if ds, err := os.Stat(dst); err == nil && os.SameFile(ss, ds) {
+		return nil
+	}
+	tmp := filepath.Join(filepath.Dir(dst), "."+filepath.Base(dst)+".xlsnap-link")
+	os.Remove(tmp)
+	if err := os.Link(src, tmp); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, dst); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return fsutil.SyncDir(filepath.Dir(dst))
 }
 
 func exists(path string) bool {
@@ -398,7 +460,7 @@ func (m *Manager) publishChanges(before, after *Domain, reason string) {
 		}
 		now := after.Chain(disk.Active)
 		if !slices.Equal(old, now) {
-			m.events.publish(ChainChanged{Domain: after.Name, Disk: disk.Target, Before: old, After: now, Reason: reason})
+			m.events.publish(ChainChanged{Domain: domainName(after), Disk: disk.Target, Before: old, After: now, Reason: reason})
 		}
 	}
 }

@@ -2,6 +2,8 @@ package storage
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -36,6 +38,10 @@ type Config struct {
 	Pools    []PoolConfig
 	// Store replaces the embedded bbolt store (a cluster store, say).
 	Store metastore.Store
+	// Definitions is the domain source's side: every definition's disks,
+	// and the definition step of each operation. Nil means storage is
+	// used alone: its own records stand in for the definitions.
+	Definitions Definitions
 }
 
 // Manager owns the chains and snapshot metadata of every domain in its
@@ -47,6 +53,8 @@ type Manager struct {
 	pools    []*pool
 	locks    *lockTable
 	events   *broker
+	defs     Definitions
+	headers  headerCache
 }
 
 type pool struct {
@@ -60,7 +68,7 @@ func Open(ctx context.Context, cfg Config) (*Manager, error) {
 	if cfg.StateDir == "" {
 		return nil, fmt.Errorf("%w: no state folder", ErrInvalidArg)
 	}
-	m := &Manager{stateDir: cfg.StateDir, store: cfg.Store, events: newBroker()}
+	m := &Manager{stateDir: cfg.StateDir, store: cfg.Store, events: newBroker(), defs: cfg.Definitions}
 	m.locks = newLockTable(filepath.Join(cfg.StateDir, "locks"))
 	if m.store == nil {
 		s, err := metastore.OpenBolt(ctx, filepath.Join(cfg.StateDir, "xlsnap.db"))
@@ -124,17 +132,33 @@ type DiskSpec struct {
 	Format string
 }
 
-// DefineDomain records a domain's disks and walks their chains into its
-// image tree. For a known disk, storage's record wins over a path that is
-// an older layer of its own tree (a definition not yet rewritten after an
-// operation, say after a crash): the caller compares the returned disks
-// with its definition and rewrites it. A path storage never saw is taken
-// as the operator's change and adopted.
-func (m *Manager) DefineDomain(ctx context.Context, name, uuid string, disks []DiskSpec) (*Domain, error) {
-	if err := ValidName("domain", name); err != nil {
+// DomainKey is the key storage keeps a domain's records under: its UUID
+// within its source (source is the source's URI), so two sources, or two
+// domains of one name, never share records and a renamed domain keeps
+// its snapshots. A definition without a UUID is keyed by its name.
+func DomainKey(source, uuid, name string) string {
+	sum := sha256.Sum256([]byte(source))
+	id := strings.ToLower(uuid)
+	if id == "" {
+		id = "name-" + name
+	}
+	return id + "@" + hex.EncodeToString(sum[:6])
+}
+
+// DefineDomain records a domain's disks under key and walks their chains
+// into its image tree. For a known disk, storage's record wins over a
+// path that is an older layer of its own tree (a definition not yet
+// rewritten after an operation, say after a crash): the caller compares
+// the returned disks with its definition and rewrites it. A path storage
+// never saw is taken as the operator's change and adopted. The active
+// image of a disk that left the definition, or whose source now names
+// another file, holds that disk's data: it becomes the user's (never
+// removed by xlsnap).
+func (m *Manager) DefineDomain(ctx context.Context, key, name, uuid string, disks []DiskSpec) (*Domain, error) {
+	if err := ValidName("domain", key); err != nil {
 		return nil, err
 	}
-	unlock, err := m.lockDomain(ctx, name)
+	unlock, err := m.lockDomain(ctx, key)
 	if err != nil {
 		return nil, err
 	}
@@ -142,9 +166,9 @@ func (m *Manager) DefineDomain(ctx context.Context, name, uuid string, disks []D
 	var d, before *Domain
 	err = m.store.View(ctx, func(tx metastore.Tx) error {
 		var err error
-		d, err = tx.Domain(name)
+		d, err = tx.Domain(key)
 		if errors.Is(err, metastore.ErrNotFound) {
-			d, err = &Domain{Name: name, Images: map[string]*Image{}}, nil
+			d, err = &Domain{Name: key, Images: map[string]*Image{}}, nil
 		} else if err == nil {
 			before = d.Clone()
 		}
@@ -153,7 +177,7 @@ func (m *Manager) DefineDomain(ctx context.Context, name, uuid string, disks []D
 	if err != nil {
 		return nil, err
 	}
-	d.UUID = uuid
+	d.UUID, d.DisplayName = uuid, name
 	var next []Disk
 	for _, ds := range disks {
 		if err := ValidName("disk", ds.Target); err != nil {
@@ -179,6 +203,13 @@ func (m *Manager) DefineDomain(ctx context.Context, name, uuid string, disks []D
 		m.recordChain(d, c)
 		next = append(next, Disk{Target: ds.Target, Active: abs, Format: c.Top().Format.String()})
 	}
+	for _, old := range d.Disks {
+		if nd := findDisk(next, old.Target); nd == nil || nd.Active != old.Active {
+			if img := d.Images[old.Active]; img != nil {
+				img.Owned = false
+			}
+		}
+	}
 	d.Disks = next
 	// Most calls find nothing changed: then no write (and no fsync).
 	if before != nil && reflect.DeepEqual(before, d) {
@@ -191,6 +222,15 @@ func (m *Manager) DefineDomain(ctx context.Context, name, uuid string, disks []D
 		m.publishChanges(before, d, "rescan")
 	}
 	return d, err
+}
+
+func findDisk(disks []Disk, target string) *Disk {
+	for i := range disks {
+		if disks[i].Target == target {
+			return &disks[i]
+		}
+	}
+	return nil
 }
 
 // recordChain adds a chain's images to the tree, keeping what is known.

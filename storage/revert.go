@@ -3,17 +3,38 @@ package storage
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"sort"
+	"strings"
+
+	"github.com/xlsnap/xlsnap/chain"
 
 	"github.com/xlsnap/xlsnap/storage/metastore"
 )
 
+// RevertOptions say what a revert's definition will be.
+type RevertOptions struct {
+	// Definition is the domain definition of the snapshot's time (libvirt
+	// restores it on a revert); "" keeps the current one.
+	Definition string
+	// Disks are that definition's disks. A disk the snapshot took no part
+	// in keeps its current image, or, if the domain no longer has it, the
+	// image the old definition named. A disk of the domain that is not
+	// listed leaves the definition; its images are the user's and stay.
+	// Nil means the domain's current disks.
+	Disks []DiskSpec
+}
+
 // Revert brings an inactive domain's disks back to a snapshot: external
 // disks get a new overlay on the snapshot's state image, internal ones
-// have the internal snapshot applied. The abandoned active layers are
-// removed after the new metadata is durable, and only if no snapshot
-// needs them. It returns the domain with its new active layers.
-func (m *Manager) Revert(ctx context.Context, domain, name string) (*Domain, error) {
+// have the internal snapshot applied (or copied into a new image when
+// anything else reads the image). The definition is rewritten to
+// opts.Definition with the new active layers once the metadata is
+// durable; only then are abandoned layers removed, and only those xlsnap
+// made and nothing uses. It returns the domain with its new active
+// layers. Errors: ErrNoSnapshot, ErrChainBroken (an image the revert
+// needs is gone; all of them are listed), ErrPending.
+func (m *Manager) Revert(ctx context.Context, domain, name string, opts RevertOptions) (*Domain, error) {
 	unlock, err := m.lockDomain(ctx, domain)
 	if err != nil {
 		return nil, err
@@ -27,7 +48,26 @@ func (m *Manager) Revert(ctx context.Context, domain, name string) (*Domain, err
 	if !ok {
 		return nil, fmt.Errorf("%w: %s of domain %s", ErrNoSnapshot, name, domain)
 	}
+	var missing []string
+	for _, sd := range s.Disks {
+		if sd.Mode != DiskNone && !exists(sd.Image) {
+			missing = append(missing, sd.Image)
+		}
+	}
+	if len(missing) > 0 {
+		return nil, fmt.Errorf("%w: snapshot %s needs images that are gone: %s (moved? rescan the disk with the moves)",
+			ErrChainBroken, name, strings.Join(missing, ", "))
+	}
+	u, err := m.scanUsers(ctx)
+	if err != nil {
+		return nil, err
+	}
 	next := d.Clone()
+	if opts.Disks != nil {
+		if next.Disks, err = m.revertedDisks(ctx, d, s, opts.Disks); err != nil {
+			return nil, err
+		}
+	}
 	in := newIntent(domain, "revert")
 	var applies []step
 	for _, sd := range s.Disks {
@@ -36,7 +76,11 @@ func (m *Manager) Revert(ctx context.Context, domain, name string) (*Domain, err
 		}
 		disk := next.Disk(sd.Target)
 		if disk == nil {
-			return nil, fmt.Errorf("%w: snapshot %s has disk %s, the domain no longer does", ErrOperationInvalid, name, sd.Target)
+			if opts.Disks != nil {
+				continue // not in the snapshot's definition
+			}
+			next.Disks = append(next.Disks, Disk{Target: sd.Target})
+			disk = &next.Disks[len(next.Disks)-1]
 		}
 		switch sd.Mode {
 		case DiskExternal:
@@ -50,11 +94,13 @@ func (m *Manager) Revert(ctx context.Context, domain, name string) (*Domain, err
 				return nil, fmt.Errorf("disk %s: %w", sd.Target, err)
 			}
 			// Applying writes the image: fine for the active layer, or for an
-			// image nothing backs onto and no external snapshot keeps as
-			// its state (it then becomes the active layer again). An image
-			// others read must not change: the snapshot's content is copied
-			// into a new image on the same backing instead.
-			if disk.Active == sd.Image || len(next.Children(sd.Image)) == 0 && !isExternalState(snaps, sd.Image) {
+			// image nothing else reads (no overlay, no external snapshot's
+			// state, no other domain); it then becomes the active layer
+			// again. Otherwise the snapshot's content is copied into a new
+			// image on the same backing.
+			writable := len(u.children(sd.Image, next.Images)) == 0 && !isExternalState(snaps, sd.Image) &&
+				len(u.foreign(sd.Image, domain, d.Images)) == 0
+			if disk.Active == sd.Image && len(u.foreign(sd.Image, domain, d.Images)) == 0 || writable {
 				applies = append(applies, step{Kind: metastore.StepInternalApply, Path: sd.Image, Format: sd.Format, Name: name, Disk: sd.Target})
 				disk.Active, disk.Format = sd.Image, sd.Format
 				continue
@@ -71,17 +117,62 @@ func (m *Manager) Revert(ctx context.Context, domain, name string) (*Domain, err
 			disk.Active, disk.Format = copyPath, "qcow2"
 		}
 	}
+	// A disk that leaves the definition keeps its data in its active image,
+	// which is the user's from now on.
+	for _, old := range d.Disks {
+		if next.Disk(old.Target) == nil {
+			if img := next.Images[old.Active]; img != nil {
+				img.Owned = false
+			}
+		}
+	}
 	// New overlays first (undoable), then the applies, which overwrite the
 	// active state and so cannot be undone.
 	in.NoReturn = len(in.Steps)
 	in.Steps = append(in.Steps, applies...)
 	next.Current = name
-	in.Cleanup = m.collect(next, snaps)
+	if in.Cleanup, err = m.collect(next, snaps, u, d.Images); err != nil {
+		return nil, err
+	}
 	in.Commit = &metastore.Commit{Domain: next}
+	in.Definition = &metastore.Definition{Name: domainName(next), Base: opts.Definition, Disks: next.Disks}
 	if err := m.run(ctx, in, nil); err != nil {
 		return nil, err
 	}
 	return next, nil
+}
+
+// revertedDisks is the disk list of the snapshot's definition: each disk
+// the snapshot holds starts from its current record (the steps repoint
+// it), a disk the snapshot took no part in keeps its current image, and
+// one the domain no longer has comes back on the image the definition
+// names, its chain recorded.
+func (m *Manager) revertedDisks(ctx context.Context, d *Domain, s *Snapshot, specs []DiskSpec) ([]Disk, error) {
+	var out []Disk
+	for _, ds := range specs {
+		if cur := d.Disk(ds.Target); cur != nil {
+			out = append(out, *cur)
+			continue
+		}
+		if sd := s.Disk(ds.Target); sd != nil && sd.Mode != DiskNone {
+			out = append(out, Disk{Target: ds.Target})
+			continue
+		}
+		abs, err := filepath.Abs(ds.Path)
+		if err != nil {
+			return nil, err
+		}
+		if _, err := m.poolOf(abs); err != nil {
+			return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
+		}
+		c, err := chain.Walk(ctx, abs, chain.Format(ds.Format), m.policy())
+		if err != nil {
+			return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
+		}
+		m.recordChain(d, c)
+		out = append(out, Disk{Target: ds.Target, Active: abs, Format: c.Top().Format.String()})
+	}
+	return out, nil
 }
 
 func isExternalState(snaps map[string]*Snapshot, image string) bool {
@@ -128,9 +219,11 @@ func (m *Manager) freeOverlayPath(d *Domain, image, snapshot string) string {
 
 // collect drops from d's image tree every image that neither a disk nor
 // a snapshot needs (directly or as a backing image), and returns the
-// steps that remove those xlsnap created. An image holding internal
-// snapshots xlsnap does not know of is kept, recorded or not.
-func (m *Manager) collect(d *Domain, snaps map[string]*Snapshot) []step {
+// steps that remove those xlsnap created and nothing else uses (u, with
+// tree the domain's tree before the operation). An image holding
+// internal snapshots, or whose header cannot be read, is kept, recorded
+// or not. The removal itself looks for users again.
+func (m *Manager) collect(d *Domain, snaps map[string]*Snapshot, u *users, tree map[string]*Image) ([]step, error) {
 	needed := map[string]bool{}
 	mark := func(top string) {
 		for _, p := range d.Chain(top) {
@@ -157,13 +250,22 @@ func (m *Manager) collect(d *Domain, snaps map[string]*Snapshot) []step {
 	var steps []step
 	for _, p := range drop {
 		img := d.Images[p]
-		if h, err := readHeader(p); err == nil && len(h.Snapshots) > 0 {
-			continue
+		if exists(p) {
+			h, err := readHeader(p)
+			if err != nil && img.Format == "qcow2" || err == nil && len(h.Snapshots) > 0 {
+				continue
+			}
 		}
 		delete(d.Images, p)
-		if img.Owned {
-			steps = append(steps, step{Kind: metastore.StepRemove, Path: p})
+		if !img.Owned || !exists(p) {
+			continue
 		}
+		// Its own domain's definition and snapshots are rewritten by this
+		// operation; anything else keeps it.
+		if len(u.foreign(p, d.Name, tree)) > 0 || len(u.children(p, tree)) > 0 {
+			continue
+		}
+		steps = append(steps, step{Kind: metastore.StepRemove, Path: p})
 	}
-	return steps
+	return steps, nil
 }

@@ -18,6 +18,7 @@ import (
 // Source reads and redefines domains through one libvirt connection.
 type Source struct {
 	conn *libvirt.Connect
+	uri  string
 }
 
 // Open connects to uri.
@@ -26,7 +27,16 @@ func Open(uri string) (*Source, error) {
 	if err != nil {
 		return nil, fmt.Errorf("connecting to %s: %w", uri, wrap(err))
 	}
-	return &Source{conn: conn}, nil
+	return &Source{conn: conn, uri: uri}, nil
+}
+
+// URI is the connection's canonical URI (libvirt's own answer, so two
+// spellings of one daemon are one source); the URI given if it cannot say.
+func (s *Source) URI() string {
+	if uri, err := s.conn.GetURI(); err == nil {
+		return uri
+	}
+	return s.uri
 }
 
 // Conn is the connection, for callers that need more of libvirt.

@@ -42,8 +42,13 @@ type Tx interface {
 // Domain is what storage knows of a domain: its disks and the tree of
 // images they have used.
 type Domain struct {
+	// Name is the domain's key: its UUID within its source (see
+	// storage.DomainKey), so two sources, or two domains of one name,
+	// never share records, and a renamed domain keeps its snapshots.
 	Name string `json:"name"`
-	UUID string `json:"uuid,omitempty"`
+	// DisplayName is the name the source gives the domain now.
+	DisplayName string `json:"display_name,omitempty"`
+	UUID        string `json:"uuid,omitempty"`
 	// Current names the current snapshot, "" when there is none.
 	Current string `json:"current,omitempty"`
 	Disks   []Disk `json:"disks"`
@@ -193,6 +198,19 @@ type Intent struct {
 	Live bool `json:"live,omitempty"`
 	// PassedNoReturn is set, durably, before step NoReturn starts.
 	PassedNoReturn bool `json:"passed_no_return,omitempty"`
+	// Definition is the definition step: once Commit is durable, the
+	// domain's definition is made to name the new active images, and
+	// only then does Cleanup remove what the old one named.
+	Definition *Definition `json:"definition,omitempty"`
+}
+
+// Definition is what a definition step writes: Base (a whole definition,
+// the snapshot's on a revert; "" keeps the current one) with each disk
+// of Disks pointed at its active image.
+type Definition struct {
+	Name  string `json:"name"`
+	Base  string `json:"base,omitempty"`
+	Disks []Disk `json:"disks"`
 }
 
 // Commit is the metadata an operation writes in one transaction.
@@ -221,6 +239,9 @@ const (
 	StepRebase             StepKind = "rebase"
 	StepRebaseUnsafe       StepKind = "rebase-unsafe"
 	StepRemove             StepKind = "remove"
+	// StepLink gives the file at Path a second name, Backing, replacing
+	// what Backing named: a pull-up that ends on the user's own name.
+	StepLink StepKind = "link"
 )
 
 // Step is one disk change with everything needed to run it again.

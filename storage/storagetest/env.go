@@ -103,7 +103,7 @@ func (e *Env) NewDomain(name string, disks ...string) *storage.Domain {
 		e.Run("qemu-img", "create", "-q", "-f", "qcow2", p, "16M")
 		specs = append(specs, storage.DiskSpec{Target: disk, Path: p, Format: "qcow2"})
 	}
-	d, err := e.M.DefineDomain(e.Ctx, name, "", specs)
+	d, err := e.M.DefineDomain(e.Ctx, name, name, "", specs)
 	if err != nil {
 		e.T.Fatalf("DefineDomain: %v", err)
 	}

@@ -71,7 +71,7 @@ func (e *Env) snapshot(domain, name string, disks []storage.SnapshotDiskSpec) *s
 
 func (e *Env) revert(domain, name string) {
 	e.T.Helper()
-	if _, err := e.M.Revert(e.Ctx, domain, name); err != nil {
+	if _, err := e.M.Revert(e.Ctx, domain, name, storage.RevertOptions{}); err != nil {
 		e.T.Fatalf("Revert %s: %v", name, err)
 	}
 }
@@ -257,10 +257,11 @@ func testDeleteNonLeafPullsUp(t *testing.T, e *Env) {
 	e.snapshot("vm", "s2", external("vda"))
 	e.Write("vm", "vda", 0x83, 0, mib)
 	r := e.del("vm", "s1", storage.DeleteOptions{})
-	if r.Disks[0].Action != storage.ActionPulledUp || r.Disks[0].Removed != e.Path("vm-vda.qcow2") {
+	// vm-vda.qcow2 is the user's: the pulled-up image takes its name.
+	if r.Disks[0].Action != storage.ActionPulledUp || r.Disks[0].Kept != e.Path("vm-vda.qcow2") || r.Disks[0].Removed != e.Path("vm-vda.s1") {
 		t.Fatalf("report %+v", r.Disks)
 	}
-	e.ExpectChain("vm", "vda", "vm-vda.s2", "vm-vda.s1")
+	e.ExpectChain("vm", "vda", "vm-vda.s2", "vm-vda.qcow2")
 	e.Expect("vm", "vda", 0x83, 0, mib)
 	e.Expect("vm", "vda", 0x82, mib, 4*mib)
 	e.revert("vm", "s2")

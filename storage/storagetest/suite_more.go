@@ -3,6 +3,7 @@ package storagetest
 import (
 	"errors"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -44,7 +45,7 @@ func testBadInput(t *testing.T, e *Env) {
 			t.Errorf("%s: %v, want %v", tc.name, err, tc.want)
 		}
 	}
-	if _, err := e.M.Revert(e.Ctx, "vm", "nosuch"); !errors.Is(err, storage.ErrNoSnapshot) {
+	if _, err := e.M.Revert(e.Ctx, "vm", "nosuch", storage.RevertOptions{}); !errors.Is(err, storage.ErrNoSnapshot) {
 		t.Errorf("revert of a missing snapshot: %v", err)
 	}
 	if _, err := e.M.DeleteSnapshot(e.Ctx, "vm", "nosuch", storage.DeleteOptions{}); !errors.Is(err, storage.ErrNoSnapshot) {
@@ -56,7 +57,7 @@ func testBadInput(t *testing.T, e *Env) {
 	// A disk whose backing file escapes the pool is refused at definition.
 	escape := e.Path("escape.qcow2")
 	e.Run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", "/etc/hostname", escape, "16M")
-	_, err := e.M.DefineDomain(e.Ctx, "evil", "", []storage.DiskSpec{{Target: "vda", Path: escape, Format: "qcow2"}})
+	_, err := e.M.DefineDomain(e.Ctx, "evil", "evil", "", []storage.DiskSpec{{Target: "vda", Path: escape, Format: "qcow2"}})
 	if !errors.Is(err, storage.ErrUnsafeBacking) {
 		t.Errorf("define with an escaping backing file: %v", err)
 	}
@@ -136,8 +137,9 @@ func testChainChanged(t *testing.T, e *Env) {
 	}
 }
 
-// testCheckRepair: an orphan overlay with no data is removed by Repair;
-// one that holds data is kept and reported.
+// testCheckRepair: overlays of a recorded image that no record holds are
+// reported, the recorded image as their shared base; Repair removes
+// neither, empty or not: xlsnap removes only what its records made.
 func testCheckRepair(t *testing.T, e *Env) {
 	e.NewDomain("vm", "vda")
 	empty, full := e.Path("orphan-empty.qcow2"), e.Path("orphan-data.qcow2")
@@ -149,21 +151,20 @@ func testCheckRepair(t *testing.T, e *Env) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	fixed := map[string]bool{}
+	var got []string
 	for _, p := range problems {
-		if p.Kind != storage.ProblemOrphan {
-			t.Fatalf("unexpected problem %+v", p)
+		if p.Fixed {
+			t.Fatalf("repair claims to have fixed %+v", p)
 		}
-		fixed[p.Path] = p.Fixed
-		if p.Path == full && !strings.Contains(p.Note, "holds") {
-			t.Fatalf("kept orphan without a reason: %+v", p)
-		}
+		got = append(got, string(p.Kind)+" "+filepath.Base(p.Path))
 	}
-	if len(fixed) != 2 || !fixed[empty] || fixed[full] {
-		t.Fatalf("repair: %+v", problems)
+	want := []string{"orphan-image orphan-data.qcow2", "orphan-image orphan-empty.qcow2", "shared-base vm-vda.qcow2"}
+	if !slices.Equal(got, want) {
+		t.Fatalf("repair found %q, want %q (%+v)", got, want, problems)
 	}
-	if _, err := os.Stat(empty); !os.IsNotExist(err) {
-		t.Fatalf("empty orphan still there: %v", err)
+	if last := problems[len(problems)-1]; !strings.Contains(last.Detail, "overlay "+full) || !strings.Contains(last.Detail, "overlay "+empty) {
+		t.Fatalf("shared base without its users: %+v", last)
 	}
 	ExpectImage(t, full, "qcow2", 0x5a, 0, 64<<10)
+	ExpectImage(t, empty, "qcow2", 0, 0, 64<<10)
 }

@@ -1,0 +1,120 @@
+package driver
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+
+	"libvirt.org/go/libvirtxml"
+
+	"github.com/xlsnap/xlsnap/storage"
+)
+
+// definitions is storage's view of the domain source (storage.Definitions):
+// every definition's disks, so an image's users are found across all
+// domains, and the definition step of each operation.
+type definitions struct {
+	src DomainSource
+}
+
+// key is the storage key of a domain definition.
+func (s definitions) key(name, uuid string) string {
+	return storage.DomainKey(s.src.URI(), uuid, name)
+}
+
+// DefinedDisks lists every file disk of every domain the source defines.
+// A definition that cannot be read is an error: it might name the image
+// an operation is about to change.
+func (s definitions) DefinedDisks(ctx context.Context) ([]storage.DefinedDisk, error) {
+	names, err := s.src.Domains(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []storage.DefinedDisk
+	for _, n := range names {
+		sd, err := s.src.Domain(ctx, n)
+		if err != nil {
+			return nil, fmt.Errorf("domain %s: %w", n, err)
+		}
+		def, err := parseDomain(sd.XML)
+		if err != nil {
+			return nil, fmt.Errorf("domain %s: %w", n, err)
+		}
+		for _, di := range fileDisks(def) {
+			abs, err := filepath.Abs(di.Path)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, storage.DefinedDisk{Domain: s.key(n, def.UUID), DomainName: n,
+				Target: di.Target, Path: abs, Format: di.Format})
+		}
+	}
+	return out, nil
+}
+
+// Redefine is an operation's definition step: the definition (base, or
+// the current one) with each disk pointed at its active image, written
+// only when it differs from what the source holds.
+func (s definitions) Redefine(ctx context.Context, key, name, base string, disks []storage.Disk) error {
+	cur, err := s.src.Domain(ctx, name)
+	if err != nil {
+		return err
+	}
+	doc := base
+	if doc == "" {
+		doc = cur.XML
+	}
+	def, err := parseDomain(doc)
+	if err != nil {
+		return err
+	}
+	want := map[string]diskInfo{}
+	for _, d := range disks {
+		want[d.Target] = diskInfo{Target: d.Target, Path: d.Active, Format: d.Format}
+	}
+	if base == "" && !repointNeeded(def, want) {
+		return nil
+	}
+	repointDisks(def, want)
+	out, err := marshalDomain(def)
+	if err != nil {
+		return err
+	}
+	if out == cur.XML {
+		return nil
+	}
+	if err := s.src.Redefine(ctx, name, out); err != nil {
+		return fmt.Errorf("rewriting the definition of %s: %w", name, err)
+	}
+	return nil
+}
+
+// repointNeeded reports whether any listed disk of def names another
+// image or format than want says.
+func repointNeeded(def *libvirtxml.Domain, want map[string]diskInfo) bool {
+	for _, di := range fileDisks(def) {
+		w, ok := want[di.Target]
+		if !ok {
+			continue
+		}
+		if abs, _ := filepath.Abs(di.Path); abs != w.Path || di.Format != w.Format {
+			return true
+		}
+	}
+	return false
+}
+
+// DomainKey is the key storage keeps a domain's records under (its UUID
+// within the source; storage.DomainKey), for callers that read storage's
+// records or events directly. Errors: ErrNoDomain, ErrXML.
+func (d *Driver) DomainKey(ctx context.Context, domain string) (string, error) {
+	sd, err := d.src.Domain(ctx, domain)
+	if err != nil {
+		return "", err
+	}
+	def, err := parseDomain(sd.XML)
+	if err != nil {
+		return "", err
+	}
+	return d.defs.key(domain, def.UUID), nil
+}

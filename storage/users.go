@@ -1,0 +1,357 @@
+package storage
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+
+	"github.com/xlsnap/xlsnap/chain"
+	"github.com/xlsnap/xlsnap/storage/metastore"
+)
+
+// DefinedDisk is one disk of one domain definition, as the domain source
+// holds it now.
+type DefinedDisk struct {
+	// Domain is the domain's key in storage; DomainName its name.
+	Domain     string
+	DomainName string
+	Target     string
+	// Path is the image the disk names, absolute; Format its driver type.
+	Path   string
+	Format string
+}
+
+// Definitions is what storage needs of the domain source. xlsnap is not
+// alone on its pools: an image's users include every disk of every
+// definition the source has, not only the domain in hand; and no image a
+// definition names may be removed before that definition names another.
+type Definitions interface {
+	// DefinedDisks lists every file disk of every domain definition. An
+	// error (a definition that cannot be read, say) stops the operation
+	// that asked: what cannot be read might name the image at stake.
+	DefinedDisks(ctx context.Context) ([]DefinedDisk, error)
+	// Redefine makes a domain's persistent definition name disks' active
+	// images, durably, starting from base (a definition document) or,
+	// when base is "", from the current definition. Running it again with
+	// the same arguments changes nothing more: recovery repeats it.
+	Redefine(ctx context.Context, domain, name, base string, disks []Disk) error
+}
+
+// UserKind says how a user reaches an image.
+type UserKind string
+
+const (
+	UserDefinition UserKind = "definition" // a domain definition's disk reads it (as its image or through its chain)
+	UserOverlay    UserKind = "overlay"    // an image in a pool is backed by it
+	UserSnapshot   UserKind = "snapshot"   // a snapshot record names it
+	UserRecord     UserKind = "record"     // a domain's recorded image tree holds it
+)
+
+// User is one user of an image.
+type User struct {
+	Kind UserKind `json:"kind"`
+	// Domain is the user's domain key (definition, snapshot, record).
+	Domain     string `json:"domain,omitempty"`
+	DomainName string `json:"domain_name,omitempty"`
+	Disk       string `json:"disk,omitempty"`
+	Snapshot   string `json:"snapshot,omitempty"`
+	// Path is the overlay backed by the image (overlay), or the image the
+	// definition's disk names (definition).
+	Path string `json:"path,omitempty"`
+}
+
+func (u User) String() string {
+	switch u.Kind {
+	case UserDefinition:
+		return fmt.Sprintf("disk %s of domain %s (%s)", u.Disk, u.DomainName, u.Path)
+	case UserOverlay:
+		return "overlay " + u.Path
+	case UserSnapshot:
+		return fmt.Sprintf("snapshot %s of domain %s", u.Snapshot, u.DomainName)
+	}
+	return "the records of domain " + u.DomainName
+}
+
+// fileKey identifies a file whatever name reaches it (symlinks, "..",
+// hard links); a path that does not exist is keyed by its clean name.
+type fileKey struct {
+	dev, ino uint64
+	missing  string
+}
+
+func keyOf(path string) (fileKey, *syscall.Stat_t) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return fileKey{missing: filepath.Clean(path)}, nil
+	}
+	sys := st.Sys().(*syscall.Stat_t)
+	return fileKey{dev: uint64(sys.Dev), ino: sys.Ino}, sys
+}
+
+// users is what a scan found: every user of every image it saw.
+type users struct {
+	byKey map[fileKey][]User
+	// byPath indexes the same users by the name they use, for removing one
+	// name of a file that has several.
+	byPath map[string][]User
+	// overlays maps an image to the images backed by it.
+	overlays map[fileKey][]string
+}
+
+// Of lists the users of the image at path.
+func (u *users) of(path string) []User {
+	k, st := keyOf(path)
+	if st != nil && st.Nlink > 1 {
+		// Another name keeps the data: only users of this name count.
+		return u.byPath[filepath.Clean(path)]
+	}
+	return u.byKey[k]
+}
+
+func (u *users) add(path string, usr User) {
+	k, _ := keyOf(path)
+	u.byKey[k] = append(u.byKey[k], usr)
+	u.byPath[filepath.Clean(path)] = append(u.byPath[filepath.Clean(path)], usr)
+}
+
+// children lists the images whose backing resolves to path, each by the
+// name tree (an image tree) knows it by where it knows the file.
+func (u *users) children(path string, tree map[string]*Image) []string {
+	k, _ := keyOf(path)
+	var out []string
+	for _, c := range u.overlays[k] {
+		if _, ok := tree[c]; !ok {
+			ck, _ := keyOf(c)
+			for p := range tree {
+				if pk, _ := keyOf(p); pk == ck {
+					c = p
+					break
+				}
+			}
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
+// foreign lists path's users other than domain's own records and
+// definition, and other than the overlays in own (domain's image tree).
+func (u *users) foreign(path, domain string, own map[string]*Image) []User {
+	var out []User
+	for _, usr := range u.of(path) {
+		switch usr.Kind {
+		case UserOverlay:
+			if _, ok := own[usr.Path]; ok {
+				continue
+			}
+		default:
+			if usr.Domain == domain {
+				continue
+			}
+		}
+		out = append(out, usr)
+	}
+	return out
+}
+
+// headerCache keeps what a pool scan read of each file, keyed by its
+// identity and stat, so scanning a pool again reads only what changed.
+type headerCache struct {
+	mu sync.Mutex
+	m  map[fileKey]cachedHeader
+}
+
+type cachedHeader struct {
+	size, mtime, ctime int64
+	backing            string // the reference as written, "" for none
+	err                error
+}
+
+// backingOf reads the backing reference of the qcow2 image at path; ""
+// for an image with none or a file that is not qcow2. A file that cannot
+// be read is an error: it might be an overlay of the image at stake.
+func (c *headerCache) backingOf(path string) (string, error) {
+	k, st := keyOf(path)
+	if st == nil {
+		_, err := os.Stat(path)
+		return "", err
+	}
+	c.mu.Lock()
+	e, ok := c.m[k]
+	c.mu.Unlock()
+	if ok && e.size == st.Size && e.mtime == st.Mtim.Nano() && e.ctime == st.Ctim.Nano() {
+		return e.backing, e.err
+	}
+	e = cachedHeader{size: st.Size, mtime: st.Mtim.Nano(), ctime: st.Ctim.Nano()}
+	e.backing, e.err = readBackingRef(path)
+	c.mu.Lock()
+	if c.m == nil {
+		c.m = map[fileKey]cachedHeader{}
+	}
+	c.m[k] = e
+	c.mu.Unlock()
+	return e.backing, e.err
+}
+
+func readBackingRef(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	var magic [4]byte
+	if n, _ := f.ReadAt(magic[:], 0); n < 4 || string(magic[:]) != "QFI\xfb" {
+		return "", nil // not qcow2: no backing file
+	}
+	h, err := chain.ParseHeader(f)
+	if err != nil {
+		return "", fmt.Errorf("reading %s: %w", path, err)
+	}
+	return h.BackingFile, nil
+}
+
+// scanUsers finds every user of every image: each disk of each domain
+// definition (and the chain below it), each image in the pools backed by
+// another, and every record. Nothing is inferred from xlsnap's records
+// alone. Whatever cannot be read is an error.
+func (m *Manager) scanUsers(ctx context.Context) (*users, error) {
+	u := &users{byKey: map[fileKey][]User{}, byPath: map[string][]User{}, overlays: map[fileKey][]string{}}
+	seen := map[fileKey]bool{}
+	// edge records that image is backed by what its header names.
+	var edge func(image string, depth int) error
+	edge = func(image string, depth int) error {
+		k, st := keyOf(image)
+		if st == nil || seen[k] || depth > chain.DefaultMaxDepth {
+			return nil
+		}
+		seen[k] = true
+		ref, err := m.headers.backingOf(image)
+		if err != nil || ref == "" || strings.Contains(ref, ":") && !strings.HasPrefix(ref, "/") && !strings.HasPrefix(ref, ".") {
+			return err
+		}
+		b := filepath.Clean(chain.ResolveBacking(image, ref))
+		bk, _ := keyOf(b)
+		u.overlays[bk] = append(u.overlays[bk], filepath.Clean(image))
+		u.add(b, User{Kind: UserOverlay, Path: filepath.Clean(image)})
+		return edge(b, depth+1)
+	}
+	for _, p := range m.pools {
+		root := p.backend.Root()
+		err := filepath.WalkDir(root, func(path string, e fs.DirEntry, err error) error {
+			if err != nil {
+				return err
+			}
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			if e.Type().IsRegular() {
+				return edge(path, 0)
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, fmt.Errorf("scanning pool %s for an image's users: %w", root, err)
+		}
+	}
+	var defined []DefinedDisk
+	if m.defs != nil {
+		var err error
+		if defined, err = m.defs.DefinedDisks(ctx); err != nil {
+			return nil, fmt.Errorf("reading the domain definitions for an image's users: %w", err)
+		}
+	}
+	var recs []*Domain
+	snaps := map[string][]*Snapshot{}
+	err := m.store.View(ctx, func(tx metastore.Tx) error {
+		names, err := tx.DomainNames()
+		if err != nil {
+			return err
+		}
+		for _, n := range names {
+			d, err := tx.Domain(n)
+			if err != nil {
+				return err
+			}
+			recs = append(recs, d)
+			if snaps[n], err = tx.Snapshots(n); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if m.defs == nil {
+		// Storage used alone: its records of each domain's disks stand in
+		// for the definitions.
+		for _, d := range recs {
+			for _, disk := range d.Disks {
+				defined = append(defined, DefinedDisk{Domain: d.Name, DomainName: d.Name, Target: disk.Target, Path: disk.Active, Format: disk.Format})
+			}
+		}
+	}
+	for _, dd := range defined {
+		// A definition reads its image and everything below it.
+		if err := edge(dd.Path, 0); err != nil {
+			return nil, err
+		}
+		usr := User{Kind: UserDefinition, Domain: dd.Domain, DomainName: dd.DomainName, Disk: dd.Target, Path: filepath.Clean(dd.Path)}
+		for p, n := filepath.Clean(dd.Path), 0; p != "" && n <= chain.DefaultMaxDepth; n++ {
+			u.add(p, usr)
+			ref, err := m.headers.backingOf(p)
+			if err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return nil, err
+			}
+			if ref == "" {
+				break
+			}
+			p = filepath.Clean(chain.ResolveBacking(p, ref))
+		}
+	}
+	for _, d := range recs {
+		for p := range d.Images {
+			u.add(p, User{Kind: UserRecord, Domain: d.Name, DomainName: domainName(d)})
+		}
+		for _, s := range snaps[d.Name] {
+			// A snapshot reads its state image; the overlay made on it is
+			// only where the disk went on writing.
+			for _, sd := range s.Disks {
+				if sd.Image != "" {
+					u.add(sd.Image, User{Kind: UserSnapshot, Domain: d.Name, DomainName: domainName(d), Snapshot: s.Name, Disk: sd.Target})
+				}
+			}
+			if s.Memory != "" {
+				u.add(s.Memory, User{Kind: UserSnapshot, Domain: d.Name, DomainName: domainName(d), Snapshot: s.Name})
+			}
+		}
+	}
+	for k := range u.overlays {
+		sort.Strings(u.overlays[k])
+	}
+	return u, nil
+}
+
+// domainName is a record's display name.
+func domainName(d *Domain) string {
+	if d.DisplayName != "" {
+		return d.DisplayName
+	}
+	return d.Name
+}
+
+// describeUsers renders users for a report or an error.
+func describeUsers(us []User) string {
+	var parts []string
+	for _, u := range us {
+		parts = append(parts, u.String())
+	}
+	return strings.Join(parts, ", ")
+}
