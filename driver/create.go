@@ -132,7 +132,12 @@ func checkSnapshotDisks(doc *libvirtxml.DomainSnapshot) error {
 		if sd.Source == nil || sd.Source.File != nil {
 			continue
 		}
-		return fmt.Errorf("%w: disk %s: snapshot to a %s source (only local files)", ErrUnsupported, sd.Name, sourceKind(sd.Source))
+		kind := sourceKind(sd.Source)
+		if kind == "unknown" {
+			// libvirt's parser refuses a type it does not know.
+			return fmt.Errorf("%w: disk %s: unknown disk type", ErrXML, sd.Name)
+		}
+		return fmt.Errorf("%w: disk %s: snapshot to a %s source (only local files)", ErrUnsupported, sd.Name, kind)
 	}
 	return nil
 }

@@ -236,6 +236,9 @@ func (m *Manager) checkReused(ctx context.Context, disk *Disk, overlay string) e
 // pool. A folder inside a pool that is a symlink to somewhere else would
 // otherwise put the image (and the guest's data) outside every pool.
 func (m *Manager) checkNewFile(path string) error {
+	if base := filepath.Base(path); len(base) > MaxNameLen {
+		return fmt.Errorf("%w: file name of %d bytes (at most %d): %s", ErrInvalidArg, len(base), MaxNameLen, path)
+	}
 	if _, err := os.Lstat(path); err == nil {
 		return fmt.Errorf("%w: %s exists (reuse it with REUSE_EXT)", ErrInvalidArg, path)
 	} else if !errors.Is(err, fs.ErrNotExist) {
