@@ -321,11 +321,16 @@ func TestInputSymlinkedFolder(t *testing.T) {
 		if err := os.Symlink(filepath.Join(outside, "target"), e.path("dangling")); err != nil {
 			t.Fatal(err)
 		}
+		if err := os.Symlink(filepath.Join(outside, "later"), e.path("danglingdir")); err != nil {
+			t.Fatal(err)
+		}
 		before := e.state()
 		for what, file := range map[string]string{
 			"folder":       e.path("linkdir/ov"),
 			"dangling":     e.path("dangling"),
 			"folder-above": e.path("linkdir/../linkdir/ov"),
+			"dangling-dir": e.path("danglingdir/ov"),
+			"below-link":   e.path("linkdir/missing/ov"),
 		} {
 			t.Run(what, func(t *testing.T) {
 				_, err := e.d.CreateSnapshot(e.ctx, e.dom, driver.SnapshotRequest{Name: "s1", Disks: []driver.DiskRequest{

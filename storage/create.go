@@ -244,11 +244,10 @@ func (m *Manager) checkNewFile(path string) error {
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
-	dir, err := filepath.EvalSymlinks(filepath.Dir(path))
+	real, err := realPath(path)
 	if err != nil {
 		return fmt.Errorf("%w: folder of %s: %w", ErrInvalidArg, path, err)
 	}
-	real := filepath.Join(dir, filepath.Base(path))
 	for _, p := range m.pools {
 		root := p.backend.Root()
 		if r, err := filepath.EvalSymlinks(root); err == nil {
@@ -259,6 +258,27 @@ func (m *Manager) checkNewFile(path string) error {
 		}
 	}
 	return fmt.Errorf("%w: %s is %s after symlinks, in no pool", ErrInvalidArg, path, real)
+}
+
+// realPath is where path lands after symlinks: its nearest existing
+// folder resolved, the missing rest (which no one can have made a
+// symlink; creating the file there fails) joined back on.
+func realPath(path string) (string, error) {
+	dir, rest := filepath.Dir(path), filepath.Base(path)
+	for {
+		real, err := filepath.EvalSymlinks(dir)
+		if err == nil {
+			return filepath.Join(real, rest), nil
+		}
+		parent := filepath.Dir(dir)
+		if !errors.Is(err, fs.ErrNotExist) || parent == dir {
+			return "", err
+		}
+		if _, lerr := os.Lstat(dir); lerr == nil {
+			return "", fmt.Errorf("%s is a symlink to nowhere", dir)
+		}
+		dir, rest = parent, filepath.Join(filepath.Base(dir), rest)
+	}
 }
 
 // checkInternalName guards qemu-img's lookup, which matches a snapshot's
