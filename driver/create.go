@@ -1,8 +1,12 @@
 package driver
 
 import (
+	"bytes"
 	"context"
+	"encoding/xml"
+	"errors"
 	"fmt"
+	"io"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -73,11 +77,90 @@ func (d *Driver) CreateSnapshot(ctx context.Context, domain string, req Snapshot
 // without; an external overlay goes next to the image, named after the
 // snapshot, in qcow2. The new snapshot becomes current.
 func (d *Driver) SnapshotCreateXML(ctx context.Context, domain, xmlDesc string, flags CreateFlags) (*Snapshot, error) {
+	doc, err := parseSnapshot(xmlDesc)
+	if err != nil {
+		return nil, err
+	}
+	return d.create(ctx, domain, doc, flags)
+}
+
+// MaxSnapshotXML bounds a snapshot XML document: a real one is a few
+// KiB even with the domain definition inside.
+const MaxSnapshotXML = 4 << 20
+
+// parseSnapshot reads a snapshot XML document: one root element, nothing
+// but whitespace and comments after it, at most MaxSnapshotXML bytes.
+func parseSnapshot(xmlDesc string) (*libvirtxml.DomainSnapshot, error) {
+	if len(xmlDesc) > MaxSnapshotXML {
+		return nil, fmt.Errorf("%w: snapshot XML of %d bytes (at most %d)", ErrXML, len(xmlDesc), MaxSnapshotXML)
+	}
+	dec := xml.NewDecoder(strings.NewReader(xmlDesc))
 	var doc libvirtxml.DomainSnapshot
-	if err := doc.Unmarshal(xmlDesc); err != nil {
+	if err := dec.Decode(&doc); err != nil {
 		return nil, fmt.Errorf("%w: snapshot XML: %w", ErrXML, err)
 	}
-	return d.create(ctx, domain, &doc, flags)
+	for {
+		tok, err := dec.Token()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%w: snapshot XML after the root element: %w", ErrXML, err)
+		}
+		switch t := tok.(type) {
+		case xml.Comment:
+			continue
+		case xml.CharData:
+			if len(bytes.TrimSpace(t)) == 0 {
+				continue
+			}
+		}
+		return nil, fmt.Errorf("%w: snapshot XML: content after the root element (at byte %d)", ErrXML, dec.InputOffset())
+	}
+	return &doc, nil
+}
+
+// checkSnapshotDisks refuses a disk whose snapshot source is not a local
+// file: a block device or a network volume would otherwise be replaced by
+// a qcow2 file of the same name. libvirt's qemu driver reports external
+// inactive snapshots on such disks as VIR_ERR_CONFIG_UNSUPPORTED.
+func checkSnapshotDisks(doc *libvirtxml.DomainSnapshot) error {
+	if doc.Disks == nil {
+		return nil
+	}
+	for _, sd := range doc.Disks.Disks {
+		if sd.Source == nil || sd.Source.File != nil {
+			continue
+		}
+		kind := sourceKind(sd.Source)
+		if kind == "unknown" {
+			// libvirt's parser refuses a type it does not know.
+			return fmt.Errorf("%w: disk %s: unknown disk type", ErrXML, sd.Name)
+		}
+		return fmt.Errorf("%w: disk %s: snapshot to a %s source (only local files)", ErrUnsupported, sd.Name, kind)
+	}
+	return nil
+}
+
+// sourceKind names a disk source's kind as libvirt's type attribute does.
+func sourceKind(s *libvirtxml.DomainDiskSource) string {
+	switch {
+	case s.Block != nil:
+		return "block"
+	case s.Network != nil:
+		return "network"
+	case s.Dir != nil:
+		return "dir"
+	case s.Volume != nil:
+		return "volume"
+	case s.NVME != nil:
+		return "nvme"
+	case s.VHostUser != nil:
+		return "vhostuser"
+	case s.VHostVDPA != nil:
+		return "vhostvdpa"
+	}
+	return "unknown"
 }
 
 func (d *Driver) create(ctx context.Context, domain string, doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*Snapshot, error) {
@@ -87,6 +170,9 @@ func (d *Driver) create(ctx context.Context, domain string, doc *libvirtxml.Doma
 	}
 	if flags&CreateCurrent != 0 && flags&CreateRedefine == 0 {
 		return nil, invalidf("CURRENT is only valid with REDEFINE")
+	}
+	if err := checkSnapshotDisks(doc); err != nil {
+		return nil, err
 	}
 	if flags&CreateRedefine != 0 {
 		return d.redefine(ctx, domain, doc, flags)
@@ -231,6 +317,9 @@ func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.Do
 		// be this domain's, or a revert would install another domain's.
 		cur, err := parseDomain(v.src.XML)
 		if err != nil {
+			return nil, err
+		}
+		if err := checkTargets(doc.Domain); err != nil {
 			return nil, err
 		}
 		if doc.Domain.Name != v.src.Name || doc.Domain.UUID != "" && cur.UUID != "" && !strings.EqualFold(doc.Domain.UUID, cur.UUID) {

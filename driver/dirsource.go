@@ -9,6 +9,9 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"syscall"
+
+	"libvirt.org/go/libvirtxml"
 
 	"github.com/xlsnap/xlsnap/internal/fsutil"
 	"github.com/xlsnap/xlsnap/storage"
@@ -66,7 +69,34 @@ func (s *DirSource) Domain(ctx context.Context, name string) (*SourceDomain, err
 	if def.Name != name {
 		return nil, fmt.Errorf("%w: %s defines domain %q", ErrXML, p, def.Name)
 	}
-	return &SourceDomain{Name: name, State: StateShutoff, XML: string(doc)}, nil
+	xmlDoc := string(doc)
+	if absDisks(def, s.dir) {
+		if xmlDoc, err = marshalDomain(def); err != nil {
+			return nil, err
+		}
+	}
+	return &SourceDomain{Name: name, State: StateShutoff, XML: xmlDoc}, nil
+}
+
+// absDisks makes every relative disk source file absolute against dir, the
+// folder of the definition (what a relative path in a file means; the
+// working folder of whoever runs xlsnap means nothing). It reports
+// whether anything changed, so a definition without relative paths is
+// handed on byte for byte.
+func absDisks(def *libvirtxml.Domain, dir string) bool {
+	if def.Devices == nil {
+		return false
+	}
+	changed := false
+	for i := range def.Devices.Disks {
+		src := def.Devices.Disks[i].Source
+		if src == nil || src.File == nil || src.File.File == "" || filepath.IsAbs(src.File.File) {
+			continue
+		}
+		src.File.File = filepath.Join(dir, src.File.File)
+		changed = true
+	}
+	return changed
 }
 
 func (s *DirSource) Domains(ctx context.Context) ([]string, error) {
@@ -91,7 +121,8 @@ func (s *DirSource) Redefine(ctx context.Context, name, doc string) error {
 	if err != nil {
 		return err
 	}
-	if _, err := os.Stat(p); err != nil {
+	old, err := os.Stat(p)
+	if err != nil {
 		return fmt.Errorf("%w: %s", ErrNoDomain, name)
 	}
 	tmp, err := os.CreateTemp(s.dir, "."+name+".xml.*")
@@ -99,6 +130,16 @@ func (s *DirSource) Redefine(ctx context.Context, name, doc string) error {
 		return err
 	}
 	defer os.Remove(tmp.Name())
+	// The new file replaces the old one for whoever reads it: same mode,
+	// same owner (chown is root's; others keep their own file).
+	if err := tmp.Chmod(old.Mode().Perm()); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := sameOwner(tmp, old); err != nil {
+		tmp.Close()
+		return fmt.Errorf("giving the new definition of %s the owner of %s: %w", name, p, err)
+	}
 	if _, err := tmp.WriteString(doc); err != nil {
 		tmp.Close()
 		return err
@@ -114,4 +155,24 @@ func (s *DirSource) Redefine(ctx context.Context, name, doc string) error {
 		return err
 	}
 	return fsutil.SyncDir(s.dir)
+}
+
+// sameOwner gives f the owner of old when they differ; a refusal is an
+// error only for root (anyone else cannot give files away).
+func sameOwner(f *os.File, old fs.FileInfo) error {
+	want, ok := old.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nil
+	}
+	cur, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if have, ok := cur.Sys().(*syscall.Stat_t); ok && have.Uid == want.Uid && have.Gid == want.Gid {
+		return nil
+	}
+	if err := f.Chown(int(want.Uid), int(want.Gid)); err != nil && os.Geteuid() == 0 {
+		return err
+	}
+	return nil
 }

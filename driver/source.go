@@ -56,7 +56,46 @@ func parseDomain(doc string) (*libvirtxml.Domain, error) {
 	if err := d.Unmarshal(doc); err != nil {
 		return nil, fmt.Errorf("%w: domain XML: %w", ErrXML, err)
 	}
+	if err := checkTargets(&d); err != nil {
+		return nil, err
+	}
 	return &d, nil
+}
+
+// checkTargets refuses two disks with one target: a disk is known by its
+// target, and the second would be repointed at the first one's image.
+// libvirt refuses such a definition with VIR_ERR_XML_ERROR.
+func checkTargets(d *libvirtxml.Domain) error {
+	if d.Devices == nil {
+		return nil
+	}
+	seen := map[string]int{}
+	for i, disk := range d.Devices.Disks {
+		if disk.Target == nil || disk.Target.Dev == "" {
+			continue
+		}
+		if j, dup := seen[disk.Target.Dev]; dup {
+			return fmt.Errorf("%w: domain %s: target %q duplicated for disk sources %q and %q", ErrXML,
+				d.Name, disk.Target.Dev, diskSource(&d.Devices.Disks[j]), diskSource(&d.Devices.Disks[i]))
+		}
+		seen[disk.Target.Dev] = i
+	}
+	return nil
+}
+
+// diskSource names a disk's source for a message.
+func diskSource(disk *libvirtxml.DomainDisk) string {
+	switch s := disk.Source; {
+	case s == nil:
+		return ""
+	case s.File != nil:
+		return s.File.File
+	case s.Block != nil:
+		return s.Block.Dev
+	case s.Network != nil:
+		return s.Network.Protocol + ":" + s.Network.Name
+	}
+	return sourceKind(disk.Source)
 }
 
 // fileDisks lists a definition's file-backed disks (not cdroms or

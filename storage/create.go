@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -192,17 +194,13 @@ func (m *Manager) planOverlay(ctx context.Context, disk *Disk, ds SnapshotDiskSp
 		return "", "", nil, err
 	}
 	if ds.Reuse {
-		c, err := chain.Walk(ctx, overlay, chain.FormatQcow2, m.policy())
-		if err != nil {
+		if err := m.checkReused(ctx, disk, overlay); err != nil {
 			return "", "", nil, err
-		}
-		if len(c.Layers) < 2 || filepath.Clean(c.Layers[1].Path) != disk.Active {
-			return "", "", nil, fmt.Errorf("%w: reused overlay %s is not backed by %s", ErrInvalidArg, overlay, disk.Active)
 		}
 		return overlay, format, nil, nil
 	}
-	if exists(overlay) {
-		return "", "", nil, fmt.Errorf("%w: overlay %s exists (reuse it with REUSE_EXT)", ErrInvalidArg, overlay)
+	if err := m.checkNewFile(overlay); err != nil {
+		return "", "", nil, err
 	}
 	return overlay, format, &step{Kind: metastore.StepCreateOverlay, Path: overlay, Format: format,
 		Backing: disk.Active, BackingFormat: disk.Format, Disk: disk.Target}, nil
@@ -228,6 +226,85 @@ func (m *Manager) checkSoleWriter(ctx context.Context, u **users, d *Domain, pat
 		return fmt.Errorf("%w: %s is also used by %s", ErrOperationInvalid, path, describeUsers(others))
 	}
 	return nil
+}
+
+// checkReused checks an overlay made beforehand (REUSE_EXT) against the
+// disk it is to cover: it must read as qcow2, name the disk's active
+// image as its backing file with the disk's format, and have the same
+// virtual size. Anything else would have the guest read another image,
+// read the active image's metadata as data, or lose its tail.
+func (m *Manager) checkReused(ctx context.Context, disk *Disk, overlay string) error {
+	c, err := chain.Walk(ctx, overlay, chain.FormatQcow2, m.policy())
+	switch {
+	case errors.Is(err, ErrUnsafeBacking):
+		return fmt.Errorf("reused overlay %s: %w", overlay, err)
+	case err != nil:
+		return fmt.Errorf("%w: reused overlay %s is not a usable qcow2 image: %w", ErrInvalidArg, overlay, err)
+	}
+	top := c.Top()
+	if len(c.Layers) < 2 {
+		return fmt.Errorf("%w: reused overlay %s has no backing file; it must be backed by %s", ErrInvalidArg, overlay, disk.Active)
+	}
+	if backing := filepath.Clean(c.Layers[1].Path); backing != disk.Active {
+		return fmt.Errorf("%w: reused overlay %s is backed by %s, not by the active image %s", ErrInvalidArg, overlay, backing, disk.Active)
+	}
+	if top.BackingFormat != disk.Format {
+		return fmt.Errorf("%w: reused overlay %s reads its backing file %s as %s; the image is %s", ErrInvalidArg, overlay, disk.Active, top.BackingFormat, disk.Format)
+	}
+	if base := c.Layers[1]; top.VirtualSize != base.VirtualSize {
+		return fmt.Errorf("%w: reused overlay %s is %d bytes, the active image %s is %d", ErrInvalidArg, overlay, top.VirtualSize, disk.Active, base.VirtualSize)
+	}
+	return nil
+}
+
+// checkNewFile checks where a new image will go: nothing there yet (not
+// even a dangling symlink), and its folder, after symlinks, inside a
+// pool. A folder inside a pool that is a symlink to somewhere else would
+// otherwise put the image (and the guest's data) outside every pool.
+func (m *Manager) checkNewFile(path string) error {
+	if base := filepath.Base(path); len(base) > MaxNameLen {
+		return fmt.Errorf("%w: file name of %d bytes (at most %d): %s", ErrInvalidArg, len(base), MaxNameLen, path)
+	}
+	if _, err := os.Lstat(path); err == nil {
+		return fmt.Errorf("%w: %s exists (reuse it with REUSE_EXT)", ErrInvalidArg, path)
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	real, err := realPath(path)
+	if err != nil {
+		return fmt.Errorf("%w: folder of %s: %w", ErrInvalidArg, path, err)
+	}
+	for _, p := range m.pools {
+		root := p.backend.Root()
+		if r, err := filepath.EvalSymlinks(root); err == nil {
+			root = r
+		}
+		if strings.HasPrefix(real, root+"/") {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: %s is %s after symlinks, in no pool", ErrInvalidArg, path, real)
+}
+
+// realPath is where path lands after symlinks: its nearest existing
+// folder resolved, the missing rest (which no one can have made a
+// symlink; creating the file there fails) joined back on.
+func realPath(path string) (string, error) {
+	dir, rest := filepath.Dir(path), filepath.Base(path)
+	for {
+		real, err := filepath.EvalSymlinks(dir)
+		if err == nil {
+			return filepath.Join(real, rest), nil
+		}
+		parent := filepath.Dir(dir)
+		if !errors.Is(err, fs.ErrNotExist) || parent == dir {
+			return "", err
+		}
+		if _, lerr := os.Lstat(dir); lerr == nil {
+			return "", fmt.Errorf("%s is a symlink to nowhere", dir)
+		}
+		dir, rest = parent, filepath.Join(filepath.Base(dir), rest)
+	}
 }
 
 // checkInternalName guards qemu-img's lookup, which matches a snapshot's

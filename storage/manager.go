@@ -118,12 +118,7 @@ func (m *Manager) policy() chain.Policy {
 
 // ValidName refuses names that could escape a folder or confuse a lock
 // file: domain and snapshot names end up in file names.
-func ValidName(kind, name string) error {
-	if name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/\x00") || strings.HasPrefix(name, "-") {
-		return fmt.Errorf("%w: %s name %q", ErrInvalidArg, kind, name)
-	}
-	return nil
-}
+func ValidName(kind, name string) error { return CheckName(kind, name) }
 
 // DiskSpec names a disk and the image it writes to.
 type DiskSpec struct {

@@ -64,6 +64,11 @@ func (g *globals) source() (driver.DomainSource, xenlight.Hypervisor, func(), er
 		return nil, nil, nil, fmt.Errorf("%w: --connect %q: %w", driver.ErrInvalidArg, uri, err)
 	}
 	if u.Scheme == "file" {
+		// file:///DIR only: "file://dir" names a host, "file:dir" a path
+		// relative to wherever the command happens to run.
+		if u.Opaque != "" || (u.Host != "" && u.Host != "localhost") || !filepath.IsAbs(u.Path) {
+			return nil, nil, nil, fmt.Errorf("%w: --connect %q: a folder URI is file:// and an absolute path (file:///DIR)", driver.ErrInvalidArg, uri)
+		}
 		src, err := driver.NewDirSource(u.Path)
 		if err != nil {
 			return nil, nil, nil, err

@@ -11,9 +11,13 @@ type Disk struct {
 	Target   string
 	File     string // the source file; "" for another kind of source
 	Block    string // the source device of a block disk
-	Format   string // the driver type: qcow2, raw
+	Format   string // the driver type: qcow2, raw; DefaultFormat when unset
 	Snapshot string // the disk's own snapshot="..." default
 }
+
+// DefaultFormat is the format of a local disk whose definition names
+// none: raw, never probed from the image's header.
+const DefaultFormat = "raw"
 
 // Disks lists a definition's disks in document order.
 func Disks(d *libvirtxml.Domain) []Disk {
@@ -34,6 +38,11 @@ func Disks(d *libvirtxml.Domain) []Disk {
 		}
 		if disk.Driver != nil {
 			di.Format = disk.Driver.Type
+		}
+		if di.Format == "" && (di.File != "" || di.Block != "") {
+			// libvirt's default for a local disk it is not allowed to
+			// probe: the guest's bytes never choose how the host reads them.
+			di.Format = DefaultFormat
 		}
 		out = append(out, di)
 	}

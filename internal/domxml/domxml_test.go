@@ -23,7 +23,7 @@ func TestDisks(t *testing.T) {
 	want := []Disk{
 		{Target: "xvda", File: "/pool/g.qcow2", Format: "qcow2", Snapshot: "internal"},
 		{Target: "xvdb", Block: "/dev/vg/g", Format: "raw"},
-		{Target: "xvdd", File: "/pool/untyped.img"},
+		{Target: "xvdd", File: "/pool/untyped.img", Format: DefaultFormat}, // never probed
 		{Target: "xvde"},
 		{Target: "xvdf"},
 	}

@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"syscall"
 
 	"github.com/xlsnap/xlsnap/chain"
 	"github.com/xlsnap/xlsnap/internal/fsutil"
@@ -46,7 +47,14 @@ func (b *Backend) CreateOverlay(ctx context.Context, path, format, backing, back
 	if err != nil {
 		return err
 	}
+	// The device model opens the overlay as it opened the image below:
+	// same owner, same mode, set before any data is in it.
+	err = takeOwner(f, backing)
 	f.Close()
+	if err != nil {
+		os.Remove(path)
+		return err
+	}
 	err = b.img.Create(ctx, qemuimg.CreateOptions{Path: path, Format: format, Backing: backing, BackingFormat: backingFormat})
 	if err != nil {
 		os.Remove(path)
@@ -104,11 +112,49 @@ func (b *Backend) InternalDelete(ctx context.Context, path, format, name string)
 func (b *Backend) InternalCopy(ctx context.Context, path, format, name, dst, backing, backingFormat string) error {
 	err := b.img.Convert(ctx, qemuimg.ConvertOptions{Src: path, SrcFormat: format, Snapshot: name,
 		Dst: dst, DstFormat: "qcow2", Backing: backing, BackingFormat: backingFormat})
+	if err == nil {
+		// The copy takes the place of the image its snapshot is in.
+		var f *os.File
+		if f, err = os.OpenFile(dst, os.O_RDONLY|syscall.O_NOFOLLOW, 0); err == nil {
+			err = takeOwner(f, path)
+			f.Close()
+		}
+	}
 	if err != nil {
 		os.Remove(dst)
 		return err
 	}
 	return syncDir(dst)
+}
+
+// takeOwner gives a new image the permission bits and owner of the image
+// it covers (like), keeping the owner's write bit: the new image is the
+// one the guest writes, even over a read-only base. Changing the owner needs root: a process that is not
+// root tries only when the owners differ, and a refusal there is not an
+// error (the image stays its creator's, as any file it makes).
+func takeOwner(f *os.File, like string) error {
+	st, err := os.Stat(like)
+	if err != nil {
+		return err
+	}
+	if err := f.Chmod(st.Mode().Perm() | 0o200); err != nil {
+		return err
+	}
+	want, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nil
+	}
+	cur, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if have, ok := cur.Sys().(*syscall.Stat_t); ok && have.Uid == want.Uid && have.Gid == want.Gid {
+		return nil
+	}
+	if err := f.Chown(int(want.Uid), int(want.Gid)); err != nil && os.Geteuid() == 0 {
+		return fmt.Errorf("giving %s the owner of %s: %w", f.Name(), like, err)
+	}
+	return nil
 }
 
 // syncDir makes a created or removed name durable.
