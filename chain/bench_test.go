@@ -1,6 +1,7 @@
 package chain_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os/exec"
@@ -54,5 +55,26 @@ func BenchmarkRescan1000Disks(b *testing.B) {
 				b.Fatal(err)
 			}
 		}
+	}
+}
+
+// BenchmarkWalkSnapshotBomb walks 8 sparse layers whose snapshot tables
+// each claim 64 MiB of names: the bound on a hostile chain's total work.
+func BenchmarkWalkSnapshotBomb(b *testing.B) {
+	top := writeSnapshotBombChain(b, b.TempDir(), 8)
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		_, _ = chain.Walk(ctx, top, chain.FormatQcow2, chain.Policy{})
+	}
+}
+
+// BenchmarkParseHugeHeaderLength parses a 4 KiB file whose header claims
+// to be 2 MiB long.
+func BenchmarkParseHugeHeaderLength(b *testing.B) {
+	img := hugeHeaderLength()
+	b.ReportAllocs()
+	for b.Loop() {
+		_, _ = chain.ParseHeader(bytes.NewReader(img))
 	}
 }
