@@ -310,19 +310,20 @@ type prefix struct {
 	eof bool
 }
 
-// ensure reads until the prefix holds n bytes or the file ends.
+// ensure reads until the prefix holds n bytes or the file ends. The
+// buffer at most doubles per read, so a claim past the end of a small
+// file costs about twice what the file holds, not what was claimed.
 func (p *prefix) ensure(n uint64) error {
-	if uint64(len(p.buf)) >= n || p.eof {
-		return nil
+	for uint64(len(p.buf)) < n && !p.eof {
+		grown := make([]byte, min(n, 2*uint64(len(p.buf))))
+		copy(grown, p.buf)
+		m, err := p.r.ReadAt(grown[len(p.buf):], int64(len(p.buf)))
+		if err != nil && err != io.EOF {
+			return err
+		}
+		p.buf = grown[:len(p.buf)+m]
+		p.eof = len(p.buf) < len(grown)
 	}
-	grown := make([]byte, max(n, 2*uint64(len(p.buf))))
-	copy(grown, p.buf)
-	m, err := p.r.ReadAt(grown[len(p.buf):], int64(len(p.buf)))
-	if err != nil && err != io.EOF {
-		return err
-	}
-	p.buf = grown[:len(p.buf)+m]
-	p.eof = err == io.EOF || len(p.buf) < len(grown)
 	return nil
 }
 
