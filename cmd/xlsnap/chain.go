@@ -39,6 +39,7 @@ func newChainCmd() *cobra.Command {
 		Short: "Print an image's backing chain, top to base, refusing unsafe references",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			policy.Snapshots = true // each layer's internal snapshots are printed
 			c, err := chain.Walk(cmd.Context(), args[0], chain.Format(format), policy)
 			if err != nil {
 				return err
