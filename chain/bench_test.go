@@ -59,13 +59,19 @@ func BenchmarkRescan1000Disks(b *testing.B) {
 }
 
 // BenchmarkWalkSnapshotBomb walks 8 sparse layers whose snapshot tables
-// each claim 64 MiB of names: the bound on a hostile chain's total work.
+// each hold 64 MiB of names: the bound on a hostile chain's total work,
+// with the tables left unread (the default) and read within the default
+// budget (the walk then stops with ErrTooLarge at the top layer).
 func BenchmarkWalkSnapshotBomb(b *testing.B) {
 	top := writeSnapshotBombChain(b, b.TempDir(), 8)
 	ctx := context.Background()
-	b.ReportAllocs()
-	for b.Loop() {
-		_, _ = chain.Walk(ctx, top, chain.FormatQcow2, chain.Policy{})
+	for _, tables := range []bool{false, true} {
+		b.Run(fmt.Sprintf("tables=%v", tables), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				_, _ = chain.Walk(ctx, top, chain.FormatQcow2, chain.Policy{Snapshots: tables})
+			}
+		})
 	}
 }
 
