@@ -1,6 +1,7 @@
 package chain_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os/exec"
@@ -54,5 +55,32 @@ func BenchmarkRescan1000Disks(b *testing.B) {
 				b.Fatal(err)
 			}
 		}
+	}
+}
+
+// BenchmarkWalkSnapshotBomb walks 8 sparse layers whose snapshot tables
+// each hold 64 MiB of names: the bound on a hostile chain's total work,
+// with the tables left unread (the default) and read within the default
+// budget (the walk then stops with ErrTooLarge at the top layer).
+func BenchmarkWalkSnapshotBomb(b *testing.B) {
+	top := writeSnapshotBombChain(b, b.TempDir(), 8)
+	ctx := context.Background()
+	for _, tables := range []bool{false, true} {
+		b.Run(fmt.Sprintf("tables=%v", tables), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				_, _ = chain.Walk(ctx, top, chain.FormatQcow2, chain.Policy{Snapshots: tables})
+			}
+		})
+	}
+}
+
+// BenchmarkParseHugeHeaderLength parses a 4 KiB file whose header claims
+// to be 2 MiB long.
+func BenchmarkParseHugeHeaderLength(b *testing.B) {
+	img := hugeHeaderLength()
+	b.ReportAllocs()
+	for b.Loop() {
+		_, _ = chain.ParseHeader(bytes.NewReader(img))
 	}
 }

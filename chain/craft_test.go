@@ -3,6 +3,10 @@ package chain_test
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
 )
 
 // crafted describes a qcow2 image built byte by byte, so a test can say
@@ -132,3 +136,72 @@ func snapshotEntry(id, name string, extraLen uint32, extra []byte) []byte {
 }
 
 func bytesReader(b []byte) *bytes.Reader { return bytes.NewReader(b) }
+
+// Shape of a snapshot-bomb layer: entries whose ID and name are each the
+// longest qcow2 allows, as many as fit under QEMU's 64 MiB table limit.
+// The names are zeros left as holes, so a layer is 64 MiB long but only
+// its entry headers (one block each) take disk space.
+const (
+	bombNameLen   = 65535
+	bombEntryLen  = 40 + 2*bombNameLen + 2 // padded to 8 bytes
+	bombEntries   = 64 << 20 / bombEntryLen
+	bombTableOff  = 1 << 16
+	bombLayerSize = bombTableOff + bombEntries*bombEntryLen
+)
+
+// writeSnapshotBomb writes dir/name as a sparse qcow2 image whose snapshot
+// table holds bombEntries maximal entries, over backing (qcow2) if set.
+func writeSnapshotBomb(t testing.TB, dir, name, backing string) string {
+	t.Helper()
+	cr := newCrafted()
+	if backing != "" {
+		cr = cr.withBacking(backing, "qcow2")
+	}
+	cr.nbSnapshots, cr.snapOffset = bombEntries, bombTableOff
+	path := filepath.Join(dir, name)
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.Write(cr.bytes()); err != nil {
+		t.Fatal(err)
+	}
+	entry := snapshotEntry("", "", 0, nil)[:40]
+	binary.BigEndian.PutUint16(entry[12:], bombNameLen)
+	binary.BigEndian.PutUint16(entry[14:], bombNameLen)
+	for i := int64(0); i < bombEntries; i++ {
+		if _, err := f.WriteAt(entry, bombTableOff+i*bombEntryLen); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Truncate(bombLayerSize); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// writeSnapshotBombChain writes a chain of n snapshot-bomb layers into dir
+// and returns its top.
+func writeSnapshotBombChain(t testing.TB, dir string, n int) string {
+	t.Helper()
+	prev := ""
+	for i := range n {
+		name := fmt.Sprintf("bomb%d.qcow2", i)
+		writeSnapshotBomb(t, dir, name, prev)
+		prev = name
+	}
+	return filepath.Join(dir, prev)
+}
+
+// hugeHeaderLength is a small file whose header claims the largest header
+// length its 2 MiB clusters allow; the file is just over one first read
+// long, so a reader that trusts the claim reads (and allocates) past it.
+func hugeHeaderLength() []byte {
+	cr := newCrafted()
+	cr.clusterBits, cr.headerLength, cr.fileSize = 21, 2<<20, 4216
+	return cr.bytes()
+}

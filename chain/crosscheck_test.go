@@ -89,8 +89,10 @@ func qemuChain(t testing.TB, top, format string) []qemuInfo {
 }
 
 // compareChain fails on any field where chain.Walk and qemu-img disagree.
+// It reads the snapshot tables: qemu-img reports them.
 func compareChain(t *testing.T, top, format string, p chain.Policy) *chain.Chain {
 	t.Helper()
+	p.Snapshots = true
 	c, err := chain.Walk(context.Background(), top, chain.Format(format), p)
 	if err != nil {
 		t.Fatalf("Walk(%s): %v", top, err)

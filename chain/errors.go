@@ -18,6 +18,9 @@ var (
 	ErrCorrupt = errors.New("image is marked corrupt")
 	// ErrChainBroken: a backing file the chain needs does not exist.
 	ErrChainBroken = errors.New("backing chain broken")
+	// ErrTooLarge: the chain's metadata is within the format's bounds but
+	// more than the policy lets one walk read (Policy.MaxSnapshotBytes).
+	ErrTooLarge = errors.New("image metadata too large")
 
 	ErrUnsafeBacking   = errors.New("unsafe backing reference")
 	ErrOutsideRoots    = fmt.Errorf("%w: resolves outside the allowed roots", ErrUnsafeBacking)

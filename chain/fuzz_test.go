@@ -69,7 +69,8 @@ func FuzzParseHeader(f *testing.F) {
 
 // FuzzWalk lets the fuzzer write the top image and name its backing file:
 // whatever it does, no layer may resolve outside the root, and every
-// refusal must be typed.
+// refusal must be typed. The walk reads snapshot tables within a budget a
+// few entries can pass, so the budget's refusal is fuzzed too.
 func FuzzWalk(f *testing.F) {
 	for _, s := range seedImages(f) {
 		f.Add(s, "base.qcow2", "qcow2")
@@ -107,7 +108,7 @@ func FuzzWalk(f *testing.F) {
 			}
 		}
 		for _, start := range []string{"top.qcow2", "sub/ref.qcow2"} {
-			c, err := chain.Walk(context.Background(), filepath.Join(root, start), "", chain.Policy{Roots: []string{root}, MaxDepth: 16})
+			c, err := chain.Walk(context.Background(), filepath.Join(root, start), "", chain.Policy{Roots: []string{root}, MaxDepth: 16, Snapshots: true, MaxSnapshotBytes: 4096})
 			if err != nil {
 				var ie *chain.ImageError
 				var be *chain.BackingError

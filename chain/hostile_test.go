@@ -3,10 +3,13 @@ package chain_test
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -54,6 +57,7 @@ func hostileHeaders() map[string]struct {
 	hl := c()
 	hl.headerLength = 1 << 31
 	add("header-length-huge", hl, chain.ErrInvalidImage)
+	m["header-length-2MiB-in-4KiB"] = tc{hugeHeaderLength(), chain.ErrInvalidImage}
 	hl2 := c()
 	hl2.headerLength = 96
 	add("header-length-short", hl2, chain.ErrInvalidImage)
@@ -97,6 +101,7 @@ func hostileHeaders() map[string]struct {
 	extra.nbSnapshots, extra.snapOffset = 1, 1<<16
 	extra.snapTable = snapshotEntry("1", "s", 1<<31, nil)
 	add("snapshot-extra-2GiB", extra, chain.ErrInvalidImage)
+	add("snapshot-names-claimed-not-present", bigNamesClaim(), chain.ErrInvalidImage)
 	unaligned := c()
 	unaligned.nbSnapshots, unaligned.snapOffset = 1, 4097
 	add("snapshot-table-unaligned", unaligned, chain.ErrInvalidImage)
@@ -127,8 +132,9 @@ func TestHostileHeaders(t *testing.T) {
 			if !errors.Is(err, tc.want) {
 				t.Fatalf("ParseHeader = %+v, %v; want %v", h, err, tc.want)
 			}
-			// Through Walk the refusal is typed and names the image.
-			_, err = chain.Walk(context.Background(), path, chain.FormatQcow2, chain.Policy{})
+			// Through Walk the refusal is typed and names the image; the
+			// policy asks for the snapshot tables, as ParseHeader reads them.
+			_, err = chain.Walk(context.Background(), path, chain.FormatQcow2, chain.Policy{Snapshots: true})
 			var ie *chain.ImageError
 			if !errors.As(err, &ie) || !errors.Is(err, tc.want) || !strings.HasSuffix(ie.Path, name+".qcow2") {
 				t.Fatalf("Walk error %v; want an ImageError naming the image, wrapping %v", err, tc.want)
@@ -137,16 +143,110 @@ func TestHostileHeaders(t *testing.T) {
 	}
 }
 
-// TestHostileHeaderAllocations proves a header claiming a huge table costs
-// only what the file holds.
+// bigNamesClaim is one snapshot entry whose ID and name claim 64 KiB
+// each, in a file that ends right after the entry's fixed part.
+func bigNamesClaim() crafted {
+	cr := newCrafted()
+	cr.nbSnapshots, cr.snapOffset = 1, 1<<16
+	e := snapshotEntry("", "", 0, nil)
+	binary.BigEndian.PutUint16(e[12:], 0xffff)
+	binary.BigEndian.PutUint16(e[14:], 0xffff)
+	cr.snapTable = e
+	return cr
+}
+
+// allocPerRun is the bytes f allocates on the heap, averaged over runs.
+func allocPerRun(runs int, f func()) uint64 {
+	var before, after runtime.MemStats
+	f() // warm up, as testing.AllocsPerRun does
+	runtime.ReadMemStats(&before)
+	for range runs {
+		f()
+	}
+	runtime.ReadMemStats(&after)
+	return (after.TotalAlloc - before.TotalAlloc) / uint64(runs)
+}
+
+// TestHostileHeaderAllocations proves a header claiming more than its
+// file holds costs only what the file holds: a tiny hostile file parses in
+// well under 64 KiB, whatever length, count or table size it claims.
 func TestHostileHeaderAllocations(t *testing.T) {
 	claimed := newCrafted()
 	claimed.nbSnapshots, claimed.snapOffset = 65536, 1<<16
 	claimed.snapTable = bytes.Repeat(snapshotEntry("1", "s", 0, nil), 3)
-	img := claimed.bytes()
-	allocs := testing.AllocsPerRun(20, func() { _, _ = chain.ParseHeader(bytes.NewReader(img)) })
-	if allocs > 50 {
-		t.Fatalf("%v allocations for a 3-entry table that claims 65536", allocs)
+	for name, img := range map[string][]byte{
+		"3 of 65536 entries":      claimed.bytes(),
+		"2 MiB header in 4 KiB":   hugeHeaderLength(),
+		"128 KiB of names absent": bigNamesClaim().bytes(),
+	} {
+		t.Run(name, func(t *testing.T) {
+			parse := func() { _, _ = chain.ParseHeader(bytes.NewReader(img)) }
+			if allocs := testing.AllocsPerRun(20, parse); allocs > 50 {
+				t.Errorf("%v allocations per parse", allocs)
+			}
+			if n := allocPerRun(20, parse); n > 64<<10 {
+				t.Errorf("%d bytes allocated per parse of a %d-byte file", n, len(img))
+			}
+		})
+	}
+}
+
+// TestWalkSnapshotBomb walks 8 sparse layers whose tables each hold
+// 64 MiB of names (QEMU's limit per image): without Policy.Snapshots the
+// tables cost nothing; with it the walk stops at the chain's budget.
+func TestWalkSnapshotBomb(t *testing.T) {
+	top := writeSnapshotBombChain(t, t.TempDir(), 8)
+	ctx := context.Background()
+	var c *chain.Chain
+	var err error
+	n := allocPerRun(3, func() { c, err = chain.Walk(ctx, top, chain.FormatQcow2, chain.Policy{}) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Layers) != 8 || c.Top().Snapshots() != nil || c.Top().Qcow2.NbSnapshots != 511 {
+		t.Fatalf("%d layers, top's snapshots %d of %d", len(c.Layers), len(c.Top().Snapshots()), c.Top().Qcow2.NbSnapshots)
+	}
+	if n > 256<<10 {
+		t.Errorf("walk without snapshots allocated %d bytes", n)
+	}
+
+	n = allocPerRun(3, func() { _, err = chain.Walk(ctx, top, chain.FormatQcow2, chain.Policy{Snapshots: true}) })
+	var ie *chain.ImageError
+	if !errors.Is(err, chain.ErrTooLarge) || !errors.As(err, &ie) || ie.Path != top {
+		t.Fatalf("Walk with snapshots = %v; want an ImageError for %s wrapping ErrTooLarge", err, top)
+	}
+	// The names read before the budget ran out, held twice at most.
+	if limit := uint64(2*chain.DefaultMaxSnapshotBytes + 1<<20); n > limit {
+		t.Errorf("walk with snapshots allocated %d bytes, want under %d", n, limit)
+	}
+}
+
+// TestSnapshotBudgetSpansTheChain proves the budget is the chain's, not
+// each layer's: small tables add up until one layer passes it.
+func TestSnapshotBudgetSpansTheChain(t *testing.T) {
+	dir := t.TempDir()
+	table := bytes.Repeat(snapshotEntry("1", "a", 0, nil), 3) // 144 bytes
+	prev := ""
+	for i := range 8 {
+		cr := newCrafted()
+		if prev != "" {
+			cr = cr.withBacking(prev, "qcow2")
+		}
+		cr.nbSnapshots, cr.snapOffset, cr.snapTable = 3, 1<<16, table
+		prev = fmt.Sprintf("l%d.qcow2", i)
+		writeImage(t, dir, prev, cr)
+	}
+	top := filepath.Join(dir, prev)
+	ctx := context.Background()
+	c, err := chain.Walk(ctx, top, chain.FormatQcow2, chain.Policy{Snapshots: true, MaxSnapshotBytes: 8 * 144})
+	if err != nil || len(c.Base().Snapshots()) != 3 {
+		t.Fatalf("Walk within the budget = %v; base snapshots %v", err, c)
+	}
+	_, err = chain.Walk(ctx, top, chain.FormatQcow2, chain.Policy{Snapshots: true, MaxSnapshotBytes: 500})
+	var ie *chain.ImageError
+	// l7, l6 and l5 take 432 bytes; l4's first entry passes 500.
+	if !errors.Is(err, chain.ErrTooLarge) || !errors.As(err, &ie) || filepath.Base(ie.Path) != "l4.qcow2" {
+		t.Fatalf("Walk past the budget = %v; want an ImageError for l4.qcow2 wrapping ErrTooLarge", err)
 	}
 }
 

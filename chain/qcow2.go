@@ -191,14 +191,26 @@ func invalid(format string, args ...any) error {
 // ParseHeader reads a qcow2 header, its extensions, backing reference and
 // snapshot table. It refuses an image it cannot safely interpret: unknown
 // incompatible features (ErrUnsupported), the corrupt bit (ErrCorrupt) and
-// anything outside QEMU's own bounds (ErrInvalidImage). Work and memory are
-// bounded by those limits, never by what the header claims.
+// anything outside QEMU's own bounds or past the end of the file
+// (ErrInvalidImage). Work and memory are bounded by QEMU's limits (the
+// first cluster, at most 2 MiB; a snapshot table of at most 64 MiB) and by
+// what the file really holds, never by what the header claims: a length
+// that runs past the end of r costs only the bytes r has.
 func ParseHeader(r io.ReaderAt) (*Header, error) {
-	return parseHeader(r, make([]byte, firstReadSize))
+	h, err := parseHeader(r, make([]byte, firstReadSize))
+	if err != nil {
+		return nil, err
+	}
+	if _, err := h.readSnapshots(r, maxSnapshotTableSize); err != nil {
+		return nil, err
+	}
+	return h, nil
 }
 
-// parseHeader reads into buf (firstReadSize bytes), which the caller may
-// reuse afterwards: everything the Header keeps is copied out of it.
+// parseHeader reads everything but the snapshot table into buf
+// (firstReadSize bytes), which the caller may reuse afterwards: everything
+// the Header keeps is copied out of it. The table's count and offset are
+// checked, since that costs nothing; reading it is the caller's choice.
 func parseHeader(r io.ReaderAt, buf []byte) (*Header, error) {
 	n, err := r.ReadAt(buf, 0)
 	if err != nil && err != io.EOF {
@@ -297,7 +309,7 @@ func parseHeader(r io.ReaderAt, buf []byte) (*Header, error) {
 	if err := h.parseExtensions(p, extEnd); err != nil {
 		return nil, err
 	}
-	if err := h.readSnapshots(r); err != nil {
+	if err := h.checkSnapshotTable(); err != nil {
 		return nil, err
 	}
 	return h, nil
@@ -310,19 +322,20 @@ type prefix struct {
 	eof bool
 }
 
-// ensure reads until the prefix holds n bytes or the file ends.
+// ensure reads until the prefix holds n bytes or the file ends. The
+// buffer at most doubles per read, so a claim past the end of a small
+// file costs about twice what the file holds, not what was claimed.
 func (p *prefix) ensure(n uint64) error {
-	if uint64(len(p.buf)) >= n || p.eof {
-		return nil
+	for uint64(len(p.buf)) < n && !p.eof {
+		grown := make([]byte, min(n, 2*uint64(len(p.buf))))
+		copy(grown, p.buf)
+		m, err := p.r.ReadAt(grown[len(p.buf):], int64(len(p.buf)))
+		if err != nil && err != io.EOF {
+			return err
+		}
+		p.buf = grown[:len(p.buf)+m]
+		p.eof = len(p.buf) < len(grown)
 	}
-	grown := make([]byte, max(n, 2*uint64(len(p.buf))))
-	copy(grown, p.buf)
-	m, err := p.r.ReadAt(grown[len(p.buf):], int64(len(p.buf)))
-	if err != nil && err != io.EOF {
-		return err
-	}
-	p.buf = grown[:len(p.buf)+m]
-	p.eof = err == io.EOF || len(p.buf) < len(grown)
 	return nil
 }
 
@@ -411,29 +424,47 @@ func cString(b []byte) string {
 	return string(b)
 }
 
-// readSnapshots reads the table entry by entry through a bounded buffer, so
-// a header claiming a huge table costs only what the file really holds.
-func (h *Header) readSnapshots(r io.ReaderAt) error {
+// checkSnapshotTable refuses a table count or offset QEMU would refuse.
+func (h *Header) checkSnapshotTable() error {
 	if h.NbSnapshots == 0 {
 		return nil
 	}
 	if h.NbSnapshots > maxSnapshots {
 		return invalid("%d snapshots (at most %d)", h.NbSnapshots, maxSnapshots)
 	}
-	if h.SnapshotsOffset%h.ClusterSize() != 0 || h.SnapshotsOffset == 0 {
+	if h.SnapshotsOffset%h.ClusterSize() != 0 || h.SnapshotsOffset == 0 || h.SnapshotsOffset > 1<<62 {
 		return invalid("snapshot table offset %#x", h.SnapshotsOffset)
 	}
-	if h.SnapshotsOffset > 1<<62 {
-		return invalid("snapshot table offset %#x", h.SnapshotsOffset)
+	return nil
+}
+
+// snapshotReadSize is the read size through the table: small, since a
+// real table is a few KiB and a hostile one must not cost a big buffer.
+const snapshotReadSize = 4096
+
+// readSnapshots reads the table entry by entry, fills h.Snapshots and
+// returns the table's size in bytes. Each entry's size is checked against
+// limit (at most maxSnapshotTableSize) before its variable part is read,
+// so no more than limit bytes are ever read; past QEMU's own bound the
+// image is invalid, past a smaller limit the error wraps ErrTooLarge.
+// Memory grows only with the bytes really read: a length the file does
+// not hold ends the read at the end of the file.
+func (h *Header) readSnapshots(r io.ReaderAt, limit uint64) (uint64, error) {
+	if h.NbSnapshots == 0 {
+		return 0, nil
 	}
-	br := bufio.NewReaderSize(io.NewSectionReader(r, int64(h.SnapshotsOffset), maxSnapshotTableSize), 64*1024)
+	br := bufio.NewReaderSize(io.NewSectionReader(r, int64(h.SnapshotsOffset), maxSnapshotTableSize), snapshotReadSize)
 	h.Snapshots = make([]Snapshot, 0, min(h.NbSnapshots, 64))
 	var fixed [snapshotEntryFixed]byte
 	var extra [maxSnapshotExtraData]byte
+	var strs []byte
 	var tableSize uint64
 	for i := uint32(0); i < h.NbSnapshots; i++ {
+		if tableSize+snapshotEntryFixed > limit {
+			return 0, tableTooLarge(limit)
+		}
 		if _, err := io.ReadFull(br, fixed[:]); err != nil {
-			return snapshotReadErr(i, err)
+			return 0, snapshotReadErr(i, err)
 		}
 		s := Snapshot{
 			L1TableOffset: be64(fixed[0:]),
@@ -447,10 +478,16 @@ func (h *Header) readSnapshots(r io.ReaderAt) error {
 		idLen, nameLen := int(be16(fixed[12:])), int(be16(fixed[14:]))
 		extraLen := be32(fixed[36:])
 		if extraLen > maxSnapshotExtraData {
-			return invalid("snapshot %d: %d bytes of extra data", i, extraLen)
+			return 0, invalid("snapshot %d: %d bytes of extra data", i, extraLen)
+		}
+		entry := uint64(snapshotEntryFixed) + uint64(extraLen) + uint64(idLen+nameLen)
+		pad := (8 - entry%8) % 8
+		tableSize += entry + pad
+		if tableSize > limit {
+			return 0, tableTooLarge(limit)
 		}
 		if _, err := io.ReadFull(br, extra[:extraLen]); err != nil {
-			return snapshotReadErr(i, err)
+			return 0, snapshotReadErr(i, err)
 		}
 		if extraLen >= 8 {
 			s.VMStateSize = be64(extra[0:])
@@ -463,25 +500,40 @@ func (h *Header) readSnapshots(r io.ReaderAt) error {
 				s.ICount = &ic
 			}
 		}
-		strs := make([]byte, idLen+nameLen)
-		if _, err := io.ReadFull(br, strs); err != nil {
-			return snapshotReadErr(i, err)
+		var err error
+		if strs, err = readGrowing(br, strs[:0], idLen+nameLen); err != nil {
+			return 0, snapshotReadErr(i, err)
 		}
 		s.ID, s.Name = string(strs[:idLen]), string(strs[idLen:])
-		entry := uint64(snapshotEntryFixed) + uint64(extraLen) + uint64(idLen+nameLen)
-		pad := (8 - entry%8) % 8
-		tableSize += entry + pad
-		if tableSize > maxSnapshotTableSize {
-			return invalid("snapshot table larger than %d bytes", maxSnapshotTableSize)
-		}
 		if i+1 < h.NbSnapshots {
 			if _, err := br.Discard(int(pad)); err != nil {
-				return snapshotReadErr(i, err)
+				return 0, snapshotReadErr(i, err)
 			}
 		}
 		h.Snapshots = append(h.Snapshots, s)
 	}
-	return nil
+	return tableSize, nil
+}
+
+func tableTooLarge(limit uint64) error {
+	if limit >= maxSnapshotTableSize {
+		return invalid("snapshot table larger than %d bytes", maxSnapshotTableSize)
+	}
+	return ErrTooLarge // the caller knows which budget ran out
+}
+
+// readGrowing appends n bytes from br to buf one buffered chunk at a time,
+// so buf grows with the bytes that arrive rather than with n.
+func readGrowing(br *bufio.Reader, buf []byte, n int) ([]byte, error) {
+	for want := len(buf) + n; len(buf) < want; {
+		chunk, err := br.Peek(min(want-len(buf), br.Size()))
+		buf = append(buf, chunk...)
+		_, _ = br.Discard(len(chunk)) // cannot fail: the bytes are buffered
+		if err != nil {
+			return buf, err
+		}
+	}
+	return buf, nil
 }
 
 func snapshotReadErr(i uint32, err error) error {

@@ -17,6 +17,12 @@ import (
 // are far shorter; the bound is there so a crafted chain cannot run forever.
 const DefaultMaxDepth = 1000
 
+// DefaultMaxSnapshotBytes bounds the snapshot tables one walk reads when
+// the policy sets no bound: room for about 50,000 entries with short
+// names, yet at most about 100,000 entries (40 bytes each at least) and
+// some 25 MiB of memory, however many layers carry QEMU's 64 MiB each.
+const DefaultMaxSnapshotBytes = 4 << 20
+
 // Policy says which images a chain may reach. Its zero value is the strict
 // default: backing files inside the top image's folder, formats named, no
 // protocols, no external data files.
@@ -36,6 +42,15 @@ type Policy struct {
 	AllowDataFile bool
 	// MaxDepth bounds the number of layers; 0 means DefaultMaxDepth.
 	MaxDepth int
+	// Snapshots reads each qcow2 layer's internal snapshot table into
+	// Layer.Qcow2.Snapshots. Without it the tables are not read, only
+	// their count and offset checked: following backing references does
+	// not need them, and a hostile table is the costliest part of a layer.
+	Snapshots bool
+	// MaxSnapshotBytes bounds the snapshot-table bytes read over the whole
+	// chain when Snapshots is set; 0 means DefaultMaxSnapshotBytes. Past it
+	// Walk fails with an *ImageError wrapping ErrTooLarge.
+	MaxSnapshotBytes int64
 }
 
 // Layer is one image of a chain.
@@ -55,7 +70,8 @@ type Layer struct {
 	Qcow2 *Header
 }
 
-// Snapshots lists the internal snapshots of a qcow2 layer.
+// Snapshots lists the internal snapshots of a qcow2 layer; nil unless the
+// walk's policy set Snapshots.
 func (l *Layer) Snapshots() []Snapshot {
 	if l.Qcow2 == nil {
 		return nil
@@ -158,6 +174,9 @@ type walker struct {
 	seen     map[fileID]bool
 	folders  map[string]*folder
 	buf      []byte
+	// tableMax is the snapshot-table bytes the walk may read, tableLeft
+	// what remains of them.
+	tableMax, tableLeft uint64
 }
 
 func newWalker(top string, p Policy) (*walker, error) {
@@ -173,6 +192,11 @@ func newWalker(top string, p Policy) (*walker, error) {
 	if w.maxDepth <= 0 {
 		w.maxDepth = DefaultMaxDepth
 	}
+	w.tableMax = DefaultMaxSnapshotBytes
+	if p.MaxSnapshotBytes > 0 {
+		w.tableMax = uint64(p.MaxSnapshotBytes)
+	}
+	w.tableLeft = w.tableMax
 	for _, r := range roots {
 		abs, err := filepath.Abs(r)
 		if err != nil {
@@ -336,6 +360,11 @@ func (w *walker) open(path string, format Format, referrer, ref string) (Layer, 
 				return Layer{}, err
 			}
 		}
+		if w.p.Snapshots {
+			if err := w.readSnapshots(r, h); err != nil {
+				return Layer{}, &ImageError{Path: path, Err: err}
+			}
+		}
 		layer.Qcow2 = h
 		layer.VirtualSize = h.VirtualSize
 		layer.BackingRef = h.BackingFile
@@ -344,6 +373,17 @@ func (w *walker) open(path string, format Format, referrer, ref string) (Layer, 
 		return Layer{}, &ImageError{Path: path, Err: fmt.Errorf("%w: format %q", ErrUnsupported, format)}
 	}
 	return layer, nil
+}
+
+// readSnapshots reads a layer's snapshot table within what is left of the
+// walk's budget, never more than QEMU's own bound for one image.
+func (w *walker) readSnapshots(r io.ReaderAt, h *Header) error {
+	n, err := h.readSnapshots(r, min(w.tableLeft, maxSnapshotTableSize))
+	if errors.Is(err, ErrTooLarge) {
+		return fmt.Errorf("%w: the chain's snapshot tables pass %d bytes", ErrTooLarge, w.tableMax)
+	}
+	w.tableLeft -= n
+	return err
 }
 
 // checkDataFile applies the policy to an external data file: the guest's

@@ -39,6 +39,7 @@ func newChainCmd() *cobra.Command {
 		Short: "Print an image's backing chain, top to base, refusing unsafe references",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			policy.Snapshots = true // each layer's internal snapshots are printed
 			c, err := chain.Walk(cmd.Context(), args[0], chain.Format(format), policy)
 			if err != nil {
 				return err
@@ -57,6 +58,7 @@ func newChainCmd() *cobra.Command {
 	f.BoolVar(&policy.AllowProtocol, "allow-protocol", false, "allow json: and protocol backing references (the chain ends there)")
 	f.BoolVar(&policy.AllowDataFile, "allow-data-file", false, "allow qcow2 external data files inside the roots")
 	f.IntVar(&policy.MaxDepth, "max-depth", chain.DefaultMaxDepth, "refuse chains with more layers")
+	f.Int64Var(&policy.MaxSnapshotBytes, "max-snapshot-bytes", chain.DefaultMaxSnapshotBytes, "refuse chains whose internal snapshot tables hold more bytes in all")
 	return cmd
 }
 

@@ -58,6 +58,23 @@ func TestChainJSON(t *testing.T) {
 	}
 }
 
+// TestChainSnapshotBudget: the snapshot tables the command prints are read
+// within --max-snapshot-bytes, and past it the refusal names the image.
+func TestChainSnapshotBudget(t *testing.T) {
+	top := filepath.Join(t.TempDir(), "top.qcow2")
+	qemuImg(t, "create", "-q", "-f", "qcow2", top, "8M")
+	qemuImg(t, "snapshot", "-c", "before-upgrade", top)
+
+	stdout, stderr, code := runXlsnap(t, "chain", "--max-snapshot-bytes", "16", top)
+	if code == 0 || stdout != "" || !strings.Contains(stderr, "too large") || !strings.Contains(stderr, top) {
+		t.Fatalf("table past the budget: exit %d, stdout %q, stderr %q", code, stdout, stderr)
+	}
+	stdout, stderr, code = runXlsnap(t, "chain", top)
+	if code != 0 || !strings.Contains(stdout, "before-upgrade") {
+		t.Fatalf("default budget: exit %d, stdout %q, stderr %q", code, stdout, stderr)
+	}
+}
+
 func TestChainRefusedIsOneLineAndNonZero(t *testing.T) {
 	root := t.TempDir()
 	pool, elsewhere := filepath.Join(root, "pool"), filepath.Join(root, "elsewhere")
