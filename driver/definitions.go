@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"path/filepath"
 
@@ -33,6 +34,9 @@ func (s definitions) DefinedDisks(ctx context.Context) ([]storage.DefinedDisk, e
 	var out []storage.DefinedDisk
 	for _, n := range names {
 		sd, err := s.src.Domain(ctx, n)
+		if errors.Is(err, ErrNoDomain) {
+			continue // undefined since it was listed: it uses nothing now
+		}
 		if err != nil {
 			return nil, fmt.Errorf("domain %s: %w", n, err)
 		}
