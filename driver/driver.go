@@ -252,16 +252,33 @@ func (d *Driver) live(v *domainView, what string) (*xenlight.Live, error) {
 	return xenlight.NewLive(d.h, v.src.Name), nil
 }
 
+// Move says an image was moved from one path to another (a folder
+// renamed, a base copied to other storage).
+type Move struct{ From, To string }
+
 // ChainChanged is the public "a chain changed, rescan" call: rescan a
-// disk's chain after someone else edited it, update metadata, tell
+// disk's chain after someone else edited it, update metadata and every
+// snapshot record that names a moved image (moves, and any recorded
+// layer that is gone where the chain on disk has a new one), tell
 // subscribers, and rewrite the definition if the active layer moved.
-func (d *Driver) ChainChanged(ctx context.Context, domain, disk string) error {
+// Errors: ErrNoDomain, ErrInvalidArg (no such disk, a move of an image
+// the domain never had), the chain's own (ErrUnsafeBacking, ...).
+func (d *Driver) ChainChanged(ctx context.Context, domain, disk string, moves ...Move) error {
 	defer d.lock(domain)()
 	v, err := d.sync(ctx, domain)
 	if err != nil {
 		return err
 	}
-	c, err := d.st.ChainChanged(ctx, v.key, disk)
+	mv := map[string]string{}
+	for _, m := range moves {
+		from, err1 := filepath.Abs(m.From)
+		to, err2 := filepath.Abs(m.To)
+		if err1 != nil || err2 != nil {
+			return invalidf("move %s=%s", m.From, m.To)
+		}
+		mv[from] = to
+	}
+	c, err := d.st.ChainChanged(ctx, v.key, disk, mv)
 	if err != nil {
 		return err
 	}

@@ -132,7 +132,7 @@ func (m *Manager) checkDomain(ctx context.Context, d *Domain, snaps []*Snapshot,
 		pr := Problem{Kind: ProblemChainDiffers, Domain: domainName(d), Disk: disk.Target, Path: disk.Active,
 			Detail: fmt.Sprintf("recorded %v, on disk %v", recorded, onDisk)}
 		if repair {
-			if _, err := m.ChainChanged(ctx, d.Name, disk.Target); err != nil {
+			if _, err := m.ChainChanged(ctx, d.Name, disk.Target, nil); err != nil {
 				pr.Note = err.Error()
 			} else {
 				pr.Fixed = true
@@ -222,7 +222,11 @@ func (m *Manager) orphans(ctx context.Context, known map[string]bool) []Problem 
 // ChainChanged is the public "a chain changed, rescan" call: someone
 // edited a disk's chain behind storage's back. It rereads the chain from
 // the disk's active layer, records it, and tells every subscriber.
-func (m *Manager) ChainChanged(ctx context.Context, domain, disk string) (*chain.Chain, error) {
+// moves maps images that were moved (old path to new) to their new
+// names; a recorded layer that is gone where the chain on disk has a new
+// one is taken as moved too. Every snapshot record naming a moved image
+// is rewritten with its new name.
+func (m *Manager) ChainChanged(ctx context.Context, domain, disk string, moves map[string]string) (*chain.Chain, error) {
 	unlock, err := m.lockDomain(ctx, domain)
 	if err != nil {
 		return nil, err
@@ -243,7 +247,22 @@ func (m *Manager) ChainChanged(ctx context.Context, domain, disk string) (*chain
 		if c, err = chain.Walk(ctx, dk.Active, chain.Format(dk.Format), m.policy()); err != nil {
 			return err
 		}
+		moved := map[string]string{}
+		for o, n := range moves {
+			o, n = filepath.Clean(o), filepath.Clean(n)
+			if _, known := d.Images[o]; !known {
+				return fmt.Errorf("%w: moved image %s is not in domain %s's tree", ErrInvalidArg, o, domainName(d))
+			}
+			if !exists(n) {
+				return fmt.Errorf("%w: %s was moved to %s, which does not exist", ErrInvalidArg, o, n)
+			}
+			moved[o] = n
+		}
+		detectMoves(d, before, layerPaths(c), moved)
 		m.recordChain(d, c)
+		if err := m.applyMoves(tx, d, moved); err != nil {
+			return err
+		}
 		ev = ChainChanged{Domain: domainName(d), Disk: disk, Before: before, After: layerPaths(c), Reason: "rescan"}
 		return tx.PutDomain(d)
 	})

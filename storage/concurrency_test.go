@@ -353,7 +353,7 @@ func TestDomainLockHeld(t *testing.T) {
 	concExpectBusy(t, "Revert", err, context.Canceled)
 	_, err = e.M.DeleteSnapshot(cctx, "a", "s1", storage.DeleteOptions{})
 	concExpectBusy(t, "DeleteSnapshot", err, context.Canceled)
-	_, err = e.M.ChainChanged(cctx, "a", "vda")
+	_, err = e.M.ChainChanged(cctx, "a", "vda", nil)
 	concExpectBusy(t, "ChainChanged", err, context.Canceled)
 	_, err = e.M.DefineDomain(cctx, "a", "a", "", nil)
 	concExpectBusy(t, "DefineDomain", err, context.Canceled)
@@ -530,7 +530,7 @@ func TestSubscribeUnderPublishing(t *testing.T) {
 
 	errs := concRun(publishers, func(i int) error {
 		for range perPublisher {
-			if _, err := e.M.ChainChanged(e.Ctx, fmt.Sprintf("p%d", i), "vda"); err != nil {
+			if _, err := e.M.ChainChanged(e.Ctx, fmt.Sprintf("p%d", i), "vda", nil); err != nil {
 				return err
 			}
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"strings"
 
 	"github.com/xlsnap/xlsnap/storage/metastore"
 )
@@ -124,6 +125,16 @@ func (m *Manager) deleteOne(ctx context.Context, d *Domain, snaps map[string]*Sn
 	movedTo := map[string]string{}
 	var u *users
 	if !metadataOnly {
+		var missing []string
+		for _, sd := range s.Disks {
+			if sd.Mode != DiskNone && sd.Image != "" && !exists(sd.Image) {
+				missing = append(missing, sd.Image)
+			}
+		}
+		if len(missing) > 0 {
+			return fmt.Errorf("%w: snapshot %s needs images that are gone: %s (moved? rescan the disk with the moves, or delete with metadata-only)",
+				ErrChainBroken, name, strings.Join(missing, ", "))
+		}
 		var err error
 		if u, err = m.scanUsers(ctx); err != nil {
 			return err

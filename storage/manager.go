@@ -174,6 +174,7 @@ func (m *Manager) DefineDomain(ctx context.Context, key, name, uuid string, disk
 	}
 	d.UUID, d.DisplayName = uuid, name
 	var next []Disk
+	moves := map[string]string{}
 	for _, ds := range disks {
 		if err := ValidName("disk", ds.Target); err != nil {
 			return nil, err
@@ -195,10 +196,16 @@ func (m *Manager) DefineDomain(ctx context.Context, key, name, uuid string, disk
 		if err != nil {
 			return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
 		}
+		if old := d.Disk(ds.Target); old != nil && old.Active != abs {
+			detectMoves(d, d.Chain(old.Active), layerPaths(c), moves)
+		}
 		m.recordChain(d, c)
 		next = append(next, Disk{Target: ds.Target, Active: abs, Format: c.Top().Format.String()})
 	}
 	for _, old := range d.Disks {
+		if _, moved := moves[old.Active]; moved {
+			continue
+		}
 		if nd := findDisk(next, old.Target); nd == nil || nd.Active != old.Active {
 			if img := d.Images[old.Active]; img != nil {
 				img.Owned = false
@@ -210,13 +217,90 @@ func (m *Manager) DefineDomain(ctx context.Context, key, name, uuid string, disk
 	if before != nil && reflect.DeepEqual(before, d) {
 		return d, nil
 	}
-	err = m.store.Update(ctx, func(tx metastore.Tx) error { return tx.PutDomain(d) })
+	err = m.store.Update(ctx, func(tx metastore.Tx) error {
+		if err := m.applyMoves(tx, d, moves); err != nil {
+			return err
+		}
+		return tx.PutDomain(d)
+	})
 	if err == nil && before != nil {
 		// A chain edited behind storage's back, or a disk the operator
 		// repointed, is adopted here: tell subscribers, as ChainChanged does.
 		m.publishChanges(before, d, "rescan")
 	}
 	return d, err
+}
+
+// detectMoves finds images that moved: where a disk's recorded chain and
+// the chain on disk differ layer by layer, a recorded image that is gone
+// and a layer the tree does not know are one image under a new name.
+func detectMoves(d *Domain, recorded, onDisk []string, moves map[string]string) {
+	if len(recorded) != len(onDisk) {
+		return
+	}
+	for i, o := range recorded {
+		n := onDisk[i]
+		if _, known := d.Images[n]; o != n && !known && !exists(o) {
+			moves[o] = n
+		}
+	}
+}
+
+// applyMoves renames moved images in d's tree and in every snapshot
+// record of d, in tx. The new names' records must be in the tree
+// already (recordChain); what the old ones knew (Owned) carries over.
+func (m *Manager) applyMoves(tx metastore.Tx, d *Domain, moves map[string]string) error {
+	if len(moves) == 0 {
+		return nil
+	}
+	for o, n := range moves {
+		if img, ok := d.Images[o]; ok {
+			if ni := d.Images[n]; ni != nil {
+				ni.Owned = img.Owned
+			} else {
+				d.Images[n] = img
+			}
+			delete(d.Images, o)
+		}
+		for _, img := range d.Images {
+			if img.Backing == o {
+				img.Backing = n
+			}
+		}
+		for i := range d.Disks {
+			if d.Disks[i].Active == o {
+				d.Disks[i].Active = n
+			}
+		}
+	}
+	list, err := tx.Snapshots(d.Name)
+	if err != nil {
+		return err
+	}
+	for _, s := range list {
+		dirty := false
+		for i := range s.Disks {
+			sd := &s.Disks[i]
+			if n, ok := moves[sd.Image]; ok {
+				sd.Image, dirty = n, true
+			}
+			if n, ok := moves[sd.Overlay]; ok {
+				sd.Overlay, dirty = n, true
+			}
+		}
+		if !dirty {
+			continue
+		}
+		full, err := tx.Snapshot(d.Name, s.Name)
+		if err != nil {
+			return err
+		}
+		s.DomainXML = full.DomainXML
+		if err := tx.PutSnapshot(d.Name, s); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func findDisk(disks []Disk, target string) *Disk {

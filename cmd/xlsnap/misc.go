@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"strings"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -69,15 +70,24 @@ func (g *globals) checkCmd() *cobra.Command {
 		}
 		return nil
 	})
-	cmd.Flags().BoolVar(&repair, "repair", false, "finish pending operations, rescan changed chains, remove empty orphans")
+	cmd.Flags().BoolVar(&repair, "repair", false, "finish pending operations and rescan changed chains (no image is removed)")
 	return cmd
 }
 
 func (g *globals) rescanCmd() *cobra.Command {
-	return &cobra.Command{
-		Use: "rescan DOMAIN DISK", Short: "A disk's chain changed outside xlsnap: rescan it", Args: cobra.ExactArgs(2),
+	var moved []string
+	cmd := &cobra.Command{
+		Use: "rescan DOMAIN DISK [--moved OLD=NEW]...", Short: "A disk's chain changed outside xlsnap: rescan it", Args: cobra.ExactArgs(2),
 		RunE: g.withDriver(func(cmd *cobra.Command, d *driver.Driver, args []string) error {
-			if err := d.ChainChanged(cmd.Context(), args[0], args[1]); err != nil {
+			var moves []driver.Move
+			for _, m := range moved {
+				from, to, ok := strings.Cut(m, "=")
+				if !ok || from == "" || to == "" {
+					return fmt.Errorf("%w: --moved %q: want OLD=NEW", driver.ErrInvalidArg, m)
+				}
+				moves = append(moves, driver.Move{From: from, To: to})
+			}
+			if err := d.ChainChanged(cmd.Context(), args[0], args[1], moves...); err != nil {
 				return err
 			}
 			disks, err := d.DiskList(cmd.Context(), args[0])
@@ -91,4 +101,6 @@ func (g *globals) rescanCmd() *cobra.Command {
 			return err
 		}),
 	}
+	cmd.Flags().StringArrayVar(&moved, "moved", nil, "an image of the chain was moved from OLD to NEW (repeatable); snapshot records follow")
+	return cmd
 }

@@ -121,7 +121,7 @@ func testChainChanged(t *testing.T, e *Env) {
 	if err != nil || len(problems) != 1 || problems[0].Kind != storage.ProblemChainDiffers {
 		t.Fatalf("Check before the rescan: %+v, %v", problems, err)
 	}
-	c, err := e.M.ChainChanged(e.Ctx, "vm", "vda")
+	c, err := e.M.ChainChanged(e.Ctx, "vm", "vda", nil)
 	if err != nil || len(c.Layers) != 2 {
 		t.Fatalf("ChainChanged: %v, %v", c, err)
 	}
@@ -132,7 +132,7 @@ func testChainChanged(t *testing.T, e *Env) {
 	}
 	e.Expect("vm", "vda", 0xf1, 0, mib)
 	e.CheckClean("vm")
-	if _, err := e.M.ChainChanged(e.Ctx, "vm", "vdz"); !errors.Is(err, storage.ErrInvalidArg) {
+	if _, err := e.M.ChainChanged(e.Ctx, "vm", "vdz", nil); !errors.Is(err, storage.ErrInvalidArg) {
 		t.Fatalf("rescan of an unknown disk: %v", err)
 	}
 }
