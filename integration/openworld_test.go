@@ -1,0 +1,546 @@
+package integration
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"libvirt.org/go/libvirtxml"
+
+	"github.com/xlsnap/xlsnap/driver"
+	"github.com/xlsnap/xlsnap/storage"
+)
+
+// The tests in this file share a folder of images and definitions with
+// others, as real pools are shared: linked clones, detached disks, user
+// names, moved images, two folders with the same domain name. Each
+// asserts on data read back through every definition that names an
+// image, and on what is left in the folder.
+
+// world is a folder that is both a folder source and a pool, and a state
+// folder that may outlive a driver.
+type world struct {
+	t     *testing.T
+	ctx   context.Context
+	dir   string
+	state string
+	d     *driver.Driver
+}
+
+func newWorld(t *testing.T) *world {
+	t.Helper()
+	t.Parallel()
+	dir, err := filepath.EvalSymlinks(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &world{t: t, ctx: context.Background(), dir: dir, state: t.TempDir()}
+}
+
+func (w *world) path(name string) string { return filepath.Join(w.dir, name) }
+
+// open (re)opens the driver on the folder, as a new command would.
+func (w *world) open() *driver.Driver {
+	w.t.Helper()
+	if w.d != nil {
+		w.d.Close()
+	}
+	src, err := driver.NewDirSource(w.dir)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	d, err := driver.Open(w.ctx, driver.Config{StateDir: w.state, Source: src})
+	if err != nil {
+		w.t.Fatalf("driver.Open: %v", err)
+	}
+	w.t.Cleanup(func() { d.Close() })
+	w.d = d
+	return d
+}
+
+// image makes a qcow2 image, backed by backing when given.
+func (w *world) image(name, backing string) string {
+	w.t.Helper()
+	args := []string{"create", "-q", "-f", "qcow2"}
+	if backing != "" {
+		args = append(args, "-F", "qcow2", "-b", w.path(backing))
+	}
+	run(w.t, "qemu-img", append(args, w.path(name), diskSize)...)
+	return w.path(name)
+}
+
+// vdisk is a disk of a definition: target and image name in the folder.
+type vdisk struct{ target, image string }
+
+// define writes NAME.xml with a UUID and the given disks.
+func (w *world) define(name, uuid string, disks ...vdisk) {
+	w.t.Helper()
+	var ds []string
+	for _, d := range disks {
+		ds = append(ds, fileDisk(d.target, w.path(d.image), "qcow2"))
+	}
+	doc := oneDiskXML(name, ds...)
+	if uuid != "" {
+		doc = strings.Replace(doc, "</name>", "</name>\n  <uuid>"+uuid+"</uuid>", 1)
+	}
+	if err := os.WriteFile(w.path(name+".xml"), []byte(doc), 0o644); err != nil {
+		w.t.Fatal(err)
+	}
+}
+
+// write fills [off, off+n) of an image with pattern (offsets in KiB).
+func (w *world) write(image string, pattern byte, offK, lenK int) {
+	w.t.Helper()
+	run(w.t, "qemu-io", "-f", "qcow2", "-c", fmt.Sprintf("write -P 0x%02x %dk %dk", pattern, offK, lenK), w.path(image))
+}
+
+// expect reads [off, off+n) of an image (and its chain) back.
+func (w *world) expect(image string, pattern byte, offK, lenK int) {
+	w.t.Helper()
+	p := image
+	if !filepath.IsAbs(p) {
+		p = w.path(image)
+	}
+	out, err := exec.Command("qemu-io", "-f", "qcow2", "-r", "-c", fmt.Sprintf("read -P 0x%02x %dk %dk", pattern, offK, lenK), p).CombinedOutput()
+	if err != nil || strings.Contains(string(out), "Pattern verification failed") {
+		w.t.Fatalf("%s at %dk+%dk: want 0x%02x: %v\n%s", image, offK, lenK, pattern, err, out)
+	}
+	run(w.t, "qemu-img", "check", "-q", "-f", "qcow2", p)
+}
+
+// source is the image a definition's disk names now.
+func (w *world) source(domain, target string) string {
+	w.t.Helper()
+	b, err := os.ReadFile(w.path(domain + ".xml"))
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	var def libvirtxml.Domain
+	if err := def.Unmarshal(string(b)); err != nil {
+		w.t.Fatalf("%s.xml: %v", domain, err)
+	}
+	for _, d := range def.Devices.Disks {
+		if d.Target != nil && d.Target.Dev == target && d.Source != nil && d.Source.File != nil {
+			return d.Source.File.File
+		}
+	}
+	w.t.Fatalf("%s.xml has no disk %s:\n%s", domain, target, b)
+	return ""
+}
+
+// files lists the images in the folder and its subfolders.
+func (w *world) files() []string {
+	w.t.Helper()
+	var out []string
+	err := filepath.WalkDir(w.dir, func(p string, e fs.DirEntry, err error) error {
+		if err == nil && e.Type().IsRegular() && !strings.HasSuffix(p, ".xml") {
+			rel, _ := filepath.Rel(w.dir, p)
+			out = append(out, rel)
+		}
+		return err
+	})
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	return out
+}
+
+func (w *world) expectFiles(want ...string) {
+	w.t.Helper()
+	slices.Sort(want)
+	if got := w.files(); !slices.Equal(got, want) {
+		w.t.Fatalf("folder holds %v, want %v", got, want)
+	}
+}
+
+func (w *world) snap(domain, name string) {
+	w.t.Helper()
+	if _, err := w.d.SnapshotCreateXML(w.ctx, domain, snapXML(name), driver.CreateDiskOnly); err != nil {
+		w.t.Fatalf("snapshot %s of %s: %v", name, domain, err)
+	}
+}
+
+func (w *world) del(domain, name string, flags driver.DeleteFlags) *storage.DeleteReport {
+	w.t.Helper()
+	r, err := w.d.SnapshotDelete(w.ctx, domain, name, flags)
+	if err != nil {
+		w.t.Fatalf("delete %s of %s: %v", name, domain, err)
+	}
+	return r
+}
+
+func (w *world) revert(domain, name string) {
+	w.t.Helper()
+	if err := w.d.RevertToSnapshot(w.ctx, domain, name, 0); err != nil {
+		w.t.Fatalf("revert %s to %s: %v", domain, name, err)
+	}
+}
+
+// problems runs check and returns "kind path" for each finding.
+func (w *world) problems() []string {
+	w.t.Helper()
+	ps, err := w.d.Storage().Check(w.ctx)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	var out []string
+	for _, p := range ps {
+		out = append(out, string(p.Kind)+" "+filepath.Base(p.Path))
+	}
+	return out
+}
+
+// TestOpenWorldLinkedClone: vm1 writes to base.qcow2, which also backs
+// vm2's clone. Deleting vm1's snapshot must neither commit into the base
+// (vm2 would read vm1's data) nor pull it away (vm2 would lose its
+// backing file), whatever the sizes, and vm2 is never looked at first.
+func TestOpenWorldLinkedClone(t *testing.T) {
+	for _, big := range []bool{false, true} {
+		t.Run(fmt.Sprintf("big=%v", big), func(t *testing.T) {
+			w := newWorld(t)
+			w.image("base.qcow2", "")
+			w.write("base.qcow2", 0x10, 0, 1024)
+			w.image("clone.qcow2", "base.qcow2")
+			w.define("vm1", "", vdisk{"xvda", "base.qcow2"})
+			w.define("vm2", "", vdisk{"xvda", "clone.qcow2"})
+			w.open()
+			w.snap("vm1", "s1")
+			top := w.source("vm1", "xvda")
+			if top != w.path("base.s1") {
+				t.Fatalf("vm1 on %s", top)
+			}
+			n := 64
+			if big {
+				n = 4096 // the top holds more: a pull-up would be cheaper
+			}
+			w.write("base.s1", 0x11, 0, n)
+			r := w.del("vm1", "s1", 0)
+			if len(r.Disks) != 1 || r.Disks[0].Action != storage.ActionSharedBase {
+				t.Fatalf("report %+v", r.Disks)
+			}
+			if us := r.Disks[0].Users; len(us) == 0 || !slices.ContainsFunc(us, func(u storage.User) bool { return u.Path == w.path("clone.qcow2") }) {
+				t.Fatalf("shared base kept without naming the clone: %+v", us)
+			}
+			w.expect("clone.qcow2", 0x10, 0, 1024)
+			w.expect("base.qcow2", 0x10, 0, 1024)
+			w.expect(w.source("vm1", "xvda"), 0x11, 0, n)
+			w.expectFiles("base.qcow2", "base.s1", "clone.qcow2")
+			if got, want := w.problems(), []string{"shared-base base.qcow2"}; !slices.Equal(got, want) {
+				t.Fatalf("check: %v, want %v", got, want)
+			}
+		})
+	}
+}
+
+// TestOpenWorldDetachedDisk: xvdb's current data lives in an overlay
+// xlsnap made; once xvdb leaves the definition (or names another file),
+// that data is the user's and no delete may remove it.
+func TestOpenWorldDetachedDisk(t *testing.T) {
+	for _, how := range []string{"removed", "switched"} {
+		for _, which := range []string{"s2", "s1"} {
+			t.Run(how+"/delete-"+which, func(t *testing.T) {
+				w := newWorld(t)
+				w.image("a.qcow2", "")
+				w.image("b.qcow2", "")
+				w.write("b.qcow2", 0x21, 0, 64)
+				w.define("vm", "", vdisk{"xvda", "a.qcow2"}, vdisk{"xvdb", "b.qcow2"})
+				w.open()
+				w.snap("vm", "s1")
+				w.write("b.s1", 0x22, 0, 64)
+				if how == "removed" {
+					w.define("vm", "", vdisk{"xvda", "a.s1"})
+				} else {
+					w.image("c.qcow2", "")
+					w.define("vm", "", vdisk{"xvda", "a.s1"}, vdisk{"xvdb", "c.qcow2"})
+				}
+				w.snap("vm", "s2")
+				w.del("vm", which, 0)
+				w.expect("b.s1", 0x22, 0, 64)
+				w.expect("b.qcow2", 0x21, 0, 64)
+				if which == "s2" {
+					w.del("vm", "s1", 0)
+				} else {
+					w.del("vm", "s2", 0)
+				}
+				w.expect("b.s1", 0x22, 0, 64)
+				w.expect("b.qcow2", 0x21, 0, 64)
+				if got := w.source("vm", "xvda"); got != w.path("a.qcow2") {
+					t.Fatalf("xvda on %s after deleting every snapshot, want a.qcow2", got)
+				}
+			})
+		}
+	}
+}
+
+// TestOpenWorldUserNames: after the last snapshot goes, the disk is back
+// on the image the user named, whichever direction the merge took, and
+// the snapshot's name can be used again.
+func TestOpenWorldUserNames(t *testing.T) {
+	for _, n := range []int{64, 4096} {
+		t.Run(fmt.Sprintf("top=%dk", n), func(t *testing.T) {
+			w := newWorld(t)
+			w.image("a.qcow2", "")
+			w.write("a.qcow2", 0x31, 0, 1024)
+			w.define("vm", "", vdisk{"xvda", "a.qcow2"})
+			w.open()
+			for round := range 2 {
+				w.snap("vm", "s1")
+				w.write("a.s1", byte(0x32+round), 0, n)
+				r := w.del("vm", "s1", 0)
+				if r.Disks[0].Kept != w.path("a.qcow2") {
+					t.Fatalf("round %d: report %+v", round, r.Disks)
+				}
+				if got := w.source("vm", "xvda"); got != w.path("a.qcow2") {
+					t.Fatalf("round %d: disk on %s, want a.qcow2", round, got)
+				}
+				w.expectFiles("a.qcow2")
+				w.expect("a.qcow2", byte(0x32+round), 0, n)
+				if n < 1024 {
+					w.expect("a.qcow2", 0x31, n, 1024-n)
+				}
+			}
+			if got := w.problems(); len(got) > 0 {
+				t.Fatalf("check: %v", got)
+			}
+		})
+	}
+}
+
+// TestOpenWorldDefinitionFollowsSnapshot: a disk added after s1 leaves
+// the definition on a revert to s1 (its data kept) and comes back on a
+// revert to s2, without FORCE.
+func TestOpenWorldDefinitionFollowsSnapshot(t *testing.T) {
+	w := newWorld(t)
+	w.image("a.qcow2", "")
+	w.image("b.qcow2", "")
+	w.write("b.qcow2", 0x41, 0, 64)
+	w.define("vm", "", vdisk{"xvda", "a.qcow2"})
+	w.open()
+	w.snap("vm", "s1")
+	w.define("vm", "", vdisk{"xvda", "a.s1"}, vdisk{"xvdb", "b.qcow2"})
+	w.snap("vm", "s2")
+	w.write("b.s2", 0x42, 0, 64)
+	w.revert("vm", "s1")
+	b, err := os.ReadFile(w.path("vm.xml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(b), "xvdb") {
+		t.Fatalf("xvdb is still defined after reverting to s1:\n%s", b)
+	}
+	w.expect("b.s2", 0x42, 0, 64) // the user's now: kept
+	w.revert("vm", "s2")
+	w.expect(w.source("vm", "xvdb"), 0x41, 0, 64)
+	w.expect("b.s2", 0x42, 0, 64)
+	for _, name := range []string{"s1", "s2"} {
+		w.del("vm", name, 0)
+	}
+	w.expect("b.s2", 0x42, 0, 64)
+	w.expect("b.qcow2", 0x41, 0, 64)
+}
+
+// TestOpenWorldSameNameTwoFolders: two domains called web, in two
+// folders, with one state folder: they never share snapshots; a domain
+// renamed keeps its own.
+func TestOpenWorldSameNameTwoFolders(t *testing.T) {
+	a, b := newWorld(t), &world{t: t, ctx: context.Background()}
+	dir, err := filepath.EvalSymlinks(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.dir, b.state = dir, a.state
+	for i, w := range []*world{a, b} {
+		w.image("web.qcow2", "")
+		w.write("web.qcow2", byte(0x51+i), 0, 64)
+		w.define("web", fmt.Sprintf("6b0c6c1e-0000-4000-8000-00000000000%d", i), vdisk{"xvda", "web.qcow2"})
+	}
+	a.open()
+	a.snap("web", "s1")
+	a.d.Close()
+	a.d = nil
+	b.open()
+	if list, err := b.d.ListAllSnapshots(b.ctx, "web", 0); err != nil || len(list) != 0 {
+		t.Fatalf("folder B lists %d snapshots (%v), want none", len(list), err)
+	}
+	before := b.files()
+	b.snap("web", "s1")
+	b.write("web.s1", 0x5f, 0, 64)
+	b.revert("web", "s1")
+	b.expect(b.source("web", "xvda"), 0x52, 0, 64)
+	if slices.Equal(before, b.files()) {
+		t.Fatalf("folder B unchanged by its own snapshot")
+	}
+	b.d.Close()
+	b.d = nil
+	a.expectFiles("web.qcow2", "web.s1")
+	// Renamed (same UUID): web's snapshots are web2's.
+	doc, err := os.ReadFile(a.path("web.xml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(a.path("web2.xml"), []byte(strings.Replace(string(doc), "<name>web</name>", "<name>web2</name>", 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(a.path("web.xml")); err != nil {
+		t.Fatal(err)
+	}
+	a.open()
+	list, err := a.d.ListAllSnapshots(a.ctx, "web2", 0)
+	if err != nil || len(list) != 1 || list[0].Name != "s1" {
+		t.Fatalf("renamed domain lists %v (%v), want s1", names(list), err)
+	}
+	a.del("web2", "s1", 0)
+	a.expect(a.source("web2", "xvda"), 0x51, 0, 64)
+}
+
+// TestOpenWorldRepairKeepsNamedFiles: an overlay no record holds but a
+// definition names is a user, not an orphan: repair keeps it.
+func TestOpenWorldRepairKeepsNamedFiles(t *testing.T) {
+	w := newWorld(t)
+	w.image("vm.qcow2", "")
+	w.define("vm", "", vdisk{"xvda", "vm.qcow2"})
+	w.open()
+	w.snap("vm", "s1")
+	w.image("newvm.qcow2", "vm.qcow2")
+	w.define("newvm", "", vdisk{"xvda", "newvm.qcow2"})
+	ps, err := w.d.Storage().Repair(w.ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ps) != 1 || ps[0].Kind != storage.ProblemSharedBase || !strings.Contains(ps[0].Detail, "newvm") {
+		t.Fatalf("repair: %+v", ps)
+	}
+	w.expectFiles("newvm.qcow2", "vm.qcow2", "vm.s1")
+	// The base it shares is kept by the delete too.
+	if r := w.del("vm", "s1", 0); r.Disks[0].Action != storage.ActionSharedBase {
+		t.Fatalf("report %+v", r.Disks)
+	}
+	w.expectFiles("newvm.qcow2", "vm.qcow2", "vm.s1")
+}
+
+// TestOpenWorldMovedImages: the folder is renamed, backing references
+// and the definition fixed by hand, the disk rescanned: the snapshot
+// records follow, and revert and delete read back the right data. Before
+// the rescan, an operation that needs the gone images is refused with
+// their list and changes nothing.
+func TestOpenWorldMovedImages(t *testing.T) {
+	w := newWorld(t)
+	old := filepath.Join(w.dir, "old")
+	if err := os.Mkdir(old, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", filepath.Join(old, "a.qcow2"), diskSize)
+	w.write("old/a.qcow2", 0x61, 0, 64)
+	w.define("vm", "", vdisk{"xvda", "old/a.qcow2"})
+	w.d = nil
+	src, _ := driver.NewDirSource(w.dir)
+	d, err := driver.Open(w.ctx, driver.Config{StateDir: w.state, Source: src, Pools: []string{w.dir}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	w.d = d
+	w.snap("vm", "s1")
+	w.write("old/a.s1", 0x62, 0, 64)
+	w.snap("vm", "s2")
+	w.write("old/a.s2", 0x63, 0, 64)
+
+	if err := os.Rename(old, filepath.Join(w.dir, "new")); err != nil {
+		t.Fatal(err)
+	}
+	nw := func(n string) string { return filepath.Join(w.dir, "new", n) }
+	// Until the definition names the moved images, the domain's disk is
+	// gone: refused, nothing changed.
+	before := w.files()
+	if err := w.d.RevertToSnapshot(w.ctx, "vm", "s1", 0); err == nil {
+		t.Fatalf("revert with the images gone succeeded")
+	}
+	if got := w.files(); !slices.Equal(got, before) {
+		t.Fatalf("refused revert changed the folder: %v -> %v", before, got)
+	}
+	run(t, "qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", nw("a.qcow2"), nw("a.s1"))
+	run(t, "qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", nw("a.s1"), nw("a.s2"))
+	w.define("vm", "", vdisk{"xvda", "new/a.s2"})
+	if err := w.d.ChainChanged(w.ctx, "vm", "xvda"); err != nil {
+		t.Fatalf("rescan: %v", err)
+	}
+	for _, name := range []string{"s1", "s2"} {
+		s, err := w.d.SnapshotLookupByName(w.ctx, "vm", name, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if img := s.Disk("xvda").Image; !strings.HasPrefix(img, filepath.Join(w.dir, "new")+"/") {
+			t.Fatalf("snapshot %s still names %s", name, img)
+		}
+	}
+	w.revert("vm", "s2")
+	w.expect(w.source("vm", "xvda"), 0x62, 0, 64)
+	w.revert("vm", "s1")
+	w.expect(w.source("vm", "xvda"), 0x61, 0, 64)
+	w.del("vm", "s1", driver.DeleteChildren)
+	w.expect(w.source("vm", "xvda"), 0x61, 0, 64)
+	if got := w.source("vm", "xvda"); got != nw("a.qcow2") {
+		t.Fatalf("disk on %s, want the user's new/a.qcow2", got)
+	}
+}
+
+// TestOpenWorldMissingImagesRefused: a delete that needs an image that is
+// gone is refused up front, naming it, and changes nothing.
+func TestOpenWorldMissingImagesRefused(t *testing.T) {
+	w := newWorld(t)
+	w.image("a.qcow2", "")
+	w.image("b.qcow2", "")
+	w.define("vm", "", vdisk{"xvda", "a.qcow2"}, vdisk{"xvdb", "b.qcow2"})
+	w.open()
+	w.snap("vm", "s1")
+	w.snap("vm", "s2")
+	if err := os.Rename(w.path("b.s1"), w.path("elsewhere")); err != nil {
+		t.Fatal(err)
+	}
+	before := w.files()
+	_, err := w.d.SnapshotDelete(w.ctx, "vm", "s2", 0)
+	if !errors.Is(err, storage.ErrChainBroken) || !strings.Contains(err.Error(), w.path("b.s1")) {
+		t.Fatalf("delete with an image gone: %v, want ErrChainBroken naming b.s1", err)
+	}
+	if got := w.files(); !slices.Equal(got, before) {
+		t.Fatalf("refused delete changed the folder: %v -> %v", before, got)
+	}
+}
+
+// TestOpenWorldFailClosed: an image whose header cannot be read might
+// hold internal snapshots a merge would change: the delete stops.
+func TestOpenWorldFailClosed(t *testing.T) {
+	w := newWorld(t)
+	w.image("a.qcow2", "")
+	w.define("vm", "", vdisk{"xvda", "a.qcow2"})
+	w.open()
+	w.snap("vm", "s1")
+	w.snap("vm", "s2")
+	// Set the corrupt bit of a.s2 (incompatible features, byte 79).
+	f, err := os.OpenFile(w.path("a.s2"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte{0x02}, 79); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	before := w.files()
+	if _, err := w.d.SnapshotDelete(w.ctx, "vm", "s1", 0); err == nil {
+		t.Fatalf("delete over an unreadable header succeeded")
+	}
+	if got := w.files(); !slices.Equal(got, before) {
+		t.Fatalf("refused delete changed the folder: %v -> %v", before, got)
+	}
+	list, err := w.d.ListAllSnapshots(w.ctx, "vm", 0)
+	if err != nil || len(list) != 2 {
+		t.Fatalf("snapshots after the refusal: %v (%v)", names(list), err)
+	}
+}
