@@ -155,12 +155,7 @@ func (d *Driver) sync(ctx context.Context, name string) (*domainView, error) {
 	if err != nil {
 		return nil, err
 	}
-	disks := fileDisks(def)
 	key := d.defs.key(name, def.UUID)
-	var specs []storage.DiskSpec
-	for _, di := range disks {
-		specs = append(specs, storage.DiskSpec{Target: di.Target, Path: di.Path, Format: di.Format})
-	}
 	if d.h != nil {
 		st, err := d.h.State(ctx, name)
 		if err != nil {
@@ -176,6 +171,24 @@ func (d *Driver) sync(ctx context.Context, name string) (*domainView, error) {
 		if err := d.st.RecoverLive(ctx, key, xenlight.NewLive(d.h, name)); err != nil {
 			return nil, err
 		}
+	}
+	// A pending operation's definition step may rewrite the definition:
+	// finish it, then read what the definition names.
+	if err := d.st.RecoverDomain(ctx, key); err != nil {
+		return nil, err
+	}
+	state := sd.State
+	if sd, err = d.src.Domain(ctx, name); err != nil {
+		return nil, err
+	}
+	if def, err = parseDomain(sd.XML); err != nil {
+		return nil, err
+	}
+	sd.State = state
+	disks := fileDisks(def)
+	var specs []storage.DiskSpec
+	for _, di := range disks {
+		specs = append(specs, storage.DiskSpec{Target: di.Target, Path: di.Path, Format: di.Format})
 	}
 	rec, err := d.st.DefineDomain(ctx, key, name, def.UUID, specs)
 	if err != nil {

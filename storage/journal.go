@@ -465,6 +465,18 @@ func (m *Manager) publishChanges(before, after *Domain, reason string) {
 	}
 }
 
+// RecoverDomain finishes or undoes what the journal holds for one domain
+// (an active domain's live operations need RecoverLive first). Errors:
+// ErrPending when an intent cannot be finished yet, ErrBusy.
+func (m *Manager) RecoverDomain(ctx context.Context, domain string) error {
+	unlock, err := m.lockDomain(ctx, domain)
+	if err != nil {
+		return err
+	}
+	unlock()
+	return nil
+}
+
 // lockDomain takes a domain's lock for an operation, then finishes or
 // undoes what the journal still holds for that domain: no operation may
 // plan on metadata a pending one will overwrite, nor use images it left

@@ -94,7 +94,10 @@ func TestLiveCrashRecovery(t *testing.T) {
 	}{
 		{"snapshot", "snapshot/intent-written", false, 1},
 		{"snapshot", "snapshot/steps-done", true, 2},
-		{"delete", "delete/intent-written", true, 2},
+		// vm-xvda.qcow2 is the user's: a live merge commits down into it,
+		// which cannot be undone, so even a kill before the job started
+		// is finished.
+		{"delete", "delete/intent-written", false, 1},
 		{"delete", "delete/steps-done", false, 1},
 	}
 	for _, tc := range cases {
