@@ -120,6 +120,36 @@ x check
 kill $qemu_pid; wait $qemu_pid 2>/dev/null || true
 expect xvda 0x11 0; expect xvdb 0x21 0
 
+step "a linked clone shares vm's base: xlsnap finds it and keeps the base"
+x snapshot-create-as vm golden --disk-only --diskspec xvda,snapshot=external --diskspec xvdb,snapshot=no
+# web2 is a clone of xvda as 'golden' left it: an overlay no record of vm holds.
+base=$(qemu-img info --output=json -f qcow2 "$(active xvda)" | sed -n 's/.*"full-backing-filename": "\(.*\)".*/\1/p')
+qemu-img create -q -f qcow2 -F qcow2 -b "$base" "$dom/web2.qcow2"
+cat > "$dom/web2.xml" <<EOF
+<domain type='xen'>
+  <name>web2</name>
+  <uuid>0b5f5a3c-8c1e-4a4e-8d2a-6f7d1c2b3a40</uuid>
+  <memory unit='KiB'>262144</memory>
+  <os><type>linux</type></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='$dom/web2.qcow2'/>
+      <target dev='xvda' bus='xen'/>
+    </disk>
+  </devices>
+</domain>
+EOF
+write xvda 0x1f 0
+x snapshot-delete vm golden
+[ -f "$base" ] || { echo "demo: the clone's base $base was removed" >&2; exit 1; }
+if ! out=$(qemu-io -r -f qcow2 -c "read -P 0x11 0 1M" "$dom/web2.qcow2" 2>&1) || grep -q 'verification failed' <<<"$out"; then
+  echo "demo: the clone no longer reads the golden data" >&2; echo "$out" >&2; exit 1
+fi
+echo "   web2 (the clone) @ 0 reads 0x11: its base was kept ✓"
+expect xvda 0x1f 0
+x check
+
 step "a backing reference that leaves the pool is refused"
 mkdir "$work/elsewhere"
 qemu-img create -q -f qcow2 "$work/elsewhere/secret.qcow2" 64M

@@ -24,6 +24,10 @@ const (
 	ProblemSharedBase   ProblemKind = "shared-base"       // a known image that images no record holds are backed by
 )
 
+// Informational reports a finding that is no fault: a shared base is
+// how pools are used, reported so its users are known.
+func (k ProblemKind) Informational() bool { return k == ProblemSharedBase }
+
 // Problem is one finding; Fixed says Repair mended it, Note why not.
 type Problem struct {
 	Kind   ProblemKind `json:"kind"`
@@ -214,7 +218,7 @@ func (m *Manager) orphans(ctx context.Context, known map[string]bool) []Problem 
 	}
 	for _, b := range baseOrder {
 		problems = append(problems, Problem{Kind: ProblemSharedBase, Path: b,
-			Detail: "recorded image is also the base of " + describeUsers(bases[b]) + ": kept while they use it"})
+			Detail: "recorded image is also the base of " + DescribeUsers(bases[b]) + ": kept while they use it"})
 	}
 	return problems
 }

@@ -223,7 +223,7 @@ func (m *Manager) checkSoleWriter(ctx context.Context, u **users, d *Domain, pat
 		}
 	}
 	if len(others) > 0 {
-		return fmt.Errorf("%w: %s is also used by %s", ErrOperationInvalid, path, describeUsers(others))
+		return fmt.Errorf("%w: %s is also used by %s", ErrOperationInvalid, path, DescribeUsers(others))
 	}
 	return nil
 }

@@ -250,10 +250,14 @@ func (m *Manager) planMerge(ctx context.Context, next *Domain, sd SnapshotDisk, 
 	}
 	if len(kids) > 1 || !inTree || len(shared) > 0 {
 		r.Action, r.Kept = ActionSharedBase, x
-		r.Users = shared
-		if len(kids) > 1 {
-			for _, k := range kids {
-				r.Users = append(r.Users, User{Kind: UserOverlay, Path: k})
+		seen := map[string]bool{}
+		for _, k := range kids {
+			shared = append(shared, User{Kind: UserOverlay, Path: k})
+		}
+		for _, usr := range shared {
+			if !seen[usr.String()] && !(usr.Kind == UserOverlay && usr.Path == c && inTree && len(kids) == 1) {
+				seen[usr.String()] = true
+				r.Users = append(r.Users, usr)
 			}
 		}
 		return nil, nil, nil

@@ -347,8 +347,8 @@ func domainName(d *Domain) string {
 	return d.Name
 }
 
-// describeUsers renders users for a report or an error.
-func describeUsers(us []User) string {
+// DescribeUsers renders users for a report or an error, comma-separated.
+func DescribeUsers(us []User) string {
 	var parts []string
 	for _, u := range us {
 		parts = append(parts, u.String())

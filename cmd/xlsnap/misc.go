@@ -59,14 +59,18 @@ func (g *globals) checkCmd() *cobra.Command {
 				}
 				fmt.Fprintf(w, "%s %s %s %s: %s%s\n", p.Kind, p.Domain, p.Disk, p.Path, p.Detail, state)
 			}
-			if len(problems) == 0 {
-				fmt.Fprintln(w, "no problems found")
+		}
+		n := 0
+		for _, p := range problems {
+			if !p.Fixed && !p.Kind.Informational() {
+				n++
 			}
 		}
-		for _, p := range problems {
-			if !p.Fixed {
-				return fmt.Errorf("%d problem(s) found", len(problems))
-			}
+		if n > 0 {
+			return fmt.Errorf("%d problem(s) found", n)
+		}
+		if !g.json {
+			fmt.Fprintln(w, "no problems found")
 		}
 		return nil
 	})

@@ -561,6 +561,8 @@ func (g *globals) deleteCmd() *cobra.Command {
 			fmt.Fprintf(w, "  %s/%s: %s", r.Snapshot, r.Disk, r.Action)
 			if r.Removed != "" {
 				fmt.Fprintf(w, " (%s into %s)", r.Removed, r.Kept)
+			} else if r.Kept != "" && len(r.Users) > 0 {
+				fmt.Fprintf(w, " (kept %s: also used by %s)", r.Kept, storage.DescribeUsers(r.Users))
 			} else if r.Kept != "" {
 				fmt.Fprintf(w, " (kept %s)", r.Kept)
 			}
