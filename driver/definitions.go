@@ -44,13 +44,37 @@ func (s definitions) DefinedDisks(ctx context.Context) ([]storage.DefinedDisk, e
 		if err != nil {
 			return nil, fmt.Errorf("domain %s: %w", n, err)
 		}
-		for _, di := range fileDisks(def) {
-			abs, err := filepath.Abs(di.Path)
+		// Every source counts, whatever the device: a cdrom or a block
+		// disk naming an image reads it as surely as a disk does.
+		if def.Devices == nil {
+			continue
+		}
+		for _, disk := range def.Devices.Disks {
+			if disk.Source == nil {
+				continue
+			}
+			path := ""
+			switch {
+			case disk.Source.File != nil:
+				path = disk.Source.File.File
+			case disk.Source.Block != nil:
+				path = disk.Source.Block.Dev
+			}
+			if path == "" {
+				continue
+			}
+			abs, err := filepath.Abs(path)
 			if err != nil {
 				return nil, err
 			}
-			out = append(out, storage.DefinedDisk{Domain: s.key(n, def.UUID), DomainName: n,
-				Target: di.Target, Path: abs, Format: di.Format})
+			dd := storage.DefinedDisk{Domain: s.key(n, def.UUID), DomainName: n, Path: abs, Format: "raw"}
+			if disk.Target != nil {
+				dd.Target = disk.Target.Dev
+			}
+			if disk.Driver != nil && disk.Driver.Type != "" {
+				dd.Format = disk.Driver.Type
+			}
+			out = append(out, dd)
 		}
 	}
 	return out, nil
@@ -72,6 +96,9 @@ func (s definitions) Redefine(ctx context.Context, key, name, base string, disks
 	if err != nil {
 		return err
 	}
+	// A snapshot's definition is of this domain (its UUID), perhaps under
+	// an older name: the definition keeps the name it has now.
+	def.Name = name
 	want := map[string]diskInfo{}
 	for _, d := range disks {
 		want[d.Target] = diskInfo{Target: d.Target, Path: d.Active, Format: d.Format}

@@ -7,8 +7,11 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
+	"sync"
+	"time"
 	"syscall"
 
 	"libvirt.org/go/libvirtxml"
@@ -21,6 +24,15 @@ import (
 // domain XML files, NAME.xml each. Its domains are inactive.
 type DirSource struct {
 	dir string
+
+	mu    sync.Mutex
+	uuids map[string]uuidEntry // file name → its UUID, by stat
+}
+
+type uuidEntry struct {
+	size  int64
+	mtime time.Time
+	uuid  string
 }
 
 // NewDirSource opens a folder of domain definitions.
@@ -69,6 +81,11 @@ func (s *DirSource) Domain(ctx context.Context, name string) (*SourceDomain, err
 	if def.Name != name {
 		return nil, fmt.Errorf("%w: %s defines domain %q", ErrXML, p, def.Name)
 	}
+	if other, err := s.sameUUID(name, def.UUID); err != nil {
+		return nil, err
+	} else if other != "" {
+		return nil, fmt.Errorf("%w: %s and %s both define uuid %s", ErrDuplicateUUID, p, other, def.UUID)
+	}
 	xmlDoc := string(doc)
 	if absDisks(def, s.dir) {
 		if xmlDoc, err = marshalDomain(def); err != nil {
@@ -76,6 +93,51 @@ func (s *DirSource) Domain(ctx context.Context, name string) (*SourceDomain, err
 		}
 	}
 	return &SourceDomain{Name: name, State: StateShutoff, XML: xmlDoc}, nil
+}
+
+var uuidRE = regexp.MustCompile(`<uuid>\s*([^<\s]+)\s*</uuid>`)
+
+// sameUUID names another definition in the folder with the given UUID,
+// "" if none. Each file's UUID is read once per change (stat).
+func (s *DirSource) sameUUID(name, uuid string) (string, error) {
+	if uuid == "" {
+		return "", nil
+	}
+	entries, err := os.ReadDir(s.dir)
+	if err != nil {
+		return "", err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.uuids == nil {
+		s.uuids = map[string]uuidEntry{}
+	}
+	for _, e := range entries {
+		n := e.Name()
+		if n == name+".xml" || !strings.HasSuffix(n, ".xml") || strings.HasPrefix(n, ".") || !e.Type().IsRegular() {
+			continue
+		}
+		st, err := e.Info()
+		if err != nil {
+			continue // gone since listed
+		}
+		ent, ok := s.uuids[n]
+		if !ok || ent.size != st.Size() || !ent.mtime.Equal(st.ModTime()) {
+			b, err := os.ReadFile(filepath.Join(s.dir, n))
+			if err != nil {
+				continue
+			}
+			ent = uuidEntry{size: st.Size(), mtime: st.ModTime()}
+			if m := uuidRE.FindSubmatch(b); m != nil {
+				ent.uuid = string(m[1])
+			}
+			s.uuids[n] = ent
+		}
+		if strings.EqualFold(ent.uuid, uuid) {
+			return filepath.Join(s.dir, n), nil
+		}
+	}
+	return "", nil
 }
 
 // absDisks makes every relative disk source file absolute against dir, the

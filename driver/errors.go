@@ -24,6 +24,10 @@ var (
 	ErrBusy             = storage.ErrBusy
 	// ErrXML: a snapshot or domain XML document that does not parse.
 	ErrXML = errors.New("XML error")
+	// ErrDuplicateUUID: two definitions of one source claim one UUID
+	// (a copied NAME.xml): libvirt refuses the second as "already
+	// defined", and xlsnap uses neither, or they would share snapshots.
+	ErrDuplicateUUID = errors.New("domain already defined with this uuid")
 )
 
 // ErrorNumber is libvirt's virErrorNumber.
@@ -61,6 +65,7 @@ var codes = []struct {
 	{ErrChainBroken, ErrNumOperationFailed},
 	{ErrBusy, ErrNumOperationTimeout},
 	{ErrXML, ErrNumXML},
+	{ErrDuplicateUUID, ErrNumOperationFailed},
 	{storage.ErrPending, ErrNumOperationFailed},
 }
 

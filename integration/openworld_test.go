@@ -274,6 +274,9 @@ func TestOpenWorldDetachedDisk(t *testing.T) {
 				if got := w.source("vm", "xvda"); got != w.path("a.qcow2") {
 					t.Fatalf("xvda on %s after deleting every snapshot, want a.qcow2", got)
 				}
+				if got := w.problems(); len(got) > 0 {
+					t.Fatalf("check: %v", got)
+				}
 			})
 		}
 	}
@@ -344,6 +347,10 @@ func TestOpenWorldDefinitionFollowsSnapshot(t *testing.T) {
 	}
 	w.expect("b.s2", 0x42, 0, 64)
 	w.expect("b.qcow2", 0x41, 0, 64)
+	// b.s2, the data xvdb left behind, is recorded: no orphan.
+	if got := w.problems(); len(got) > 0 {
+		t.Fatalf("check: %v", got)
+	}
 }
 
 // TestOpenWorldSameNameTwoFolders: two domains called web, in two
@@ -543,4 +550,213 @@ func TestOpenWorldFailClosed(t *testing.T) {
 	if err != nil || len(list) != 2 {
 		t.Fatalf("snapshots after the refusal: %v (%v)", names(list), err)
 	}
+}
+
+// TestOpenWorldMissingChildRefused: s2's state image is gone for a while;
+// deleting s1 would merge into the image below it, which s2 still reads:
+// refused, and once the image is back every snapshot reads its data.
+func TestOpenWorldMissingChildRefused(t *testing.T) {
+	w := newWorld(t)
+	w.image("a.qcow2", "")
+	w.write("a.qcow2", 0x1a, 0, 1024)
+	w.define("vm", "", vdisk{"xvda", "a.qcow2"})
+	w.open()
+	w.snap("vm", "s1")
+	w.write("a.s1", 0x2a, 0, 64)
+	w.snap("vm", "s2")
+	w.write("a.s2", 0x3a, 0, 64)
+	w.revert("vm", "s1")
+	w.write(filepath.Base(w.source("vm", "xvda")), 0x4a, 512, 64)
+	if err := os.Rename(w.path("a.s1"), w.path("gone")); err != nil {
+		t.Fatal(err)
+	}
+	before := w.files()
+	_, err := w.d.SnapshotDelete(w.ctx, "vm", "s1", 0)
+	if !errors.Is(err, storage.ErrChainBroken) || !strings.Contains(err.Error(), w.path("a.s1")) {
+		t.Fatalf("delete while s2's image is gone: %v, want ErrChainBroken naming a.s1", err)
+	}
+	if got := w.files(); !slices.Equal(got, before) {
+		t.Fatalf("refused delete changed the folder: %v -> %v", before, got)
+	}
+	if err := os.Rename(w.path("gone"), w.path("a.s1")); err != nil {
+		t.Fatal(err)
+	}
+	w.del("vm", "s1", 0)
+	w.revert("vm", "s2")
+	w.expect(w.source("vm", "xvda"), 0x2a, 0, 64)
+	w.expect(w.source("vm", "xvda"), 0x1a, 512, 64)
+}
+
+// TestOpenWorldDuplicateUUID: a copied definition that kept its UUID
+// would share the original's snapshots: both are refused, nothing is
+// rewritten.
+func TestOpenWorldDuplicateUUID(t *testing.T) {
+	w := newWorld(t)
+	w.image("a.qcow2", "")
+	w.image("b.qcow2", "")
+	const u = "11111111-1111-4111-8111-111111111111"
+	w.define("vm", u, vdisk{"xvda", "a.qcow2"})
+	w.open()
+	w.snap("vm", "s1")
+	w.define("vm2", u, vdisk{"xvda", "b.qcow2"})
+	before, _ := os.ReadFile(w.path("vm2.xml"))
+	for _, dom := range []string{"vm", "vm2"} {
+		_, err := w.d.ListAllSnapshots(w.ctx, dom, 0)
+		if !errors.Is(err, driver.ErrDuplicateUUID) || driver.Code(err) != driver.ErrNumOperationFailed {
+			t.Fatalf("list of %s with a duplicate uuid: %v (code %d)", dom, err, driver.Code(err))
+		}
+	}
+	if err := w.d.RevertToSnapshot(w.ctx, "vm2", "s1", 0); !errors.Is(err, driver.ErrDuplicateUUID) {
+		t.Fatalf("revert of vm2: %v", err)
+	}
+	if after, _ := os.ReadFile(w.path("vm2.xml")); string(after) != string(before) {
+		t.Fatalf("vm2.xml rewritten:\n%s", after)
+	}
+}
+
+// TestOpenWorldOperatorSwapsDisks: the operator points each disk at the
+// other's image; that is their choice and it stands.
+func TestOpenWorldOperatorSwapsDisks(t *testing.T) {
+	w := newWorld(t)
+	w.image("a.qcow2", "")
+	w.write("a.qcow2", 0x1a, 0, 64)
+	w.image("b.qcow2", "")
+	w.write("b.qcow2", 0x1b, 0, 64)
+	w.define("vm", "", vdisk{"xvda", "a.qcow2"}, vdisk{"xvdb", "b.qcow2"})
+	w.open()
+	w.snap("vm", "s1")
+	w.define("vm", "", vdisk{"xvda", "b.s1"}, vdisk{"xvdb", "a.s1"})
+	list, err := w.d.DiskList(w.ctx, "vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if list[0].Source != w.path("b.s1") || list[1].Source != w.path("a.s1") {
+		t.Fatalf("domblklist after the swap: %+v", list)
+	}
+	w.snap("vm", "s2")
+	w.expect(w.source("vm", "xvda"), 0x1b, 0, 64)
+	w.expect(w.source("vm", "xvdb"), 0x1a, 0, 64)
+}
+
+// TestOpenWorldOtherDevicesAreUsers: another domain's cdrom, or a second
+// name of the file (a hard link), reads the image too: the delete keeps
+// it as it is.
+func TestOpenWorldOtherDevicesAreUsers(t *testing.T) {
+	for _, how := range []string{"cdrom", "hardlink"} {
+		t.Run(how, func(t *testing.T) {
+			w := newWorld(t)
+			w.image("a.qcow2", "")
+			w.write("a.qcow2", 0x1a, 0, 1024)
+			w.define("vm", "", vdisk{"xvda", "a.qcow2"})
+			w.open()
+			w.snap("vm", "s1")
+			w.write("a.s1", 0x2a, 0, 4096)
+			other := w.path("a.qcow2")
+			if how == "hardlink" {
+				other = w.path("link.qcow2")
+				if err := os.Link(w.path("a.qcow2"), other); err != nil {
+					t.Fatal(err)
+				}
+			}
+			doc := oneDiskXML("vm3", fmt.Sprintf("    <disk type='file' device='%s'>\n      <driver name='qemu' type='qcow2'/>\n      <source file='%s'/>\n      <target dev='hdc'/>\n      <readonly/>\n    </disk>\n",
+				map[string]string{"cdrom": "cdrom", "hardlink": "disk"}[how], other))
+			if err := os.WriteFile(w.path("vm3.xml"), []byte(doc), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			r := w.del("vm", "s1", 0)
+			if r.Disks[0].Action != storage.ActionSharedBase {
+				t.Fatalf("report %+v", r.Disks)
+			}
+			w.expect(other, 0x1a, 0, 1024)
+			w.expect(w.source("vm", "xvda"), 0x2a, 0, 1024)
+		})
+	}
+}
+
+// TestOpenWorldSnapshotOfSharedDisk: another domain names vm's disk as
+// its own: an external snapshot would make it a backing file under that
+// domain's writes, an internal one would write into it: both refused.
+func TestOpenWorldSnapshotOfSharedDisk(t *testing.T) {
+	w := newWorld(t)
+	w.image("a.qcow2", "")
+	w.define("vm", "", vdisk{"xvda", "a.qcow2"})
+	w.define("rescue", "", vdisk{"xvda", "a.qcow2"})
+	w.open()
+	before := w.files()
+	for _, doc := range []string{snapXML("s1"), "<domainsnapshot><name>s1</name><disks><disk name='xvda' snapshot='internal'/></disks></domainsnapshot>"} {
+		var flags driver.CreateFlags
+		if !strings.Contains(doc, "internal") {
+			flags = driver.CreateDiskOnly
+		}
+		_, err := w.d.SnapshotCreateXML(w.ctx, "vm", doc, flags)
+		if !errors.Is(err, driver.ErrOperationInvalid) || !strings.Contains(err.Error(), "rescue") {
+			t.Fatalf("snapshot of a disk rescue names too: %v", err)
+		}
+	}
+	if got := w.files(); !slices.Equal(got, before) {
+		t.Fatalf("refused snapshot changed the folder: %v -> %v", before, got)
+	}
+	if src := w.source("rescue", "xvda"); src != w.path("a.qcow2") {
+		t.Fatalf("rescue now on %s", src)
+	}
+}
+
+// TestOpenWorldLostCharacters: a name XML could not carry arrives with
+// U+FFFD in it; it is refused rather than stored as another name.
+func TestOpenWorldLostCharacters(t *testing.T) {
+	w := newWorld(t)
+	w.image("a.qcow2", "")
+	w.define("vm", "", vdisk{"xvda", "a.qcow2"})
+	w.open()
+	_, err := w.d.SnapshotCreateXML(w.ctx, "vm", "<domainsnapshot><name>e\uFFFD</name></domainsnapshot>", driver.CreateDiskOnly)
+	if !errors.Is(err, driver.ErrInvalidArg) {
+		t.Fatalf("a name with U+FFFD: %v", err)
+	}
+	w.expectFiles("a.qcow2")
+}
+
+// TestOpenWorldMovedFolder: rescan --moved with a folder moves every
+// image of the tree inside it; errors name the domain, not its key.
+func TestOpenWorldMovedFolder(t *testing.T) {
+	w := newWorld(t)
+	if err := os.Mkdir(w.path("old"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", w.path("old/a.qcow2"), diskSize)
+	w.write("old/a.qcow2", 0x61, 0, 64)
+	w.define("vm", "", vdisk{"xvda", "old/a.qcow2"})
+	src, _ := driver.NewDirSource(w.dir)
+	d, err := driver.Open(w.ctx, driver.Config{StateDir: w.state, Source: src, Pools: []string{w.dir}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	w.d = d
+	w.snap("vm", "s1")
+	w.write("old/a.s1", 0x62, 0, 64)
+	if _, err := w.d.SnapshotCreateXML(w.ctx, "vm", snapXML("s1"), driver.CreateDiskOnly); !errors.Is(err, driver.ErrSnapshotExists) ||
+		strings.Contains(err.Error(), "@") || !strings.Contains(err.Error(), "domain vm") {
+		t.Fatalf("error names %v, want domain vm", err)
+	}
+	// Copied (the old folder stays for now), backing fixed, definition fixed.
+	run(t, "cp", "-a", w.path("old"), w.path("new"))
+	run(t, "qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", w.path("new/a.qcow2"), w.path("new/a.s1"))
+	w.define("vm", "", vdisk{"xvda", "new/a.s1"})
+	if err := w.d.ChainChanged(w.ctx, "vm", "xvda", driver.Move{From: w.path("old"), To: w.path("new")}); err != nil {
+		t.Fatalf("rescan --moved old=new: %v", err)
+	}
+	s, err := w.d.SnapshotLookupByName(w.ctx, "vm", "s1", 0)
+	if err != nil || s.Disk("xvda").Image != w.path("new/a.qcow2") {
+		t.Fatalf("s1 after the move: %+v %v", s, err)
+	}
+	if err := os.RemoveAll(w.path("old")); err != nil {
+		t.Fatal(err)
+	}
+	w.revert("vm", "s1")
+	w.expect(w.source("vm", "xvda"), 0x61, 0, 64)
+	w.del("vm", "s1", 0)
+	if got := w.source("vm", "xvda"); got != w.path("new/a.qcow2") {
+		t.Fatalf("disk on %s, want new/a.qcow2", got)
+	}
+	w.expect(w.source("vm", "xvda"), 0x61, 0, 64)
 }

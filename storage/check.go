@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strings"
 
 	"github.com/xlsnap/xlsnap/chain"
 	"github.com/xlsnap/xlsnap/storage/metastore"
@@ -245,7 +246,7 @@ func (m *Manager) ChainChanged(ctx context.Context, domain, disk string, moves m
 		}
 		dk := d.Disk(disk)
 		if dk == nil {
-			return fmt.Errorf("%w: domain %s has no disk %q", ErrInvalidArg, domain, disk)
+			return fmt.Errorf("%w: domain %s has no disk %q", ErrInvalidArg, domainName(d), disk)
 		}
 		before := d.Chain(dk.Active)
 		if c, err = chain.Walk(ctx, dk.Active, chain.Format(dk.Format), m.policy()); err != nil {
@@ -254,13 +255,30 @@ func (m *Manager) ChainChanged(ctx context.Context, domain, disk string, moves m
 		moved := map[string]string{}
 		for o, n := range moves {
 			o, n = filepath.Clean(o), filepath.Clean(n)
-			if _, known := d.Images[o]; !known {
-				return fmt.Errorf("%w: moved image %s is not in domain %s's tree", ErrInvalidArg, o, domainName(d))
+			// A folder moved moves every image of the tree inside it.
+			pairs := map[string]string{}
+			if _, known := d.Images[o]; known {
+				pairs[o] = n
+			} else {
+				for p := range d.Images {
+					if rel, ok := strings.CutPrefix(p, o+"/"); ok {
+						pairs[p] = filepath.Join(n, rel)
+					}
+				}
 			}
-			if !exists(n) {
-				return fmt.Errorf("%w: %s was moved to %s, which does not exist", ErrInvalidArg, o, n)
+			if len(pairs) == 0 {
+				return fmt.Errorf("%w: moved %s is no image or folder of domain %s's tree", ErrInvalidArg, o, domainName(d))
 			}
-			moved[o] = n
+			found := false
+			for po, pn := range pairs {
+				if !exists(pn) {
+					continue // not there (a folder's move may hold fewer images than the tree)
+				}
+				moved[po], found = pn, true
+			}
+			if !found {
+				return fmt.Errorf("%w: nothing of %s is at %s", ErrInvalidArg, o, n)
+			}
 		}
 		detectMoves(d, before, layerPaths(c), moved)
 		m.recordChain(d, c)

@@ -78,7 +78,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 			return err
 		}
 		if _, err := tx.Snapshot(domain, spec.Name); err == nil {
-			return fmt.Errorf("%w: %s of domain %s", ErrSnapshotExists, spec.Name, domain)
+			return fmt.Errorf("%w: %s of domain %s", ErrSnapshotExists, spec.Name, domainName(d))
 		} else if !errors.Is(err, metastore.ErrNotFound) {
 			return err
 		}
@@ -105,7 +105,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 	for _, ds := range spec.Disks {
 		disk := next.Disk(ds.Target)
 		if disk == nil {
-			return nil, fmt.Errorf("%w: domain %s has no disk %q", ErrInvalidArg, domain, ds.Target)
+			return nil, fmt.Errorf("%w: domain %s has no disk %q", ErrInvalidArg, domainName(d), ds.Target)
 		}
 		if seen[ds.Target] {
 			return nil, fmt.Errorf("%w: disk %s named twice", ErrInvalidArg, ds.Target)
@@ -118,6 +118,17 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 			overlay, fmtName, st, err := m.planOverlay(ctx, disk, ds, spec.Name)
 			if err != nil {
 				return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
+			}
+			// The active image becomes a backing file, which nothing may
+			// write; a reused overlay becomes this disk's: neither may be
+			// another domain's disk.
+			if err := m.checkSoleWriter(ctx, &u, d, disk.Active); err != nil {
+				return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
+			}
+			if st == nil {
+				if err := m.checkSoleWriter(ctx, &u, d, overlay); err != nil {
+					return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
+				}
 			}
 			switch {
 			case st != nil && spec.Live != nil:
@@ -206,9 +217,11 @@ func (m *Manager) planOverlay(ctx context.Context, disk *Disk, ds SnapshotDiskSp
 		Backing: disk.Active, BackingFormat: disk.Format, Disk: disk.Target}, nil
 }
 
-// checkSoleWriter refuses to write into an image that another domain's
-// definition or records name: that domain may have it open. Overlays of
-// it in the pools are fine: an internal snapshot changes no content.
+// checkSoleWriter refuses an image another domain's definition names as
+// a disk (any name of the file): that domain writes it, or may start
+// and write it at any moment. Reading it through a chain is fine: an
+// internal snapshot changes no content, and a new overlay leaves it as
+// it is.
 func (m *Manager) checkSoleWriter(ctx context.Context, u **users, d *Domain, path string) error {
 	if *u == nil {
 		var err error
@@ -217,8 +230,9 @@ func (m *Manager) checkSoleWriter(ctx context.Context, u **users, d *Domain, pat
 		}
 	}
 	var others []User
+	k, _ := keyOf(path)
 	for _, usr := range (*u).foreign(path, d.Name, d.Images) {
-		if usr.Kind != UserOverlay {
+		if uk, _ := keyOf(usr.Path); usr.Kind == UserDefinition && uk == k {
 			others = append(others, usr)
 		}
 	}

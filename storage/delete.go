@@ -3,6 +3,7 @@ package storage
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 
@@ -71,7 +72,7 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, domain, name string, opts 
 		return nil, err
 	}
 	if _, ok := snaps[name]; !ok {
-		return nil, fmt.Errorf("%w: %s of domain %s", ErrNoSnapshot, name, domain)
+		return nil, fmt.Errorf("%w: %s of domain %s", ErrNoSnapshot, name, domainName(d))
 	}
 	var order []string
 	if opts.Children || opts.ChildrenOnly {
@@ -164,7 +165,7 @@ func (m *Manager) deleteOne(ctx context.Context, d *Domain, snaps map[string]*Sn
 				}
 				r.Action, r.Kept = ActionInternalDeleted, sd.Image
 			case DiskExternal:
-				undoable, fwd, err := m.planMerge(ctx, next, sd, u, live, &r)
+				undoable, fwd, err := m.planMerge(ctx, next, sd, u, needs(next, snaps, name), live, &r)
 				if err != nil {
 					return fmt.Errorf("disk %s: %w", sd.Target, err)
 				}
@@ -230,7 +231,7 @@ func (m *Manager) deleteOne(ctx context.Context, d *Domain, snaps map[string]*Sn
 // assumed), or remove or rename an image xlsnap did not create. It
 // updates next's image tree and disks and fills the report; the merge's
 // steps come back split into undoable and not.
-func (m *Manager) planMerge(ctx context.Context, next *Domain, sd SnapshotDisk, u *users, live Live, r *DiskReport) (undoable, forward []step, err error) {
+func (m *Manager) planMerge(ctx context.Context, next *Domain, sd SnapshotDisk, u *users, needed map[string]bool, live Live, r *DiskReport) (undoable, forward []step, err error) {
 	x := sd.Image
 	ximg, ok := next.Images[x]
 	if !ok {
@@ -238,6 +239,14 @@ func (m *Manager) planMerge(ctx context.Context, next *Domain, sd SnapshotDisk, 
 		return nil, nil, nil
 	}
 	kids := u.children(x, next.Images)
+	// The records may know a child the pools do not show (an image gone
+	// for a while): while a snapshot or a disk needs it, X must not
+	// change.
+	for _, tc := range next.Children(x) {
+		if needed[tc] && !slices.Contains(kids, tc) {
+			return nil, nil, fmt.Errorf("%w: %s is backed by %s and still needed, but it is gone (moved? rescan the disk with the moves)", ErrChainBroken, tc, x)
+		}
+	}
 	if len(kids) == 0 {
 		r.Action = ActionUnreferenced
 		return nil, nil, nil
@@ -300,8 +309,8 @@ func (m *Manager) planMerge(ctx context.Context, next *Domain, sd SnapshotDisk, 
 	// A commit down removes C; a pull-up removes X, or, when X is the
 	// user's own image, ends by giving C X's name (offline only: the
 	// device model holds C open by its name).
-	canDown := cimg.Owned && cKidsOwn
-	canUp := !xHasInternal && (ximg.Owned || !liveMerge && cimg.Owned)
+	canDown := cimg.Removable() && cKidsOwn
+	canUp := !xHasInternal && (ximg.Removable() || !liveMerge && cimg.Removable() && !ximg.Detached)
 	if !canDown && !canUp {
 		r.Action, r.Kept = ActionUserImage, x
 		return nil, nil, nil
@@ -316,7 +325,7 @@ func (m *Manager) planMerge(ctx context.Context, next *Domain, sd SnapshotDisk, 
 		if err != nil {
 			return nil, nil, err
 		}
-		down = bc < bx || liveMerge && !ximg.Owned
+		down = bc < bx || liveMerge && !ximg.Removable()
 	}
 	if down {
 		// Commit C into X, point C's children at X, forget C; the device
@@ -354,7 +363,7 @@ func (m *Manager) planMerge(ctx context.Context, next *Domain, sd SnapshotDisk, 
 	undoable = append(undoable, step{Kind: kind, Path: c, Format: cimg.Format,
 		Backing: ximg.Backing, BackingFormat: ximg.BackingFormat, UndoBacking: x, UndoBackingFormat: ximg.Format, Disk: sd.Target})
 	cimg.Backing, cimg.BackingFormat = ximg.Backing, ximg.BackingFormat
-	if ximg.Owned {
+	if ximg.Removable() {
 		replaceImage(next, x, c)
 		r.Action, r.Kept, r.Removed = ActionPulledUp, c, x
 		return undoable, nil, nil
@@ -384,6 +393,30 @@ func (m *Manager) allocated(ctx context.Context, path, format string) (int64, er
 	return b.AllocatedBytes(ctx, path, format)
 }
 
+// needs lists the images a domain's disks and its snapshots other than
+// skip read, through their recorded chains.
+func needs(d *Domain, snaps map[string]*Snapshot, skip string) map[string]bool {
+	out := map[string]bool{}
+	for _, disk := range d.Disks {
+		for _, p := range d.Chain(disk.Active) {
+			out[p] = true
+		}
+	}
+	for _, s := range snaps {
+		if s.Name == skip {
+			continue
+		}
+		for _, sd := range s.Disks {
+			if sd.Image != "" {
+				for _, p := range d.Chain(sd.Image) {
+					out[p] = true
+				}
+			}
+		}
+	}
+	return out
+}
+
 // replaceImage makes every disk that wrote to old write to repl and drops
 // old from the tree; it stays on disk until the collector removes it.
 func replaceImage(d *Domain, old, repl string) {
@@ -392,7 +425,7 @@ func replaceImage(d *Domain, old, repl string) {
 			d.Disks[i].Active, d.Disks[i].Format = repl, d.Images[repl].Format
 		}
 	}
-	if img := d.Images[old]; img != nil && img.Owned {
+	if img := d.Images[old]; img != nil && img.Removable() {
 		d.Images[repl].Owned = true
 	}
 	delete(d.Images, old)

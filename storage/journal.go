@@ -379,7 +379,7 @@ func (m *Manager) removeUnused(ctx context.Context, b Backend, path string) erro
 	if err != nil {
 		return err
 	}
-	if len(u.of(path)) > 0 {
+	if len(u.ofName(path)) > 0 {
 		return nil // check lists it, with its users
 	}
 	return b.Remove(ctx, path)

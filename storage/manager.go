@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 
@@ -142,7 +143,7 @@ func DomainKey(source, uuid, name string) string {
 
 // DefineDomain records a domain's disks under key and walks their chains
 // into its image tree. For a known disk, storage's record wins over a
-// path that is an older layer of its own tree (a definition not yet
+// path that is an older layer of the disk's own chain (a definition not yet
 // rewritten after an operation, say after a crash): the caller compares
 // the returned disks with its definition and rewrites it. A path storage
 // never saw is taken as the operator's change and adopted. The active
@@ -185,7 +186,10 @@ func (m *Manager) DefineDomain(ctx context.Context, key, name, uuid string, disk
 		}
 		format := ds.Format
 		if old := d.Disk(ds.Target); old != nil && old.Active != abs {
-			if _, known := d.Images[abs]; known {
+			// Only a layer below this disk's own active image is a
+			// definition left behind; any other image (another disk's, a
+			// detached one) is the operator's choice.
+			if below := d.Chain(old.Active); len(below) > 1 && slices.Contains(below[1:], abs) {
 				abs, format = old.Active, old.Format
 			}
 		}
@@ -208,11 +212,16 @@ func (m *Manager) DefineDomain(ctx context.Context, key, name, uuid string, disk
 		}
 		if nd := findDisk(next, old.Target); nd == nil || nd.Active != old.Active {
 			if img := d.Images[old.Active]; img != nil {
-				img.Owned = false
+				img.Detached = true
 			}
 		}
 	}
 	d.Disks = next
+	for _, disk := range next {
+		if img := d.Images[disk.Active]; img != nil {
+			img.Detached = false // a disk names it again: its own
+		}
+	}
 	// Most calls find nothing changed: then no write (and no fsync).
 	if before != nil && reflect.DeepEqual(before, d) {
 		return d, nil
@@ -256,7 +265,7 @@ func (m *Manager) applyMoves(tx metastore.Tx, d *Domain, moves map[string]string
 	for o, n := range moves {
 		if img, ok := d.Images[o]; ok {
 			if ni := d.Images[n]; ni != nil {
-				ni.Owned = img.Owned
+				ni.Owned, ni.Detached = img.Owned, img.Detached
 			} else {
 				d.Images[n] = img
 			}
@@ -271,6 +280,11 @@ func (m *Manager) applyMoves(tx metastore.Tx, d *Domain, moves map[string]string
 			if d.Disks[i].Active == o {
 				d.Disks[i].Active = n
 			}
+		}
+	}
+	for _, disk := range d.Disks {
+		if img := d.Images[disk.Active]; img != nil {
+			img.Detached = false
 		}
 	}
 	list, err := tx.Snapshots(d.Name)
@@ -385,12 +399,13 @@ func (m *Manager) Snapshot(ctx context.Context, domain, name string) (*Snapshot,
 }
 
 func (m *Manager) snapshot(tx metastore.Tx, domain, name string) (*Snapshot, error) {
-	if _, err := m.domain(tx, domain); err != nil {
+	d, err := m.domain(tx, domain)
+	if err != nil {
 		return nil, err
 	}
 	s, err := tx.Snapshot(domain, name)
 	if errors.Is(err, metastore.ErrNotFound) {
-		return nil, fmt.Errorf("%w: %s of domain %s", ErrNoSnapshot, name, domain)
+		return nil, fmt.Errorf("%w: %s of domain %s", ErrNoSnapshot, name, domainName(d))
 	}
 	return s, err
 }

@@ -27,6 +27,10 @@ func CheckName(kind, name string) error {
 		return fmt.Errorf("%w: %s name of %d bytes (at most %d)", ErrInvalidArg, kind, len(name), MaxNameLen)
 	case !utf8.ValidString(name):
 		return bad("not valid UTF-8")
+	case strings.ContainsRune(name, utf8.RuneError):
+		// What XML could not carry (a control character, a byte that is
+		// not UTF-8) arrives as U+FFFD: the name is not the one typed.
+		return bad("contains U+FFFD, the mark of a character that was lost")
 	case strings.HasPrefix(name, "."):
 		return bad("starts with '.'")
 	case strings.HasPrefix(name, "-"):

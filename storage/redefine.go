@@ -37,7 +37,7 @@ func (m *Manager) RedefineSnapshot(ctx context.Context, domain string, snap *Sna
 		sd := &snap.Disks[i]
 		disk := d.Disk(sd.Target)
 		if disk == nil {
-			return fmt.Errorf("%w: domain %s has no disk %q", ErrInvalidArg, domain, sd.Target)
+			return fmt.Errorf("%w: domain %s has no disk %q", ErrInvalidArg, domainName(d), sd.Target)
 		}
 		switch sd.Mode {
 		case DiskNone:

@@ -46,7 +46,7 @@ func (m *Manager) Revert(ctx context.Context, domain, name string, opts RevertOp
 	}
 	s, ok := snaps[name]
 	if !ok {
-		return nil, fmt.Errorf("%w: %s of domain %s", ErrNoSnapshot, name, domain)
+		return nil, fmt.Errorf("%w: %s of domain %s", ErrNoSnapshot, name, domainName(d))
 	}
 	var missing []string
 	for _, sd := range s.Disks {
@@ -122,7 +122,7 @@ func (m *Manager) Revert(ctx context.Context, domain, name string, opts RevertOp
 	for _, old := range d.Disks {
 		if next.Disk(old.Target) == nil {
 			if img := next.Images[old.Active]; img != nil {
-				img.Owned = false
+				img.Detached = true
 			}
 		}
 	}
@@ -240,9 +240,16 @@ func (m *Manager) collect(d *Domain, snaps map[string]*Snapshot, u *users, tree 
 			}
 		}
 	}
+	for p, img := range d.Images {
+		if img.Detached && exists(p) {
+			mark(p)
+		}
+	}
 	var drop []string
-	for p := range d.Images {
-		if !needed[p] {
+	for p, img := range d.Images {
+		// A detached disk's data stays recorded while it is there: it
+		// keeps its backing images, and it is no orphan.
+		if !needed[p] && !(img.Detached && exists(p)) {
 			drop = append(drop, p)
 		}
 	}
@@ -257,7 +264,7 @@ func (m *Manager) collect(d *Domain, snaps map[string]*Snapshot, u *users, tree 
 			}
 		}
 		delete(d.Images, p)
-		if !img.Owned || !exists(p) {
+		if !img.Removable() || !exists(p) {
 			continue
 		}
 		// Its own domain's definition and snapshots are rewritten by this

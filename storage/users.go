@@ -105,14 +105,21 @@ type users struct {
 	overlays map[fileKey][]string
 }
 
-// Of lists the users of the image at path.
+// of lists the users of the file at path, whatever name they use for it
+// (a hard link, a symlink): what writes into the file changes it for all.
 func (u *users) of(path string) []User {
-	k, st := keyOf(path)
-	if st != nil && st.Nlink > 1 {
-		// Another name keeps the data: only users of this name count.
+	k, _ := keyOf(path)
+	return u.byKey[k]
+}
+
+// ofName lists the users that removing the name path would hurt: while
+// the file has another name, the data stays, so only users of this name
+// count.
+func (u *users) ofName(path string) []User {
+	if _, st := keyOf(path); st != nil && st.Nlink > 1 {
 		return u.byPath[filepath.Clean(path)]
 	}
-	return u.byKey[k]
+	return u.of(path)
 }
 
 func (u *users) add(path string, usr User) {
@@ -321,11 +328,15 @@ func (m *Manager) scanUsers(ctx context.Context) (*users, error) {
 			u.add(p, User{Kind: UserRecord, Domain: d.Name, DomainName: domainName(d)})
 		}
 		for _, s := range snaps[d.Name] {
-			// A snapshot reads its state image; the overlay made on it is
-			// only where the disk went on writing.
+			// A snapshot reads its state image and, as recorded (an image
+			// of it may be gone for a while), every image below; the
+			// overlay made on it is only where the disk went on writing.
 			for _, sd := range s.Disks {
-				if sd.Image != "" {
-					u.add(sd.Image, User{Kind: UserSnapshot, Domain: d.Name, DomainName: domainName(d), Snapshot: s.Name, Disk: sd.Target})
+				if sd.Image == "" {
+					continue
+				}
+				for _, p := range d.Chain(sd.Image) {
+					u.add(p, User{Kind: UserSnapshot, Domain: d.Name, DomainName: domainName(d), Snapshot: s.Name, Disk: sd.Target})
 				}
 			}
 			if s.Memory != "" {

@@ -74,7 +74,16 @@ type Image struct {
 	// nothing needs them any more. Others (a template base, say) may be
 	// shared with domains xlsnap does not know of.
 	Owned bool `json:"owned,omitempty"`
+	// Detached marks the last image of a disk that left the definition
+	// (or was pointed at another file): it holds that disk's data, which
+	// is the user's now, so it is neither removed nor merged away, until
+	// a disk names it again.
+	Detached bool `json:"detached,omitempty"`
 }
+
+// Removable reports an image xlsnap may remove or merge away, once
+// nothing uses it: one it created that holds no detached disk's data.
+func (img *Image) Removable() bool { return img.Owned && !img.Detached }
 
 // Disk returns the disk with the given target, or nil.
 func (d *Domain) Disk(target string) *Disk {
