@@ -11,8 +11,8 @@ import (
 	"sort"
 	"strings"
 	"sync"
-	"time"
 	"syscall"
+	"time"
 
 	"libvirt.org/go/libvirtxml"
 
