@@ -187,7 +187,8 @@ func (m *Manager) orphans(ctx context.Context, known map[string]bool) []Problem 
 			if err != nil || !e.Type().IsRegular() || known[path] {
 				return nil
 			}
-			ref, err := m.headers.backingOf(path)
+			k, st := keyOf(path)
+			ref, err := m.headers.backingOf(path, k, st)
 			if err != nil || ref == "" {
 				return nil
 			}

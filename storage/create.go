@@ -100,7 +100,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 	}
 	in := newIntent(domain, "snapshot")
 	var group []step // a live snapshot's disks, for one transaction
-	var u *users     // scanned when a disk's image is to be written
+	var defined []DefinedDisk // read when a disk's image is to be written
 	seen := map[string]bool{}
 	for _, ds := range spec.Disks {
 		disk := next.Disk(ds.Target)
@@ -122,11 +122,11 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 			// The active image becomes a backing file, which nothing may
 			// write; a reused overlay becomes this disk's: neither may be
 			// another domain's disk.
-			if err := m.checkSoleWriter(ctx, &u, d, disk.Active); err != nil {
+			if err := m.checkSoleWriter(ctx, &defined, d, disk.Active); err != nil {
 				return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
 			}
 			if st == nil {
-				if err := m.checkSoleWriter(ctx, &u, d, overlay); err != nil {
+				if err := m.checkSoleWriter(ctx, &defined, d, overlay); err != nil {
 					return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
 				}
 			}
@@ -148,7 +148,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 			if _, err := m.internal(disk.Active); err != nil {
 				return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
 			}
-			if err := m.checkSoleWriter(ctx, &u, d, disk.Active); err != nil {
+			if err := m.checkSoleWriter(ctx, &defined, d, disk.Active); err != nil {
 				return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
 			}
 			st := step{Kind: metastore.StepInternalCreate, Path: disk.Active, Format: disk.Format, Name: spec.Name, Disk: ds.Target}
@@ -221,19 +221,22 @@ func (m *Manager) planOverlay(ctx context.Context, disk *Disk, ds SnapshotDiskSp
 // a disk (any name of the file): that domain writes it, or may start
 // and write it at any moment. Reading it through a chain is fine: an
 // internal snapshot changes no content, and a new overlay leaves it as
-// it is.
-func (m *Manager) checkSoleWriter(ctx context.Context, u **users, d *Domain, path string) error {
-	if *u == nil {
+// it is. Only the definitions are read: no pool scan.
+func (m *Manager) checkSoleWriter(ctx context.Context, defined *[]DefinedDisk, d *Domain, path string) error {
+	if *defined == nil {
 		var err error
-		if *u, err = m.scanUsers(ctx); err != nil {
+		if *defined, err = m.definedDisks(ctx); err != nil {
 			return err
 		}
 	}
+	k, st := keyOf(path)
+	if st == nil {
+		return nil // a new file: nobody names it yet
+	}
 	var others []User
-	k, _ := keyOf(path)
-	for _, usr := range (*u).foreign(path, d.Name, d.Images) {
-		if uk, _ := keyOf(usr.Path); usr.Kind == UserDefinition && uk == k {
-			others = append(others, usr)
+	for _, dd := range *defined {
+		if dk, _ := keyOf(dd.Path); dk == k && dd.Domain != d.Name {
+			others = append(others, User{Kind: UserDefinition, Domain: dd.Domain, DomainName: dd.DomainName, Disk: dd.Target, Path: dd.Path})
 		}
 	}
 	if len(others) > 0 {

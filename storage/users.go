@@ -103,12 +103,33 @@ type users struct {
 	byPath map[string][]User
 	// overlays maps an image to the images backed by it.
 	overlays map[fileKey][]string
+	// stats memoises keyOf for one scan: a base with a thousand clones
+	// is stat'ed once.
+	stats map[string]statted
+}
+
+type statted struct {
+	k  fileKey
+	st *syscall.Stat_t
+}
+
+// key is keyOf, once per name per scan.
+func (u *users) key(path string) (fileKey, *syscall.Stat_t) {
+	if s, ok := u.stats[path]; ok {
+		return s.k, s.st
+	}
+	k, st := keyOf(path)
+	if u.stats == nil {
+		u.stats = map[string]statted{}
+	}
+	u.stats[path] = statted{k, st}
+	return k, st
 }
 
 // of lists the users of the file at path, whatever name they use for it
 // (a hard link, a symlink): what writes into the file changes it for all.
 func (u *users) of(path string) []User {
-	k, _ := keyOf(path)
+	k, _ := u.key(path)
 	return u.byKey[k]
 }
 
@@ -116,14 +137,14 @@ func (u *users) of(path string) []User {
 // the file has another name, the data stays, so only users of this name
 // count.
 func (u *users) ofName(path string) []User {
-	if _, st := keyOf(path); st != nil && st.Nlink > 1 {
+	if _, st := u.key(path); st != nil && st.Nlink > 1 {
 		return u.byPath[filepath.Clean(path)]
 	}
 	return u.of(path)
 }
 
 func (u *users) add(path string, usr User) {
-	k, _ := keyOf(path)
+	k, _ := u.key(path)
 	u.byKey[k] = append(u.byKey[k], usr)
 	u.byPath[filepath.Clean(path)] = append(u.byPath[filepath.Clean(path)], usr)
 }
@@ -131,13 +152,13 @@ func (u *users) add(path string, usr User) {
 // children lists the images whose backing resolves to path, each by the
 // name tree (an image tree) knows it by where it knows the file.
 func (u *users) children(path string, tree map[string]*Image) []string {
-	k, _ := keyOf(path)
+	k, _ := u.key(path)
 	var out []string
 	for _, c := range u.overlays[k] {
 		if _, ok := tree[c]; !ok {
-			ck, _ := keyOf(c)
+			ck, _ := u.key(c)
 			for p := range tree {
-				if pk, _ := keyOf(p); pk == ck {
+				if pk, _ := u.key(p); pk == ck {
 					c = p
 					break
 				}
@@ -183,9 +204,9 @@ type cachedHeader struct {
 
 // backingOf reads the backing reference of the qcow2 image at path; ""
 // for an image with none or a file that is not qcow2. A file that cannot
-// be read is an error: it might be an overlay of the image at stake.
-func (c *headerCache) backingOf(path string) (string, error) {
-	k, st := keyOf(path)
+// be read is an error: it might be an overlay of the image at stake. k
+// and st are path's identity and stat, as the caller took them.
+func (c *headerCache) backingOf(path string, k fileKey, st *syscall.Stat_t) (string, error) {
 	if st == nil {
 		_, err := os.Stat(path)
 		return "", err
@@ -234,17 +255,17 @@ func (m *Manager) scanUsers(ctx context.Context) (*users, error) {
 	// edge records that image is backed by what its header names.
 	var edge func(image string, depth int) error
 	edge = func(image string, depth int) error {
-		k, st := keyOf(image)
+		k, st := u.key(image)
 		if st == nil || seen[k] || depth > chain.DefaultMaxDepth {
 			return nil
 		}
 		seen[k] = true
-		ref, err := m.headers.backingOf(image)
+		ref, err := m.headers.backingOf(image, k, st)
 		if err != nil || ref == "" || strings.Contains(ref, ":") && !strings.HasPrefix(ref, "/") && !strings.HasPrefix(ref, ".") {
 			return err
 		}
 		b := filepath.Clean(chain.ResolveBacking(image, ref))
-		bk, _ := keyOf(b)
+		bk, _ := u.key(b)
 		u.overlays[bk] = append(u.overlays[bk], filepath.Clean(image))
 		u.add(b, User{Kind: UserOverlay, Path: filepath.Clean(image)})
 		return edge(b, depth+1)
@@ -267,16 +288,13 @@ func (m *Manager) scanUsers(ctx context.Context) (*users, error) {
 			return nil, fmt.Errorf("scanning pool %s for an image's users: %w", root, err)
 		}
 	}
-	var defined []DefinedDisk
-	if m.defs != nil {
-		var err error
-		if defined, err = m.defs.DefinedDisks(ctx); err != nil {
-			return nil, fmt.Errorf("reading the domain definitions for an image's users: %w", err)
-		}
+	defined, err := m.definedDisks(ctx)
+	if err != nil {
+		return nil, err
 	}
 	var recs []*Domain
 	snaps := map[string][]*Snapshot{}
-	err := m.store.View(ctx, func(tx metastore.Tx) error {
+	err = m.store.View(ctx, func(tx metastore.Tx) error {
 		names, err := tx.DomainNames()
 		if err != nil {
 			return err
@@ -296,15 +314,6 @@ func (m *Manager) scanUsers(ctx context.Context) (*users, error) {
 	if err != nil {
 		return nil, err
 	}
-	if m.defs == nil {
-		// Storage used alone: its records of each domain's disks stand in
-		// for the definitions.
-		for _, d := range recs {
-			for _, disk := range d.Disks {
-				defined = append(defined, DefinedDisk{Domain: d.Name, DomainName: d.Name, Target: disk.Target, Path: disk.Active, Format: disk.Format})
-			}
-		}
-	}
 	for _, dd := range defined {
 		// A definition reads its image and everything below it.
 		if err := edge(dd.Path, 0); err != nil {
@@ -313,7 +322,8 @@ func (m *Manager) scanUsers(ctx context.Context) (*users, error) {
 		usr := User{Kind: UserDefinition, Domain: dd.Domain, DomainName: dd.DomainName, Disk: dd.Target, Path: filepath.Clean(dd.Path)}
 		for p, n := filepath.Clean(dd.Path), 0; p != "" && n <= chain.DefaultMaxDepth; n++ {
 			u.add(p, usr)
-			ref, err := m.headers.backingOf(p)
+			k, st := u.key(p)
+			ref, err := m.headers.backingOf(p, k, st)
 			if err != nil && !errors.Is(err, fs.ErrNotExist) {
 				return nil, err
 			}
@@ -348,6 +358,50 @@ func (m *Manager) scanUsers(ctx context.Context) (*users, error) {
 		sort.Strings(u.overlays[k])
 	}
 	return u, nil
+}
+
+// Users lists every user of the image at path that can be found now:
+// every definition's disk that names it or reads through it, every image
+// in the pools backed by it, every snapshot and domain record. Shape:
+// one User per way each user reaches it. Errors: what cannot be read (a
+// pool file's header, a definition) is an error, as it is for the
+// operations this guards.
+func (m *Manager) Users(ctx context.Context, path string) ([]User, error) {
+	u, err := m.scanUsers(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return u.of(path), nil
+}
+
+// definedDisks lists every disk of every definition; storage used alone
+// (no Definitions) takes its records of each domain's disks instead.
+func (m *Manager) definedDisks(ctx context.Context) ([]DefinedDisk, error) {
+	if m.defs != nil {
+		defined, err := m.defs.DefinedDisks(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("reading the domain definitions for an image's users: %w", err)
+		}
+		return defined, nil
+	}
+	var defined []DefinedDisk
+	err := m.store.View(ctx, func(tx metastore.Tx) error {
+		names, err := tx.DomainNames()
+		if err != nil {
+			return err
+		}
+		for _, n := range names {
+			d, err := tx.Domain(n)
+			if err != nil {
+				return err
+			}
+			for _, disk := range d.Disks {
+				defined = append(defined, DefinedDisk{Domain: d.Name, DomainName: domainName(d), Target: disk.Target, Path: disk.Active, Format: disk.Format})
+			}
+		}
+		return nil
+	})
+	return defined, err
 }
 
 // domainName is a record's display name.
