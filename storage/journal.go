@@ -42,7 +42,7 @@ func (m *Manager) run(ctx context.Context, in *intent, live Live) error {
 	// An operation that cannot be undone from its first step says so in
 	// the intent itself: one journal write fewer.
 	in.PassedNoReturn = in.NoReturn == 0 && len(in.Steps) > 0
-	if in.Commit != nil && in.Definition == nil {
+	if in.Commit != nil && in.Definition == nil && m.defs != nil {
 		in.Definition = &metastore.Definition{Name: domainName(in.Commit.Domain), Disks: in.Commit.Domain.Disks}
 	}
 	if err := m.store.Update(ctx, func(tx metastore.Tx) error { return tx.PutIntent(in) }); err != nil {
@@ -114,6 +114,12 @@ func (m *Manager) commit(ctx context.Context, in *intent) error {
 			}
 			if err := tx.PutDomain(c.Domain); err != nil {
 				return err
+			}
+			// Disks that name what they named before need no definition
+			// step (one journal write fewer); a whole definition (a
+			// revert's) always goes.
+			if def := in.Definition; def != nil && def.Base == "" && before != nil && slices.Equal(before.Disks, c.Domain.Disks) {
+				in.Definition = nil
 			}
 			for _, name := range c.DeleteSnapshots {
 				if err := tx.DeleteSnapshot(c.Domain.Name, name); err != nil && !errors.Is(err, metastore.ErrNotFound) {
