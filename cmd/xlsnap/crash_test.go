@@ -1,0 +1,156 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"libvirt.org/go/libvirtxml"
+)
+
+// TestCrashDefinitionStep kills the command (SIGKILL) at every point an
+// operation passes, including its definition step, and then, before any
+// xlsnap call, reads the data back through the definition as a
+// hypervisor starting the domain would: it must name images that exist
+// and hold the domain's current data. The next call then recovers, and
+// check must find nothing.
+func TestCrashDefinitionStep(t *testing.T) {
+	type scenario struct {
+		name string
+		// op runs on a domain whose xvda holds 0x11 over its first MiB
+		// (in vm-xvda.qcow2) and, after s1, 0x22 over topK KiB at 0.
+		op   []string
+		topK int
+		// now lists what the definition may read at 0 and at 512 KiB:
+		// the state before the operation or after it.
+		now [][2]byte
+	}
+	for _, sc := range []scenario{
+		{"delete-commit-down", []string{"snapshot-delete", "vm", "s1"}, 64, [][2]byte{{0x22, 0x11}}},
+		{"delete-pull-up-to-user-name", []string{"snapshot-delete", "vm", "s1"}, 4096, [][2]byte{{0x22, 0x22}}},
+		{"revert", []string{"snapshot-revert", "vm", "s1"}, 64, [][2]byte{{0x22, 0x11}, {0x11, 0x11}}},
+	} {
+		t.Run(sc.name, func(t *testing.T) {
+			t.Parallel()
+			setup := func() *cli {
+				c := newCLI(t)
+				qemuIO(t, c.path("vm-xvda.qcow2"), "write -P 0x11 0 1M")
+				c.ok("snapshot-create-as", "vm", "s1", "--disk-only")
+				qemuIO(t, c.path("vm-xvda.s1"), fmt.Sprintf("write -P 0x22 0 %dk", sc.topK))
+				return c
+			}
+			ref := setup()
+			trace := filepath.Join(t.TempDir(), "trace")
+			if _, stderr, code := crashRun(t, ref, "XLSNAP_CRASH_TRACE="+trace, sc.op...); code != 0 {
+				t.Fatalf("reference run: exit %d: %s", code, stderr)
+			}
+			b, err := os.ReadFile(trace)
+			if err != nil {
+				t.Fatal(err)
+			}
+			points := strings.Fields(string(b))
+			if !strings.Contains(string(b), "/definition") {
+				t.Fatalf("%v never passed its definition step: %v", sc.op, points)
+			}
+			for _, p := range points {
+				c := setup()
+				if _, _, code := crashRun(t, c, "XLSNAP_CRASH_AT="+p, sc.op...); code != -1 {
+					t.Fatalf("at %s: exit %d, want death by SIGKILL", p, code)
+				}
+				// Before any xlsnap call: what a hypervisor would open.
+				src := defSource(t, c, "xvda")
+				got := [2]byte{readByte(t, src, 0), readByte(t, src, 512<<10)}
+				if !containsPair(sc.now, got) {
+					t.Fatalf("killed at %s: the definition names %s, which reads %#x/%#x; want one of %#x", p, src, got[0], got[1], sc.now)
+				}
+				qemuImg(t, "check", "-q", "-f", "qcow2", src)
+				// The next call recovers; nothing is left for check.
+				if out := c.ok("check"); out != "no problems found\n" {
+					t.Fatalf("killed at %s, then check: %s", p, out)
+				}
+				src = defSource(t, c, "xvda")
+				if got := [2]byte{readByte(t, src, 0), readByte(t, src, 512<<10)}; !containsPair(sc.now, got) {
+					t.Fatalf("killed at %s, recovered: %s reads %#x/%#x", p, src, got[0], got[1])
+				}
+			}
+			t.Logf("%s: %d kills, each recovered: %v", sc.name, len(points), points)
+		})
+	}
+}
+
+// crashRun runs the command with extra environment; a kill by a signal
+// is exit code -1.
+func crashRun(t *testing.T, c *cli, env string, args ...string) (string, string, int) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], append([]string{"--connect", "file://" + c.dir, "--state-dir", c.state}, args...)...)
+	cmd.Env = append(os.Environ(), "XLSNAP_RUN_MAIN=1", env)
+	var out, errb strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	if ee, ok := err.(*exec.ExitError); ok {
+		if ws := ee.Sys().(syscall.WaitStatus); ws.Signaled() {
+			return out.String(), errb.String(), -1
+		}
+		return out.String(), errb.String(), ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return out.String(), errb.String(), 0
+}
+
+// defSource is the file the definition on disk names for a disk.
+func defSource(t *testing.T, c *cli, target string) string {
+	t.Helper()
+	b, err := os.ReadFile(c.path("vm.xml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var d libvirtxml.Domain
+	if err := d.Unmarshal(string(b)); err != nil {
+		t.Fatalf("vm.xml: %v\n%s", err, b)
+	}
+	for _, disk := range d.Devices.Disks {
+		if disk.Target != nil && disk.Target.Dev == target {
+			return disk.Source.File.File
+		}
+	}
+	t.Fatalf("vm.xml has no %s", target)
+	return ""
+}
+
+// readByte reads one byte of an image through its chain with qemu-io.
+func readByte(t *testing.T, path string, off int) byte {
+	t.Helper()
+	for _, b := range []byte{0x11, 0x22, 0x00} {
+		out, err := exec.Command("qemu-io", "-r", "-f", "qcow2", "-c", fmt.Sprintf("read -P 0x%02x %d 64k", b, off), path).CombinedOutput()
+		if strings.Contains(string(out), "verification failed") {
+			continue
+		}
+		if err != nil {
+			t.Fatalf("qemu-io %s: %v\n%s", path, err, out)
+		}
+		return b
+	}
+	t.Fatalf("%s at %d reads none of the patterns", path, off)
+	return 0
+}
+
+func qemuIO(t *testing.T, path, cmd string) {
+	t.Helper()
+	if out, err := exec.Command("qemu-io", "-f", "qcow2", "-c", cmd, path).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-io %s: %v\n%s", cmd, err, out)
+	}
+}
+
+func containsPair(set [][2]byte, p [2]byte) bool {
+	for _, s := range set {
+		if s == p {
+			return true
+		}
+	}
+	return false
+}
