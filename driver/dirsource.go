@@ -187,6 +187,9 @@ func (s *DirSource) Redefine(ctx context.Context, name, doc string) error {
 	if err != nil {
 		return fmt.Errorf("%w: %s", ErrNoDomain, name)
 	}
+	if doc, err = s.keepRelative(p, doc); err != nil {
+		return err
+	}
 	tmp, err := os.CreateTemp(s.dir, "."+name+".xml.*")
 	if err != nil {
 		return err
@@ -217,6 +220,43 @@ func (s *DirSource) Redefine(ctx context.Context, name, doc string) error {
 		return err
 	}
 	return fsutil.SyncDir(s.dir)
+}
+
+// keepRelative writes the sources of disks that the definition at p
+// named by a relative path relative again: the user's way of naming
+// them, read against the folder.
+func (s *DirSource) keepRelative(p, doc string) (string, error) {
+	b, err := os.ReadFile(p)
+	if err != nil {
+		return "", err
+	}
+	var old libvirtxml.Domain
+	if old.Unmarshal(string(b)) != nil || old.Devices == nil {
+		return doc, nil // nothing to keep from a file that does not parse
+	}
+	rel := map[string]bool{}
+	for _, d := range old.Devices.Disks {
+		if d.Target != nil && d.Source != nil && d.Source.File != nil && d.Source.File.File != "" && !filepath.IsAbs(d.Source.File.File) {
+			rel[d.Target.Dev] = true
+		}
+	}
+	if len(rel) == 0 {
+		return doc, nil
+	}
+	def, err := parseDomain(doc)
+	if err != nil {
+		return "", err
+	}
+	for i := range def.Devices.Disks {
+		d := &def.Devices.Disks[i]
+		if d.Target == nil || !rel[d.Target.Dev] || d.Source == nil || d.Source.File == nil {
+			continue
+		}
+		if r, err := filepath.Rel(s.dir, d.Source.File.File); err == nil && filepath.IsAbs(d.Source.File.File) {
+			d.Source.File.File = r
+		}
+	}
+	return marshalDomain(def)
 }
 
 // sameOwner gives f the owner of old when they differ; a refusal is an

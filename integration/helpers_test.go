@@ -268,6 +268,9 @@ func (e *env) defDisk(target string) (file, format string) {
 		if disk.Source == nil || disk.Source.File == nil || disk.Driver == nil {
 			e.t.Fatalf("disk %s of the definition has no file source or driver", target)
 		}
+		if f := disk.Source.File.File; e.kind == dirSource && !filepath.IsAbs(f) {
+			return filepath.Join(e.defDir, f), disk.Driver.Type // relative to the XML's folder
+		}
 		return disk.Source.File.File, disk.Driver.Type
 	}
 	e.t.Fatalf("the definition has no disk %s", target)

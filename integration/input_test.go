@@ -444,6 +444,10 @@ func TestInputRelativePaths(t *testing.T) {
 	e.now["vda"] = content{0: 0x21}
 	e.snap("s1", driver.CreateDiskOnly)
 	e.expectChain("vda", "vda.s1", "vda.qcow2")
+	// The rewritten definition names the new image the user's way.
+	if want := filepath.Join(filepath.Dir(rel), "vda.s1"); !strings.Contains(e.definitionXML(), "file=\""+want+"\"") {
+		t.Fatalf("the definition does not name %s relative:\n%s", want, e.definitionXML())
+	}
 	for _, f := range []string{defFile, e.path("vda.s1")} {
 		st, err := os.Stat(f)
 		if err != nil {
