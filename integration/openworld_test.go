@@ -760,3 +760,33 @@ func TestOpenWorldMovedFolder(t *testing.T) {
 	}
 	w.expect(w.source("vm", "xvda"), 0x61, 0, 64)
 }
+
+// TestOpenWorldRevertBringsBackUnsnapshottedDisk: xvdb took no part in
+// s1 and left the definition later; a revert to s1 brings it back on the
+// image s1's definition names, recorded, its data as it is now.
+func TestOpenWorldRevertBringsBackUnsnapshottedDisk(t *testing.T) {
+	w := newWorld(t)
+	w.image("a.qcow2", "")
+	w.image("b.qcow2", "")
+	w.write("b.qcow2", 0x71, 0, 64)
+	w.define("vm", "", vdisk{"xvda", "a.qcow2"}, vdisk{"xvdb", "b.qcow2"})
+	w.open()
+	doc := "<domainsnapshot><name>s1</name><disks><disk name='xvda' snapshot='external'/><disk name='xvdb' snapshot='no'/></disks></domainsnapshot>"
+	if _, err := w.d.SnapshotCreateXML(w.ctx, "vm", doc, driver.CreateDiskOnly); err != nil {
+		t.Fatal(err)
+	}
+	w.define("vm", "", vdisk{"xvda", "a.s1"})
+	w.write("b.qcow2", 0x72, 0, 64)
+	w.revert("vm", "s1")
+	if got := w.source("vm", "xvdb"); got != w.path("b.qcow2") {
+		t.Fatalf("xvdb on %s, want b.qcow2", got)
+	}
+	list, err := w.d.DiskList(w.ctx, "vm")
+	if err != nil || len(list) != 2 || list[1].Target != "xvdb" || !slices.Equal(list[1].Chain, []string{w.path("b.qcow2")}) {
+		t.Fatalf("domblklist: %+v %v", list, err)
+	}
+	w.expect("b.qcow2", 0x72, 0, 64)
+	if got := w.problems(); len(got) > 0 {
+		t.Fatalf("check: %v", got)
+	}
+}

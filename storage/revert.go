@@ -64,7 +64,7 @@ func (m *Manager) Revert(ctx context.Context, domain, name string, opts RevertOp
 	}
 	next := d.Clone()
 	if opts.Disks != nil {
-		if next.Disks, err = m.revertedDisks(ctx, d, s, opts.Disks); err != nil {
+		if next.Disks, err = m.revertedDisks(ctx, next, s, opts.Disks); err != nil {
 			return nil, err
 		}
 	}
