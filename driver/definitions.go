@@ -85,8 +85,16 @@ func (s definitions) DefinedDisks(ctx context.Context) ([]storage.DefinedDisk, e
 // only when it differs from what the source holds.
 func (s definitions) Redefine(ctx context.Context, key, name, base string, disks []storage.Disk) error {
 	cur, err := s.src.Domain(ctx, name)
+	if errors.Is(err, ErrNoDomain) {
+		return nil // undefined since: no definition names anything
+	}
 	if err != nil {
 		return err
+	}
+	if curDef, err := parseDomain(cur.XML); err != nil {
+		return err
+	} else if s.key(name, curDef.UUID) != key {
+		return nil // another domain has the name now: not this one's to rewrite
 	}
 	doc := base
 	if doc == "" {

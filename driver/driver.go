@@ -74,7 +74,7 @@ func Open(ctx context.Context, cfg Config) (*Driver, error) {
 	// Backends are registered by their consumer, explicitly.
 	storage.Register("dir", dir.New)
 	defs := definitions{src: cfg.Source}
-	sc := storage.Config{StateDir: cfg.StateDir, Definitions: defs}
+	sc := storage.Config{StateDir: cfg.StateDir, Definitions: defs, Source: cfg.Source.URI()}
 	for i, p := range pools {
 		sc.Pools = append(sc.Pools, storage.PoolConfig{Name: fmt.Sprintf("pool%d", i), Type: "dir", Path: p})
 	}

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 
 	"libvirt.org/go/libvirtxml"
@@ -790,3 +791,82 @@ func TestOpenWorldRevertBringsBackUnsnapshottedDisk(t *testing.T) {
 		t.Fatalf("check: %v", got)
 	}
 }
+
+// TestOpenWorldOtherSourceCrashed: folder A's delete was killed after its
+// metadata committed; folder B shares the state folder. B's commands
+// neither fail on A's pending operation nor rewrite B's own "web"; A's
+// next command finishes it.
+func TestOpenWorldOtherSourceCrashed(t *testing.T) {
+	a := newWorld(t)
+	b := &world{t: t, ctx: context.Background(), state: a.state}
+	dir, err := filepath.EvalSymlinks(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.dir = dir
+	for i, w := range []*world{a, b} {
+		w.image("web.qcow2", "")
+		w.write("web.qcow2", byte(0x51+i), 0, 1024)
+		w.define("web", fmt.Sprintf("6b0c6c1e-0000-4000-8000-00000000010%d", i), vdisk{"xvda", "web.qcow2"})
+	}
+	a.open()
+	a.snap("web", "s1")
+	a.write("web.s1", 0x5a, 0, 64)
+	a.d.Close()
+	a.d = nil
+	// A's delete, killed once its metadata is durable: its definition
+	// step and cleanup are pending.
+	cmd := exec.Command(xlsnapBinary(t), "--connect", "file://"+a.dir, "--state-dir", a.state, "snapshot-delete", "web", "s1")
+	cmd.Env = append(os.Environ(), "XLSNAP_CRASH_AT=delete/committed")
+	if err := cmd.Run(); err == nil {
+		t.Fatal("the delete was not killed")
+	}
+	bDef, _ := os.ReadFile(b.path("web.xml"))
+	b.open()
+	b.snap("web", "s1")
+	if got := b.problems(); len(got) > 0 {
+		t.Fatalf("B's check sees A's operation: %v", got)
+	}
+	b.d.Close()
+	b.d = nil
+	if after, _ := os.ReadFile(b.path("web.xml")); string(after) == string(bDef) {
+		t.Fatal("B's own snapshot did not rewrite B's definition")
+	} else if strings.Contains(string(after), a.dir) {
+		t.Fatalf("B's definition names A's images:\n%s", after)
+	}
+	a.open()
+	if got := a.problems(); len(got) > 0 {
+		t.Fatalf("A after recovery: %v", got)
+	}
+	if got := a.source("web", "xvda"); got != a.path("web.qcow2") {
+		t.Fatalf("A's web on %s", got)
+	}
+	a.expect("web.qcow2", 0x5a, 0, 64)
+	a.expect("web.qcow2", 0x51, 64, 960)
+}
+
+// xlsnapBinary builds the command once for tests that kill it.
+func xlsnapBinary(t *testing.T) string {
+	t.Helper()
+	binOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "xlsnap-bin")
+		if err != nil {
+			binErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "xlsnap")
+		if out, err := exec.Command("go", "build", "-o", binPath, "github.com/xlsnap/xlsnap/cmd/xlsnap").CombinedOutput(); err != nil {
+			binErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if binErr != nil {
+		t.Fatal(binErr)
+	}
+	return binPath
+}
+
+var (
+	binOnce sync.Once
+	binPath string
+	binErr  error
+)

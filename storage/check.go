@@ -87,6 +87,9 @@ func (m *Manager) check(ctx context.Context, repair bool) ([]Problem, error) {
 		return nil, err
 	}
 	for _, in := range intents {
+		if !m.mine(in.Domain) {
+			continue // another source's, finished from there
+		}
 		problems = append(problems, Problem{Kind: ProblemPending, Domain: in.Domain,
 			Detail: fmt.Sprintf("%s %s (committed %v)", in.Op, in.ID, in.Committed)})
 	}
@@ -95,7 +98,9 @@ func (m *Manager) check(ctx context.Context, repair bool) ([]Problem, error) {
 		for p := range d.Images {
 			known[p] = true
 		}
-		problems = append(problems, m.checkDomain(ctx, d, snaps[d.Name], repair)...)
+		if m.mine(d.Name) {
+			problems = append(problems, m.checkDomain(ctx, d, snaps[d.Name], repair)...)
+		}
 	}
 	problems = append(problems, m.orphans(ctx, known)...)
 	return problems, nil

@@ -180,6 +180,9 @@ func (m *Manager) Recover(ctx context.Context) error {
 		if in.Live && !in.Committed {
 			continue // needs the device model: RecoverLive
 		}
+		if !m.mine(in.Domain) {
+			continue // another source's: its images, its definition
+		}
 		unlock, err := m.locks.lock(ctx, in.Domain, false)
 		if errors.Is(err, ErrBusy) {
 			continue // in progress in another process or goroutine

@@ -43,6 +43,11 @@ type Config struct {
 	// and the definition step of each operation. Nil means storage is
 	// used alone: its own records stand in for the definitions.
 	Definitions Definitions
+	// Source is the domain source's URI (see DomainKey): recovery at Open
+	// finishes only the operations of this source's domains; another
+	// source's wait for that source (their images need not be in these
+	// pools).
+	Source string
 }
 
 // Manager owns the chains and snapshot metadata of every domain in its
@@ -56,6 +61,9 @@ type Manager struct {
 	events   *broker
 	defs     Definitions
 	headers  headerCache
+	// sourceTag ends the keys of this source's domains ("" when used
+	// alone: every domain is this Manager's).
+	sourceTag string
 }
 
 type pool struct {
@@ -70,6 +78,9 @@ func Open(ctx context.Context, cfg Config) (*Manager, error) {
 		return nil, fmt.Errorf("%w: no state folder", ErrInvalidArg)
 	}
 	m := &Manager{stateDir: cfg.StateDir, store: cfg.Store, events: newBroker(), defs: cfg.Definitions}
+	if cfg.Source != "" {
+		m.sourceTag = sourceTag(cfg.Source)
+	}
 	m.locks = newLockTable(filepath.Join(cfg.StateDir, "locks"))
 	if m.store == nil {
 		s, err := metastore.OpenBolt(ctx, filepath.Join(cfg.StateDir, "xlsnap.db"))
@@ -133,12 +144,21 @@ type DiskSpec struct {
 // domains of one name, never share records and a renamed domain keeps
 // its snapshots. A definition without a UUID is keyed by its name.
 func DomainKey(source, uuid, name string) string {
-	sum := sha256.Sum256([]byte(source))
 	id := strings.ToLower(uuid)
 	if id == "" {
 		id = "name-" + name
 	}
-	return id + "@" + hex.EncodeToString(sum[:6])
+	return id + "@" + sourceTag(source)
+}
+
+func sourceTag(source string) string {
+	sum := sha256.Sum256([]byte(source))
+	return hex.EncodeToString(sum[:6])
+}
+
+// mine reports whether a domain key is of this Manager's source.
+func (m *Manager) mine(key string) bool {
+	return m.sourceTag == "" || strings.HasSuffix(key, "@"+m.sourceTag)
 }
 
 // DefineDomain records a domain's disks under key and walks their chains
