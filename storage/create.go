@@ -99,7 +99,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 		snap.State = "shutoff"
 	}
 	in := newIntent(domain, "snapshot")
-	var group []step // a live snapshot's disks, for one transaction
+	var group []step          // a live snapshot's disks, for one transaction
 	var defined []DefinedDisk // read when a disk's image is to be written
 	seen := map[string]bool{}
 	for _, ds := range spec.Disks {
