@@ -275,8 +275,9 @@ func TestOpenWorldDetachedDisk(t *testing.T) {
 				if got := w.source("vm", "xvda"); got != w.path("a.qcow2") {
 					t.Fatalf("xvda on %s after deleting every snapshot, want a.qcow2", got)
 				}
-				if got := w.problems(); len(got) > 0 {
-					t.Fatalf("check: %v", got)
+				// xvdb's data is reported as the user's, kept.
+				if got, want := w.problems(), []string{"detached-data b.s1"}; !slices.Equal(got, want) {
+					t.Fatalf("check: %v, want %v", got, want)
 				}
 			})
 		}
@@ -348,9 +349,10 @@ func TestOpenWorldDefinitionFollowsSnapshot(t *testing.T) {
 	}
 	w.expect("b.s2", 0x42, 0, 64)
 	w.expect("b.qcow2", 0x41, 0, 64)
-	// b.s2, the data xvdb left behind, is recorded: no orphan.
-	if got := w.problems(); len(got) > 0 {
-		t.Fatalf("check: %v", got)
+	// b.s2, the data xvdb left behind, is recorded and reported as the
+	// user's: no orphan.
+	if got, want := w.problems(), []string{"detached-data b.s2"}; !slices.Equal(got, want) {
+		t.Fatalf("check: %v, want %v", got, want)
 	}
 }
 
@@ -870,3 +872,136 @@ var (
 	binPath string
 	binErr  error
 )
+
+// TestOpenWorldHiddenClones: clones QEMU opens through a file: or json:
+// backing reference, or that sit behind a symlinked folder of the pool,
+// are users of the base as much as plain ones.
+func TestOpenWorldHiddenClones(t *testing.T) {
+	for _, how := range []string{"file:", "json:", "symlinked-folder"} {
+		t.Run(how, func(t *testing.T) {
+			w := newWorld(t)
+			w.image("a.qcow2", "")
+			w.write("a.qcow2", 0x11, 0, 1024)
+			w.define("vm", "", vdisk{"xvda", "a.qcow2"})
+			w.open()
+			w.snap("vm", "s1")
+			w.write("a.s1", 0x12, 0, 4096) // a pull-up would be cheaper
+			clone := w.path("clone.qcow2")
+			switch how {
+			case "file:":
+				run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "file:"+w.path("a.qcow2"), clone)
+			case "json:":
+				run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", w.path("a.qcow2"), clone)
+				run(t, "qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b",
+					`json:{"driver":"qcow2","file":{"driver":"file","filename":"`+w.path("a.qcow2")+`"}}`, clone)
+			case "symlinked-folder":
+				elsewhere := t.TempDir()
+				if err := os.Symlink(elsewhere, w.path("clones")); err != nil {
+					t.Fatal(err)
+				}
+				clone = filepath.Join(elsewhere, "c.qcow2")
+				run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", w.path("a.qcow2"), clone)
+			}
+			w.expect(clone, 0x11, 0, 1024)
+			r := w.del("vm", "s1", 0)
+			if r.Disks[0].Action != storage.ActionSharedBase {
+				t.Fatalf("report %+v", r.Disks)
+			}
+			w.expect(clone, 0x11, 0, 1024)
+			w.expect(w.source("vm", "xvda"), 0x12, 0, 4096)
+		})
+	}
+}
+
+// TestOpenWorldMoveMustFit: rescan --moved is checked against the
+// images: an unrelated image is not the moved one, and a refusal changes
+// nothing.
+func TestOpenWorldMoveMustFit(t *testing.T) {
+	w := newWorld(t)
+	w.image("a.qcow2", "")
+	w.write("a.qcow2", 0x11, 0, 64)
+	w.define("vm", "", vdisk{"xvda", "a.qcow2"})
+	w.open()
+	w.snap("vm", "s1")
+	w.image("keep.qcow2", "")
+	w.write("keep.qcow2", 0x77, 0, 64)
+	err := w.d.ChainChanged(w.ctx, "vm", "xvda", driver.Move{From: w.path("a.qcow2"), To: w.path("keep.qcow2")})
+	if !errors.Is(err, driver.ErrInvalidArg) {
+		t.Fatalf("a move onto an unrelated image: %v", err)
+	}
+	s, err := w.d.SnapshotLookupByName(w.ctx, "vm", "s1", 0)
+	if err != nil || s.Disk("xvda").Image != w.path("a.qcow2") {
+		t.Fatalf("s1 after the refused move: %+v %v", s, err)
+	}
+	w.revert("vm", "s1")
+	w.expect(w.source("vm", "xvda"), 0x11, 0, 64)
+	w.expect("keep.qcow2", 0x77, 0, 64)
+}
+
+// TestOpenWorldMoveAlreadyFollowed: a folder move the definition already
+// led xlsnap to is done: rescan --moved says so without an error.
+func TestOpenWorldMoveAlreadyFollowed(t *testing.T) {
+	w2 := newWorld(t)
+	if err := os.Mkdir(w2.path("img"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", w2.path("img/a.qcow2"), diskSize)
+	w2.define("vm", "", vdisk{"xvda", "img/a.qcow2"})
+	src, _ := driver.NewDirSource(w2.dir)
+	d, err := driver.Open(w2.ctx, driver.Config{StateDir: w2.state, Source: src, Pools: []string{w2.dir}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	w2.d = d
+	w2.snap("vm", "s1")
+	if err := os.Rename(w2.path("img"), w2.path("img2")); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", w2.path("img2/a.qcow2"), w2.path("img2/a.s1"))
+	w2.define("vm", "", vdisk{"xvda", "img2/a.s1"})
+	if _, err := w2.d.DiskList(w2.ctx, "vm"); err != nil { // follows the move on its own
+		t.Fatal(err)
+	}
+	if err := w2.d.ChainChanged(w2.ctx, "vm", "xvda", driver.Move{From: w2.path("img"), To: w2.path("img2")}); err != nil {
+		t.Fatalf("rescan --moved of a move already followed: %v", err)
+	}
+}
+
+// TestOpenWorldTwoFoldersOnePool: folders A and B share a pool and a
+// state folder; B's vm2 names A's disk image as its own. A may not turn
+// it into a backing file under vm2's writes.
+func TestOpenWorldTwoFoldersOnePool(t *testing.T) {
+	pool := newWorld(t)
+	pool.image("x.qcow2", "")
+	openIn := func(defs string) *driver.Driver {
+		src, err := driver.NewDirSource(defs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, err := driver.Open(pool.ctx, driver.Config{StateDir: pool.state, Source: src, Pools: []string{pool.dir}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	a, b := t.TempDir(), t.TempDir()
+	for dir, name := range map[string]string{a: "vm", b: "vm2"} {
+		doc := oneDiskXML(name, fileDisk("xvda", pool.path("x.qcow2"), "qcow2"))
+		if err := os.WriteFile(filepath.Join(dir, name+".xml"), []byte(doc), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	db := openIn(b)
+	if _, err := db.DiskList(pool.ctx, "vm2"); err != nil { // vm2 recorded
+		t.Fatal(err)
+	}
+	db.Close()
+	da := openIn(a)
+	defer da.Close()
+	_, err := da.SnapshotCreateXML(pool.ctx, "vm", snapXML("s1"), driver.CreateDiskOnly)
+	if !errors.Is(err, driver.ErrOperationInvalid) || !strings.Contains(err.Error(), "vm2") {
+		t.Fatalf("snapshot of a disk another folder's domain writes: %v", err)
+	}
+	pool.expectFiles("x.qcow2")
+}

@@ -3,7 +3,7 @@ package storage
 import (
 	"context"
 	"fmt"
-	"io/fs"
+	"os"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -23,11 +23,12 @@ const (
 	ProblemBadImage     ProblemKind = "bad-image"         // qemu-img check or the chain reader refuses an image
 	ProblemOrphan       ProblemKind = "orphan-image"      // an overlay of a known image that no record holds and no definition reads
 	ProblemSharedBase   ProblemKind = "shared-base"       // a known image that images no record holds are backed by
+	ProblemDetached     ProblemKind = "detached-data"     // the data of a disk that left the definition: the user's, kept
 )
 
 // Informational reports a finding that is no fault: a shared base is
 // how pools are used, reported so its users are known.
-func (k ProblemKind) Informational() bool { return k == ProblemSharedBase }
+func (k ProblemKind) Informational() bool { return k == ProblemSharedBase || k == ProblemDetached }
 
 // Problem is one finding; Fixed says Repair mended it, Note why not.
 type Problem struct {
@@ -114,6 +115,10 @@ func (m *Manager) checkDomain(ctx context.Context, d *Domain, snaps []*Snapshot,
 	}
 	sort.Strings(paths)
 	for _, p := range paths {
+		if d.Images[p].Detached && exists(p) {
+			problems = append(problems, Problem{Kind: ProblemDetached, Domain: domainName(d), Path: p,
+				Detail: "holds the data of a disk that left the definition (or names another file now): kept for you; remove it when you no longer want it"})
+		}
 		if !exists(p) {
 			pr := Problem{Kind: ProblemMissingImage, Domain: domainName(d), Path: p, Detail: "recorded image does not exist"}
 			if users := snapshotsUsing(snaps, p); len(users) > 0 {
@@ -186,40 +191,55 @@ func (m *Manager) orphans(ctx context.Context, known map[string]bool) []Problem 
 	var problems []Problem
 	bases := map[string][]User{}
 	var baseOrder []string
+	// Known images by identity: a pool reached through a symlink names
+	// them otherwise.
+	knownKeys := map[fileKey]string{}
+	for p := range known {
+		if k, st := keyOf(p); st != nil {
+			knownKeys[k] = p
+		}
+	}
 	for _, p := range m.pools {
-		root := p.backend.Root()
-		filepath.WalkDir(root, func(path string, e fs.DirEntry, err error) error {
-			if err != nil || !e.Type().IsRegular() || known[path] {
-				return nil
-			}
+		walkPool(ctx, p.backend.Root(), func(path string) error {
 			k, st := keyOf(path)
+			if _, ok := knownKeys[k]; ok || st == nil {
+				return nil
+			}
 			ref, err := m.headers.backingOf(path, k, st)
-			if err != nil || ref == "" {
+			if err != nil {
 				return nil
 			}
-			backing := filepath.Clean(chain.ResolveBacking(path, ref))
-			if !known[backing] {
+			targets, err := backingTargets(path, ref)
+			if err != nil {
+				problems = append(problems, Problem{Kind: ProblemBadImage, Path: path, Detail: err.Error()})
 				return nil
 			}
-			var named []User
-			for _, usr := range u.of(path) {
-				if usr.Kind == UserDefinition {
-					named = append(named, usr)
+			for _, t := range targets {
+				tk, _ := keyOf(t)
+				backing, ok := knownKeys[tk]
+				if !ok {
+					continue
 				}
+				var named []User
+				for _, usr := range u.of(path) {
+					if usr.Kind == UserDefinition {
+						named = append(named, usr)
+					}
+				}
+				if len(named) == 0 {
+					problems = append(problems, Problem{Kind: ProblemOrphan, Path: path,
+						Detail: "overlay of " + backing + " that no record holds and no definition reads",
+						Note:   "kept: xlsnap removes only images its records hold"})
+				}
+				if bases[backing] == nil {
+					baseOrder = append(baseOrder, backing)
+				}
+				usr := User{Kind: UserOverlay, Path: path}
+				if len(named) > 0 {
+					usr = named[0]
+				}
+				bases[backing] = append(bases[backing], usr)
 			}
-			if len(named) == 0 {
-				problems = append(problems, Problem{Kind: ProblemOrphan, Path: path,
-					Detail: "overlay of " + backing + " that no record holds and no definition reads",
-					Note:   "kept: xlsnap removes only images its records hold"})
-			}
-			if bases[backing] == nil {
-				baseOrder = append(baseOrder, backing)
-			}
-			usr := User{Kind: UserOverlay, Path: path}
-			if len(named) > 0 {
-				usr = named[0]
-			}
-			bases[backing] = append(bases[backing], usr)
 			return nil
 		})
 	}
@@ -228,6 +248,71 @@ func (m *Manager) orphans(ctx context.Context, known map[string]bool) []Problem 
 			Detail: "recorded image is also the base of " + DescribeUsers(bases[b]) + ": kept while they use it"})
 	}
 	return problems
+}
+
+// treeUnder reports whether d's tree holds an image inside folder dir.
+func treeUnder(d *Domain, dir string) bool {
+	for p := range d.Images {
+		if strings.HasPrefix(p, dir+"/") {
+			return true
+		}
+	}
+	return false
+}
+
+// checkMove checks that the image at n is the recorded image o moved (or
+// copied): it has o's format and virtual size, its backing reference
+// names o's backing image (moved, if that moved too), and, while o is
+// still there as another file, the disk's chain on disk reads it.
+func checkMove(d *Domain, o, n string, moved map[string]string, onDisk []string) error {
+	rec := d.Images[o]
+	bad := func(why string, args ...any) error {
+		return fmt.Errorf("%w: %s is not %s moved: %s", ErrInvalidArg, n, o, fmt.Sprintf(why, args...))
+	}
+	os1, oerr := os.Stat(o)
+	ns, err := os.Stat(n)
+	if err != nil {
+		return bad("%v", err)
+	}
+	if oerr == nil && !os.SameFile(os1, ns) && !slices.Contains(onDisk, n) {
+		return bad("%s is still there and the disk's chain does not read %s", o, n)
+	}
+	size := func(p, format string) (uint64, string, error) {
+		if format != "qcow2" {
+			st, err := os.Stat(p)
+			if err != nil {
+				return 0, "", err
+			}
+			return uint64(st.Size()), "", nil
+		}
+		h, err := readHeader(p)
+		if err != nil {
+			return 0, "", err
+		}
+		b := ""
+		if h.BackingFile != "" {
+			b = filepath.Clean(chain.ResolveBacking(p, h.BackingFile))
+		}
+		return h.VirtualSize, b, nil
+	}
+	nsize, nback, err := size(n, rec.Format)
+	if err != nil {
+		return bad("as %s: %v", rec.Format, err)
+	}
+	wantBack := rec.Backing
+	if mb, ok := moved[wantBack]; ok {
+		wantBack = mb
+	}
+	if nback != wantBack {
+		return bad("its backing file is %q, want %q", nback, wantBack)
+	}
+	if oerr == nil {
+		osize, _, err := size(o, rec.Format)
+		if err == nil && osize != nsize {
+			return bad("%d bytes against %d", nsize, osize)
+		}
+	}
+	return nil
 }
 
 // ChainChanged is the public "a chain changed, rescan" call: someone
@@ -273,6 +358,9 @@ func (m *Manager) ChainChanged(ctx context.Context, domain, disk string, moves m
 				}
 			}
 			if len(pairs) == 0 {
+				if _, known := d.Images[n]; known || treeUnder(d, n) {
+					continue // followed already (the definition named the moved chain)
+				}
 				return fmt.Errorf("%w: moved %s is no image or folder of domain %s's tree", ErrInvalidArg, o, domainName(d))
 			}
 			found := false
@@ -286,7 +374,15 @@ func (m *Manager) ChainChanged(ctx context.Context, domain, disk string, moves m
 				return fmt.Errorf("%w: nothing of %s is at %s", ErrInvalidArg, o, n)
 			}
 		}
-		detectMoves(d, before, layerPaths(c), moved)
+		// The operator's word is checked against the images: each new
+		// file must be the old one moved.
+		onDisk := layerPaths(c)
+		for po, pn := range moved {
+			if err := checkMove(d, po, pn, moved, onDisk); err != nil {
+				return err
+			}
+		}
+		detectMoves(d, before, onDisk, moved)
 		m.recordChain(d, c)
 		if err := m.applyMoves(tx, d, moved); err != nil {
 			return err

@@ -221,12 +221,26 @@ func (m *Manager) planOverlay(ctx context.Context, disk *Disk, ds SnapshotDiskSp
 // a disk (any name of the file): that domain writes it, or may start
 // and write it at any moment. Reading it through a chain is fine: an
 // internal snapshot changes no content, and a new overlay leaves it as
-// it is. Only the definitions are read: no pool scan.
+// it is. Only the definitions (and the records of other sources' domains)
+// are read: no pool scan.
 func (m *Manager) checkSoleWriter(ctx context.Context, defined *[]DefinedDisk, d *Domain, path string) error {
 	if *defined == nil {
 		var err error
 		if *defined, err = m.definedDisks(ctx); err != nil {
 			return err
+		}
+		if m.defs != nil {
+			// Domains of other sources sharing this state folder are known
+			// by their records only.
+			recs, err := m.recordedDisks(ctx)
+			if err != nil {
+				return err
+			}
+			for _, r := range recs {
+				if !m.mine(r.Domain) {
+					*defined = append(*defined, r)
+				}
+			}
 		}
 	}
 	k, st := keyOf(path)

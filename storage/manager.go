@@ -230,7 +230,9 @@ func (m *Manager) DefineDomain(ctx context.Context, key, name, uuid string, disk
 		if _, moved := moves[old.Active]; moved {
 			continue
 		}
-		if nd := findDisk(next, old.Target); nd == nil || nd.Active != old.Active {
+		// An image the disk now reads through (a layer the operator put
+		// on top) is still the disk's; any other is left behind.
+		if nd := findDisk(next, old.Target); nd == nil || !slices.Contains(d.Chain(nd.Active), old.Active) {
 			if img := d.Images[old.Active]; img != nil {
 				img.Detached = true
 			}

@@ -2,6 +2,7 @@ package storage
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -261,30 +262,26 @@ func (m *Manager) scanUsers(ctx context.Context) (*users, error) {
 		}
 		seen[k] = true
 		ref, err := m.headers.backingOf(image, k, st)
-		if err != nil || ref == "" || strings.Contains(ref, ":") && !strings.HasPrefix(ref, "/") && !strings.HasPrefix(ref, ".") {
+		if err != nil {
 			return err
 		}
-		b := filepath.Clean(chain.ResolveBacking(image, ref))
-		bk, _ := u.key(b)
-		u.overlays[bk] = append(u.overlays[bk], filepath.Clean(image))
-		u.add(b, User{Kind: UserOverlay, Path: filepath.Clean(image)})
-		return edge(b, depth+1)
+		targets, err := backingTargets(image, ref)
+		if err != nil {
+			return err
+		}
+		for _, b := range targets {
+			bk, _ := u.key(b)
+			u.overlays[bk] = append(u.overlays[bk], filepath.Clean(image))
+			u.add(b, User{Kind: UserOverlay, Path: filepath.Clean(image)})
+			if err := edge(b, depth+1); err != nil {
+				return err
+			}
+		}
+		return nil
 	}
 	for _, p := range m.pools {
 		root := p.backend.Root()
-		err := filepath.WalkDir(root, func(path string, e fs.DirEntry, err error) error {
-			if err != nil {
-				return err
-			}
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			if e.Type().IsRegular() {
-				return edge(path, 0)
-			}
-			return nil
-		})
-		if err != nil {
+		if err := walkPool(ctx, root, func(path string) error { return edge(path, 0) }); err != nil {
 			return nil, fmt.Errorf("scanning pool %s for an image's users: %w", root, err)
 		}
 	}
@@ -374,6 +371,99 @@ func (m *Manager) Users(ctx context.Context, path string) ([]User, error) {
 	return u.of(path), nil
 }
 
+// walkPool calls fn for every regular file under root, following
+// symlinked folders (an overlay behind one is still a user) once each.
+func walkPool(ctx context.Context, root string, fn func(path string) error) error {
+	visited := map[fileKey]bool{}
+	var walk func(dir string, depth int) error
+	walk = func(dir string, depth int) error {
+		k, st := keyOf(dir)
+		if st == nil || visited[k] || depth > 64 {
+			return nil
+		}
+		visited[k] = true
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			return err
+		}
+		for _, e := range entries {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			path := filepath.Join(dir, e.Name())
+			mode := e.Type()
+			if mode&fs.ModeSymlink != 0 {
+				st, err := os.Stat(path)
+				if err != nil {
+					continue // a dangling link names nothing
+				}
+				mode = st.Mode().Type()
+			}
+			switch {
+			case mode.IsDir():
+				if err := walk(path, depth+1); err != nil {
+					return err
+				}
+			case mode.IsRegular():
+				if err := fn(path); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	}
+	return walk(root, 0)
+}
+
+// backingTargets lists the local files a backing reference makes QEMU
+// open, resolved as QEMU resolves them: a plain or file: path, or every
+// "filename" of a json: reference. A network protocol opens no local
+// file. A json: reference that does not parse could name anything: an
+// error.
+func backingTargets(image, ref string) ([]string, error) {
+	switch {
+	case ref == "":
+		return nil, nil
+	case strings.HasPrefix(ref, "json:"):
+		var v any
+		if err := json.Unmarshal([]byte(strings.TrimPrefix(ref, "json:")), &v); err != nil {
+			return nil, fmt.Errorf("%w: %s: backing reference %q: %w", ErrUnsafeBacking, image, ref, err)
+		}
+		var out []string
+		var find func(any)
+		find = func(v any) {
+			switch t := v.(type) {
+			case map[string]any:
+				for k, x := range t {
+					if s, ok := x.(string); ok && k == "filename" {
+						out = append(out, filepath.Clean(chain.ResolveBacking(image, s)))
+					}
+					find(x)
+				}
+			case []any:
+				for _, x := range t {
+					find(x)
+				}
+			}
+		}
+		find(v)
+		return out, nil
+	case strings.HasPrefix(ref, "file:"):
+		return []string{filepath.Clean(chain.ResolveBacking(image, strings.TrimPrefix(ref, "file:")))}, nil
+	}
+	if i := strings.IndexByte(ref, ':'); i > 0 && !strings.Contains(ref[:i], "/") && networkProtocols[ref[:i]] {
+		return nil, nil
+	}
+	return []string{filepath.Clean(chain.ResolveBacking(image, ref))}, nil
+}
+
+// networkProtocols are QEMU's block protocols that open no local file.
+var networkProtocols = map[string]bool{
+	"nbd": true, "nbd+unix": true, "nbd+tcp": true, "http": true, "https": true, "ftp": true, "ftps": true,
+	"iscsi": true, "iser": true, "rbd": true, "gluster": true, "gluster+tcp": true, "gluster+unix": true,
+	"gluster+rdma": true, "ssh": true, "nfs": true, "sheepdog": true, "vxhs": true,
+}
+
 // definedDisks lists every disk of every definition; storage used alone
 // (no Definitions) takes its records of each domain's disks instead.
 func (m *Manager) definedDisks(ctx context.Context) ([]DefinedDisk, error) {
@@ -384,6 +474,12 @@ func (m *Manager) definedDisks(ctx context.Context) ([]DefinedDisk, error) {
 		}
 		return defined, nil
 	}
+	return m.recordedDisks(ctx)
+}
+
+// recordedDisks lists every disk of every domain record, whatever its
+// source: what another folder's domains wrote to when last seen.
+func (m *Manager) recordedDisks(ctx context.Context) ([]DefinedDisk, error) {
 	var defined []DefinedDisk
 	err := m.store.View(ctx, func(tx metastore.Tx) error {
 		names, err := tx.DomainNames()
