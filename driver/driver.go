@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"sort"
@@ -317,18 +318,48 @@ type DiskInfo struct {
 	Source string   `json:"source"`
 	Format string   `json:"format"`
 	Chain  []string `json:"chain"`
+	// Pending says an operation on the domain is still in the journal
+	// (the list is then the definition as it stands, unchanged).
+	Pending string `json:"pending,omitempty"`
 }
 
 // DiskList is virsh's domblklist: each file disk and its active layer.
 func (d *Driver) DiskList(ctx context.Context, domain string) ([]DiskInfo, error) {
 	defer d.lock(domain)()
 	v, err := d.sync(ctx, domain)
+	if errors.Is(err, storage.ErrPending) {
+		return d.diskListAsIs(ctx, domain, err)
+	}
 	if err != nil {
 		return nil, err
 	}
 	var out []DiskInfo
 	for _, di := range v.disks {
 		out = append(out, DiskInfo{Target: di.Target, Source: di.Path, Format: di.Format, Chain: v.rec.Chain(di.Path)})
+	}
+	return out, nil
+}
+
+// diskListAsIs is DiskList while an operation is pending: a read-only
+// call still answers, from the definition and the records as they are,
+// and says what is pending.
+func (d *Driver) diskListAsIs(ctx context.Context, domain string, pending error) ([]DiskInfo, error) {
+	sd, err := d.src.Domain(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	def, err := parseDomain(sd.XML)
+	if err != nil {
+		return nil, err
+	}
+	rec, _ := d.st.Domain(ctx, d.defs.key(domain, def.UUID))
+	var out []DiskInfo
+	for _, di := range fileDisks(def) {
+		info := DiskInfo{Target: di.Target, Source: di.Path, Format: di.Format, Chain: []string{di.Path}, Pending: pending.Error()}
+		if rec != nil {
+			info.Chain = rec.Chain(di.Path)
+		}
+		out = append(out, info)
 	}
 	return out, nil
 }

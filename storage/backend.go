@@ -3,7 +3,9 @@ package storage
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 )
 
@@ -27,6 +29,12 @@ type Backend interface {
 	Check(ctx context.Context, path, format string) error
 	// Remove deletes an image; removing a missing one is not an error.
 	Remove(ctx context.Context, path string) error
+}
+
+// LeakRepairer is the optional ability to free leaked clusters (what a
+// killed commit or rebase leaves in an image): data no table references.
+type LeakRepairer interface {
+	RepairLeaks(ctx context.Context, path, format string) error
 }
 
 // InternalSnapshotter is the optional ability to keep snapshots inside an
@@ -83,4 +91,19 @@ func openBackend(pc PoolConfig) (Backend, error) {
 		return nil, fmt.Errorf("%w: pool %q: no backend %q registered (have %v)", ErrInvalidArg, pc.Name, pc.Type, Backends())
 	}
 	return f(pc)
+}
+
+// TempName is where a backend makes a new image before giving it its
+// name: a hidden file in the same folder, recognisably xlsnap's, so a
+// crash's leftover is never taken for an image and may be removed.
+func TempName(path string) string {
+	return filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+tempSuffix)
+}
+
+const tempSuffix = ".xlsnap-tmp"
+
+// IsTempName reports a name TempName made.
+func IsTempName(path string) bool {
+	base := filepath.Base(path)
+	return strings.HasPrefix(base, ".") && strings.HasSuffix(base, tempSuffix)
 }

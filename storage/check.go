@@ -2,14 +2,19 @@ package storage
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/xlsnap/xlsnap/chain"
+	"github.com/xlsnap/xlsnap/internal/fsutil"
 	"github.com/xlsnap/xlsnap/storage/metastore"
 )
 
@@ -24,6 +29,7 @@ const (
 	ProblemOrphan       ProblemKind = "orphan-image"      // an overlay of a known image that no record holds and no definition reads
 	ProblemSharedBase   ProblemKind = "shared-base"       // a known image that images no record holds are backed by
 	ProblemDetached     ProblemKind = "detached-data"     // the data of a disk that left the definition: the user's, kept
+	ProblemTempFile     ProblemKind = "temp-file"         // a new image a crash left under its temporary name
 )
 
 // Informational reports a finding that is no fault: a shared base is
@@ -56,9 +62,9 @@ func (m *Manager) Repair(ctx context.Context) ([]Problem, error) {
 func (m *Manager) check(ctx context.Context, repair bool) ([]Problem, error) {
 	var problems []Problem
 	if repair {
-		if err := m.Recover(ctx); err != nil {
-			problems = append(problems, Problem{Kind: ProblemPending, Detail: err.Error()})
-		}
+		// What recovery can neither finish nor undo is set aside below.
+		_ = m.Recover(ctx)
+		problems = append(problems, m.removeStaleTemps(ctx)...)
 	}
 	var intents []*intent
 	var domains []*Domain
@@ -91,8 +97,24 @@ func (m *Manager) check(ctx context.Context, repair bool) ([]Problem, error) {
 		if !m.mine(in.Domain) {
 			continue // another source's, finished from there
 		}
-		problems = append(problems, Problem{Kind: ProblemPending, Domain: in.Domain,
-			Detail: fmt.Sprintf("%s %s (committed %v)", in.Op, in.ID, in.Committed)})
+		name := in.Domain
+		for _, d := range domains {
+			if d.Name == in.Domain {
+				name = domainName(d)
+			}
+		}
+		pr := Problem{Kind: ProblemPending, Domain: name,
+			Detail: fmt.Sprintf("%s %s (committed %v)", in.Op, in.ID, in.Committed)}
+		if repair && !(in.Live && !in.Committed) {
+			if file, err := m.setAside(ctx, in); err != nil {
+				pr.Note = err.Error()
+			} else {
+				pr.Fixed, pr.Note = true, "neither finished nor undone: set aside in "+file+" (nothing removed)"
+			}
+		} else if in.Live && !in.Committed {
+			pr.Note = "finished or undone from the device model when the running domain is next used"
+		}
+		problems = append(problems, pr)
 	}
 	known := map[string]bool{}
 	for _, d := range domains {
@@ -129,7 +151,15 @@ func (m *Manager) checkDomain(ctx context.Context, d *Domain, snaps []*Snapshot,
 		}
 		if b, err := m.backendFor(p); err == nil {
 			if err := b.Check(ctx, p, d.Images[p].Format); err != nil {
-				problems = append(problems, Problem{Kind: ProblemBadImage, Domain: domainName(d), Path: p, Detail: err.Error()})
+				pr := Problem{Kind: ProblemBadImage, Domain: domainName(d), Path: p, Detail: err.Error()}
+				if lr, ok := b.(LeakRepairer); ok && repair && errors.Is(err, ErrLeaks) {
+					if err := lr.RepairLeaks(ctx, p, d.Images[p].Format); err != nil {
+						pr.Note = err.Error()
+					} else {
+						pr.Fixed = true
+					}
+				}
+				problems = append(problems, pr)
 			}
 		}
 	}
@@ -395,4 +425,103 @@ func (m *Manager) ChainChanged(ctx context.Context, domain, disk string, moves m
 	}
 	m.events.publish(ev)
 	return c, nil
+}
+
+// setAside takes an operation recovery could neither finish nor undo out
+// of the journal, so its domain is usable again: the intent and the state
+// of every file it names (there or not, size, backing reference) go to
+// STATE/set-aside/ID.json for a person to judge. Nothing is removed.
+func (m *Manager) setAside(ctx context.Context, in *intent) (string, error) {
+	unlock, err := m.locks.lock(ctx, in.Domain, false)
+	if err != nil {
+		return "", err
+	}
+	defer unlock()
+	type fileState struct {
+		Path    string `json:"path"`
+		Exists  bool   `json:"exists"`
+		Size    int64  `json:"size,omitempty"`
+		Backing string `json:"backing,omitempty"`
+		Error   string `json:"error,omitempty"`
+	}
+	var files []fileState
+	seen := map[string]bool{}
+	note := func(p string) {
+		if p == "" || seen[p] {
+			return
+		}
+		seen[p] = true
+		fs := fileState{Path: p}
+		if st, err := os.Stat(p); err == nil {
+			fs.Exists, fs.Size = true, st.Size()
+			k, sys := keyOf(p)
+			if ref, err := m.headers.backingOf(p, k, sys); err != nil {
+				fs.Error = err.Error()
+			} else {
+				fs.Backing = ref
+			}
+		}
+		files = append(files, fs)
+	}
+	var walk func([]step)
+	walk = func(steps []step) {
+		for _, st := range steps {
+			note(st.Path)
+			note(st.Backing)
+			note(st.UndoBacking)
+			note(st.Source)
+			walk(st.Group)
+		}
+	}
+	walk(in.Steps)
+	walk(in.Cleanup)
+	report := struct {
+		Intent *intent     `json:"intent"`
+		Files  []fileState `json:"files"`
+		At     string      `json:"set_aside_at"`
+	}{in, files, time.Now().UTC().Format(time.RFC3339)}
+	b, err := json.MarshalIndent(report, "", "  ")
+	if err != nil {
+		return "", err
+	}
+	dir := filepath.Join(m.stateDir, "set-aside")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", err
+	}
+	file := filepath.Join(dir, in.ID+".json")
+	if err := fsutil.WriteFile(file, b, 0o600); err != nil {
+		return "", err
+	}
+	return file, m.store.Update(ctx, func(tx metastore.Tx) error { return tx.DeleteIntent(in.ID) })
+}
+
+// staleTempAge is how long a temporary image file must have been left
+// alone before Repair takes it for a crash's leftover: a running
+// qemu-img keeps writing (and touching) its own.
+const staleTempAge = 10 * time.Minute
+
+// removeStaleTemps removes the temporary files a crash left in the pools
+// (TempName: never an image anything names).
+func (m *Manager) removeStaleTemps(ctx context.Context) []Problem {
+	var problems []Problem
+	for _, p := range m.pools {
+		filepath.WalkDir(p.backend.Root(), func(path string, e fs.DirEntry, err error) error {
+			if err != nil || ctx.Err() != nil || !IsTempName(path) || !e.Type().IsRegular() {
+				return nil
+			}
+			info, err := e.Info()
+			if err != nil || time.Since(info.ModTime()) < staleTempAge {
+				return nil
+			}
+			pr := Problem{Kind: ProblemTempFile, Path: path, Detail: "a new image a crash left half-made"}
+			if err := os.Remove(path); err != nil {
+				pr.Note = err.Error()
+			} else {
+				pr.Fixed = true
+			}
+			problems = append(problems, pr)
+			return nil
+		})
+	}
+	return problems
 }

@@ -19,6 +19,9 @@ var (
 	ErrLiveUnsupported  = errors.New("live operation not supported")
 	ErrUnsupported      = errors.New("unsupported")
 	ErrBusy             = errors.New("domain is busy with another operation")
+	// ErrLeaks: an image holds leaked clusters only (no corruption), as a
+	// killed qemu-img commit or rebase leaves; Repair frees them.
+	ErrLeaks = errors.New("image has leaked clusters")
 	// ErrPending: an operation could not finish and cannot be undone; its
 	// intent stays in the journal and Open or Repair finishes it.
 	ErrPending = errors.New("operation pending in the journal")

@@ -56,8 +56,10 @@ func (m *Manager) run(ctx context.Context, in *intent, live Live) error {
 				return m.abandon(ctx, in, i-1, err, live)
 			}
 		}
-		crash(fmt.Sprintf("step%d-%s", i, st.Kind))
-		if err := m.forward(ctx, st, live); err != nil {
+		point := fmt.Sprintf("step%d-%s", i, st.Kind)
+		crash(point)
+		// A backend marks its own points inside the step (see crashpoint.Within).
+		if err := m.forward(crashpoint.WithOp(ctx, in.Op+"/"+point), st, live); err != nil {
 			if i < in.NoReturn {
 				return m.abandon(ctx, in, i, err, live)
 			}
@@ -354,6 +356,9 @@ func (m *Manager) undo(ctx context.Context, st step, live Live) error {
 	switch st.Kind {
 	case metastore.StepCreateOverlay:
 		// Only an overlay this step made: never a file that was there.
+		if err := removeTemp(st.Path); err != nil {
+			return err
+		}
 		if isOverlayOf(st.Path, st.Backing) || isEmptyFile(st.Path) {
 			return b.Remove(ctx, st.Path)
 		}
@@ -364,6 +369,9 @@ func (m *Manager) undo(ctx context.Context, st step, live Live) error {
 		})
 	case metastore.StepInternalCopy:
 		// The copy is a new file named at plan time: nothing else is there.
+		if err := removeTemp(st.Path); err != nil {
+			return err
+		}
 		return b.Remove(ctx, st.Path)
 	case metastore.StepLink:
 		// The link is made after the point of no return only.
@@ -417,6 +425,15 @@ func linkOver(src, dst string) error {
 		return err
 	}
 	return fsutil.SyncDir(filepath.Dir(dst))
+}
+
+// removeTemp removes what a crash left of a new image at path's
+// temporary name (TempName): never an image anything names.
+func removeTemp(path string) error {
+	if err := os.Remove(TempName(path)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return nil
 }
 
 func exists(path string) bool {

@@ -96,9 +96,10 @@ func Open(ctx context.Context, cfg Config) (*Manager, error) {
 		}
 		m.pools = append(m.pools, &pool{PoolConfig: pc, backend: b})
 	}
-	if err := m.Recover(ctx); err != nil {
-		return nil, fmt.Errorf("recovering the journal: %w", err)
-	}
+	// An operation recovery cannot finish yet stays in the journal: its
+	// domain's next operation says so (ErrPending), reads go on, Check
+	// lists it and Repair sets it aside. It never stops the whole store.
+	_ = m.Recover(ctx)
 	return m, nil
 }
 

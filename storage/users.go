@@ -404,7 +404,8 @@ func walkPool(ctx context.Context, root string, fn func(path string) error) erro
 				if err := walk(path, depth+1); err != nil {
 					return err
 				}
-			case mode.IsRegular():
+			case mode.IsRegular() && !IsTempName(path):
+				// A temporary file is no image yet: nothing reads it.
 				if err := fn(path); err != nil {
 					return err
 				}

@@ -154,3 +154,95 @@ func containsPair(set [][2]byte, p [2]byte) bool {
 	}
 	return false
 }
+
+// TestPendingNeverWedges: a delete killed half-way whose recovery cannot
+// run (the image it commits into was moved away) leaves an intent. Reads
+// still answer and say so, the domain's operations are refused with the
+// cause, and check --repair sets the intent aside (a report, nothing
+// removed), after which the domain is usable again.
+func TestPendingNeverWedges(t *testing.T) {
+	t.Parallel()
+	c := newCLI(t)
+	qemuIO(t, c.path("vm-xvda.qcow2"), "write -P 0x11 0 1M")
+	c.ok("snapshot-create-as", "vm", "s1", "--disk-only")
+	qemuIO(t, c.path("vm-xvda.s1"), "write -P 0x22 0 64k")
+	if _, _, code := crashRun(t, c, "XLSNAP_CRASH_AT=delete/step1-commit", "snapshot-delete", "vm", "s1"); code != -1 {
+		t.Fatalf("the delete was not killed: exit %d", code)
+	}
+	if err := os.Rename(c.path("vm-xvda.qcow2"), c.path("away")); err != nil {
+		t.Fatal(err)
+	}
+	if out := c.ok("snapshot-list", "vm", "--name"); strings.TrimSpace(out) != "s1" {
+		t.Fatalf("snapshot-list while pending: %q", out)
+	}
+	stdout, stderr, code := runXlsnap(t, "--connect", "file://"+c.dir, "--state-dir", c.state, "domblklist", "vm")
+	if code != 0 || !strings.Contains(stdout, "vm-xvda.s1") || !strings.Contains(stderr, "pending") {
+		t.Fatalf("domblklist while pending: exit %d\n%s\n%s", code, stdout, stderr)
+	}
+	c.fails("pending", "snapshot-create-as", "vm", "s2", "--disk-only")
+	if stdout, _, code := runXlsnap(t, "--connect", "file://"+c.dir, "--state-dir", c.state, "check"); code == 0 || !strings.Contains(stdout, "pending-operation vm ") {
+		t.Fatalf("check while pending: exit %d\n%s", code, stdout)
+	}
+	before := c.files()
+	// The image is still away: repair reports that too, and exits 1.
+	out, _, _ := runXlsnap(t, "--connect", "file://"+c.dir, "--state-dir", c.state, "check", "--repair")
+	if !strings.Contains(out, "set aside in "+filepath.Join(c.state, "set-aside")) {
+		t.Fatalf("check --repair: %s", out)
+	}
+	if after := c.files(); !slicesEqual(before, after) {
+		t.Fatalf("repair changed the folder: %v -> %v", before, after)
+	}
+	if err := os.Rename(c.path("away"), c.path("vm-xvda.qcow2")); err != nil {
+		t.Fatal(err)
+	}
+	c.ok("snapshot-delete", "vm", "s1")
+	src := defSource(t, c, "xvda")
+	if got := readByte(t, src, 0); got != 0x22 {
+		t.Fatalf("after the delete %s reads %#x at 0", src, got)
+	}
+	if got := readByte(t, src, 512<<10); got != 0x11 {
+		t.Fatalf("after the delete %s reads %#x at 512k", src, got)
+	}
+	if out := c.ok("check"); out != "no problems found\n" {
+		t.Fatalf("check: %s", out)
+	}
+}
+
+// files lists the folder's names.
+func (c *cli) files() []string {
+	entries, err := os.ReadDir(c.dir)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	var out []string
+	for _, e := range entries {
+		out = append(out, e.Name())
+	}
+	return out
+}
+
+func slicesEqual(a, b []string) bool { return strings.Join(a, "\x00") == strings.Join(b, "\x00") }
+
+// TestCrashHalfMadeOverlay: killed after qemu-img made the overlay but
+// before it had its name, the snapshot leaves only a temporary file;
+// the next command undoes it, and the same name can be taken again.
+func TestCrashHalfMadeOverlay(t *testing.T) {
+	t.Parallel()
+	c := newCLI(t)
+	if _, _, code := crashRun(t, c, "XLSNAP_CRASH_AT=snapshot/step0-create-overlay/overlay-made", "snapshot-create-as", "vm", "s1", "--disk-only"); code != -1 {
+		t.Fatalf("not killed: exit %d", code)
+	}
+	if _, err := os.Stat(c.path("vm-xvda.s1")); !os.IsNotExist(err) {
+		t.Fatalf("a half-made overlay has the overlay's name: %v", err)
+	}
+	if _, err := os.Stat(c.path(".vm-xvda.s1.xlsnap-tmp")); err != nil {
+		t.Fatalf("no temporary file: %v", err)
+	}
+	c.ok("snapshot-create-as", "vm", "s1", "--disk-only")
+	if got := c.files(); !slicesEqual(got, []string{"vm-xvda.qcow2", "vm-xvda.s1", "vm-xvdb.qcow2", "vm-xvdb.s1", "vm.xml"}) {
+		t.Fatalf("folder after the retry: %v", got)
+	}
+	if out := c.ok("check"); out != "no problems found\n" {
+		t.Fatalf("check: %s", out)
+	}
+}

@@ -27,6 +27,9 @@ func (g *globals) domblklistCmd() *cobra.Command {
 			for _, dk := range disks {
 				fmt.Fprintf(tw, " %s\t%s\n", dk.Target, dk.Source)
 			}
+			if len(disks) > 0 && disks[0].Pending != "" {
+				fmt.Fprintf(cmd.ErrOrStderr(), "note: %s\n", disks[0].Pending)
+			}
 			return tw.Flush()
 		}),
 	}
@@ -52,7 +55,9 @@ func (g *globals) checkCmd() *cobra.Command {
 		} else {
 			for _, p := range problems {
 				state := ""
-				if p.Fixed {
+				if p.Fixed && p.Note != "" {
+					state = " [fixed: " + p.Note + "]"
+				} else if p.Fixed {
 					state = " [fixed]"
 				} else if p.Note != "" {
 					state = " [" + p.Note + "]"

@@ -6,6 +6,7 @@
 package crashpoint
 
 import (
+	"context"
 	"os"
 	"sync"
 	"syscall"
@@ -35,4 +36,20 @@ func Hit(name string) {
 		syscall.Kill(os.Getpid(), syscall.SIGKILL)
 		select {} // the signal is on its way; never run past the point
 	}
+}
+
+type opKey struct{}
+
+// WithOp names the operation ctx runs for, so code below it (a backend)
+// marks its points as that operation's: Within(ctx, "x") hits "OP/x".
+func WithOp(ctx context.Context, op string) context.Context {
+	return context.WithValue(ctx, opKey{}, op)
+}
+
+// Within marks a point of the operation ctx runs for (see WithOp).
+func Within(ctx context.Context, name string) {
+	if op, ok := ctx.Value(opKey{}).(string); ok {
+		name = op + "/" + name
+	}
+	Hit(name)
 }

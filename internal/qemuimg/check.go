@@ -22,6 +22,24 @@ type CheckResult struct {
 	CompressedClusters int64  `json:"compressed-clusters"`
 }
 
+// RepairLeaks runs qemu-img check -r leaks: it frees clusters no table
+// references (what a killed commit or rebase leaves), and never touches
+// what a table does reference. The image must not be in use.
+func (r *Runner) RepairLeaks(ctx context.Context, path, format string) (CheckResult, error) {
+	if err := validate(path, format); err != nil {
+		return CheckResult{}, err
+	}
+	out, err := r.run(ctx, []string{"check", "--output=json", "-r", "leaks", "-f", format, path}, nil)
+	var res CheckResult
+	if jerr := json.Unmarshal(out, &res); jerr != nil {
+		if err != nil {
+			return CheckResult{}, err
+		}
+		return CheckResult{}, fmt.Errorf("qemuimg: parse check output: %w", jerr)
+	}
+	return res, err
+}
+
 // Check runs qemu-img check. If the image has corruptions or leaks it returns
 // the parsed result together with an *Error that unwraps to ErrCheckFailed;
 // any other error means the check itself could not be done.

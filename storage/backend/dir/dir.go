@@ -12,6 +12,7 @@ import (
 	"syscall"
 
 	"github.com/xlsnap/xlsnap/chain"
+	"github.com/xlsnap/xlsnap/internal/crashpoint"
 	"github.com/xlsnap/xlsnap/internal/fsutil"
 	"github.com/xlsnap/xlsnap/internal/qemuimg"
 	"github.com/xlsnap/xlsnap/storage"
@@ -41,23 +42,48 @@ func New(pc storage.PoolConfig) (storage.Backend, error) {
 
 func (b *Backend) Root() string { return b.root }
 
+// CreateOverlay makes the overlay under a temporary name (TempName) and
+// links it into place only once qemu-img is done: a crash leaves either
+// no overlay or a whole one, never a half-made file at the overlay's
+// name, and the temporary file is recognisably xlsnap's.
 func (b *Backend) CreateOverlay(ctx context.Context, path, format, backing, backingFormat string) error {
-	// O_EXCL first: never let an overlay silently replace an existing file.
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	tmp := storage.TempName(path)
+	os.Remove(tmp) // a crash's leftover: ours by its name
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return err
 	}
+	defer os.Remove(tmp)
 	// The device model opens the overlay as it opened the image below:
 	// same owner, same mode, set before any data is in it.
 	err = takeOwner(f, backing)
 	f.Close()
 	if err != nil {
-		os.Remove(path)
 		return err
 	}
-	err = b.img.Create(ctx, qemuimg.CreateOptions{Path: path, Format: format, Backing: backing, BackingFormat: backingFormat})
+	if err := b.img.Create(ctx, qemuimg.CreateOptions{Path: tmp, Format: format, Backing: backing, BackingFormat: backingFormat}); err != nil {
+		return err
+	}
+	crashpoint.Within(ctx, "overlay-made")
+	return linkInPlace(tmp, path)
+}
+
+// linkInPlace gives the finished file tmp its name, never replacing a
+// file that is there (link fails with EEXIST), and makes it durable.
+func linkInPlace(tmp, path string) error {
+	t, err := os.OpenFile(tmp, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
 	if err != nil {
-		os.Remove(path)
+		return err
+	}
+	err = t.Sync()
+	t.Close()
+	if err != nil {
+		return err
+	}
+	if err := os.Link(tmp, path); err != nil {
+		return err
+	}
+	if err := os.Remove(tmp); err != nil {
 		return err
 	}
 	return syncDir(path)
@@ -86,7 +112,16 @@ func (b *Backend) Check(ctx context.Context, path, format string) error {
 	if format == "raw" {
 		return nil // raw images have no metadata to check
 	}
-	_, err := b.img.Check(ctx, path, format)
+	res, err := b.img.Check(ctx, path, format)
+	if errors.Is(err, qemuimg.ErrCheckFailed) && res.Corruptions == 0 && res.Leaks > 0 {
+		return fmt.Errorf("%w: %s: %d leaked clusters (%w)", storage.ErrLeaks, path, res.Leaks, err)
+	}
+	return err
+}
+
+// RepairLeaks frees leaked clusters with qemu-img check -r leaks.
+func (b *Backend) RepairLeaks(ctx context.Context, path, format string) error {
+	_, err := b.img.RepairLeaks(ctx, path, format)
 	return err
 }
 
@@ -109,22 +144,27 @@ func (b *Backend) InternalDelete(ctx context.Context, path, format, name string)
 	return b.img.SnapshotDelete(ctx, path, format, name)
 }
 
+// InternalCopy converts under a temporary name too (see CreateOverlay).
 func (b *Backend) InternalCopy(ctx context.Context, path, format, name, dst, backing, backingFormat string) error {
+	tmp := storage.TempName(dst)
+	os.Remove(tmp)
+	defer os.Remove(tmp)
 	err := b.img.Convert(ctx, qemuimg.ConvertOptions{Src: path, SrcFormat: format, Snapshot: name,
-		Dst: dst, DstFormat: "qcow2", Backing: backing, BackingFormat: backingFormat})
-	if err == nil {
-		// The copy takes the place of the image its snapshot is in.
-		var f *os.File
-		if f, err = os.OpenFile(dst, os.O_RDONLY|syscall.O_NOFOLLOW, 0); err == nil {
-			err = takeOwner(f, path)
-			f.Close()
-		}
-	}
+		Dst: tmp, DstFormat: "qcow2", Backing: backing, BackingFormat: backingFormat})
 	if err != nil {
-		os.Remove(dst)
 		return err
 	}
-	return syncDir(dst)
+	// The copy takes the place of the image its snapshot is in.
+	f, err := os.OpenFile(tmp, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return err
+	}
+	err = takeOwner(f, path)
+	f.Close()
+	if err != nil {
+		return err
+	}
+	return linkInPlace(tmp, dst)
 }
 
 // takeOwner gives a new image the permission bits and owner of the image
