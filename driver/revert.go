@@ -3,8 +3,10 @@ package driver
 import (
 	"context"
 	"fmt"
+	"os"
 
 	"github.com/xlsnap/xlsnap/storage"
+	"github.com/xlsnap/xlsnap/xenlight"
 )
 
 // RevertToSnapshot is virDomainRevertToSnapshot. The disks go back to the
@@ -48,6 +50,14 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 	}
 	if snap.Memory != "" && d.h == nil {
 		return fmt.Errorf("%w: restoring the memory of %s needs a hypervisor back end", ErrLiveUnsupported, name)
+	}
+	if rl, ok := d.h.(xenlight.RestoreLimiter); ok && snap.Memory != "" && !rl.CanRestore() {
+		return fmt.Errorf("%w: the hypervisor back end cannot restore the memory of %s", ErrLiveUnsupported, name)
+	}
+	if snap.Memory != "" {
+		if _, err := os.Stat(snap.Memory); err != nil {
+			return fmt.Errorf("%w: the memory image of %s: %w", ErrChainBroken, name, err)
+		}
 	}
 	if v.src.State.Active() {
 		if snap.Memory == "" && flags&RevertForce == 0 {

@@ -50,6 +50,15 @@ type Hypervisor interface {
 	DeviceModel(ctx context.Context, domain string) (*qmp.Monitor, error)
 }
 
+// RestoreLimiter is the optional ability of a back end to say up front
+// that it cannot restore a domain from a memory image, so a revert to a
+// memory snapshot is refused before its first change, not after the
+// disks were reverted.
+type RestoreLimiter interface {
+	// CanRestore reports whether Restore can work at all.
+	CanRestore() bool
+}
+
 // LibxlQMPSocket is where libxl puts the QMP socket of domain domid's
 // device model (QEMU's -qmp), whoever drives libxl: xl, the libxl back
 // end, or libvirt's libxl driver.

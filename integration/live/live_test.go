@@ -344,6 +344,31 @@ func TestLiveRevertAndMemory(t *testing.T) {
 		t.Fatalf("state after a forced revert: %s", st)
 	}
 	storagetest.ExpectImage(t, e.disk("xvda").Source, "qcow2", 0x51, 0, mib)
+
+	// A snapshot with memory (recorded with REDEFINE) cannot be restored
+	// by a bare device model: refused before anything changes.
+	if err := os.WriteFile(e.path("mem"), []byte("memory image"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.d.SnapshotCreateXML(e.ctx, "vm", fmt.Sprintf(`<domainsnapshot><name>m</name><state>running</state><creationTime>1700000000</creationTime>
+<memory snapshot='external' file='%s'/><disks><disk name='xvda' snapshot='external'><source file='%s'/></disk><disk name='xvdb' snapshot='no'/></disks></domainsnapshot>`,
+		e.path("mem"), e.disk("xvda").Source), driver.CreateRedefine); err != nil {
+		t.Fatal(err)
+	}
+	def, err := os.ReadFile(e.path("vm.xml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, _ := os.ReadDir(e.dir)
+	if err := e.d.RevertToSnapshot(e.ctx, "vm", "m", 0); !errors.Is(err, driver.ErrLiveUnsupported) {
+		t.Fatalf("revert to memory on a bare device model: %v", err)
+	}
+	if now, _ := os.ReadFile(e.path("vm.xml")); string(now) != string(def) {
+		t.Fatalf("the refused revert rewrote the definition")
+	}
+	if now, _ := os.ReadDir(e.dir); len(now) != len(files) {
+		t.Fatalf("the refused revert changed the folder: %d -> %d entries", len(files), len(now))
+	}
 }
 
 // TestRescanReportsTheDifference: a snapshot taken behind xlsnap's back

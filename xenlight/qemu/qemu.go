@@ -78,6 +78,9 @@ func (b *Backend) SaveMemory(ctx context.Context, domain, path string, checkpoin
 	return fmt.Errorf("%w: %s runs on a bare device model, which holds no Xen guest memory", xenlight.ErrLiveUnsupported, domain)
 }
 
+// CanRestore is false: a bare device model holds no Xen guest memory.
+func (b *Backend) CanRestore() bool { return false }
+
 func (b *Backend) Restore(ctx context.Context, domain, path, definition string, paused bool) error {
 	return fmt.Errorf("%w: a bare device model cannot restore %s from a memory image", xenlight.ErrLiveUnsupported, domain)
 }
