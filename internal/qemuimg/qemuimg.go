@@ -11,8 +11,10 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"runtime"
 	"strconv"
 	"strings"
+	"syscall"
 )
 
 // Sentinel errors. *Error unwraps to one of them when qemu-img's message is
@@ -91,6 +93,13 @@ func (r *Runner) run(ctx context.Context, args []string, progress func(percent f
 	cmd := exec.CommandContext(ctx, prog, args...)
 	// Stable, untranslated messages so Unwrap can match them.
 	cmd.Env = append(os.Environ(), "LC_ALL=C")
+	// qemu-img dies with xlsnap: a killed xlsnap must not leave it
+	// writing an image while the next xlsnap recovers that image. The
+	// signal follows the thread that started it (Linux), so the thread
+	// stays this goroutine's until qemu-img is done.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	var stdout, stderr bytes.Buffer
 	cmd.Stderr = &stderr
 

@@ -1,0 +1,210 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/xlsnap/xlsnap/driver"
+)
+
+// regions is how many 64 KiB regions, 1 MiB apart, the random campaign
+// writes and reads.
+const regions = 4
+
+// TestCrashRandom runs a seeded random sequence of creates, reverts and
+// deletes through the command and kills it with SIGKILL at a random
+// moment of each (not at a named point: anywhere, qemu-img included).
+// After every kill, before any xlsnap call, the definition must name an
+// image that qemu-img check passes and that reads either the state
+// before the operation or the one after it. The next call recovers;
+// check must then find nothing, and every snapshot left must read
+// exactly what it held. XLSNAP_CRASH_OPS sets the number of operations
+// (make crash runs hundreds); the seed is XLSNAP_CRASH_SEED or the time.
+func TestCrashRandom(t *testing.T) {
+	ops := 24
+	if v, err := strconv.Atoi(os.Getenv("XLSNAP_CRASH_OPS")); err == nil {
+		ops = v
+	}
+	seed := uint64(time.Now().UnixNano())
+	if v, err := strconv.ParseUint(os.Getenv("XLSNAP_CRASH_SEED"), 10, 64); err == nil {
+		seed = v
+	}
+	t.Logf("seed %d (XLSNAP_CRASH_SEED=%d to replay), %d operations", seed, seed, ops)
+	rng := rand.New(rand.NewPCG(seed, 0))
+	c := newCLI(t)
+	type content = [regions]byte
+	cur := content{}
+	snaps := map[string]content{}
+	var pattern byte = 0x10
+	next := 0
+	outcomes := map[string]int{}
+
+	readAll := func(path string) content {
+		var got content
+		for r := range regions {
+			got[r] = readByte(t, path, r<<20)
+		}
+		return got
+	}
+	names := func() []string {
+		var out []string
+		for n := range snaps {
+			out = append(out, n)
+		}
+		slices.Sort(out)
+		return out
+	}
+	for i := 0; i < ops; i++ {
+		// A write between operations: a pattern into one region.
+		pattern++
+		if pattern == 0 || pattern == 0x11 || pattern == 0x22 {
+			pattern = 0x30
+		}
+		r := rng.IntN(regions)
+		qemuIOWrite(t, defSource(t, c, "xvda"), pattern, r<<20)
+		cur[r] = pattern
+
+		var args []string
+		var post content
+		kind := rng.IntN(3)
+		if len(snaps) == 0 {
+			kind = 0
+		}
+		name := ""
+		switch kind {
+		case 0:
+			name = fmt.Sprintf("s%d", next)
+			next++
+			args, post = []string{"snapshot-create-as", "vm", name, "--disk-only", "--diskspec", "xvda,snapshot=external", "--diskspec", "xvdb,snapshot=no"}, cur
+		case 1:
+			name = names()[rng.IntN(len(snaps))]
+			args, post = []string{"snapshot-revert", "vm", name}, snaps[name]
+		case 2:
+			name = names()[rng.IntN(len(snaps))]
+			args, post = []string{"snapshot-delete", "vm", name}, cur
+		}
+		delay := time.Duration(rng.IntN(60_000)) * time.Microsecond
+		killed := killAfter(t, c, delay, args...)
+
+		// Before any xlsnap call: what a hypervisor would start from.
+		src := defSource(t, c, "xvda")
+		qemuImg(t, "check", "-q", "-f", "qcow2", src)
+		got := readAll(src)
+		if got != cur && got != post {
+			t.Fatalf("op %d %v killed after %v: the definition names %s reading %x; want %x (before) or %x (after)", i, args, delay, src, got, cur, post)
+		}
+		if out := c.ok("check"); out != "no problems found\n" {
+			t.Fatalf("op %d %v killed after %v, then check: %s", i, args, delay, out)
+		}
+		// Which way did it go?
+		list := strings.Fields(c.ok("snapshot-list", "vm", "--name"))
+		slices.Sort(list)
+		done := false
+		switch kind {
+		case 0:
+			done = slices.Contains(list, name)
+		case 1:
+			done = readAll(defSource(t, c, "xvda")) == post
+		case 2:
+			done = !slices.Contains(list, name)
+		}
+		if done {
+			switch kind {
+			case 0:
+				snaps[name] = cur
+			case 1:
+				cur = post
+			case 2:
+				delete(snaps, name)
+			}
+		}
+		outcomes[fmt.Sprintf("%s killed=%v done=%v", args[0], killed, done)]++
+		if got := readAll(defSource(t, c, "xvda")); got != cur {
+			t.Fatalf("op %d %v (killed=%v, done=%v): the disk reads %x, want %x", i, args, killed, done, got, cur)
+		}
+		if !slices.Equal(list, names()) {
+			t.Fatalf("op %d %v (killed=%v, done=%v): snapshots %v, want %v", i, args, killed, done, list, names())
+		}
+		verifySnapshots(t, c, func(n string) ([regions]byte, bool) { s, ok := snaps[n]; return s, ok }, readAll)
+	}
+	var keys []string
+	for k := range outcomes {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		t.Logf("%4d × %s", outcomes[k], k)
+	}
+}
+
+// verifySnapshots reads every snapshot's state image of xvda (through
+// the library, as recorded) and compares it with the model.
+func verifySnapshots(t *testing.T, c *cli, want func(string) ([regions]byte, bool), readAll func(string) [regions]byte) {
+	t.Helper()
+	ctx := context.Background()
+	src, err := driver.NewDirSource(c.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := driver.Open(ctx, driver.Config{StateDir: c.state, Source: src})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	list, err := d.ListAllSnapshots(ctx, "vm", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range list {
+		w, ok := want(s.Name)
+		if !ok {
+			t.Fatalf("snapshot %s is not in the model", s.Name)
+		}
+		sd := s.Disk("xvda")
+		if sd == nil || sd.Image == "" {
+			t.Fatalf("snapshot %s has no xvda image: %+v", s.Name, s.Disks)
+		}
+		if got := readAll(sd.Image); got != w {
+			t.Fatalf("snapshot %s (%s) reads %x, want %x", s.Name, sd.Image, got, w)
+		}
+	}
+}
+
+// killAfter runs the command and SIGKILLs it after delay (if it is still
+// running); it reports whether the kill landed.
+func killAfter(t *testing.T, c *cli, delay time.Duration, args ...string) bool {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], append([]string{"--connect", "file://" + c.dir, "--state-dir", c.state}, args...)...)
+	cmd.Env = append(os.Environ(), "XLSNAP_RUN_MAIN=1")
+	var errb strings.Builder
+	cmd.Stderr = &errb
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	timer := time.AfterFunc(delay, func() { cmd.Process.Signal(syscall.SIGKILL) })
+	err := cmd.Wait()
+	timer.Stop()
+	if ee, ok := err.(*exec.ExitError); ok {
+		if ws := ee.Sys().(syscall.WaitStatus); ws.Signaled() {
+			return true
+		}
+		t.Fatalf("xlsnap %v: %v: %s", args, err, errb.String())
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return false
+}
+
+func qemuIOWrite(t *testing.T, path string, pattern byte, off int) {
+	t.Helper()
+	qemuIO(t, path, fmt.Sprintf("write -P 0x%02x %d 64k", pattern, off))
+}
