@@ -8,7 +8,7 @@ FUZZTIME ?= 10s
 LONGFUZZTIME ?= 5m
 BENCHTIME ?= 1s
 
-.PHONY: deps build test lint unit fuzz fuzz-short bench demo clean
+.PHONY: deps build test lint unit fuzz fuzz-short bench demo clean crash
 
 deps:
 	@scripts/deps.sh $(STATICCHECK_VERSION)
@@ -42,6 +42,13 @@ test: lint unit fuzz-short
 
 bench: deps
 	set -o pipefail; $(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) ./chain/ ./storage/ ./integration/live/ | scripts/benchtable.sh
+
+# A long kill campaign: CRASHOPS random operations killed at random
+# moments (make test runs 24), then every named crash point.
+CRASHOPS ?= 500
+crash: deps
+	XLSNAP_CRASH_OPS=$(CRASHOPS) $(GO) test -count=1 -timeout 60m -run 'TestCrashRandom' -v ./cmd/xlsnap/ | grep -E '^(---|ok|FAIL)|crash_random'
+	$(GO) test -count=1 -run 'TestCrash' ./storage/ ./cmd/xlsnap/ ./integration/live/
 
 demo: build
 	@scripts/demo.sh

@@ -9,9 +9,12 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/xlsnap/xlsnap/driver"
 )
@@ -97,7 +100,9 @@ func TestCrashRandom(t *testing.T) {
 
 		// Before any xlsnap call: what a hypervisor would start from.
 		src := defSource(t, c, "xvda")
-		qemuImg(t, "check", "-q", "-f", "qcow2", src)
+		if out, err := exec.Command("qemu-img", "check", "-f", "qcow2", src).CombinedOutput(); err != nil {
+			t.Fatalf("op %d %v killed=%v after %v: the definition names %s, which qemu-img check refuses: %v\n%s", i, args, killed, delay, src, err, out)
+		}
 		got := readAll(src)
 		if got != cur && got != post {
 			t.Fatalf("op %d %v killed after %v: the definition names %s reading %x; want %x (before) or %x (after)", i, args, delay, src, got, cur, post)
@@ -183,6 +188,15 @@ func verifySnapshots(t *testing.T, c *cli, want func(string) ([regions]byte, boo
 // running); it reports whether the kill landed.
 func killAfter(t *testing.T, c *cli, delay time.Duration, args ...string) bool {
 	t.Helper()
+	// A killed xlsnap's qemu-img dies too (Pdeathsig), but a moment later:
+	// as the children's subreaper, the test waits for it before it looks
+	// at the images.
+	subreaper.Do(func() {
+		if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+			t.Fatalf("PR_SET_CHILD_SUBREAPER: %v", err)
+		}
+	})
+	defer reapOrphans()
 	cmd := exec.Command(os.Args[0], append([]string{"--connect", "file://" + c.dir, "--state-dir", c.state}, args...)...)
 	cmd.Env = append(os.Environ(), "XLSNAP_RUN_MAIN=1")
 	var errb strings.Builder
@@ -207,4 +221,17 @@ func killAfter(t *testing.T, c *cli, delay time.Duration, args ...string) bool {
 func qemuIOWrite(t *testing.T, path string, pattern byte, off int) {
 	t.Helper()
 	qemuIO(t, path, fmt.Sprintf("write -P 0x%02x %d 64k", pattern, off))
+}
+
+var subreaper sync.Once
+
+// reapOrphans waits for every child left (what a killed xlsnap started);
+// TestCrashRandom runs alone (not parallel), so they are all its own.
+func reapOrphans() {
+	for {
+		var ws syscall.WaitStatus
+		if _, err := syscall.Wait4(-1, &ws, 0, nil); err != nil {
+			return // ECHILD: none left
+		}
+	}
 }
