@@ -47,7 +47,7 @@ bench: deps
 # moments (make test runs 24), then every named crash point.
 CRASHOPS ?= 500
 crash: deps
-	XLSNAP_CRASH_OPS=$(CRASHOPS) $(GO) test -count=1 -timeout 60m -run 'TestCrashRandom' -v ./cmd/xlsnap/ | grep -E '^(---|ok|FAIL)|crash_random'
+	set -o pipefail; XLSNAP_CRASH_OPS=$(CRASHOPS) $(GO) test -count=1 -timeout 60m -run 'TestCrashRandom' -v ./cmd/xlsnap/ | grep -E '^(---|ok|FAIL)|crash_random'
 	$(GO) test -count=1 -run 'TestCrash' ./storage/ ./cmd/xlsnap/ ./integration/live/
 
 demo: build
