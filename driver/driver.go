@@ -165,6 +165,11 @@ func (d *Driver) sync(ctx context.Context, name string) (*domainView, error) {
 		if st != xenlight.Shutoff {
 			sd.State = DomainState(st)
 		}
+		// Hypervisor steps a crash left half-done come first: the
+		// domain is put back (resumed, restored) before anything else.
+		if sd.State, err = d.recoverGuest(ctx, key, name, sd.State); err != nil {
+			return nil, err
+		}
 	}
 	if sd.State.Active() {
 		// Operations a crash left half-done on this domain can be judged

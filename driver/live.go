@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 
 	"libvirt.org/go/libvirtxml"
 
+	"github.com/xlsnap/xlsnap/internal/crashpoint"
 	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/xenlight"
 )
@@ -37,48 +39,81 @@ func (d *Driver) createActive(ctx context.Context, v *domainView, doc *libvirtxm
 	}
 	spec.Memory, spec.State = doc.Memory.File, string(v.src.State)
 	pause := wasRunning && flags&CreateLive == 0
+	// The hypervisor steps are journaled before the first: a crash after
+	// it is put back by recoverGuest (resume, restore from the memory
+	// saved, the memory image removed if no snapshot holds it).
+	_, statErr := os.Lstat(doc.Memory.File)
+	g := storage.Guest{WasRunning: wasRunning, Pauses: pause, Stops: flags&CreateLive == 0,
+		Memory: doc.Memory.File, MemoryExisted: statErr == nil, Snapshot: spec.Name,
+		Restore: flags&CreateHalt == 0, RestorePaused: !wasRunning}
+	gid, err := d.st.GuestBegin(ctx, v.key, "snapshot", g)
+	if err != nil {
+		return nil, err
+	}
+	uctx := context.WithoutCancel(ctx)
+	// fail puts the domain back as it was (resumed, or restored from the
+	// memory just saved), drops a memory image no snapshot holds, and ends
+	// the record; what it cannot do stays for recoverGuest.
+	fail := func(cause error, restore bool) (*Snapshot, error) {
+		var put error
+		if restore {
+			put = d.restore(uctx, v, doc.Memory.File, !wasRunning)
+		} else if pause {
+			put = d.h.Resume(uctx, name)
+		}
+		if put != nil {
+			return nil, errors.Join(cause, put)
+		}
+		return nil, errors.Join(cause, d.dropMemory(uctx, g), d.st.GuestEnd(uctx, gid))
+	}
 	if pause {
 		if err := d.h.Pause(ctx, name); err != nil {
-			return nil, err
+			return fail(err, false)
 		}
 	}
-	resume := func() error {
-		if pause {
-			return d.h.Resume(context.WithoutCancel(ctx), name)
-		}
-		return nil
-	}
+	crashpoint.Hit("guest-snapshot/paused")
 	err = d.h.SaveMemory(ctx, name, doc.Memory.File, true)
 	switch {
 	case err == nil:
+		crashpoint.Hit("guest-snapshot/saved")
 		spec.Live = live
 		snap, err := d.st.CreateSnapshot(ctx, v.key, spec)
 		if err != nil {
-			return nil, errors.Join(err, resume())
+			return fail(err, false)
 		}
-		if err := resume(); err != nil {
+		crashpoint.Hit("guest-snapshot/disks-done")
+		if pause {
+			if err := d.h.Resume(uctx, name); err != nil {
+				return nil, err // recoverGuest resumes it
+			}
+		}
+		if err := d.st.GuestEnd(uctx, gid); err != nil {
 			return nil, err
 		}
 		return snap, d.finishCreate(ctx, v, flags)
 	case !errors.Is(err, xenlight.ErrLiveUnsupported) || flags&CreateLive != 0:
-		return nil, errors.Join(err, resume())
+		return fail(err, false)
 	}
 	// No checkpoint: save (the domain stops), snapshot offline, restore
 	// onto the new overlays.
 	if err := d.h.SaveMemory(ctx, name, doc.Memory.File, false); err != nil {
-		return nil, errors.Join(err, resume())
+		return fail(err, false)
 	}
+	crashpoint.Hit("guest-snapshot/stopped")
 	snap, err := d.st.CreateSnapshot(ctx, v.key, spec)
 	if err != nil {
-		return nil, errors.Join(err, d.restore(context.WithoutCancel(ctx), v, doc.Memory.File, !wasRunning))
+		return fail(err, true)
 	}
+	crashpoint.Hit("guest-snapshot/disks-done")
 	if err := d.afterChange(ctx, v); err != nil {
 		return nil, err
 	}
-	if flags&CreateHalt != 0 {
-		return snap, nil
+	if flags&CreateHalt == 0 {
+		if err := d.restore(ctx, v, doc.Memory.File, !wasRunning); err != nil {
+			return nil, err // recoverGuest restores it
+		}
 	}
-	return snap, d.restore(ctx, v, doc.Memory.File, !wasRunning)
+	return snap, d.st.GuestEnd(uctx, gid)
 }
 
 // finishCreate rewrites the definition and honours HALT.

@@ -2,9 +2,11 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 
+	"github.com/xlsnap/xlsnap/internal/crashpoint"
 	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/xenlight"
 )
@@ -59,7 +61,8 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 			return fmt.Errorf("%w: the memory image of %s: %w", ErrChainBroken, name, err)
 		}
 	}
-	if v.src.State.Active() {
+	active := v.src.State.Active()
+	if active {
 		if snap.Memory == "" && flags&RevertForce == 0 {
 			return fmt.Errorf("%w: %s is %s and snapshot %s holds no memory: reverting would stop it (use FORCE)",
 				ErrOperationInvalid, domain, v.src.State, name)
@@ -67,22 +70,41 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 		if d.h == nil {
 			return fmt.Errorf("%w: stopping %s domain %s for a revert needs a hypervisor back end", ErrLiveUnsupported, v.src.State, domain)
 		}
-		if err := d.h.Destroy(ctx, domain); err != nil {
+	}
+	paused := flags&RevertPaused != 0 || snap.State == string(StatePaused) && flags&RevertRunning == 0
+	// Stopping the domain and restoring it are journaled before the first:
+	// after a crash, recoverGuest restores it once the revert is done, or
+	// reports it stopped when the revert was undone.
+	var gid string
+	if active || snap.Memory != "" {
+		if gid, err = d.st.GuestBegin(ctx, v.key, "revert", storage.Guest{WasRunning: v.src.State == StateRunning,
+			Stops: true, Snapshot: name, Restore: snap.Memory != "", RestorePaused: paused, Before: activeImages(v.rec)}); err != nil {
 			return err
 		}
+	}
+	if active {
+		if err := d.h.Destroy(ctx, domain); err != nil {
+			return errors.Join(err, d.st.GuestEnd(context.WithoutCancel(ctx), gid))
+		}
+		crashpoint.Hit("guest-revert/destroyed")
 		v.src.State = StateShutoff
 	}
 	if _, err := d.st.Revert(ctx, v.key, name, opts); err != nil {
-		return err
+		return err // a domain stopped above: recoverGuest reports it
 	}
+	crashpoint.Hit("guest-revert/disks-done")
 	if err := d.afterChange(ctx, v); err != nil {
 		return err
 	}
-	if snap.Memory == "" {
-		return nil
+	if snap.Memory != "" {
+		if err := d.restore(ctx, v, snap.Memory, paused); err != nil {
+			return err // recoverGuest restores it
+		}
 	}
-	paused := flags&RevertPaused != 0 || snap.State == string(StatePaused) && flags&RevertRunning == 0
-	return d.restore(ctx, v, snap.Memory, paused)
+	if gid != "" {
+		return d.st.GuestEnd(context.WithoutCancel(ctx), gid)
+	}
+	return nil
 }
 
 // SnapshotDelete is virDomainSnapshotDelete. Unlike libvirt's own

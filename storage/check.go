@@ -105,7 +105,9 @@ func (m *Manager) check(ctx context.Context, repair bool) ([]Problem, error) {
 		}
 		pr := Problem{Kind: ProblemPending, Domain: name,
 			Detail: fmt.Sprintf("%s %s (committed %v)", in.Op, in.ID, in.Committed)}
-		if repair && !(in.Live && !in.Committed) {
+		if in.Guest != nil {
+			pr.Note = "hypervisor steps: the driver finishes them (resume, restore) when the domain is next used"
+		} else if repair && !(in.Live && !in.Committed) {
 			if file, err := m.setAside(ctx, in); err != nil {
 				pr.Note = err.Error()
 			} else {

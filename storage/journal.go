@@ -179,8 +179,8 @@ func (m *Manager) Recover(ctx context.Context) error {
 	}
 	var errs error
 	for _, in := range intents {
-		if in.Live && !in.Committed {
-			continue // needs the device model: RecoverLive
+		if in.Live && !in.Committed || in.Guest != nil {
+			continue // needs the device model (RecoverLive) or the hypervisor (the driver)
 		}
 		if !m.mine(in.Domain) {
 			continue // another source's: its images, its definition
@@ -516,6 +516,9 @@ func (m *Manager) lockDomain(ctx context.Context, domain string) (func(), error)
 	for _, in := range pending {
 		if err != nil {
 			break
+		}
+		if in.Guest != nil {
+			continue // the driver's: it finishes it with the hypervisor
 		}
 		if in.Live && !in.Committed {
 			err = fmt.Errorf("%w: %s %s of domain %s needs the device model (RecoverLive)", ErrPending, in.Op, in.ID, domain)

@@ -9,6 +9,7 @@ import (
 	"context"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 )
 
@@ -36,7 +37,21 @@ func Hit(name string) {
 		syscall.Kill(os.Getpid(), syscall.SIGKILL)
 		select {} // the signal is on its way; never run past the point
 	}
+	if p, _ := panicAt.Load().(string); p != "" && p == name {
+		panic(Crash(name))
+	}
 }
+
+var panicAt atomic.Value
+
+// Crash is the value Hit panics with at the point PanicAt names.
+type Crash string
+
+// PanicAt makes Hit panic with Crash(name) at name instead of killing the
+// process: for in-process tests whose other half would die with the
+// process (libvirt's test driver keeps its domains in the process). ""
+// switches it off.
+func PanicAt(name string) { panicAt.Store(name) }
 
 type opKey struct{}
 

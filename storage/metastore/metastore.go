@@ -211,6 +211,37 @@ type Intent struct {
 	// domain's definition is made to name the new active images, and
 	// only then does Cleanup remove what the old one named.
 	Definition *Definition `json:"definition,omitempty"`
+	// Guest, when set, makes this the record of an operation's
+	// hypervisor steps (pause, save, destroy, restore, resume), written
+	// before the first of them and cleared after the last: only the
+	// driver, which reaches the hypervisor, can finish it.
+	Guest *Guest `json:"guest,omitempty"`
+}
+
+// Guest is what an operation does to a running or paused domain, so
+// that recovery can put the domain back: resume one it paused, restore
+// one it stopped, remove a memory image no snapshot holds.
+type Guest struct {
+	// WasRunning is the domain's state before (running, else paused).
+	WasRunning bool `json:"was_running"`
+	// Pauses, Stops: the operation pauses the domain, or stops it (a
+	// save that ends the domain, or a destroy before a revert).
+	Pauses bool `json:"pauses,omitempty"`
+	Stops  bool `json:"stops,omitempty"`
+	// Memory is the memory image the operation writes ("" for none);
+	// MemoryExisted says a file was there before (never removed then).
+	Memory        string `json:"memory,omitempty"`
+	MemoryExisted bool   `json:"memory_existed,omitempty"`
+	// Snapshot is the snapshot the operation creates or reverts to;
+	// Restore says the domain is to be restored from Snapshot's memory
+	// (a revert) or from Memory (a save that stops the domain) once the
+	// disks are done; RestorePaused how.
+	Snapshot      string `json:"snapshot,omitempty"`
+	Restore       bool   `json:"restore,omitempty"`
+	RestorePaused bool   `json:"restore_paused,omitempty"`
+	// Before is each disk's active image before the operation: a revert
+	// whose disks still name them never happened.
+	Before []string `json:"before,omitempty"`
 }
 
 // Definition is what a definition step writes: Base (a whole definition,

@@ -1,0 +1,80 @@
+package storage
+
+import (
+	"context"
+
+	"github.com/xlsnap/xlsnap/internal/crashpoint"
+	"github.com/xlsnap/xlsnap/storage/metastore"
+)
+
+// Guest is what an operation does to an active domain (see
+// metastore.Guest): the journal record of its hypervisor steps.
+type Guest = metastore.Guest
+
+// GuestRecord is a journaled set of hypervisor steps not yet ended.
+type GuestRecord struct {
+	ID     string
+	Domain string // the domain's key
+	Op     string
+	Guest  Guest
+}
+
+// GuestBegin journals an operation's hypervisor steps, durably, before
+// the first of them: a crash anywhere after leaves a record the driver
+// finishes (GuestPending). It returns the record's id for GuestEnd.
+func (m *Manager) GuestBegin(ctx context.Context, domain, op string, g Guest) (string, error) {
+	in := newIntent(domain, "guest-"+op)
+	in.Guest = &g
+	if err := m.store.Update(ctx, func(tx metastore.Tx) error { return tx.PutIntent(in) }); err != nil {
+		return "", err
+	}
+	crashpoint.Hit(in.Op + "/begun")
+	return in.ID, nil
+}
+
+// GuestEnd clears a record once the domain is back as the operation
+// leaves it.
+func (m *Manager) GuestEnd(ctx context.Context, id string) error {
+	return m.store.Update(ctx, func(tx metastore.Tx) error { return tx.DeleteIntent(id) })
+}
+
+// GuestPending lists the hypervisor steps journaled for a domain (all
+// of this source's domains when domain is "") that no GuestEnd cleared.
+func (m *Manager) GuestPending(ctx context.Context, domain string) ([]GuestRecord, error) {
+	intents, err := m.intents(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	var out []GuestRecord
+	for _, in := range intents {
+		if in.Guest != nil && m.mine(in.Domain) {
+			out = append(out, GuestRecord{ID: in.ID, Domain: in.Domain, Op: in.Op, Guest: *in.Guest})
+		}
+	}
+	return out, nil
+}
+
+// MemoryHeld reports whether a snapshot record of any domain names path
+// as its memory image.
+func (m *Manager) MemoryHeld(ctx context.Context, path string) (bool, error) {
+	held := false
+	err := m.store.View(ctx, func(tx metastore.Tx) error {
+		names, err := tx.DomainNames()
+		if err != nil {
+			return err
+		}
+		for _, n := range names {
+			list, err := tx.Snapshots(n)
+			if err != nil {
+				return err
+			}
+			for _, s := range list {
+				if s.Memory == path {
+					held = true
+				}
+			}
+		}
+		return nil
+	})
+	return held, err
+}
