@@ -22,6 +22,7 @@ var (
 	ErrChainBroken      = storage.ErrChainBroken
 	ErrUnsafeBacking    = storage.ErrUnsafeBacking
 	ErrBusy             = storage.ErrBusy
+	ErrDamaged          = storage.ErrDamaged
 	// ErrXML: a snapshot or domain XML document that does not parse.
 	ErrXML = errors.New("XML error")
 	// ErrDuplicateUUID: two definitions of one source claim one UUID
@@ -67,6 +68,7 @@ var codes = []struct {
 	{ErrXML, ErrNumXML},
 	{ErrDuplicateUUID, ErrNumOperationFailed},
 	{storage.ErrPending, ErrNumOperationFailed},
+	{ErrDamaged, ErrNumOperationFailed},
 }
 
 // Code is the libvirt error code for err: what a toolstack returns to its

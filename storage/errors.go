@@ -7,6 +7,7 @@ import (
 	"errors"
 
 	"github.com/xlsnap/xlsnap/chain"
+	"github.com/xlsnap/xlsnap/storage/metastore"
 )
 
 // The error vocabulary of xlsnap. driver/ maps each to a libvirt error code.
@@ -25,6 +26,10 @@ var (
 	// ErrPending: an operation could not finish and cannot be undone; its
 	// intent stays in the journal and Open or Repair finishes it.
 	ErrPending = errors.New("operation pending in the journal")
+
+	// ErrDamaged: the metadata file cannot be trusted (empty, cut short,
+	// pages bbolt did not write); RestoreStore puts back the last copy.
+	ErrDamaged = metastore.ErrDamaged
 
 	// Chain errors come from chain/ unchanged.
 	ErrChainBroken   = chain.ErrChainBroken

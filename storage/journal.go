@@ -143,11 +143,12 @@ func (m *Manager) commit(ctx context.Context, in *intent) error {
 	if err != nil {
 		return err
 	}
+	backupErr := m.backup(ctx)
 	crashpoint.Hit(in.Op + "/committed")
 	if before != nil {
 		m.publishChanges(before, c.Domain, in.Op)
 	}
-	return m.cleanup(ctx, in)
+	return errors.Join(m.cleanup(ctx, in), backupErr)
 }
 
 // cleanup runs a committed intent's definition step, then removes what

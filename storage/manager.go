@@ -83,7 +83,7 @@ func Open(ctx context.Context, cfg Config) (*Manager, error) {
 	}
 	m.locks = newLockTable(filepath.Join(cfg.StateDir, "locks"))
 	if m.store == nil {
-		s, err := metastore.OpenBolt(ctx, filepath.Join(cfg.StateDir, "xlsnap.db"))
+		s, err := metastore.OpenBolt(ctx, StoreFile(cfg.StateDir))
 		if err != nil {
 			return nil, err
 		}

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/url"
@@ -93,6 +94,9 @@ func (g *globals) open(ctx context.Context) (*driver.Driver, func(), error) {
 	d, err := driver.Open(ctx, driver.Config{StateDir: g.stateDir, Source: src, Pools: g.pools, Hypervisor: h})
 	if err != nil {
 		closeSrc()
+		if errors.Is(err, driver.ErrDamaged) {
+			err = fmt.Errorf("%w (xlsnap check --restore puts back the copy kept after the last operation)", err)
+		}
 		return nil, nil, err
 	}
 	return d, func() { d.Close(); closeSrc() }, nil

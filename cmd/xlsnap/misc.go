@@ -8,6 +8,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/xlsnap/xlsnap/driver"
+	"github.com/xlsnap/xlsnap/storage"
 )
 
 func (g *globals) domblklistCmd() *cobra.Command {
@@ -36,9 +37,9 @@ func (g *globals) domblklistCmd() *cobra.Command {
 }
 
 func (g *globals) checkCmd() *cobra.Command {
-	var repair bool
-	cmd := &cobra.Command{Use: "check [--repair]", Short: "Compare metadata with the disks (and mend what is safe)", Args: cobra.NoArgs}
-	cmd.RunE = g.withDriver(func(cmd *cobra.Command, d *driver.Driver, args []string) error {
+	var repair, restore, force bool
+	cmd := &cobra.Command{Use: "check [--repair | --restore [--force]]", Short: "Compare metadata with the disks (and mend what is safe)", Args: cobra.NoArgs}
+	check := g.withDriver(func(cmd *cobra.Command, d *driver.Driver, args []string) error {
 		check := d.Storage().Check
 		if repair {
 			check = d.Storage().Repair
@@ -79,8 +80,39 @@ func (g *globals) checkCmd() *cobra.Command {
 		}
 		return nil
 	})
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		if restore {
+			return g.restore(cmd, force)
+		}
+		if force {
+			return fmt.Errorf("%w: --force goes with --restore", driver.ErrInvalidArg)
+		}
+		return check(cmd, args)
+	}
 	cmd.Flags().BoolVar(&repair, "repair", false, "finish pending operations and rescan changed chains (no image is removed)")
+	cmd.Flags().BoolVar(&restore, "restore", false, "put back the copy of a damaged metadata store kept after the last operation (the damaged file is kept)")
+	cmd.Flags().BoolVar(&force, "force", false, "with --restore: replace the store even if it is not damaged")
+	cmd.MarkFlagsMutuallyExclusive("repair", "restore")
 	return cmd
+}
+
+// restore runs without the driver: opening it fails on a damaged store.
+func (g *globals) restore(cmd *cobra.Command, force bool) error {
+	r, err := storage.RestoreStore(cmd.Context(), g.stateDir, force)
+	if err != nil {
+		return err
+	}
+	w := cmd.OutOrStdout()
+	if g.json {
+		return writeJSON(w, r)
+	}
+	fmt.Fprintf(w, "Reason: %s\n", r.Reason)
+	if r.SetAside != "" {
+		fmt.Fprintf(w, "Kept the replaced store as %s\n", r.SetAside)
+	}
+	fmt.Fprintf(w, "Restored %s from %s (the state after the last committed operation)\n", r.Store, r.Backup)
+	fmt.Fprintln(w, "Run xlsnap check: an operation after that copy may have left images no record names")
+	return nil
 }
 
 func (g *globals) rescanCmd() *cobra.Command {

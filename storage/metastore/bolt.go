@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"sort"
@@ -34,28 +35,100 @@ type Bolt struct {
 	path string
 }
 
-// OpenBolt creates the database (and its folder) if needed.
+// OpenBolt creates the database (and its folder) if needed, and verifies
+// it once: every record read, bbolt's consistency check run.
 func OpenBolt(ctx context.Context, path string) (*Bolt, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, err
 	}
 	b := &Bolt{path: path}
-	return b, b.Update(ctx, func(Tx) error { return nil })
+	// Read-only first: a damaged file is then only read, and a cut one
+	// is told as such (bbolt's write mode reads the free list at once).
+	if err := b.Verify(ctx); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, err
+	}
+	if err := b.Update(ctx, func(Tx) error { return nil }); err != nil {
+		return nil, err
+	}
+	return b, nil
 }
 
+// Verify reads every record and runs bbolt's consistency check: an
+// error wrapping ErrDamaged says the file cannot be trusted.
+func (b *Bolt) Verify(ctx context.Context) error { return verifyFile(ctx, b.path) }
+
+// open opens the file for one transaction. A missing file is a new store;
+// an empty one is damage (a new store is never empty: see create), as is
+// one bbolt refuses, or one shorter than its meta page says.
 func (b *Bolt) open(ctx context.Context, readOnly bool) (*bolt.DB, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	fi, err := os.Stat(b.path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist) && !readOnly:
+		if err := b.create(); err != nil {
+			return nil, err
+		}
+	case err == nil && fi.Size() == 0:
+		return nil, damaged(b.path, "empty file")
+	}
 	opts := &bolt.Options{ReadOnly: readOnly}
 	if dl, ok := ctx.Deadline(); ok {
 		opts.Timeout = max(time.Until(dl), time.Millisecond)
 	}
-	if err := ctx.Err(); err != nil {
-		return nil, err
+	// Keep bbolt's file: if bbolt panics inside Open, closing it is what
+	// releases the lock it took (bbolt's DB is lost with the panic).
+	var file *os.File
+	opts.OpenFile = func(name string, flag int, perm os.FileMode) (*os.File, error) {
+		f, err := os.OpenFile(name, flag, perm)
+		if file == nil {
+			file = f
+		}
+		return f, err
 	}
-	db, err := bolt.Open(b.path, 0o600, opts)
-	if errors.Is(err, bolterrors.ErrTimeout) {
-		return nil, fmt.Errorf("%w: %s", ErrLocked, b.path)
+	var db *bolt.DB
+	err = guard(b.path, func() error {
+		var err error
+		if db, err = bolt.Open(b.path, 0o600, opts); err != nil {
+			return err
+		}
+		return db.View(func(tx *bolt.Tx) error { return checkSize(b.path, tx) })
+	})
+	if err != nil {
+		if db != nil {
+			db.Close()
+		} else if file != nil {
+			file.Close()
+		}
+		return nil, openErr(b.path, err)
 	}
-	return db, err
+	return db, nil
+}
+
+// create makes a new store under a temporary name and links it into
+// place, so no process ever finds the store's file empty (bbolt would
+// take an empty file for a new store; here it means damage).
+func (b *Bolt) create() error {
+	dir := filepath.Dir(b.path)
+	f, err := os.CreateTemp(dir, filepath.Base(b.path)+".new-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	f.Close()
+	defer os.Remove(tmp)
+	db, err := bolt.Open(tmp, 0o600, nil)
+	if err != nil {
+		return err
+	}
+	if err := db.Close(); err != nil {
+		return err
+	}
+	if err := os.Link(tmp, b.path); err != nil && !errors.Is(err, fs.ErrExist) {
+		return err
+	}
+	return syncDir(dir)
 }
 
 func (b *Bolt) View(ctx context.Context, fn func(Tx) error) error {
@@ -64,7 +137,9 @@ func (b *Bolt) View(ctx context.Context, fn func(Tx) error) error {
 		return err
 	}
 	defer db.Close()
-	return db.View(func(tx *bolt.Tx) error { return fn(&boltTx{tx: tx}) })
+	return guard(b.path, func() error {
+		return db.View(func(tx *bolt.Tx) error { return fn(&boltTx{tx: tx, path: b.path}) })
+	})
 }
 
 func (b *Bolt) Update(ctx context.Context, fn func(Tx) error) error {
@@ -73,20 +148,30 @@ func (b *Bolt) Update(ctx context.Context, fn func(Tx) error) error {
 		return err
 	}
 	defer db.Close()
-	return db.Update(func(tx *bolt.Tx) error {
-		for _, name := range [][]byte{bucketDomains, bucketIntents} {
-			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
-				return err
+	return guard(b.path, func() error {
+		return db.Update(func(tx *bolt.Tx) error {
+			for _, name := range [][]byte{bucketDomains, bucketIntents} {
+				if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+					return err
+				}
 			}
-		}
-		return fn(&boltTx{tx: tx})
+			return fn(&boltTx{tx: tx, path: b.path})
+		})
 	})
 }
 
 // Close is a no-op: the file is open only inside transactions.
 func (b *Bolt) Close() error { return nil }
 
-type boltTx struct{ tx *bolt.Tx }
+type boltTx struct {
+	tx   *bolt.Tx
+	path string
+}
+
+// decodeErr: a record that is not the JSON xlsnap wrote is damage too.
+func (t *boltTx) decodeErr(what string, err error) error {
+	return fmt.Errorf("%w: %s: %s: decode: %w", ErrDamaged, t.path, what, err)
+}
 
 func (t *boltTx) domainBucket(name string) *bolt.Bucket {
 	root := t.tx.Bucket(bucketDomains)
@@ -116,7 +201,7 @@ func (t *boltTx) Domain(name string) (*Domain, error) {
 	}
 	var d Domain
 	if err := json.Unmarshal(b.Get(keyMeta), &d); err != nil {
-		return nil, fmt.Errorf("domain %q: decode: %w", name, err)
+		return nil, t.decodeErr(fmt.Sprintf("domain %q", name), err)
 	}
 	if d.Images == nil {
 		d.Images = map[string]*Image{}
@@ -162,7 +247,7 @@ func (t *boltTx) Snapshots(domain string) ([]*Snapshot, error) {
 	err = snaps.ForEach(func(k, v []byte) error {
 		s := &Snapshot{}
 		if err := json.Unmarshal(v, s); err != nil {
-			return fmt.Errorf("snapshot %q: decode: %w", k, err)
+			return t.decodeErr(fmt.Sprintf("snapshot %q", k), err)
 		}
 		out = append(out, s)
 		return nil
@@ -181,7 +266,7 @@ func (t *boltTx) Snapshot(domain, name string) (*Snapshot, error) {
 	}
 	s := &Snapshot{}
 	if err := json.Unmarshal(v, s); err != nil {
-		return nil, fmt.Errorf("snapshot %q: decode: %w", name, err)
+		return nil, t.decodeErr(fmt.Sprintf("snapshot %q", name), err)
 	}
 	s.DomainXML = string(xml.Get([]byte(name)))
 	return s, nil
@@ -223,7 +308,7 @@ func (t *boltTx) Intents() ([]*Intent, error) {
 	err := b.ForEach(func(k, v []byte) error {
 		in := &Intent{}
 		if err := json.Unmarshal(v, in); err != nil {
-			return fmt.Errorf("intent %q: decode: %w", k, err)
+			return t.decodeErr(fmt.Sprintf("intent %q", k), err)
 		}
 		out = append(out, in)
 		return nil

@@ -1,0 +1,97 @@
+package metastore_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/xlsnap/xlsnap/storage/metastore"
+)
+
+// benchStore writes n snapshot records of one domain in one transaction,
+// shaped like storage's BenchmarkList10000 (two disks, 1 KiB of XML).
+func benchStore(b *testing.B, n int) *metastore.Bolt {
+	b.Helper()
+	ctx := context.Background()
+	path := filepath.Join(b.TempDir(), "xlsnap.db")
+	store, err := metastore.OpenBolt(ctx, path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	xml := "<domain type='xen'><name>vm</name>" + strings.Repeat("<!-- padding to a realistic size -->", 27) + "</domain>"
+	err = store.Update(ctx, func(tx metastore.Tx) error {
+		if err := tx.PutDomain(&metastore.Domain{Name: "vm", Images: map[string]*metastore.Image{}}); err != nil {
+			return err
+		}
+		for i := range n {
+			s := &metastore.Snapshot{Name: fmt.Sprintf("snap-%05d", i), Description: "nightly snapshot before the backup run",
+				Created: time.Date(2025, 1, 1, i%24, 0, 0, 0, time.UTC), State: "shutoff", DomainXML: xml,
+				Disks: []metastore.SnapshotDisk{
+					{Target: "vda", Mode: metastore.DiskExternal, Image: fmt.Sprintf("/pool/vm-vda.snap-%05d", i-1), Format: "qcow2", Overlay: fmt.Sprintf("/pool/vm-vda.snap-%05d", i)},
+					{Target: "vdb", Mode: metastore.DiskInternal, Image: "/pool/vm-vdb.qcow2", Format: "qcow2"},
+				}}
+			if err := tx.PutSnapshot("vm", s); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		if fi, err := os.Stat(path); err == nil {
+			b.ReportMetric(float64(fi.Size())/(1<<20), "MiB")
+		}
+	})
+	return store
+}
+
+// BenchmarkBackup: the copy storage takes after every committed
+// operation (WriteTo, fsync, verify, rename, fsync of the folder).
+func BenchmarkBackup(b *testing.B) {
+	for _, n := range []int{10, 10000} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			store := benchStore(b, n)
+			for b.Loop() {
+				if err := store.Backup(context.Background()); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkVerify: the check OpenBolt runs once per process (every
+// record read, tx.Check).
+func BenchmarkVerify(b *testing.B) {
+	for _, n := range []int{10, 10000} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			store := benchStore(b, n)
+			for b.Loop() {
+				if err := store.Verify(context.Background()); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkUpdate: an empty write transaction, the floor every
+// operation's commit pays, to set the backup against.
+func BenchmarkUpdate(b *testing.B) {
+	for _, n := range []int{10, 10000} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			store := benchStore(b, n)
+			for b.Loop() {
+				if err := store.Update(context.Background(), func(metastore.Tx) error { return nil }); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
