@@ -426,7 +426,7 @@ func (m *Manager) ChainChanged(ctx context.Context, domain, disk string, moves m
 		return nil, err
 	}
 	m.events.publish(ev)
-	return c, nil
+	return c, m.backup(ctx)
 }
 
 // setAside takes an operation recovery could neither finish nor undo out

@@ -255,12 +255,15 @@ func (m *Manager) DefineDomain(ctx context.Context, key, name, uuid string, disk
 		}
 		return tx.PutDomain(d)
 	})
-	if err == nil && before != nil {
+	if err != nil {
+		return nil, err
+	}
+	if before != nil {
 		// A chain edited behind storage's back, or a disk the operator
 		// repointed, is adopted here: tell subscribers, as ChainChanged does.
 		m.publishChanges(before, d, "rescan")
 	}
-	return d, err
+	return d, m.backup(ctx)
 }
 
 // detectMoves finds images that moved: where a disk's recorded chain and

@@ -65,7 +65,7 @@ func (m *Manager) RedefineSnapshot(ctx context.Context, domain string, snap *Sna
 	if snap.State == "" {
 		snap.State = "shutoff"
 	}
-	return m.store.Update(ctx, func(tx metastore.Tx) error {
+	err = m.store.Update(ctx, func(tx metastore.Tx) error {
 		if current {
 			d.Current = snap.Name
 			if err := tx.PutDomain(d); err != nil {
@@ -74,4 +74,8 @@ func (m *Manager) RedefineSnapshot(ctx context.Context, domain string, snap *Sna
 		}
 		return tx.PutSnapshot(domain, snap)
 	})
+	if err != nil {
+		return err
+	}
+	return m.backup(ctx) // a restore loses at most the last change
 }
