@@ -147,13 +147,20 @@ func repointNeeded(def *libvirtxml.Domain, want map[string]diskInfo) bool {
 // within the source; storage.DomainKey), for callers that read storage's
 // records or events directly. Errors: ErrNoDomain, ErrXML.
 func (d *Driver) DomainKey(ctx context.Context, domain string) (string, error) {
+	_, _, key, err := d.readDefinition(ctx, domain)
+	return key, err
+}
+
+// readDefinition reads a domain's definition from the source: as the
+// source gives it, parsed, and its storage key.
+func (d *Driver) readDefinition(ctx context.Context, domain string) (*SourceDomain, *libvirtxml.Domain, string, error) {
 	sd, err := d.src.Domain(ctx, domain)
 	if err != nil {
-		return "", err
+		return nil, nil, "", err
 	}
 	def, err := parseDomain(sd.XML)
 	if err != nil {
-		return "", err
+		return nil, nil, "", err
 	}
-	return d.defs.key(domain, def.UUID), nil
+	return sd, def, d.defs.key(domain, def.UUID), nil
 }

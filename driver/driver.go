@@ -349,15 +349,11 @@ func (d *Driver) DiskList(ctx context.Context, domain string) ([]DiskInfo, error
 // call still answers, from the definition and the records as they are,
 // and says what is pending.
 func (d *Driver) diskListAsIs(ctx context.Context, domain string, pending error) ([]DiskInfo, error) {
-	sd, err := d.src.Domain(ctx, domain)
+	_, def, key, err := d.readDefinition(ctx, domain)
 	if err != nil {
 		return nil, err
 	}
-	def, err := parseDomain(sd.XML)
-	if err != nil {
-		return nil, err
-	}
-	rec, _ := d.st.Domain(ctx, d.defs.key(domain, def.UUID))
+	rec, _ := d.st.Domain(ctx, key)
 	var out []DiskInfo
 	for _, di := range fileDisks(def) {
 		info := DiskInfo{Target: di.Target, Source: di.Path, Format: di.Format, Chain: []string{di.Path}, Pending: pending.Error()}

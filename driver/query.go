@@ -26,15 +26,11 @@ func (d *Driver) snapshots(ctx context.Context, domain string) (*tree, error) {
 	if err := storage.ValidName("domain", domain); err != nil {
 		return nil, err
 	}
-	sd, err := d.src.Domain(ctx, domain)
+	_, _, key, err := d.readDefinition(ctx, domain)
 	if err != nil {
 		return nil, err
 	}
-	def, err := parseDomain(sd.XML)
-	if err != nil {
-		return nil, err
-	}
-	t := &tree{key: d.defs.key(domain, def.UUID), byName: map[string]*Snapshot{}, children: map[string][]string{}}
+	t := &tree{key: key, byName: map[string]*Snapshot{}, children: map[string][]string{}}
 	rec, err := d.st.Domain(ctx, t.key)
 	if errors.Is(err, storage.ErrNoDomain) {
 		return t, nil

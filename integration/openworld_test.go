@@ -47,8 +47,20 @@ func newWorld(t *testing.T) *world {
 
 func (w *world) path(name string) string { return filepath.Join(w.dir, name) }
 
+// openWholeFolder opens the driver with the whole folder as its pool (the
+// default is the folders of the disks, which a test may move).
+func (w *world) openWholeFolder() {
+	w.t.Helper()
+	w.openWith(w.dir)
+}
+
 // open (re)opens the driver on the folder, as a new command would.
 func (w *world) open() *driver.Driver {
+	w.t.Helper()
+	return w.openWith()
+}
+
+func (w *world) openWith(pools ...string) *driver.Driver {
 	w.t.Helper()
 	if w.d != nil {
 		w.d.Close()
@@ -57,7 +69,7 @@ func (w *world) open() *driver.Driver {
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	d, err := driver.Open(w.ctx, driver.Config{StateDir: w.state, Source: src})
+	d, err := driver.Open(w.ctx, driver.Config{StateDir: w.state, Source: src, Pools: pools})
 	if err != nil {
 		w.t.Fatalf("driver.Open: %v", err)
 	}
@@ -449,14 +461,7 @@ func TestOpenWorldMovedImages(t *testing.T) {
 	run(t, "qemu-img", "create", "-q", "-f", "qcow2", filepath.Join(old, "a.qcow2"), diskSize)
 	w.write("old/a.qcow2", 0x61, 0, 64)
 	w.define("vm", "", vdisk{"xvda", "old/a.qcow2"})
-	w.d = nil
-	src, _ := driver.NewDirSource(w.dir)
-	d, err := driver.Open(w.ctx, driver.Config{StateDir: w.state, Source: src, Pools: []string{w.dir}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { d.Close() })
-	w.d = d
+	w.openWholeFolder()
 	w.snap("vm", "s1")
 	w.write("old/a.s1", 0x62, 0, 64)
 	w.snap("vm", "s2")
@@ -728,13 +733,7 @@ func TestOpenWorldMovedFolder(t *testing.T) {
 	run(t, "qemu-img", "create", "-q", "-f", "qcow2", w.path("old/a.qcow2"), diskSize)
 	w.write("old/a.qcow2", 0x61, 0, 64)
 	w.define("vm", "", vdisk{"xvda", "old/a.qcow2"})
-	src, _ := driver.NewDirSource(w.dir)
-	d, err := driver.Open(w.ctx, driver.Config{StateDir: w.state, Source: src, Pools: []string{w.dir}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { d.Close() })
-	w.d = d
+	w.openWholeFolder()
 	w.snap("vm", "s1")
 	w.write("old/a.s1", 0x62, 0, 64)
 	if _, err := w.d.SnapshotCreateXML(w.ctx, "vm", snapXML("s1"), driver.CreateDiskOnly); !errors.Is(err, driver.ErrSnapshotExists) ||
@@ -947,13 +946,7 @@ func TestOpenWorldMoveAlreadyFollowed(t *testing.T) {
 	}
 	run(t, "qemu-img", "create", "-q", "-f", "qcow2", w2.path("img/a.qcow2"), diskSize)
 	w2.define("vm", "", vdisk{"xvda", "img/a.qcow2"})
-	src, _ := driver.NewDirSource(w2.dir)
-	d, err := driver.Open(w2.ctx, driver.Config{StateDir: w2.state, Source: src, Pools: []string{w2.dir}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { d.Close() })
-	w2.d = d
+	w2.openWholeFolder()
 	w2.snap("vm", "s1")
 	if err := os.Rename(w2.path("img"), w2.path("img2")); err != nil {
 		t.Fatal(err)

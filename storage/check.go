@@ -74,21 +74,8 @@ func (m *Manager) check(ctx context.Context, repair bool) ([]Problem, error) {
 		if intents, err = tx.Intents(); err != nil {
 			return err
 		}
-		names, err := tx.DomainNames()
-		if err != nil {
-			return err
-		}
-		for _, n := range names {
-			d, err := tx.Domain(n)
-			if err != nil {
-				return err
-			}
-			domains = append(domains, d)
-			if snaps[n], err = tx.Snapshots(n); err != nil {
-				return err
-			}
-		}
-		return nil
+		domains, snaps, err = allRecords(tx, true)
+		return err
 	})
 	if err != nil {
 		return nil, err

@@ -59,22 +59,13 @@ func (m *Manager) GuestPending(ctx context.Context, domain string) ([]GuestRecor
 func (m *Manager) MemoryHeld(ctx context.Context, path string) (bool, error) {
 	held := false
 	err := m.store.View(ctx, func(tx metastore.Tx) error {
-		names, err := tx.DomainNames()
-		if err != nil {
-			return err
-		}
-		for _, n := range names {
-			list, err := tx.Snapshots(n)
-			if err != nil {
-				return err
-			}
+		_, snaps, err := allRecords(tx, true)
+		for _, list := range snaps {
 			for _, s := range list {
-				if s.Memory == path {
-					held = true
-				}
+				held = held || s.Memory == path
 			}
 		}
-		return nil
+		return err
 	})
 	return held, err
 }

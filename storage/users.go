@@ -292,21 +292,9 @@ func (m *Manager) scanUsers(ctx context.Context) (*users, error) {
 	var recs []*Domain
 	snaps := map[string][]*Snapshot{}
 	err = m.store.View(ctx, func(tx metastore.Tx) error {
-		names, err := tx.DomainNames()
-		if err != nil {
-			return err
-		}
-		for _, n := range names {
-			d, err := tx.Domain(n)
-			if err != nil {
-				return err
-			}
-			recs = append(recs, d)
-			if snaps[n], err = tx.Snapshots(n); err != nil {
-				return err
-			}
-		}
-		return nil
+		var err error
+		recs, snaps, err = allRecords(tx, true)
+		return err
 	})
 	if err != nil {
 		return nil, err
@@ -483,22 +471,39 @@ func (m *Manager) definedDisks(ctx context.Context) ([]DefinedDisk, error) {
 func (m *Manager) recordedDisks(ctx context.Context) ([]DefinedDisk, error) {
 	var defined []DefinedDisk
 	err := m.store.View(ctx, func(tx metastore.Tx) error {
-		names, err := tx.DomainNames()
-		if err != nil {
-			return err
-		}
-		for _, n := range names {
-			d, err := tx.Domain(n)
-			if err != nil {
-				return err
-			}
+		recs, _, err := allRecords(tx, false)
+		for _, d := range recs {
 			for _, disk := range d.Disks {
 				defined = append(defined, DefinedDisk{Domain: d.Name, DomainName: domainName(d), Target: disk.Target, Path: disk.Active, Format: disk.Format})
 			}
 		}
-		return nil
+		return err
 	})
 	return defined, err
+}
+
+// allRecords reads every domain record of the store and, with snapshots,
+// every snapshot record (without domain XML) by domain key.
+func allRecords(tx metastore.Tx, snapshots bool) ([]*Domain, map[string][]*Snapshot, error) {
+	names, err := tx.DomainNames()
+	if err != nil {
+		return nil, nil, err
+	}
+	var recs []*Domain
+	snaps := map[string][]*Snapshot{}
+	for _, n := range names {
+		d, err := tx.Domain(n)
+		if err != nil {
+			return nil, nil, err
+		}
+		recs = append(recs, d)
+		if snapshots {
+			if snaps[n], err = tx.Snapshots(n); err != nil {
+				return nil, nil, err
+			}
+		}
+	}
+	return recs, snaps, nil
 }
 
 // domainName is a record's display name.

@@ -26,28 +26,23 @@ type CheckResult struct {
 // references (what a killed commit or rebase leaves), and never touches
 // what a table does reference. The image must not be in use.
 func (r *Runner) RepairLeaks(ctx context.Context, path, format string) (CheckResult, error) {
-	if err := validate(path, format); err != nil {
-		return CheckResult{}, err
-	}
-	out, err := r.run(ctx, []string{"check", "--output=json", "-r", "leaks", "-f", format, path}, nil)
-	var res CheckResult
-	if jerr := json.Unmarshal(out, &res); jerr != nil {
-		if err != nil {
-			return CheckResult{}, err
-		}
-		return CheckResult{}, fmt.Errorf("qemuimg: parse check output: %w", jerr)
-	}
-	return res, err
+	return r.check(ctx, path, format, "-r", "leaks")
 }
 
 // Check runs qemu-img check. If the image has corruptions or leaks it returns
 // the parsed result together with an *Error that unwraps to ErrCheckFailed;
 // any other error means the check itself could not be done.
 func (r *Runner) Check(ctx context.Context, path, format string) (CheckResult, error) {
+	return r.check(ctx, path, format, "-U")
+}
+
+// check runs qemu-img check with extra options and parses its report.
+func (r *Runner) check(ctx context.Context, path, format string, opts ...string) (CheckResult, error) {
 	if err := validate(path, format); err != nil {
 		return CheckResult{}, err
 	}
-	out, err := r.run(ctx, []string{"check", "--output=json", "-U", "-f", format, path}, nil)
+	args := append(append([]string{"check", "--output=json"}, opts...), "-f", format, path)
+	out, err := r.run(ctx, args, nil)
 	var res CheckResult
 	if jerr := json.Unmarshal(out, &res); jerr != nil {
 		if err != nil {
