@@ -646,41 +646,6 @@ func TestOpenWorldOperatorSwapsDisks(t *testing.T) {
 	w.expect(w.source("vm", "xvdb"), 0x1a, 0, 64)
 }
 
-// TestOpenWorldOtherDevicesAreUsers: another domain's cdrom, or a second
-// name of the file (a hard link), reads the image too: the delete keeps
-// it as it is.
-func TestOpenWorldOtherDevicesAreUsers(t *testing.T) {
-	for _, how := range []string{"cdrom", "hardlink"} {
-		t.Run(how, func(t *testing.T) {
-			w := newWorld(t)
-			w.image("a.qcow2", "")
-			w.write("a.qcow2", 0x1a, 0, 1024)
-			w.define("vm", "", vdisk{"xvda", "a.qcow2"})
-			w.open()
-			w.snap("vm", "s1")
-			w.write("a.s1", 0x2a, 0, 4096)
-			other := w.path("a.qcow2")
-			if how == "hardlink" {
-				other = w.path("link.qcow2")
-				if err := os.Link(w.path("a.qcow2"), other); err != nil {
-					t.Fatal(err)
-				}
-			}
-			doc := oneDiskXML("vm3", fmt.Sprintf("    <disk type='file' device='%s'>\n      <driver name='qemu' type='qcow2'/>\n      <source file='%s'/>\n      <target dev='hdc'/>\n      <readonly/>\n    </disk>\n",
-				map[string]string{"cdrom": "cdrom", "hardlink": "disk"}[how], other))
-			if err := os.WriteFile(w.path("vm3.xml"), []byte(doc), 0o644); err != nil {
-				t.Fatal(err)
-			}
-			r := w.del("vm", "s1", 0)
-			if r.Disks[0].Action != storage.ActionSharedBase {
-				t.Fatalf("report %+v", r.Disks)
-			}
-			w.expect(other, 0x1a, 0, 1024)
-			w.expect(w.source("vm", "xvda"), 0x2a, 0, 1024)
-		})
-	}
-}
-
 // TestOpenWorldSnapshotOfSharedDisk: another domain names vm's disk as
 // its own: an external snapshot would make it a backing file under that
 // domain's writes, an internal one would write into it: both refused.
@@ -872,11 +837,47 @@ var (
 	binErr  error
 )
 
-// TestOpenWorldHiddenClones: clones QEMU opens through a file: or json:
-// backing reference, or that sit behind a symlinked folder of the pool,
-// are users of the base as much as plain ones.
-func TestOpenWorldHiddenClones(t *testing.T) {
-	for _, how := range []string{"file:", "json:", "symlinked-folder"} {
+// TestOpenWorldEveryUserKeepsTheBase: whatever way something else reads
+// vm's base (another domain's cdrom, a second name of the file, a clone
+// QEMU opens through a file: or json: reference or from behind a
+// symlinked folder of the pool), a delete that would rather pull the base
+// up keeps it as a shared base, and that user reads what it read.
+func TestOpenWorldEveryUserKeepsTheBase(t *testing.T) {
+	otherDomain := func(w *world, device, path string) {
+		doc := oneDiskXML("vm3", fmt.Sprintf("    <disk type='file' device='%s'>\n      <driver name='qemu' type='qcow2'/>\n      <source file='%s'/>\n      <target dev='hdc'/>\n      <readonly/>\n    </disk>\n", device, path))
+		if err := os.WriteFile(w.path("vm3.xml"), []byte(doc), 0o644); err != nil {
+			w.t.Fatal(err)
+		}
+	}
+	clone := func(w *world, ref string) string {
+		p := w.path("clone.qcow2")
+		run(w.t, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", w.path("a.qcow2"), p)
+		run(w.t, "qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", ref, p)
+		return p
+	}
+	for how, user := range map[string]func(w *world) string{
+		"cdrom": func(w *world) string { otherDomain(w, "cdrom", w.path("a.qcow2")); return w.path("a.qcow2") },
+		"hardlink": func(w *world) string {
+			if err := os.Link(w.path("a.qcow2"), w.path("link.qcow2")); err != nil {
+				w.t.Fatal(err)
+			}
+			otherDomain(w, "disk", w.path("link.qcow2"))
+			return w.path("link.qcow2")
+		},
+		"file:": func(w *world) string { return clone(w, "file:"+w.path("a.qcow2")) },
+		"json:": func(w *world) string {
+			return clone(w, `json:{"driver":"qcow2","file":{"driver":"file","filename":"`+w.path("a.qcow2")+`"}}`)
+		},
+		"symlinked-folder": func(w *world) string {
+			elsewhere := w.t.TempDir()
+			if err := os.Symlink(elsewhere, w.path("clones")); err != nil {
+				w.t.Fatal(err)
+			}
+			p := filepath.Join(elsewhere, "c.qcow2")
+			run(w.t, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", w.path("a.qcow2"), p)
+			return p
+		},
+	} {
 		t.Run(how, func(t *testing.T) {
 			w := newWorld(t)
 			w.image("a.qcow2", "")
@@ -885,28 +886,13 @@ func TestOpenWorldHiddenClones(t *testing.T) {
 			w.open()
 			w.snap("vm", "s1")
 			w.write("a.s1", 0x12, 0, 4096) // a pull-up would be cheaper
-			clone := w.path("clone.qcow2")
-			switch how {
-			case "file:":
-				run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "file:"+w.path("a.qcow2"), clone)
-			case "json:":
-				run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", w.path("a.qcow2"), clone)
-				run(t, "qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b",
-					`json:{"driver":"qcow2","file":{"driver":"file","filename":"`+w.path("a.qcow2")+`"}}`, clone)
-			case "symlinked-folder":
-				elsewhere := t.TempDir()
-				if err := os.Symlink(elsewhere, w.path("clones")); err != nil {
-					t.Fatal(err)
-				}
-				clone = filepath.Join(elsewhere, "c.qcow2")
-				run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", w.path("a.qcow2"), clone)
-			}
-			w.expect(clone, 0x11, 0, 1024)
+			other := user(w)
+			w.expect(other, 0x11, 0, 1024)
 			r := w.del("vm", "s1", 0)
 			if r.Disks[0].Action != storage.ActionSharedBase {
 				t.Fatalf("report %+v", r.Disks)
 			}
-			w.expect(clone, 0x11, 0, 1024)
+			w.expect(other, 0x11, 0, 1024)
 			w.expect(w.source("vm", "xvda"), 0x12, 0, 4096)
 		})
 	}
