@@ -329,8 +329,11 @@ func (m *Manager) redo(ctx context.Context, st step, live Live) error {
 		}
 		return is.InternalCopy(ctx, st.Source, st.SourceFormat, st.Name, st.Path, st.Backing, st.BackingFormat)
 	case metastore.StepCommit:
+		// The image is removed only after the metadata commits (cleanup):
+		// gone before that, it was moved or removed by someone else, and
+		// its data is not in the image below. Stop; never take it as done.
 		if !exists(st.Path) {
-			return nil // committed and removed already
+			return fmt.Errorf("%w: %s, which this operation commits into its backing image, is gone (moved?)", ErrChainBroken, st.Path)
 		}
 		return b.Commit(ctx, st.Path, st.Format, progressFor(ctx, "commit", st))
 	case metastore.StepRebase:
@@ -406,12 +409,11 @@ func (m *Manager) removeUnused(ctx context.Context, b Backend, path string) erro
 // linkOver makes dst a name of src's file, atomically replacing what dst
 // named. Running it again once done changes nothing.
 func linkOver(src, dst string) error {
+	// src is removed only after the metadata commits (cleanup): gone
+	// before that, someone moved it; dst does not hold its data.
 	ss, err := os.Stat(src)
 	if err != nil {
-		if ds, derr := os.Stat(dst); derr == nil && ds != nil && errors.Is(err, fs.ErrNotExist) {
-			return nil // src was removed after the link: done
-		}
-		return err
+		return fmt.Errorf("%w: %s, which this operation gives the name %s, is gone (moved?): %w", ErrChainBroken, src, dst, err)
 	}
 	if ds, err := os.Stat(dst); err == nil && os.SameFile(ss, ds) {
 		return nil

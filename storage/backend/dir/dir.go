@@ -90,7 +90,9 @@ func linkInPlace(tmp, path string) error {
 }
 
 func (b *Backend) Commit(ctx context.Context, path, format string, progress func(float64)) error {
-	return b.img.Commit(ctx, qemuimg.CommitOptions{Path: path, Format: format, Progress: progress})
+	// -d: path is removed once the merge is durable; emptying it first
+	// would only widen the window in which a kill leaves it half-written.
+	return b.img.Commit(ctx, qemuimg.CommitOptions{Path: path, Format: format, Drop: true, Progress: progress})
 }
 
 func (b *Backend) Rebase(ctx context.Context, path, format, backing, backingFormat string, progress func(float64)) error {
