@@ -278,3 +278,31 @@ func sameOwner(f *os.File, old fs.FileInfo) error {
 	}
 	return nil
 }
+
+// StaleTemps lists the temporary definitions a crash inside Redefine
+// left (".NAME.xml.*", untouched for age), removing them with remove.
+func (s *DirSource) StaleTemps(age time.Duration, remove bool) ([]string, error) {
+	entries, err := os.ReadDir(s.dir)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, e := range entries {
+		n := e.Name()
+		if !e.Type().IsRegular() || !strings.HasPrefix(n, ".") || !strings.Contains(n, ".xml.") {
+			continue
+		}
+		info, err := e.Info()
+		if err != nil || time.Since(info.ModTime()) < age {
+			continue
+		}
+		p := filepath.Join(s.dir, n)
+		if remove {
+			if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return out, err
+			}
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"sort"
 	"sync"
+	"time"
 
 	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/storage/backend/dir"
@@ -363,4 +364,34 @@ func (d *Driver) diskListAsIs(ctx context.Context, domain string, pending error)
 		out = append(out, info)
 	}
 	return out, nil
+}
+
+// tempSource is the optional ability of a domain source to find (and
+// remove) the temporary files a crash inside Redefine left.
+type tempSource interface {
+	StaleTemps(age time.Duration, remove bool) ([]string, error)
+}
+
+// Check is storage's Check (Repair with repair) plus what the domain
+// source itself may have left behind (stale temporary definitions).
+func (d *Driver) Check(ctx context.Context, repair bool) ([]storage.Problem, error) {
+	check := d.st.Check
+	if repair {
+		check = d.st.Repair
+	}
+	problems, err := check(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if ts, ok := d.src.(tempSource); ok {
+		temps, err := ts.StaleTemps(10*time.Minute, repair)
+		if err != nil {
+			return nil, err
+		}
+		for _, p := range temps {
+			problems = append(problems, storage.Problem{Kind: storage.ProblemTempFile, Path: p,
+				Detail: "a definition a crash left half-written", Fixed: repair})
+		}
+	}
+	return problems, nil
 }

@@ -22,14 +22,16 @@ import (
 type ProblemKind string
 
 const (
-	ProblemPending      ProblemKind = "pending-operation" // an intent is in the journal
-	ProblemMissingImage ProblemKind = "missing-image"     // metadata names an image that is not there
-	ProblemChainDiffers ProblemKind = "chain-differs"     // a disk's chain on disk is not the recorded one
-	ProblemBadImage     ProblemKind = "bad-image"         // qemu-img check or the chain reader refuses an image
-	ProblemOrphan       ProblemKind = "orphan-image"      // an overlay of a known image that no record holds and no definition reads
-	ProblemSharedBase   ProblemKind = "shared-base"       // a known image that images no record holds are backed by
-	ProblemDetached     ProblemKind = "detached-data"     // the data of a disk that left the definition: the user's, kept
-	ProblemTempFile     ProblemKind = "temp-file"         // a new image a crash left under its temporary name
+	ProblemPending         ProblemKind = "pending-operation" // an intent is in the journal
+	ProblemMissingImage    ProblemKind = "missing-image"     // metadata names an image that is not there
+	ProblemChainDiffers    ProblemKind = "chain-differs"     // a disk's chain on disk is not the recorded one
+	ProblemBadImage        ProblemKind = "bad-image"         // qemu-img check or the chain reader refuses an image
+	ProblemOrphan          ProblemKind = "orphan-image"      // an overlay of a known image that no record holds and no definition reads
+	ProblemSharedBase      ProblemKind = "shared-base"       // a known image that images no record holds are backed by
+	ProblemDetached        ProblemKind = "detached-data"     // the data of a disk that left the definition: the user's, kept
+	ProblemTempFile        ProblemKind = "temp-file"         // a new image a crash left under its temporary name
+	ProblemSetAside        ProblemKind = "set-aside"         // an operation Repair set aside, awaiting a person
+	ProblemDamagedSnapshot ProblemKind = "damaged-snapshot"  // a snapshot whose images a set-aside operation may have merged
 )
 
 // Informational reports a finding that is no fault: a shared base is
@@ -64,7 +66,6 @@ func (m *Manager) check(ctx context.Context, repair bool) ([]Problem, error) {
 	if repair {
 		// What recovery can neither finish nor undo is set aside below.
 		_ = m.Recover(ctx)
-		problems = append(problems, m.removeStaleTemps(ctx)...)
 	}
 	var intents []*intent
 	var domains []*Domain
@@ -104,6 +105,25 @@ func (m *Manager) check(ctx context.Context, repair bool) ([]Problem, error) {
 			pr.Note = "finished or undone from the device model when the running domain is next used"
 		}
 		problems = append(problems, pr)
+	}
+	problems = append(problems, m.staleTemps(ctx, repair)...)
+	// A set-aside operation stays reported until a person has judged it
+	// and removed its report.
+	if reports, _ := filepath.Glob(filepath.Join(m.stateDir, "set-aside", "*.json")); len(reports) > 0 {
+		for _, r := range reports {
+			problems = append(problems, Problem{Kind: ProblemSetAside, Path: r,
+				Detail: "an operation recovery could neither finish nor undo", Note: "review it, then remove the report"})
+		}
+	}
+	for _, d := range domains {
+		if !m.mine(d.Name) {
+			continue
+		}
+		for _, s := range snaps[d.Name] {
+			if s.Damaged != "" {
+				problems = append(problems, Problem{Kind: ProblemDamagedSnapshot, Domain: domainName(d), Detail: "snapshot " + s.Name + ": " + s.Damaged})
+			}
+		}
 	}
 	known := map[string]bool{}
 	for _, d := range domains {
@@ -435,8 +455,11 @@ func (m *Manager) setAside(ctx context.Context, in *intent) (string, error) {
 	}
 	var files []fileState
 	seen := map[string]bool{}
-	note := func(p string) {
-		if p == "" || seen[p] {
+	// note records a file and, through its backing reference, every file
+	// below it: a commit's target is its source's backing file.
+	var note func(p string, depth int)
+	note = func(p string, depth int) {
+		if p == "" || seen[p] || depth > chain.DefaultMaxDepth {
 			return
 		}
 		seen[p] = true
@@ -451,14 +474,19 @@ func (m *Manager) setAside(ctx context.Context, in *intent) (string, error) {
 			}
 		}
 		files = append(files, fs)
+		if targets, err := backingTargets(p, fs.Backing); err == nil {
+			for _, t := range targets {
+				note(t, depth+1)
+			}
+		}
 	}
 	var walk func([]step)
 	walk = func(steps []step) {
 		for _, st := range steps {
-			note(st.Path)
-			note(st.Backing)
-			note(st.UndoBacking)
-			note(st.Source)
+			note(st.Path, 0)
+			note(st.Backing, 0)
+			note(st.UndoBacking, 0)
+			note(st.Source, 0)
 			walk(st.Group)
 		}
 	}
@@ -481,7 +509,27 @@ func (m *Manager) setAside(ctx context.Context, in *intent) (string, error) {
 	if err := fsutil.WriteFile(file, b, 0o600); err != nil {
 		return "", err
 	}
-	return file, m.store.Update(ctx, func(tx metastore.Tx) error { return tx.DeleteIntent(in.ID) })
+	return file, m.store.Update(ctx, func(tx metastore.Tx) error {
+		// Past its point of no return, the operation may have merged the
+		// images of the snapshots it deletes: they stay listed, marked,
+		// and a revert to them is refused.
+		if in.PassedNoReturn && in.Commit != nil {
+			for _, name := range in.Commit.DeleteSnapshots {
+				s, err := tx.Snapshot(in.Domain, name)
+				if errors.Is(err, metastore.ErrNotFound) {
+					continue
+				}
+				if err != nil {
+					return err
+				}
+				s.Damaged = fmt.Sprintf("an interrupted %s (set aside in %s) may have merged its images", in.Op, file)
+				if err := tx.PutSnapshot(in.Domain, s); err != nil {
+					return err
+				}
+			}
+		}
+		return tx.DeleteIntent(in.ID)
+	})
 }
 
 // staleTempAge is how long a temporary image file must have been left
@@ -489,28 +537,46 @@ func (m *Manager) setAside(ctx context.Context, in *intent) (string, error) {
 // qemu-img keeps writing (and touching) its own.
 const staleTempAge = 10 * time.Minute
 
-// removeStaleTemps removes the temporary files a crash left in the pools
-// (TempName: never an image anything names).
-func (m *Manager) removeStaleTemps(ctx context.Context) []Problem {
+// staleTemps reports the temporary files a crash left: new images in the
+// pools (TempName: never an image anything names), and the metadata
+// store's own (a new store, a backup being written). With remove, it
+// removes them.
+func (m *Manager) staleTemps(ctx context.Context, remove bool) []Problem {
 	var problems []Problem
-	for _, p := range m.pools {
-		filepath.WalkDir(p.backend.Root(), func(path string, e fs.DirEntry, err error) error {
-			if err != nil || ctx.Err() != nil || !IsTempName(path) || !e.Type().IsRegular() {
-				return nil
-			}
-			info, err := e.Info()
-			if err != nil || time.Since(info.ModTime()) < staleTempAge {
-				return nil
-			}
-			pr := Problem{Kind: ProblemTempFile, Path: path, Detail: "a new image a crash left half-made"}
+	found := func(path, what string, info fs.FileInfo) {
+		if time.Since(info.ModTime()) < staleTempAge {
+			return // may be a running operation's
+		}
+		pr := Problem{Kind: ProblemTempFile, Path: path, Detail: what + " a crash left half-made"}
+		if remove {
 			if err := os.Remove(path); err != nil {
 				pr.Note = err.Error()
 			} else {
 				pr.Fixed = true
 			}
-			problems = append(problems, pr)
+		}
+		problems = append(problems, pr)
+	}
+	for _, p := range m.pools {
+		filepath.WalkDir(p.backend.Root(), func(path string, e fs.DirEntry, err error) error {
+			if err != nil || ctx.Err() != nil || !IsTempName(path) || !e.Type().IsRegular() {
+				return nil
+			}
+			if info, err := e.Info(); err == nil {
+				found(path, "a new image", info)
+			}
 			return nil
 		})
+	}
+	entries, _ := os.ReadDir(m.stateDir)
+	for _, e := range entries {
+		n := e.Name()
+		if !e.Type().IsRegular() || !strings.HasPrefix(n, "xlsnap.db.") || !(strings.Contains(n, ".new-") || strings.Contains(n, ".tmp-")) {
+			continue
+		}
+		if info, err := e.Info(); err == nil {
+			found(filepath.Join(m.stateDir, n), "a metadata file", info)
+		}
 	}
 	return problems
 }

@@ -125,6 +125,9 @@ func (m *Manager) deleteOne(ctx context.Context, d *Domain, snaps map[string]*Sn
 	var merged []step  // removal of images whose data a merge moved
 	movedTo := map[string]string{}
 	var u *users
+	if s.Damaged != "" && !metadataOnly {
+		return fmt.Errorf("%w: snapshot %s: %s; delete it with metadata only", ErrChainBroken, name, s.Damaged)
+	}
 	if !metadataOnly {
 		var missing []string
 		for _, sd := range s.Disks {

@@ -48,6 +48,9 @@ func (m *Manager) Revert(ctx context.Context, domain, name string, opts RevertOp
 	if !ok {
 		return nil, fmt.Errorf("%w: %s of domain %s", ErrNoSnapshot, name, domainName(d))
 	}
+	if s.Damaged != "" {
+		return nil, fmt.Errorf("%w: snapshot %s: %s", ErrChainBroken, name, s.Damaged)
+	}
 	var missing []string
 	for _, sd := range s.Disks {
 		if sd.Mode != DiskNone && !exists(sd.Image) {

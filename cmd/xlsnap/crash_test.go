@@ -9,6 +9,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"libvirt.org/go/libvirtxml"
 )
@@ -203,16 +204,32 @@ func TestPendingNeverWedges(t *testing.T) {
 	if err := os.Rename(c.path("away"), c.path("vm-xvda.qcow2")); err != nil {
 		t.Fatal(err)
 	}
-	c.ok("snapshot-delete", "vm", "s1")
-	src := defSource(t, c, "xvda")
-	if got := readByte(t, src, 0); got != 0x22 {
-		t.Fatalf("after the delete %s reads %#x at 0", src, got)
+	// Past its point of no return, the delete may have merged s1's
+	// images: s1 stays listed, marked; a revert to it is refused; the
+	// set-aside report stays in check until a person removes it.
+	c.fails("may have merged", "snapshot-revert", "vm", "s1")
+	out, _, _ = runXlsnap(t, "--connect", "file://"+c.dir, "--state-dir", c.state, "check", "--repair")
+	if !strings.Contains(out, "set-aside ") || !strings.Contains(out, "damaged-snapshot vm ") {
+		t.Fatalf("check --repair after the set-aside: %s", out)
 	}
-	if got := readByte(t, src, 512<<10); got != 0x11 {
-		t.Fatalf("after the delete %s reads %#x at 512k", src, got)
+	c.ok("snapshot-delete", "vm", "s1", "--metadata")
+	reports, _ := filepath.Glob(filepath.Join(c.state, "set-aside", "*.json"))
+	if len(reports) != 1 {
+		t.Fatalf("set-aside reports: %v", reports)
+	}
+	report, err := os.ReadFile(reports[0])
+	if err != nil || !strings.Contains(string(report), c.path("vm-xvda.qcow2")) {
+		t.Fatalf("the report does not name the commit's target: %v\n%s", err, report)
+	}
+	if err := os.Remove(reports[0]); err != nil {
+		t.Fatal(err)
 	}
 	if out := c.ok("check"); out != "no problems found\n" {
 		t.Fatalf("check: %s", out)
+	}
+	src := defSource(t, c, "xvda")
+	if got := [2]byte{readByte(t, src, 0), readByte(t, src, 512<<10)}; got != [2]byte{0x22, 0x11} {
+		t.Fatalf("%s reads %#x", src, got)
 	}
 }
 
@@ -289,5 +306,47 @@ func TestCrashCommitSourceMovedAway(t *testing.T) {
 	src := defSource(t, c, "xvda")
 	if got := [2]byte{readByte(t, src, 0), readByte(t, src, 512<<10)}; got != [2]byte{0x22, 0x11} {
 		t.Fatalf("%s reads %#x", src, got)
+	}
+}
+
+// TestStaleTemporaryFiles: what a crash leaves under temporary names (a
+// definition half-written, a new image, a new store) is reported by check
+// once nothing could still be writing it, and removed by check --repair.
+func TestStaleTemporaryFiles(t *testing.T) {
+	t.Parallel()
+	c := newCLI(t)
+	c.ok("snapshot-create-as", "vm", "s1", "--disk-only")
+	old := time.Now().Add(-20 * time.Minute)
+	fresh := c.path(".vm.xml.222")
+	var stale []string
+	for _, p := range []string{c.path(".vm.xml.111"), c.path(".vm-xvda.s2.xlsnap-tmp"), filepath.Join(c.state, "xlsnap.db.new-999"), fresh} {
+		if err := os.WriteFile(p, []byte("half"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if p != fresh {
+			if err := os.Chtimes(p, old, old); err != nil {
+				t.Fatal(err)
+			}
+			stale = append(stale, p)
+		}
+	}
+	stdout, _, code := runXlsnap(t, "--connect", "file://"+c.dir, "--state-dir", c.state, "check")
+	if code == 0 || strings.Count(stdout, "temp-file") != 3 || strings.Contains(stdout, fresh) {
+		t.Fatalf("check: exit %d\n%s", code, stdout)
+	}
+	out := c.ok("check", "--repair")
+	if strings.Count(out, "[fixed]") != 3 {
+		t.Fatalf("check --repair: %s", out)
+	}
+	for _, p := range stale {
+		if _, err := os.Stat(p); !os.IsNotExist(err) {
+			t.Fatalf("%s is still there: %v", p, err)
+		}
+	}
+	if _, err := os.Stat(fresh); err != nil {
+		t.Fatalf("a fresh temporary file (maybe a running operation's) was removed: %v", err)
+	}
+	if out := c.ok("check"); out != "no problems found\n" {
+		t.Fatalf("check: %s", out)
 	}
 }

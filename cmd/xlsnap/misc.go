@@ -40,11 +40,7 @@ func (g *globals) checkCmd() *cobra.Command {
 	var repair, restore, force bool
 	cmd := &cobra.Command{Use: "check [--repair | --restore [--force]]", Short: "Compare metadata with the disks (and mend what is safe)", Args: cobra.NoArgs}
 	check := g.withDriver(func(cmd *cobra.Command, d *driver.Driver, args []string) error {
-		check := d.Storage().Check
-		if repair {
-			check = d.Storage().Repair
-		}
-		problems, err := check(cmd.Context())
+		problems, err := d.Check(cmd.Context(), repair)
 		if err != nil {
 			return err
 		}

@@ -156,6 +156,10 @@ type Snapshot struct {
 	// Memory is the external file holding the saved memory, "" for none.
 	Memory string         `json:"memory,omitempty"`
 	Disks  []SnapshotDisk `json:"disks"`
+	// Damaged says why the snapshot's data may no longer be what it
+	// held (an operation set aside past its point of no return): a revert
+	// to it is refused; it can be deleted with metadata only.
+	Damaged string `json:"damaged,omitempty"`
 	// DomainXML is the domain's definition at the time, needed to revert.
 	// Stores keep it apart from the record so listings stay small.
 	DomainXML string `json:"domain_xml,omitempty"`
