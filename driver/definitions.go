@@ -164,3 +164,13 @@ func (d *Driver) readDefinition(ctx context.Context, domain string) (*SourceDoma
 	}
 	return sd, def, d.defs.key(domain, def.UUID), nil
 }
+
+// Pending describes the operations the journal holds for a domain (one
+// line each; none when it has no record yet). Errors: ErrNoDomain.
+func (d *Driver) Pending(ctx context.Context, domain string) ([]string, error) {
+	_, _, key, err := d.readDefinition(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	return d.st.Pending(ctx, key)
+}

@@ -2,6 +2,7 @@ package storage
 
 import (
 	"context"
+	"fmt"
 
 	"github.com/xlsnap/xlsnap/internal/crashpoint"
 	"github.com/xlsnap/xlsnap/storage/metastore"
@@ -68,4 +69,15 @@ func (m *Manager) MemoryHeld(ctx context.Context, path string) (bool, error) {
 		return err
 	})
 	return held, err
+}
+
+// Pending describes the operations the journal holds for a domain, one
+// line each: what reads report while they wait.
+func (m *Manager) Pending(ctx context.Context, domain string) ([]string, error) {
+	intents, err := m.intents(ctx, domain)
+	var out []string
+	for _, in := range intents {
+		out = append(out, fmt.Sprintf("%s %s is pending (check lists it; check --repair finishes or sets it aside)", in.Op, in.ID))
+	}
+	return out, err
 }

@@ -110,9 +110,24 @@ func (g *globals) withDriver(fn func(cmd *cobra.Command, d *driver.Driver, args 
 			return err
 		}
 		defer done()
-		return fn(cmd, d, args)
+		if err := fn(cmd, d, args); err != nil {
+			return err
+		}
+		// A read answers while an operation waits in the journal, and
+		// says so.
+		if readsSnapshots[cmd.Name()] && len(args) > 0 {
+			notes, _ := d.Pending(cmd.Context(), args[0])
+			for _, n := range notes {
+				fmt.Fprintf(cmd.ErrOrStderr(), "note: %s\n", n)
+			}
+		}
+		return nil
 	}
 }
+
+// readsSnapshots are the commands that read a domain's snapshots.
+var readsSnapshots = map[string]bool{"snapshot-list": true, "snapshot-info": true, "snapshot-dumpxml": true,
+	"snapshot-current": true, "snapshot-parent": true}
 
 func writeJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)

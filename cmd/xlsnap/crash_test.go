@@ -181,8 +181,9 @@ func TestPendingNeverWedges(t *testing.T) {
 	if err := os.Rename(c.path("vm-xvda.qcow2"), c.path("away")); err != nil {
 		t.Fatal(err)
 	}
-	if out := c.ok("snapshot-list", "vm", "--name"); strings.TrimSpace(out) != "s1" {
-		t.Fatalf("snapshot-list while pending: %q", out)
+	if out, stderr, code := runXlsnap(t, "--connect", "file://"+c.dir, "--state-dir", c.state, "snapshot-list", "vm", "--name"); code != 0 ||
+		strings.TrimSpace(out) != "s1" || !strings.Contains(stderr, "note: delete ") {
+		t.Fatalf("snapshot-list while pending: exit %d, %q, %q", code, out, stderr)
 	}
 	stdout, stderr, code := runXlsnap(t, "--connect", "file://"+c.dir, "--state-dir", c.state, "domblklist", "vm")
 	if code != 0 || !strings.Contains(stdout, "vm-xvda.s1") || !strings.Contains(stderr, "pending") {
