@@ -30,6 +30,7 @@ const (
 	ProblemSharedBase      ProblemKind = "shared-base"       // a known image that images no record holds are backed by
 	ProblemDetached        ProblemKind = "detached-data"     // the data of a disk that left the definition: the user's, kept
 	ProblemTempFile        ProblemKind = "temp-file"         // a new image a crash left under its temporary name
+	ProblemStaleBackup     ProblemKind = "stale-backup"      // the store\'s copy could not be refreshed after a change
 	ProblemSetAside        ProblemKind = "set-aside"         // an operation Repair set aside, awaiting a person
 	ProblemDamagedSnapshot ProblemKind = "damaged-snapshot"  // a snapshot whose images a set-aside operation may have merged
 )
@@ -107,6 +108,16 @@ func (m *Manager) check(ctx context.Context, repair bool) ([]Problem, error) {
 		problems = append(problems, pr)
 	}
 	problems = append(problems, m.staleTemps(ctx, repair)...)
+	if why, err := os.ReadFile(staleBackupMark(m.stateDir)); err == nil {
+		pr := Problem{Kind: ProblemStaleBackup, Path: staleBackupMark(m.stateDir),
+			Detail: "the copy check --restore would put back is older than the store: " + strings.TrimSpace(string(why))}
+		if repair && m.backup(ctx) == nil {
+			if _, err := os.Stat(staleBackupMark(m.stateDir)); errors.Is(err, fs.ErrNotExist) {
+				pr.Fixed = true
+			}
+		}
+		problems = append(problems, pr)
+	}
 	// A set-aside operation stays reported until a person has judged it
 	// and removed its report.
 	if reports, _ := filepath.Glob(filepath.Join(m.stateDir, "set-aside", "*.json")); len(reports) > 0 {

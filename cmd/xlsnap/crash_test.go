@@ -351,3 +351,33 @@ func TestStaleTemporaryFiles(t *testing.T) {
 		t.Fatalf("check: %s", out)
 	}
 }
+
+// TestStaleBackup: when the store's copy cannot be refreshed, the
+// operation that committed still succeeds; check says the copy is stale
+// until a copy is made again (check --repair makes one).
+func TestStaleBackup(t *testing.T) {
+	t.Parallel()
+	c := newCLI(t)
+	c.ok("snapshot-create-as", "vm", "s1", "--disk-only")
+	backup := filepath.Join(c.state, "xlsnap.db.backup")
+	if err := os.Remove(backup); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(backup, 0o700); err != nil { // the copy cannot be renamed into place
+		t.Fatal(err)
+	}
+	c.ok("snapshot-create-as", "vm", "s2", "--disk-only")
+	stdout, _, code := runXlsnap(t, "--connect", "file://"+c.dir, "--state-dir", c.state, "check")
+	if code == 0 || !strings.Contains(stdout, "stale-backup") {
+		t.Fatalf("check with a stale copy: exit %d\n%s", code, stdout)
+	}
+	if err := os.Remove(backup); err != nil {
+		t.Fatal(err)
+	}
+	if out := c.ok("check", "--repair"); !strings.Contains(out, "stale-backup") || !strings.Contains(out, "[fixed]") {
+		t.Fatalf("check --repair: %s", out)
+	}
+	if out := c.ok("check"); out != "no problems found\n" {
+		t.Fatalf("check: %s", out)
+	}
+}
