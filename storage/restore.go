@@ -41,7 +41,9 @@ func (m *Manager) backup(ctx context.Context) error {
 
 // staleBackupMark is the file that says the store's copy is older than
 // the store, and why.
-func staleBackupMark(stateDir string) string { return filepath.Join(stateDir, "xlsnap.db.backup-stale") }
+func staleBackupMark(stateDir string) string {
+	return filepath.Join(stateDir, "xlsnap.db.backup-stale")
+}
 
 // RestoreStore puts the copy of the embedded store kept after the last
 // committed operation back in place of a damaged one. It needs no
