@@ -84,18 +84,11 @@ func (s definitions) DefinedDisks(ctx context.Context) ([]storage.DefinedDisk, e
 // the current one) with each disk pointed at its active image, written
 // only when it differs from what the source holds.
 func (s definitions) Redefine(ctx context.Context, key, name, base string, disks []storage.Disk) error {
-	cur, err := s.src.Domain(ctx, name)
-	if errors.Is(err, ErrNoDomain) {
-		return nil // undefined since: no definition names anything
+	cur, err := s.byKey(ctx, key, name)
+	if err != nil || cur == nil {
+		return err // nil, nil: undefined since, no definition names anything
 	}
-	if err != nil {
-		return err
-	}
-	if curDef, err := parseDomain(cur.XML); err != nil {
-		return err
-	} else if s.key(name, curDef.UUID) != key {
-		return nil // another domain has the name now: not this one's to rewrite
-	}
+	name = cur.Name
 	doc := base
 	if doc == "" {
 		doc = cur.XML
@@ -126,6 +119,45 @@ func (s definitions) Redefine(ctx context.Context, key, name, base string, disks
 		return fmt.Errorf("rewriting the definition of %s: %w", name, err)
 	}
 	return nil
+}
+
+// byKey finds the definition of the domain with key: under name, or,
+// renamed since, under whatever name the source has it now (nil when the
+// source no longer has it).
+func (s definitions) byKey(ctx context.Context, key, name string) (*SourceDomain, error) {
+	match := func(n string) (*SourceDomain, error) {
+		sd, err := s.src.Domain(ctx, n)
+		if errors.Is(err, ErrNoDomain) {
+			return nil, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		def, err := parseDomain(sd.XML)
+		if err != nil {
+			return nil, err
+		}
+		if s.key(n, def.UUID) != key {
+			return nil, nil
+		}
+		return sd, nil
+	}
+	if sd, err := match(name); sd != nil || err != nil {
+		return sd, err
+	}
+	names, err := s.src.Domains(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, n := range names {
+		if n == name {
+			continue
+		}
+		if sd, err := match(n); sd != nil || err != nil && !errors.Is(err, ErrXML) && !errors.Is(err, ErrDuplicateUUID) {
+			return sd, err
+		}
+	}
+	return nil, nil
 }
 
 // repointNeeded reports whether any listed disk of def names another

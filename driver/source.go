@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/xml"
 	"fmt"
+	"path/filepath"
 
 	"libvirt.org/go/libvirtxml"
 
@@ -70,6 +71,7 @@ func checkTargets(d *libvirtxml.Domain) error {
 		return nil
 	}
 	seen := map[string]int{}
+	written := map[string]int{}
 	for i, disk := range d.Devices.Disks {
 		if disk.Target == nil || disk.Target.Dev == "" {
 			continue
@@ -79,6 +81,15 @@ func checkTargets(d *libvirtxml.Domain) error {
 				d.Name, disk.Target.Dev, diskSource(&d.Devices.Disks[j]), diskSource(&d.Devices.Disks[i]))
 		}
 		seen[disk.Target.Dev] = i
+		// Two writable disks on one file: each would overwrite what the
+		// other wrote, and a snapshot of one would freeze the other's.
+		if src := diskSource(&d.Devices.Disks[i]); src != "" && (disk.Device == "" || disk.Device == "disk") && disk.ReadOnly == nil && disk.Shareable == nil {
+			if j, dup := written[filepath.Clean(src)]; dup {
+				return fmt.Errorf("%w: domain %s: disks %q and %q both write %s", ErrXML,
+					d.Name, d.Devices.Disks[j].Target.Dev, disk.Target.Dev, src)
+			}
+			written[filepath.Clean(src)] = i
+		}
 	}
 	return nil
 }

@@ -3,6 +3,7 @@ package integration
 import (
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -250,11 +251,16 @@ func TestReuseExt(t *testing.T) {
 		e.expectChain("vda", "vda-pre.s2", "vda-pre.qcow2", "vda.qcow2")
 		e.verify()
 
-		// Deleting them all leaves one image per disk holding the data.
-		e.del("s1", driver.DeleteChildren)
+		// Deleting them all merges what xlsnap made; the reused overlays
+		// and the images below them are the user's files, so each disk
+		// ends on its reused overlay over its own image, both kept.
+		rep := e.del("s1", driver.DeleteChildren)
 		for _, disk := range e.disks {
-			if c := e.chainOf(disk); len(c) != 1 {
+			if c := e.chainOf(disk); !slices.Equal(c, []string{disk + "-pre.qcow2", disk + ".qcow2"}) {
 				t.Fatalf("%s after deleting every snapshot: %v", disk, c)
+			}
+			if a := action(rep, "s1", disk); a != storage.ActionUserImage {
+				t.Fatalf("s1/%s: %s, want %s", disk, a, storage.ActionUserImage)
 			}
 		}
 		e.finish()

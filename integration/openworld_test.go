@@ -984,3 +984,90 @@ func TestOpenWorldTwoFoldersOnePool(t *testing.T) {
 	}
 	pool.expectFiles("x.qcow2")
 }
+
+// TestOpenWorldUserImageStaysTheUsers: a merge down into the user's
+// image does not make it xlsnap's: a later pull-up out of it still ends
+// on the user's name, and the user's file is never removed.
+func TestOpenWorldUserImageStaysTheUsers(t *testing.T) {
+	w := newWorld(t)
+	w.image("a.qcow2", "")
+	w.write("a.qcow2", 0x31, 0, 2048)
+	w.define("vm", "", vdisk{"xvda", "a.qcow2"})
+	w.open()
+	w.snap("vm", "s1")
+	w.write("a.s1", 0x32, 0, 64)
+	w.snap("vm", "s2")
+	w.write("a.s2", 0x33, 0, 8192)
+	if r := w.del("vm", "s1", 0); r.Disks[0].Action != storage.ActionMergedDown {
+		t.Fatalf("report %+v", r.Disks)
+	}
+	if r := w.del("vm", "s2", 0); r.Disks[0].Kept != w.path("a.qcow2") {
+		t.Fatalf("report %+v", r.Disks)
+	}
+	w.expectFiles("a.qcow2")
+	if got := w.source("vm", "xvda"); got != w.path("a.qcow2") {
+		t.Fatalf("disk on %s", got)
+	}
+	w.expect("a.qcow2", 0x33, 0, 8192)
+}
+
+// TestOpenWorldRawBaseKeepsItsFormat: an external snapshot over the
+// user's raw image, deleted: the raw file stays raw (a qcow2 under its
+// name would be read as raw data by whatever else opens it).
+func TestOpenWorldRawBaseKeepsItsFormat(t *testing.T) {
+	w := newWorld(t)
+	run(t, "qemu-img", "create", "-q", "-f", "raw", w.path("a.raw"), diskSize)
+	run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x41 0 1M", w.path("a.raw"))
+	doc := oneDiskXML("vm", fileDisk("xvda", w.path("a.raw"), "raw"))
+	if err := os.WriteFile(w.path("vm.xml"), []byte(doc), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	w.open()
+	w.snap("vm", "s1")
+	w.write("a.s1", 0x42, 0, 4096) // bigger than the base: a pull-up would be cheaper
+	w.del("vm", "s1", 0)
+	out := run(t, "qemu-img", "info", "--output=json", w.path("a.raw"))
+	if !strings.Contains(out, `"format": "raw"`) {
+		t.Fatalf("a.raw is no longer raw:\n%s", out)
+	}
+	run(t, "qemu-io", "-r", "-f", "raw", "-c", "read -P 0x42 0 4M", w.path("a.raw"))
+	if got := w.source("vm", "xvda"); got != w.path("a.raw") {
+		t.Fatalf("disk on %s", got)
+	}
+}
+
+// TestOpenWorldRevertOntoAnotherDomainsDisk: xvdb left vm and its image
+// became web2's disk; a revert that would put vm's xvdb back on top of
+// it (web2 writing underneath) is refused and changes nothing.
+func TestOpenWorldRevertOntoAnotherDomainsDisk(t *testing.T) {
+	w := newWorld(t)
+	w.image("a.qcow2", "")
+	w.image("b.qcow2", "")
+	w.define("vm", "", vdisk{"xvda", "a.qcow2"}, vdisk{"xvdb", "b.qcow2"})
+	w.open()
+	w.snap("vm", "s1")
+	w.define("vm", "", vdisk{"xvda", "a.s1"})
+	w.define("web2", "", vdisk{"xvda", "b.qcow2"})
+	before := w.files()
+	err := w.d.RevertToSnapshot(w.ctx, "vm", "s1", 0)
+	if !errors.Is(err, driver.ErrOperationInvalid) || !strings.Contains(err.Error(), "web2") {
+		t.Fatalf("revert onto web2's disk: %v", err)
+	}
+	if got := w.files(); !slices.Equal(got, before) {
+		t.Fatalf("the refused revert changed the folder: %v -> %v", before, got)
+	}
+}
+
+// TestOpenWorldTwoDisksOneFile: two writable disks of one definition on
+// one file are refused like two disks on one target.
+func TestOpenWorldTwoDisksOneFile(t *testing.T) {
+	w := newWorld(t)
+	w.image("a.qcow2", "")
+	w.define("vm", "", vdisk{"xvda", "a.qcow2"}, vdisk{"xvdb", "a.qcow2"})
+	w.open()
+	_, err := w.d.SnapshotCreateXML(w.ctx, "vm", snapXML("s1"), driver.CreateDiskOnly)
+	if !errors.Is(err, driver.ErrXML) || driver.Code(err) != driver.ErrNumXML {
+		t.Fatalf("two disks on one file: %v", err)
+	}
+	w.expectFiles("a.qcow2")
+}

@@ -313,7 +313,10 @@ func (m *Manager) planMerge(ctx context.Context, next *Domain, sd SnapshotDisk, 
 	// user's own image, ends by giving C X's name (offline only: the
 	// device model holds C open by its name).
 	canDown := cimg.Removable() && cKidsOwn
-	canUp := !xHasInternal && (ximg.Removable() || !liveMerge && cimg.Removable() && !ximg.Detached)
+	// Taking the user's name needs the user's format too: a qcow2 under a
+	// raw image's name would have anything opening it as raw read qcow2
+	// metadata as data.
+	canUp := !xHasInternal && (ximg.Removable() || !liveMerge && cimg.Removable() && !ximg.Detached && cimg.Format == ximg.Format)
 	if !canDown && !canUp {
 		r.Action, r.Kept = ActionUserImage, x
 		return nil, nil, nil
@@ -428,9 +431,8 @@ func replaceImage(d *Domain, old, repl string) {
 			d.Disks[i].Active, d.Disks[i].Format = repl, d.Images[repl].Format
 		}
 	}
-	if img := d.Images[old]; img != nil && img.Removable() {
-		d.Images[repl].Owned = true
-	}
+	// repl keeps its own ownership: a merge into the user's image does
+	// not make it xlsnap's.
 	delete(d.Images, old)
 }
 

@@ -73,6 +73,7 @@ func (m *Manager) Revert(ctx context.Context, domain, name string, opts RevertOp
 	}
 	in := newIntent(domain, "revert")
 	var applies []step
+	var defined []DefinedDisk // read when an image is to be written or read anew
 	for _, sd := range s.Disks {
 		if sd.Mode == DiskNone {
 			continue
@@ -87,6 +88,11 @@ func (m *Manager) Revert(ctx context.Context, domain, name string, opts RevertOp
 		}
 		switch sd.Mode {
 		case DiskExternal:
+			// The state image becomes a backing file again: no other
+			// domain may write it as its disk meanwhile.
+			if err := m.checkSoleWriter(ctx, &defined, d, sd.Image); err != nil {
+				return nil, fmt.Errorf("disk %s: %w", sd.Target, err)
+			}
 			overlay := m.freeOverlayPath(next, sd.Image, name)
 			in.Steps = append(in.Steps, step{Kind: metastore.StepCreateOverlay, Path: overlay, Format: "qcow2",
 				Backing: sd.Image, BackingFormat: sd.Format, Disk: sd.Target})
@@ -167,6 +173,10 @@ func (m *Manager) revertedDisks(ctx context.Context, d *Domain, s *Snapshot, spe
 		}
 		if _, err := m.poolOf(abs); err != nil {
 			return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
+		}
+		var defined []DefinedDisk
+		if err := m.checkSoleWriter(ctx, &defined, d, abs); err != nil {
+			return nil, fmt.Errorf("disk %s comes back on %s: %w", ds.Target, abs, err)
 		}
 		c, err := chain.Walk(ctx, abs, chain.Format(ds.Format), m.policy())
 		if err != nil {

@@ -381,3 +381,51 @@ func TestStaleBackup(t *testing.T) {
 		t.Fatalf("check: %s", out)
 	}
 }
+
+// TestCrashThenRename: a revert killed once its metadata committed,
+// then the domain renamed (same UUID) before the next call: the pending
+// definition step finds the domain by its UUID and rewrites it under
+// its new name.
+func TestCrashThenRename(t *testing.T) {
+	t.Parallel()
+	c := newCLI(t)
+	b, err := os.ReadFile(c.path("vm.xml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	withUUID := strings.Replace(string(b), "<name>vm</name>", "<name>vm</name><uuid>5b2a1c1e-0000-4000-8000-00000000ab01</uuid>", 1)
+	if err := os.WriteFile(c.path("vm.xml"), []byte(withUUID), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	qemuIO(t, c.path("vm-xvda.qcow2"), "write -P 0x11 0 1M")
+	c.ok("snapshot-create-as", "vm", "s1", "--disk-only")
+	qemuIO(t, c.path("vm-xvda.s1"), "write -P 0x22 0 64k")
+	if _, _, code := crashRun(t, c, "XLSNAP_CRASH_AT=revert/committed", "snapshot-revert", "vm", "s1"); code != -1 {
+		t.Fatalf("the revert was not killed: exit %d", code)
+	}
+	b, err = os.ReadFile(c.path("vm.xml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(c.path("web3.xml"), []byte(strings.Replace(string(b), "<name>vm</name>", "<name>web3</name>", 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(c.path("vm.xml")); err != nil {
+		t.Fatal(err)
+	}
+	c.ok("snapshot-list", "web3")
+	if out := c.ok("check"); out != "no problems found\n" {
+		t.Fatalf("check: %s", out)
+	}
+	b, err = os.ReadFile(c.path("web3.xml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), c.path("vm-xvda.s1-1")) || !strings.Contains(string(b), "<name>web3</name>") {
+		t.Fatalf("web3.xml after recovery:\n%s", b)
+	}
+	src := c.path("vm-xvda.s1-1")
+	if got := readByte(t, src, 0); got != 0x11 {
+		t.Fatalf("the reverted disk reads %#x", got)
+	}
+}
