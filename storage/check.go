@@ -31,6 +31,7 @@ const (
 	ProblemDetached        ProblemKind = "detached-data"     // the data of a disk that left the definition: the user's, kept
 	ProblemTempFile        ProblemKind = "temp-file"         // a new image a crash left under its temporary name
 	ProblemStaleBackup     ProblemKind = "stale-backup"      // the store\'s copy could not be refreshed after a change
+	ProblemUsersUnknown    ProblemKind = "users-unknown"     // what finds an image\'s users could not be read (a definition, a pool file)
 	ProblemSetAside        ProblemKind = "set-aside"         // an operation Repair set aside, awaiting a person
 	ProblemDamagedSnapshot ProblemKind = "damaged-snapshot"  // a snapshot whose images a set-aside operation may have merged
 )
@@ -236,7 +237,7 @@ func layerPaths(c *chain.Chain) []string {
 func (m *Manager) orphans(ctx context.Context, known map[string]bool) []Problem {
 	u, err := m.scanUsers(ctx)
 	if err != nil {
-		return []Problem{{Kind: ProblemBadImage, Detail: err.Error()}}
+		return []Problem{{Kind: ProblemUsersUnknown, Detail: err.Error(), Note: "merges and removals wait until it can be read"}}
 	}
 	var problems []Problem
 	bases := map[string][]User{}
