@@ -4,6 +4,7 @@ package xen
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -238,6 +239,36 @@ func TestLibvirtXen(t *testing.T) {
 	chains = g.chains(h)
 	for _, disk := range disks {
 		g.expectChain(chains, active[disk])
+	}
+
+	// case 8e: a memory snapshot killed once libvirt's save stopped the
+	// domain, before its disks: the next driver restores it from the
+	// memory just saved (its disks are what the memory saw), then drops
+	// the image no snapshot holds.
+	cmem := filepath.Join(workDir, g.name, "c8.save")
+	req, _ = g.externalRequest("c8")
+	req.Memory, req.MemoryPath = true, cmem
+	crashIn(t, "guest-snapshot/stopped", func() error { _, err := d.CreateSnapshot(ctx, g.name, req, 0); return err })
+	if st, _ := h.State(ctx, g.name); st != xenlight.Shutoff {
+		t.Fatalf("killed after the save: the domain is %s, want shut off", st)
+	}
+	d2, err := driver.Open(ctx, driver.Config{StateDir: filepath.Join(workDir, g.name, "state"), Source: src, Pools: []string{g.dir}, Hypervisor: h})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d2.Close() })
+	t0 = time.Now()
+	g.diskList(d2)
+	timing(t, "case 8e: recovery restores the stopped domain", t0)
+	if st, _ := h.State(ctx, g.name); st != xenlight.Running {
+		t.Fatalf("after recovery the domain is %s, want running\n%s", st, g.console())
+	}
+	if _, err := os.Stat(cmem); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the memory image no snapshot holds is still there: %v", err)
+	}
+	for _, disk := range disks {
+		last, _ := records(t, active[disk], disk, true)
+		g.waitSeq(active[disk], disk, last+3)
 	}
 	if err := dom.Destroy(); err != nil {
 		t.Fatal(err)
