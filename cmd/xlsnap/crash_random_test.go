@@ -78,7 +78,7 @@ func TestCrashRandom(t *testing.T) {
 
 		var args []string
 		var post content
-		kind := rng.IntN(3)
+		kind := rng.IntN(4)
 		if len(snaps) == 0 {
 			kind = 0
 		}
@@ -94,6 +94,14 @@ func TestCrashRandom(t *testing.T) {
 		case 2:
 			name = names()[rng.IntN(len(snaps))]
 			args, post = []string{"snapshot-delete", "vm", name}, cur
+		case 3:
+			name = names()[rng.IntN(len(snaps))]
+			args, post = []string{"snapshot-delete", "vm", name, "--children"}, cur
+		}
+		// What a --children delete takes: the snapshot and its descendants.
+		var family []string
+		if kind == 3 {
+			family = append(descendants(t, c, name), name)
 		}
 		delay := time.Duration(rng.IntN(60_000)) * time.Microsecond
 		killed := killAfter(t, c, delay, args...)
@@ -121,6 +129,15 @@ func TestCrashRandom(t *testing.T) {
 			done = readAll(defSource(t, c, "xvda")) == post
 		case 2:
 			done = !slices.Contains(list, name)
+		case 3:
+			// Each snapshot's delete is its own operation: a kill leaves
+			// some of the family deleted, each whole.
+			for _, n := range family {
+				if !slices.Contains(list, n) {
+					delete(snaps, n)
+				}
+			}
+			done = !slices.Contains(list, name)
 		}
 		if done {
 			switch kind {
@@ -132,7 +149,11 @@ func TestCrashRandom(t *testing.T) {
 				delete(snaps, name)
 			}
 		}
-		outcomes[fmt.Sprintf("%s killed=%v done=%v", args[0], killed, done)]++
+		op := args[0]
+		if kind == 3 {
+			op += " --children"
+		}
+		outcomes[fmt.Sprintf("%s killed=%v done=%v", op, killed, done)]++
 		if got := readAll(defSource(t, c, "xvda")); got != cur {
 			t.Fatalf("op %d %v (killed=%v, done=%v): the disk reads %x, want %x", i, args, killed, done, got, cur)
 		}
@@ -234,4 +255,28 @@ func reapOrphans() {
 			return // ECHILD: none left
 		}
 	}
+}
+
+// descendants lists a snapshot's descendants, through the library.
+func descendants(t *testing.T, c *cli, name string) []string {
+	t.Helper()
+	ctx := context.Background()
+	src, err := driver.NewDirSource(c.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := driver.Open(ctx, driver.Config{StateDir: c.state, Source: src})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	list, err := d.SnapshotListAllChildren(ctx, "vm", name, driver.ListDescendants)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, s := range list {
+		out = append(out, s.Name)
+	}
+	return out
 }
