@@ -9,6 +9,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/xlsnap/xlsnap/chain"
 	"github.com/xlsnap/xlsnap/internal/qemuimg"
@@ -29,7 +30,14 @@ func fullDiskEnv(t *testing.T, size string) *storagetest.Env {
 		t.Fatalf("mount -t tmpfs -o size=%s: %v", size, err)
 	}
 	t.Cleanup(func() {
-		if err := syscall.Unmount(pool, 0); err != nil {
+		// A child another parallel test forks holds copies of every open
+		// descriptor until its exec closes them: EBUSY for a moment.
+		err := syscall.Unmount(pool, 0)
+		for i := 0; errors.Is(err, syscall.EBUSY) && i < 40; i++ {
+			time.Sleep(50 * time.Millisecond)
+			err = syscall.Unmount(pool, 0)
+		}
+		if err != nil {
 			t.Errorf("unmount %s: %v", pool, err)
 		}
 	})
