@@ -177,14 +177,7 @@ func TestCrashRandom(t *testing.T) {
 func verifySnapshots(t *testing.T, c *cli, want func(string) ([regions]byte, bool), readAll func(string) [regions]byte) {
 	t.Helper()
 	ctx := context.Background()
-	src, err := driver.NewDirSource(c.dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d, err := driver.Open(ctx, driver.Config{StateDir: c.state, Source: src})
-	if err != nil {
-		t.Fatal(err)
-	}
+	d := c.library()
 	defer d.Close()
 	list, err := d.ListAllSnapshots(ctx, "vm", 0)
 	if err != nil {
@@ -261,14 +254,7 @@ func reapOrphans() {
 func descendants(t *testing.T, c *cli, name string) []string {
 	t.Helper()
 	ctx := context.Background()
-	src, err := driver.NewDirSource(c.dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d, err := driver.Open(ctx, driver.Config{StateDir: c.state, Source: src})
-	if err != nil {
-		t.Fatal(err)
-	}
+	d := c.library()
 	defer d.Close()
 	list, err := d.SnapshotListAllChildren(ctx, "vm", name, driver.ListDescendants)
 	if err != nil {
@@ -279,4 +265,19 @@ func descendants(t *testing.T, c *cli, name string) []string {
 		out = append(out, s.Name)
 	}
 	return out
+}
+
+// library opens the driver on the command's folder and state, in the
+// test's process, to read what the command recorded.
+func (c *cli) library() *driver.Driver {
+	c.t.Helper()
+	src, err := driver.NewDirSource(c.dir)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	d, err := driver.Open(context.Background(), driver.Config{StateDir: c.state, Source: src})
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return d
 }

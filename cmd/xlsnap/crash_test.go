@@ -172,12 +172,8 @@ func containsPair(set [][2]byte, p [2]byte) bool {
 func TestPendingNeverWedges(t *testing.T) {
 	t.Parallel()
 	c := newCLI(t)
-	qemuIO(t, c.path("vm-xvda.qcow2"), "write -P 0x11 0 1M")
-	c.ok("snapshot-create-as", "vm", "s1", "--disk-only")
-	qemuIO(t, c.path("vm-xvda.s1"), "write -P 0x22 0 64k")
-	if _, _, code := crashRun(t, c, "XLSNAP_CRASH_AT=delete/step1-commit", "snapshot-delete", "vm", "s1"); code != -1 {
-		t.Fatalf("the delete was not killed: exit %d", code)
-	}
+	c.seedS1()
+	c.killAt("delete/step1-commit", "snapshot-delete", "vm", "s1")
 	if err := os.Rename(c.path("vm-xvda.qcow2"), c.path("away")); err != nil {
 		t.Fatal(err)
 	}
@@ -255,9 +251,7 @@ func slicesEqual(a, b []string) bool { return strings.Join(a, "\x00") == strings
 func TestCrashHalfMadeOverlay(t *testing.T) {
 	t.Parallel()
 	c := newCLI(t)
-	if _, _, code := crashRun(t, c, "XLSNAP_CRASH_AT=snapshot/step0-create-overlay/overlay-made", "snapshot-create-as", "vm", "s1", "--disk-only"); code != -1 {
-		t.Fatalf("not killed: exit %d", code)
-	}
+	c.killAt("snapshot/step0-create-overlay/overlay-made", "snapshot-create-as", "vm", "s1", "--disk-only")
 	if _, err := os.Stat(c.path("vm-xvda.s1")); !os.IsNotExist(err) {
 		t.Fatalf("a half-made overlay has the overlay's name: %v", err)
 	}
@@ -280,12 +274,8 @@ func TestCrashHalfMadeOverlay(t *testing.T) {
 func TestCrashCommitSourceMovedAway(t *testing.T) {
 	t.Parallel()
 	c := newCLI(t)
-	qemuIO(t, c.path("vm-xvda.qcow2"), "write -P 0x11 0 1M")
-	c.ok("snapshot-create-as", "vm", "s1", "--disk-only")
-	qemuIO(t, c.path("vm-xvda.s1"), "write -P 0x22 0 64k")
-	if _, _, code := crashRun(t, c, "XLSNAP_CRASH_AT=delete/step1-commit", "snapshot-delete", "vm", "s1"); code != -1 {
-		t.Fatalf("the delete was not killed: exit %d", code)
-	}
+	c.seedS1()
+	c.killAt("delete/step1-commit", "snapshot-delete", "vm", "s1")
 	if err := os.Rename(c.path("vm-xvda.s1"), c.path("away")); err != nil {
 		t.Fatal(err)
 	}
@@ -397,12 +387,8 @@ func TestCrashThenRename(t *testing.T) {
 	if err := os.WriteFile(c.path("vm.xml"), []byte(withUUID), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	qemuIO(t, c.path("vm-xvda.qcow2"), "write -P 0x11 0 1M")
-	c.ok("snapshot-create-as", "vm", "s1", "--disk-only")
-	qemuIO(t, c.path("vm-xvda.s1"), "write -P 0x22 0 64k")
-	if _, _, code := crashRun(t, c, "XLSNAP_CRASH_AT=revert/committed", "snapshot-revert", "vm", "s1"); code != -1 {
-		t.Fatalf("the revert was not killed: exit %d", code)
-	}
+	c.seedS1()
+	c.killAt("revert/committed", "snapshot-revert", "vm", "s1")
 	b, err = os.ReadFile(c.path("vm.xml"))
 	if err != nil {
 		t.Fatal(err)
@@ -427,5 +413,22 @@ func TestCrashThenRename(t *testing.T) {
 	src := c.path("vm-xvda.s1-1")
 	if got := readByte(t, src, 0); got != 0x11 {
 		t.Fatalf("the reverted disk reads %#x", got)
+	}
+}
+
+// seedS1 writes 0x11 over xvda's first MiB, takes s1 (disk-only) and
+// writes 0x22 over the first 64 KiB of the new top.
+func (c *cli) seedS1() {
+	c.t.Helper()
+	qemuIO(c.t, c.path("vm-xvda.qcow2"), "write -P 0x11 0 1M")
+	c.ok("snapshot-create-as", "vm", "s1", "--disk-only")
+	qemuIO(c.t, c.path("vm-xvda.s1"), "write -P 0x22 0 64k")
+}
+
+// killAt runs a command that must die by SIGKILL at a crash point.
+func (c *cli) killAt(point string, args ...string) {
+	c.t.Helper()
+	if _, _, code := crashRun(c.t, c, "XLSNAP_CRASH_AT="+point, args...); code != -1 {
+		c.t.Fatalf("%v was not killed at %s: exit %d", args, point, code)
 	}
 }

@@ -99,26 +99,15 @@ func (e *guestEnv) liveDisk() string {
 	return x.Devices.Disks[0].Source.File.File
 }
 
-// crashAt runs op with the crash point armed; the point must be hit.
+// crashAt runs op until the crash point (see crashpoint.Catch), which it
+// must reach.
 func crashAt(t *testing.T, point string, op func() error) {
 	t.Helper()
-	hit := false
-	func() {
-		crashpoint.PanicAt(point)
-		defer crashpoint.PanicAt("")
-		defer func() {
-			if r := recover(); r != nil {
-				if _, ok := r.(crashpoint.Crash); !ok {
-					panic(r)
-				}
-				hit = true
-			}
-		}()
-		if err := op(); err != nil {
-			t.Fatalf("before %s: %v", point, err)
-		}
-	}()
-	if !hit {
+	crashed, err := crashpoint.Catch(point, op)
+	if err != nil {
+		t.Fatalf("before %s: %v", point, err)
+	}
+	if !crashed {
 		t.Fatalf("the operation never reached %s", point)
 	}
 }

@@ -15,28 +15,15 @@ import (
 	"github.com/xlsnap/xlsnap/xenlight"
 )
 
-// crashIn runs op with the crash point armed (in-process: the driver
-// panics there, the Xen domain lives on as a killed xlsnap would leave
-// it); the point must be hit.
+// crashIn runs op until the crash point (see crashpoint.Catch), which it
+// must reach.
 func crashIn(t *testing.T, point string, op func() error) {
 	t.Helper()
-	hit := false
-	func() {
-		crashpoint.PanicAt(point)
-		defer crashpoint.PanicAt("")
-		defer func() {
-			if r := recover(); r != nil {
-				if _, ok := r.(crashpoint.Crash); !ok {
-					panic(r)
-				}
-				hit = true
-			}
-		}()
-		if err := op(); err != nil {
-			t.Fatalf("before %s: %v", point, err)
-		}
-	}()
-	if !hit {
+	crashed, err := crashpoint.Catch(point, op)
+	if err != nil {
+		t.Fatalf("before %s: %v", point, err)
+	}
+	if !crashed {
 		t.Fatalf("the operation never reached %s", point)
 	}
 }

@@ -68,3 +68,20 @@ func Within(ctx context.Context, name string) {
 	}
 	Hit(name)
 }
+
+// Catch runs op with PanicAt(point) armed and reports whether op reached
+// point (its panic recovered there) or returned first, with op's error.
+// Another panic goes on.
+func Catch(point string, op func() error) (crashed bool, err error) {
+	PanicAt(point)
+	defer PanicAt("")
+	defer func() {
+		if r := recover(); r != nil {
+			if _, ok := r.(Crash); !ok {
+				panic(r)
+			}
+			crashed = true
+		}
+	}()
+	return false, op()
+}
