@@ -11,7 +11,6 @@ import (
 	"sort"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"libvirt.org/go/libvirtxml"
@@ -190,36 +189,17 @@ func (s *DirSource) Redefine(ctx context.Context, name, doc string) error {
 	if doc, err = s.keepRelative(p, doc); err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(s.dir, "."+name+".xml.*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
 	// The new file replaces the old one for whoever reads it: same mode,
-	// same owner (chown is root's; others keep their own file).
-	if err := tmp.Chmod(old.Mode().Perm()); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := sameOwner(tmp, old); err != nil {
-		tmp.Close()
-		return fmt.Errorf("giving the new definition of %s the owner of %s: %w", name, p, err)
-	}
-	if _, err := tmp.WriteString(doc); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), p); err != nil {
-		return err
-	}
-	return fsutil.SyncDir(s.dir)
+	// same owner.
+	return fsutil.WriteFile(p, []byte(doc), func(f *os.File) error {
+		if err := f.Chmod(old.Mode().Perm()); err != nil {
+			return err
+		}
+		if err := fsutil.SameOwner(f, old); err != nil {
+			return fmt.Errorf("giving the new definition of %s the owner of %s: %w", name, p, err)
+		}
+		return nil
+	})
 }
 
 // keepRelative writes the sources of disks that the definition at p
@@ -257,26 +237,6 @@ func (s *DirSource) keepRelative(p, doc string) (string, error) {
 		}
 	}
 	return marshalDomain(def)
-}
-
-// sameOwner gives f the owner of old when they differ; a refusal is an
-// error only for root (anyone else cannot give files away).
-func sameOwner(f *os.File, old fs.FileInfo) error {
-	want, ok := old.Sys().(*syscall.Stat_t)
-	if !ok {
-		return nil
-	}
-	cur, err := f.Stat()
-	if err != nil {
-		return err
-	}
-	if have, ok := cur.Sys().(*syscall.Stat_t); ok && have.Uid == want.Uid && have.Gid == want.Gid {
-		return nil
-	}
-	if err := f.Chown(int(want.Uid), int(want.Gid)); err != nil && os.Geteuid() == 0 {
-		return err
-	}
-	return nil
 }
 
 // StaleTemps lists the temporary definitions a crash inside Redefine

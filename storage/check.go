@@ -518,7 +518,7 @@ func (m *Manager) setAside(ctx context.Context, in *intent) (string, error) {
 		return "", err
 	}
 	file := filepath.Join(dir, in.ID+".json")
-	if err := fsutil.WriteFile(file, b, 0o600); err != nil {
+	if err := fsutil.WriteFile(file, b, func(f *os.File) error { return f.Chmod(0o600) }); err != nil {
 		return "", err
 	}
 	return file, m.store.Update(ctx, func(tx metastore.Tx) error {

@@ -182,18 +182,7 @@ func takeOwner(f *os.File, like string) error {
 	if err := f.Chmod(st.Mode().Perm() | 0o200); err != nil {
 		return err
 	}
-	want, ok := st.Sys().(*syscall.Stat_t)
-	if !ok {
-		return nil
-	}
-	cur, err := f.Stat()
-	if err != nil {
-		return err
-	}
-	if have, ok := cur.Sys().(*syscall.Stat_t); ok && have.Uid == want.Uid && have.Gid == want.Gid {
-		return nil
-	}
-	if err := f.Chown(int(want.Uid), int(want.Gid)); err != nil && os.Geteuid() == 0 {
+	if err := fsutil.SameOwner(f, st); err != nil {
 		return fmt.Errorf("giving %s the owner of %s: %w", f.Name(), like, err)
 	}
 	return nil
