@@ -1071,3 +1071,20 @@ func TestOpenWorldTwoDisksOneFile(t *testing.T) {
 	}
 	w.expectFiles("a.qcow2")
 }
+
+// TestOpenWorldTwoDisksOneNewOverlay: two disks of one snapshot named
+// onto one new file are refused before anything is made.
+func TestOpenWorldTwoDisksOneNewOverlay(t *testing.T) {
+	w := newWorld(t)
+	w.image("a.qcow2", "")
+	w.image("b.qcow2", "")
+	w.define("vm", "", vdisk{"xvda", "a.qcow2"}, vdisk{"xvdb", "b.qcow2"})
+	w.open()
+	same := w.path("same.qcow2")
+	doc := fmt.Sprintf(`<domainsnapshot><name>s1</name><disks><disk name='xvda' snapshot='external'><source file='%s'/></disk><disk name='xvdb' snapshot='external'><source file='%s'/></disk></disks></domainsnapshot>`, same, same)
+	_, err := w.d.SnapshotCreateXML(w.ctx, "vm", doc, driver.CreateDiskOnly)
+	if !errors.Is(err, driver.ErrInvalidArg) || !strings.Contains(err.Error(), "both write") {
+		t.Fatalf("two disks on one new overlay: %v", err)
+	}
+	w.expectFiles("a.qcow2", "b.qcow2")
+}

@@ -38,7 +38,11 @@ const (
 
 // Informational reports a finding that is no fault: a shared base is
 // how pools are used, reported so its users are known.
-func (k ProblemKind) Informational() bool { return k == ProblemSharedBase || k == ProblemDetached }
+// An orphan is one too: xlsnap makes new images under temporary names, so
+// an unrecorded overlay is someone's own (a clone not yet defined).
+func (k ProblemKind) Informational() bool {
+	return k == ProblemSharedBase || k == ProblemDetached || k == ProblemOrphan
+}
 
 // Problem is one finding; Fixed says Repair mended it, Note why not.
 type Problem struct {

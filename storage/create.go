@@ -163,6 +163,17 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 		}
 		snap.Disks = append(snap.Disks, rec)
 	}
+	// Two disks on one new overlay would each write the other's data.
+	overlays := map[string]string{}
+	for _, sd := range snap.Disks {
+		if sd.Overlay == "" {
+			continue
+		}
+		if other, dup := overlays[sd.Overlay]; dup {
+			return nil, fmt.Errorf("%w: disks %s and %s would both write %s", ErrInvalidArg, other, sd.Target, sd.Overlay)
+		}
+		overlays[sd.Overlay] = sd.Target
+	}
 	for _, disk := range d.Disks {
 		if !seen[disk.Target] {
 			snap.Disks = append(snap.Disks, SnapshotDisk{Target: disk.Target, Mode: DiskNone})
@@ -297,7 +308,7 @@ func (m *Manager) checkNewFile(path string) error {
 		return fmt.Errorf("%w: file name of %d bytes (at most %d): %s", ErrInvalidArg, len(base), MaxNameLen, path)
 	}
 	if _, err := os.Lstat(path); err == nil {
-		return fmt.Errorf("%w: %s exists (reuse it with REUSE_EXT)", ErrInvalidArg, path)
+		return fmt.Errorf("%w: %s exists (to use it as the overlay: --reuse-external, libvirt's REUSE_EXT)", ErrInvalidArg, path)
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}

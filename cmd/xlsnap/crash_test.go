@@ -432,3 +432,17 @@ func (c *cli) killAt(point string, args ...string) {
 		c.t.Fatalf("%v was not killed at %s: exit %d", args, point, code)
 	}
 }
+
+// TestCheckUserClone: an overlay of a recorded image that nothing names
+// (a user's clone, not yet defined) is listed by check, as a note: xlsnap
+// leaves no such files itself.
+func TestCheckUserClone(t *testing.T) {
+	t.Parallel()
+	c := newCLI(t)
+	c.ok("snapshot-create-as", "vm", "s1", "--disk-only")
+	qemuImg(t, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", c.path("vm-xvda.qcow2"), c.path("clone.qcow2"))
+	out := c.ok("check")
+	if !strings.Contains(out, "orphan-image") || !strings.Contains(out, c.path("clone.qcow2")) || !strings.HasSuffix(out, "no problems found\n") {
+		t.Fatalf("check: %s", out)
+	}
+}
