@@ -11,6 +11,8 @@ declare -A need=(
   [qemu-io]=qemu-utils
   [qemu-system-x86_64]=qemu-system-x86
   [libvirtd]=libvirt-daemon
+  [virsh]=libvirt-clients   # the oracle of the virsh comparison tests
+  [xmllint]=libxml2-utils   # libxml2's RelaxNG validator (VALIDATE)
 )
 # pkg-config module → Debian package (cgo builds against these)
 declare -A needpc=(
