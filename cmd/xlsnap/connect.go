@@ -13,11 +13,14 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/xlsnap/xlsnap/driver"
-	"github.com/xlsnap/xlsnap/driver/libvirtsource"
 	"github.com/xlsnap/xlsnap/xenlight"
-	xlvirt "github.com/xlsnap/xlsnap/xenlight/libvirt"
 	"github.com/xlsnap/xlsnap/xenlight/qemu"
 )
+
+// companionName is the full build of xlsnap (with cgo, so with libvirt)
+// that make build puts beside the lean bin/xlsnap, which hands it libvirt
+// URIs (connect_companion.go).
+const companionName = "xlsnap-libvirt"
 
 // globals are the options every command shares, as virsh's.
 type globals struct {
@@ -77,12 +80,9 @@ func (g *globals) source() (driver.DomainSource, xenlight.Hypervisor, func(), er
 		h := qemu.New(func(domain string) string { return filepath.Join(src.Dir(), domain+".qmp") })
 		return src, h, func() {}, nil
 	}
-	src, err := libvirtsource.Open(uri)
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	// Active domains of a libvirt connection go through libvirt too.
-	return src, xlvirt.New(src.Conn()), func() { src.Close() }, nil
+	// Whether this binary holds libvirt is a build choice
+	// (connect_libvirt.go, connect_companion.go).
+	return openLibvirt(uri)
 }
 
 // open opens the driver for one command.
