@@ -237,6 +237,28 @@ func TestCrossCheckFormatsAndOptions(t *testing.T) {
 	}
 }
 
+// TestCrossCheckRawSizes: a raw file's virtual size is QEMU's, rounded up
+// to whole 512-byte sectors, alone and as the base of an overlay.
+func TestCrossCheckRawSizes(t *testing.T) {
+	for _, size := range []int64{0, 1, 511, 512, 513, 4095, 65537, 196616, 1<<20 + 3} {
+		t.Run(fmt.Sprint(size), func(t *testing.T) {
+			t.Parallel()
+			dir := t.TempDir()
+			base := filepath.Join(dir, "base.raw")
+			if err := os.WriteFile(base, make([]byte, size), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			compareChain(t, base, "raw", chain.Policy{})
+			top := filepath.Join(dir, "top.qcow2")
+			qemuImg(t, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base.raw", top)
+			c := compareChain(t, top, "qcow2", chain.Policy{})
+			if want := (uint64(size) + 511) / 512 * 512; c.Base().VirtualSize != want {
+				t.Errorf("raw of %d bytes: virtual size %d, want %d", size, c.Base().VirtualSize, want)
+			}
+		})
+	}
+}
+
 func TestCrossCheckReferences(t *testing.T) {
 	root := t.TempDir()
 	a, b, c := filepath.Join(root, "a"), filepath.Join(root, "b"), filepath.Join(root, "b", "c")

@@ -349,7 +349,7 @@ func (w *walker) open(path string, format Format, referrer, ref string) (Layer, 
 		if err != nil {
 			return Layer{}, &ImageError{Path: path, Err: err}
 		}
-		layer.VirtualSize = uint64(size)
+		layer.VirtualSize = rawVirtualSize(size)
 	case FormatQcow2:
 		h, err := parseHeader(r, w.buf)
 		if err != nil {
@@ -373,6 +373,20 @@ func (w *walker) open(path string, format Format, referrer, ref string) (Layer, 
 		return Layer{}, &ImageError{Path: path, Err: fmt.Errorf("%w: format %q", ErrUnsupported, format)}
 	}
 	return layer, nil
+}
+
+// sectorSize is the unit QEMU's block layer counts a device's length in.
+const sectorSize = 512
+
+// rawVirtualSize is the size QEMU gives a guest (and qemu-img info reports
+// as virtual-size) for a raw file of size bytes: the block layer keeps a
+// length as a count of 512-byte sectors rounded up (block.c,
+// bdrv_refresh_total_sectors: DIV_ROUND_UP(length, BDRV_SECTOR_SIZE)), so
+// a file of 196,616 bytes is a disk of 197,120, its tail reading as zeros.
+// An overlay made on it, or a size compared with qemu-img's, must see the
+// same number.
+func rawVirtualSize(size int64) uint64 {
+	return (uint64(size) + sectorSize - 1) / sectorSize * sectorSize
 }
 
 // readSnapshots reads a layer's snapshot table within what is left of the
