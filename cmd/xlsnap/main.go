@@ -35,5 +35,6 @@ func newRoot() *cobra.Command {
 	root.AddCommand(newChainCmd())
 	root.AddCommand(g.snapshotCommands()...)
 	root.AddCommand(g.domblklistCmd(), g.checkCmd(), g.rescanCmd())
+	g.frontDoor(root)
 	return root
 }
