@@ -249,7 +249,8 @@ func flushNode(ctx context.Context, m *qmp.Monitor, node, image string) error {
 		return err
 	}
 	if out != "" {
-		return fmt.Errorf("flushing %s: %s", image, out)
+		// qemu-io reports its failure as output, not as a QMP error.
+		return fmt.Errorf("%w: flushing %s: %s", errdefs.ErrHypervisor, image, out)
 	}
 	return nil
 }
