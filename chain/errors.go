@@ -1,28 +1,32 @@
 package chain
 
 import (
-	"errors"
 	"fmt"
+
+	"github.com/xlsnap/xlsnap/errdefs"
 )
 
-// Sentinels. The specific backing refusals wrap ErrUnsafeBacking so a caller
-// can match either the family or the exact reason with errors.Is.
+// Sentinels, each an errdefs one or wrapping one, so errdefs.CodeOf gives
+// their libvirt code. The specific backing refusals wrap ErrUnsafeBacking
+// so a caller can match either the family or the exact reason with
+// errors.Is.
 var (
 	// ErrInvalidImage: the header is malformed or out of the format's bounds.
-	ErrInvalidImage = errors.New("invalid image")
+	ErrInvalidImage = errdefs.ErrInvalidImage
 	// ErrUnsupported: a well-formed image that this reader must not interpret
 	// (unknown incompatible features, other formats, external data files
-	// when the policy forbids them).
-	ErrUnsupported = errors.New("unsupported image")
+	// when the policy forbids them). Its own value, so a caller can tell it
+	// from a malformed header; it is an errdefs.ErrInvalidImage all the same.
+	ErrUnsupported = fmt.Errorf("%w: unsupported", errdefs.ErrInvalidImage)
 	// ErrCorrupt: qcow2's corrupt bit is set; QEMU itself refuses to write it.
-	ErrCorrupt = errors.New("image is marked corrupt")
+	ErrCorrupt = fmt.Errorf("%w: marked corrupt", errdefs.ErrInvalidImage)
 	// ErrChainBroken: a backing file the chain needs does not exist.
-	ErrChainBroken = errors.New("backing chain broken")
+	ErrChainBroken = errdefs.ErrChainBroken
 	// ErrTooLarge: the chain's metadata is within the format's bounds but
 	// more than the policy lets one walk read (Policy.MaxSnapshotBytes).
-	ErrTooLarge = errors.New("image metadata too large")
+	ErrTooLarge = fmt.Errorf("%w: metadata too large", errdefs.ErrInvalidImage)
 
-	ErrUnsafeBacking   = errors.New("unsafe backing reference")
+	ErrUnsafeBacking   = errdefs.ErrUnsafeBacking
 	ErrOutsideRoots    = fmt.Errorf("%w: resolves outside the allowed roots", ErrUnsafeBacking)
 	ErrNoBackingFormat = fmt.Errorf("%w: no backing format given and probing is not allowed", ErrUnsafeBacking)
 	ErrProtocol        = fmt.Errorf("%w: protocol or json: reference not allowed", ErrUnsafeBacking)

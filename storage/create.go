@@ -343,7 +343,7 @@ func realPath(path string) (string, error) {
 			return "", err
 		}
 		if _, lerr := os.Lstat(dir); lerr == nil {
-			return "", fmt.Errorf("%s is a symlink to nowhere", dir)
+			return "", fmt.Errorf("%w: %s is a symlink to nowhere", ErrInvalidArg, dir)
 		}
 		dir, rest = parent, filepath.Join(filepath.Base(dir), rest)
 	}

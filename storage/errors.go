@@ -4,34 +4,35 @@
 package storage
 
 import (
-	"errors"
+	"fmt"
 
-	"github.com/xlsnap/xlsnap/chain"
-	"github.com/xlsnap/xlsnap/storage/metastore"
+	"github.com/xlsnap/xlsnap/errdefs"
 )
 
-// The error vocabulary of xlsnap. driver/ maps each to a libvirt error code.
+// The error vocabulary is errdefs'; these names keep storage's callers
+// unchanged. errdefs.CodeOf gives the libvirt code of each.
 var (
-	ErrNoDomain         = errors.New("domain not found")
-	ErrNoSnapshot       = errors.New("domain snapshot not found")
-	ErrSnapshotExists   = errors.New("domain snapshot exists")
-	ErrInvalidArg       = errors.New("invalid argument")
-	ErrOperationInvalid = errors.New("operation invalid")
-	ErrLiveUnsupported  = errors.New("live operation not supported")
-	ErrUnsupported      = errors.New("unsupported")
-	ErrBusy             = errors.New("domain is busy with another operation")
+	ErrNoDomain         = errdefs.ErrNoDomain
+	ErrNoSnapshot       = errdefs.ErrNoSnapshot
+	ErrSnapshotExists   = errdefs.ErrSnapshotExists
+	ErrInvalidArg       = errdefs.ErrInvalidArg
+	ErrOperationInvalid = errdefs.ErrOperationInvalid
+	ErrLiveUnsupported  = errdefs.ErrLiveUnsupported
+	ErrUnsupported      = errdefs.ErrUnsupported
+	ErrBusy             = errdefs.ErrBusy
 	// ErrLeaks: an image holds leaked clusters only (no corruption), as a
-	// killed qemu-img commit or rebase leaves; Repair frees them.
-	ErrLeaks = errors.New("image has leaked clusters")
+	// killed qemu-img commit or rebase leaves; Repair frees them. Its own
+	// value so check can tell it from corruption; an operation failed all
+	// the same.
+	ErrLeaks = fmt.Errorf("%w: image has leaked clusters", errdefs.ErrOperationFailed)
 	// ErrPending: an operation could not finish and cannot be undone; its
 	// intent stays in the journal and Open or Repair finishes it.
-	ErrPending = errors.New("operation pending in the journal")
+	ErrPending = errdefs.ErrPending
 
 	// ErrDamaged: the metadata file cannot be trusted (empty, cut short,
 	// pages bbolt did not write); RestoreStore puts back the last copy.
-	ErrDamaged = metastore.ErrDamaged
+	ErrDamaged = errdefs.ErrDamaged
 
-	// Chain errors come from chain/ unchanged.
-	ErrChainBroken   = chain.ErrChainBroken
-	ErrUnsafeBacking = chain.ErrUnsafeBacking
+	ErrChainBroken   = errdefs.ErrChainBroken
+	ErrUnsafeBacking = errdefs.ErrUnsafeBacking
 )

@@ -10,13 +10,13 @@ import (
 	"context"
 	"fmt"
 
-	"github.com/xlsnap/xlsnap/storage"
+	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/xenlight/qmp"
 )
 
 // ErrLiveUnsupported is returned by a back end for what it cannot do on
 // a live domain (a memory snapshot on a bare device model, say).
-var ErrLiveUnsupported = storage.ErrLiveUnsupported
+var ErrLiveUnsupported = errdefs.ErrLiveUnsupported
 
 // State is a domain's state as libvirt names it.
 type State string

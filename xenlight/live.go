@@ -2,7 +2,6 @@ package xenlight
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"hash/fnv"
 	"os"
@@ -11,6 +10,7 @@ import (
 	"sync/atomic"
 
 	"github.com/xlsnap/xlsnap/chain"
+	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/xenlight/qmp"
 )
@@ -95,8 +95,9 @@ func (l *Live) Uses(ctx context.Context, image string) (bool, error) {
 	return slices.ContainsFunc(chains, func(c DiskChain) bool { return slices.Contains(c.Files, image) }), err
 }
 
-// errNotInUse: the device model has no disk chain holding the image.
-var errNotInUse = errors.New("no disk of the device model uses the image")
+// errNotInUse: the device model has no disk chain holding the image,
+// which storage's records say it uses.
+var errNotInUse = fmt.Errorf("%w: no disk of the device model uses the image", ErrChainMismatch)
 
 // chainOf finds the disk whose chain holds image.
 func chainOf(chains []DiskChain, image string) (DiskChain, error) {
@@ -134,7 +135,7 @@ func (l *Live) Snapshot(ctx context.Context, disks []storage.LiveOverlay) error 
 		for _, d := range disks {
 			c, err := chainOf(chains, d.Image)
 			if err != nil || c.Files[0] != d.Image {
-				return fmt.Errorf("disk %s: %s is not the active layer the device model writes: %w", d.Disk, d.Image, errNotInUse)
+				return fmt.Errorf("%w: disk %s: %s is not the active layer the device model writes", ErrChainMismatch, d.Disk, d.Image)
 			}
 			if d.Internal != "" {
 				actions = append(actions, map[string]any{"type": "blockdev-snapshot-internal-sync",
@@ -142,7 +143,7 @@ func (l *Live) Snapshot(ctx context.Context, disks []storage.LiveOverlay) error 
 				continue
 			}
 			if _, err := os.Lstat(d.Overlay); err == nil {
-				return fmt.Errorf("%w: overlay %s exists", storage.ErrInvalidArg, d.Overlay)
+				return fmt.Errorf("%w: overlay %s exists", errdefs.ErrInvalidArg, d.Overlay)
 			}
 			created = append(created, d.Overlay)
 			actions = append(actions, map[string]any{"type": "blockdev-snapshot-sync",
@@ -248,7 +249,8 @@ func flushNode(ctx context.Context, m *qmp.Monitor, node, image string) error {
 		return err
 	}
 	if out != "" {
-		return fmt.Errorf("flushing %s: %s", image, out)
+		// qemu-io reports its failure as output, not as a QMP error.
+		return fmt.Errorf("%w: flushing %s: %s", errdefs.ErrHypervisor, image, out)
 	}
 	return nil
 }
@@ -286,8 +288,9 @@ func percent(progress func(float64)) func(done, total int64) {
 }
 
 // ErrChainMismatch: the device model's view of a disk differs from the
-// chain on disk; the error says exactly how.
-var ErrChainMismatch = errors.New("device model and disk chains differ")
+// chain on disk; the error says exactly how. It wraps
+// errdefs.ErrOperationFailed.
+var ErrChainMismatch = fmt.Errorf("%w: device model and disk chains differ", errdefs.ErrOperationFailed)
 
 // MismatchError is the exact difference for one disk.
 type MismatchError struct {

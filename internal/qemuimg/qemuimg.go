@@ -15,16 +15,20 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+
+	"github.com/xlsnap/xlsnap/errdefs"
 )
 
-// Sentinel errors. *Error unwraps to one of them when qemu-img's message is
-// recognisable; argument validation in this package wraps ErrInvalidArg.
+// Sentinel errors, each wrapping the errdefs one that gives its libvirt
+// code. *Error unwraps to one of them when qemu-img's message is
+// recognisable, to errdefs.ErrOperationFailed when not; argument
+// validation in this package wraps ErrInvalidArg.
 var (
-	ErrInvalidArg  = errors.New("qemuimg: invalid argument")
-	ErrNotFound    = errors.New("qemuimg: file not found")
-	ErrNoSpace     = errors.New("qemuimg: no space left on device")
-	ErrLocked      = errors.New("qemuimg: image is locked by another process")
-	ErrCheckFailed = errors.New("qemuimg: image check found corruptions or leaks")
+	ErrInvalidArg  = fmt.Errorf("qemuimg: %w", errdefs.ErrInvalidArg)
+	ErrNotFound    = fmt.Errorf("qemuimg: file %w", errdefs.ErrNotFound)
+	ErrNoSpace     = fmt.Errorf("qemuimg: %w", errdefs.ErrNoSpace)
+	ErrLocked      = fmt.Errorf("qemuimg: %w", errdefs.ErrLocked)
+	ErrCheckFailed = fmt.Errorf("qemuimg: %w: check found corruptions or leaks", errdefs.ErrInvalidImage)
 )
 
 // Runner runs qemu-img. The zero value uses "qemu-img" from $PATH.
@@ -59,7 +63,8 @@ func (e *Error) Error() string {
 }
 
 // Unwrap maps qemu-img's exit status and message (stable under LC_ALL=C) to
-// a sentinel error, or returns nil when nothing is recognised.
+// a sentinel error, or to errdefs.ErrOperationFailed when nothing is
+// recognised: qemu-img ran and failed.
 func (e *Error) Unwrap() error {
 	s := e.Stderr
 	switch {
@@ -79,7 +84,7 @@ func (e *Error) Unwrap() error {
 		strings.Contains(s, "invalid option"):
 		return ErrInvalidArg
 	}
-	return nil
+	return errdefs.ErrOperationFailed
 }
 
 // run executes qemu-img with args and returns its stdout. With a non-nil
@@ -120,7 +125,8 @@ func (r *Runner) run(ctx context.Context, args []string, progress func(percent f
 	if errors.As(err, &ee) {
 		return stdout.Bytes(), &Error{Args: args, ExitCode: ee.ExitCode(), Stderr: strings.TrimSpace(stderr.String())}
 	}
-	return stdout.Bytes(), fmt.Errorf("qemu-img %s: %w", args[0], err)
+	// qemu-img did not run (not installed, not executable).
+	return stdout.Bytes(), fmt.Errorf("%w: qemu-img %s: %w", errdefs.ErrOperationFailed, args[0], err)
 }
 
 func runWithProgress(cmd *exec.Cmd, progress func(percent float64)) error {

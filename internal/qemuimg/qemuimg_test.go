@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/xlsnap/xlsnap/chain"
+	"github.com/xlsnap/xlsnap/errdefs"
 )
 
 const mib = 1 << 20
@@ -558,7 +559,7 @@ func TestErrorClassification(t *testing.T) {
 		{Error{Args: []string{"info"}, ExitCode: 1, Stderr: "qemu-img: Could not open 'a': Failed to get shared \"write\" lock"}, ErrLocked},
 		{Error{Args: []string{"check"}, ExitCode: 3, Stderr: "Leaked cluster 4 refcount=1 reference=0"}, ErrCheckFailed},
 		{Error{Args: []string{"check"}, ExitCode: 1, Stderr: "qemu-img: Could not open 'a': No such file or directory"}, ErrNotFound},
-		{Error{Args: []string{"check"}, ExitCode: 63, Stderr: "qemu-img: This image format does not support checks"}, nil},
+		{Error{Args: []string{"check"}, ExitCode: 63, Stderr: "qemu-img: This image format does not support checks"}, errdefs.ErrOperationFailed},
 	}
 	for _, c := range cases {
 		if got := c.e.Unwrap(); got != c.want {

@@ -12,6 +12,8 @@ import (
 
 	"github.com/gofrs/flock"
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/xlsnap/xlsnap/errdefs"
 )
 
 // Backuper is a store that keeps a verified copy of itself, to put back
@@ -21,8 +23,9 @@ type Backuper interface {
 	Backup(ctx context.Context) error
 }
 
-// ErrNotDamaged: a restore was asked for a store that verifies clean.
-var ErrNotDamaged = errors.New("metadata store is not damaged")
+// ErrNotDamaged: a restore was asked for a store that verifies clean
+// (wraps errdefs.ErrOperationInvalid: not in the store's present state).
+var ErrNotDamaged = fmt.Errorf("%w: metadata store is not damaged", errdefs.ErrOperationInvalid)
 
 // BackupPath is where the copy of the store at path is kept.
 func BackupPath(path string) string { return path + ".backup" }

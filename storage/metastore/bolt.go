@@ -13,11 +13,14 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 	bolterrors "go.etcd.io/bbolt/errors"
+
+	"github.com/xlsnap/xlsnap/errdefs"
 )
 
 // ErrLocked is returned when another process keeps the database locked
-// past the context's deadline.
-var ErrLocked = errors.New("metadata store is locked by another process")
+// past the context's deadline. It wraps errdefs.ErrBusy: libvirt's state
+// change lock timing out is the same failure.
+var ErrLocked = fmt.Errorf("%w: metadata store is locked by another process", errdefs.ErrBusy)
 
 var (
 	bucketDomains = []byte("domains")

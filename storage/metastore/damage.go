@@ -13,13 +13,15 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 	bolterrors "go.etcd.io/bbolt/errors"
+
+	"github.com/xlsnap/xlsnap/errdefs"
 )
 
 // ErrDamaged is returned when the metadata file exists but is not a
 // database xlsnap can trust: empty, cut short, or with pages that are not
 // what bbolt wrote. Nothing is written to it; `xlsnap check --restore`
 // (storage.RestoreStore) puts back the copy kept after the last operation.
-var ErrDamaged = errors.New("metadata store is damaged")
+var ErrDamaged = errdefs.ErrDamaged
 
 func damaged(path, format string, args ...any) error {
 	return fmt.Errorf("%w: %s: %s", ErrDamaged, path, fmt.Sprintf(format, args...))

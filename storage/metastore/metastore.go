@@ -6,12 +6,16 @@ package metastore
 
 import (
 	"context"
-	"errors"
+	"fmt"
 	"time"
+
+	"github.com/xlsnap/xlsnap/errdefs"
 )
 
 // ErrNotFound is returned for a domain, snapshot or intent with no record.
-var ErrNotFound = errors.New("no such record")
+// It wraps errdefs.ErrNotFound; its own value, so a record's absence is
+// told apart from a missing file.
+var ErrNotFound = fmt.Errorf("record %w", errdefs.ErrNotFound)
 
 // Store runs transactions. Update commits everything fn did or nothing.
 type Store interface {

@@ -18,8 +18,8 @@ import (
 
 	lv "libvirt.org/go/libvirt"
 
+	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/internal/virterr"
-	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/xenlight"
 	"github.com/xlsnap/xlsnap/xenlight/qmp"
 )
@@ -104,7 +104,7 @@ func (h *Hypervisor) State(ctx context.Context, domain string) (xenlight.State, 
 		}
 		return nil
 	})
-	if errors.Is(err, storage.ErrNoDomain) {
+	if errors.Is(err, errdefs.ErrNoDomain) {
 		return xenlight.Shutoff, nil
 	}
 	if err != nil {
@@ -233,7 +233,7 @@ func (h *Hypervisor) defineImage(path, definition string) error {
 	}
 	if err := redefineLibxlImage(path, definition); err != nil {
 		if errors.Is(err, errNotLibxlImage) {
-			err = fmt.Errorf("%w: %v", storage.ErrInvalidArg, err)
+			err = fmt.Errorf("%w: %v", errdefs.ErrInvalidArg, err)
 		}
 		return fmt.Errorf("rewriting the definition in the save image: %w", err)
 	}
@@ -265,16 +265,16 @@ func unsupportedFlags(err error) bool {
 // image's own, with the old disks) and one for another domain.
 func checkName(domain, definition string) error {
 	if strings.TrimSpace(definition) == "" {
-		return fmt.Errorf("%w: a restore needs the domain definition with the disks it is to use", storage.ErrInvalidArg)
+		return fmt.Errorf("%w: a restore needs the domain definition with the disks it is to use", errdefs.ErrInvalidArg)
 	}
 	var d struct {
 		Name string `xml:"name"`
 	}
 	if err := xml.Unmarshal([]byte(definition), &d); err != nil {
-		return fmt.Errorf("%w: domain definition: %v", storage.ErrInvalidArg, err)
+		return fmt.Errorf("%w: domain definition: %v", errdefs.ErrInvalidArg, err)
 	}
 	if d.Name != domain {
-		return fmt.Errorf("%w: the definition is of domain %q", storage.ErrInvalidArg, d.Name)
+		return fmt.Errorf("%w: the definition is of domain %q", errdefs.ErrInvalidArg, d.Name)
 	}
 	return nil
 }

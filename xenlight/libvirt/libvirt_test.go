@@ -10,7 +10,7 @@ import (
 
 	lv "libvirt.org/go/libvirt"
 
-	"github.com/xlsnap/xlsnap/storage"
+	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/xenlight"
 )
 
@@ -113,7 +113,7 @@ func TestUnknownDomain(t *testing.T) {
 		"save":    h.SaveMemory(ctx, "nope", filepath.Join(t.TempDir(), "m"), false),
 		"destroy": h.Destroy(ctx, "nope"),
 	} {
-		if !errors.Is(err, storage.ErrNoDomain) {
+		if !errors.Is(err, errdefs.ErrNoDomain) {
 			t.Errorf("%s: %v, want ErrNoDomain", name, err)
 			continue
 		}
@@ -198,7 +198,7 @@ func TestRestoreRefusesBadDefinitions(t *testing.T) {
 		"another domain": strings.Replace(def, "<name>dom1</name>", "<name>dom2</name>", 1),
 		"not XML":        "<domain",
 	} {
-		if err := h.Restore(ctx, "dom1", mem, d, false); !errors.Is(err, storage.ErrInvalidArg) {
+		if err := h.Restore(ctx, "dom1", mem, d, false); !errors.Is(err, errdefs.ErrInvalidArg) {
 			t.Errorf("%s: %v, want ErrInvalidArg", name, err)
 		}
 	}
@@ -218,7 +218,7 @@ func TestDestroy(t *testing.T) {
 	}
 	wantState(t, h, "dom1", xenlight.Shutoff)
 	err := h.Destroy(ctx, "dom1")
-	if !errors.Is(err, storage.ErrOperationInvalid) {
+	if !errors.Is(err, errdefs.ErrOperationInvalid) {
 		t.Fatalf("destroying a stopped domain: %v", err)
 	}
 	wantCode(t, err, lv.ERR_OPERATION_INVALID)

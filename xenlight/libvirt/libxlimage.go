@@ -9,8 +9,8 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/internal/fsutil"
-	"github.com/xlsnap/xlsnap/storage"
 )
 
 // libvirt's libxl driver saves a domain as a 64-byte header, the domain
@@ -59,7 +59,7 @@ func redefineLibxlImage(path, definition string) (err error) {
 	}
 	xml := append([]byte(definition), 0)
 	if bytes.IndexByte(xml, 0) != len(xml)-1 {
-		return fmt.Errorf("%w: the definition holds a NUL byte", storage.ErrInvalidArg)
+		return fmt.Errorf("%w: the definition holds a NUL byte", errdefs.ErrInvalidArg)
 	}
 	h.XMLLen = uint32(len(xml))
 

@@ -8,7 +8,7 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/xlsnap/xlsnap/storage"
+	"github.com/xlsnap/xlsnap/errdefs"
 )
 
 // libxlImage lays a save image out as libvirt's libxl driver writes it
@@ -80,7 +80,7 @@ func TestRedefineLibxlImageRefuses(t *testing.T) {
 		"QEMU driver's image": {qemuSave, "<domain/>", errNotLibxlImage},
 		"XML length 1 GiB":    {huge, "<domain/>", errNotLibxlImage},
 		"truncated header":    {short, "<domain/>", errNotLibxlImage},
-		"NUL in the XML":      {libxlImage(t, "<domain/>", []byte("s")), "<domain>\x00</domain>", storage.ErrInvalidArg},
+		"NUL in the XML":      {libxlImage(t, "<domain/>", []byte("s")), "<domain>\x00</domain>", errdefs.ErrInvalidArg},
 		"missing":             {filepath.Join(dir, "none"), "<domain/>", os.ErrNotExist},
 	} {
 		before, _ := os.ReadFile(tc.path)

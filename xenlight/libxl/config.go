@@ -11,8 +11,8 @@ import (
 
 	"libvirt.org/go/libvirtxml"
 
+	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/internal/domxml"
-	"github.com/xlsnap/xlsnap/storage"
 )
 
 // Disk is where a disk is to point: Path is libxl's pdev_path, Format
@@ -31,7 +31,7 @@ func RepointDisks(definition string, disks map[string]Disk) (string, error) {
 	dec.UseNumber() // 64-bit sizes stay exact
 	var cfg map[string]any
 	if err := dec.Decode(&cfg); err != nil {
-		return "", fmt.Errorf("%w: libxl domain configuration: %v", storage.ErrInvalidArg, err)
+		return "", fmt.Errorf("%w: libxl domain configuration: %v", errdefs.ErrInvalidArg, err)
 	}
 	list, _ := cfg["disks"].([]any)
 	done := map[string]bool{}
@@ -46,7 +46,7 @@ func RepointDisks(definition string, disks map[string]Disk) (string, error) {
 			continue
 		}
 		if to.Path == "" {
-			return "", fmt.Errorf("%w: no path for disk %s", storage.ErrInvalidArg, vdev)
+			return "", fmt.Errorf("%w: no path for disk %s", errdefs.ErrInvalidArg, vdev)
 		}
 		disk["pdev_path"] = to.Path
 		if to.Format != "" {
@@ -56,7 +56,7 @@ func RepointDisks(definition string, disks map[string]Disk) (string, error) {
 	}
 	for vdev := range disks {
 		if !done[vdev] {
-			return "", fmt.Errorf("%w: the configuration has no disk %s", storage.ErrInvalidArg, vdev)
+			return "", fmt.Errorf("%w: the configuration has no disk %s", errdefs.ErrInvalidArg, vdev)
 		}
 	}
 	var out bytes.Buffer
@@ -82,13 +82,13 @@ func restoreConfig(domain, definition, saved string) (string, error) {
 	}
 	var dom libvirtxml.Domain
 	if err := dom.Unmarshal(def); err != nil {
-		return "", fmt.Errorf("%w: domain XML: %v", storage.ErrInvalidArg, err)
+		return "", fmt.Errorf("%w: domain XML: %v", errdefs.ErrInvalidArg, err)
 	}
 	if dom.Name != domain {
-		return "", fmt.Errorf("%w: the definition is of domain %q", storage.ErrInvalidArg, dom.Name)
+		return "", fmt.Errorf("%w: the definition is of domain %q", errdefs.ErrInvalidArg, dom.Name)
 	}
 	if saved == "" {
-		return "", fmt.Errorf("%w: the image carries no libxl configuration to repoint; pass libxl's JSON (Definition, RepointDisks)", storage.ErrUnsupported)
+		return "", fmt.Errorf("%w: the image carries no libxl configuration to repoint; pass libxl's JSON (Definition, RepointDisks)", errdefs.ErrUnsupported)
 	}
 	disks := map[string]Disk{}
 	for _, d := range domxml.Disks(&dom) {
@@ -97,7 +97,7 @@ func restoreConfig(domain, definition, saved string) (string, error) {
 			path = d.Block
 		}
 		if path == "" {
-			return "", fmt.Errorf("%w: disk %s: only file and block sources can be restored onto", storage.ErrUnsupported, d.Target)
+			return "", fmt.Errorf("%w: disk %s: only file and block sources can be restored onto", errdefs.ErrUnsupported, d.Target)
 		}
 		disks[d.Target] = Disk{Path: path, Format: d.Format}
 	}
@@ -115,9 +115,9 @@ func checkDefinition(domain, definition string) error {
 	def := strings.TrimSpace(definition)
 	switch {
 	case def == "":
-		return fmt.Errorf("%w: a restore needs the domain configuration with the disks it is to use", storage.ErrInvalidArg)
+		return fmt.Errorf("%w: a restore needs the domain configuration with the disks it is to use", errdefs.ErrInvalidArg)
 	case !strings.HasPrefix(def, "{"):
-		return fmt.Errorf("%w: not libxl's JSON domain configuration nor libvirt XML (an xl config file? only xl parses those, not libxenlight)", storage.ErrUnsupported)
+		return fmt.Errorf("%w: not libxl's JSON domain configuration nor libvirt XML (an xl config file? only xl parses those, not libxenlight)", errdefs.ErrUnsupported)
 	}
 	var cfg struct {
 		CInfo struct {
@@ -125,10 +125,10 @@ func checkDefinition(domain, definition string) error {
 		} `json:"c_info"`
 	}
 	if err := json.Unmarshal([]byte(def), &cfg); err != nil {
-		return fmt.Errorf("%w: libxl domain configuration: %v", storage.ErrInvalidArg, err)
+		return fmt.Errorf("%w: libxl domain configuration: %v", errdefs.ErrInvalidArg, err)
 	}
 	if cfg.CInfo.Name != domain {
-		return fmt.Errorf("%w: the configuration is of domain %q", storage.ErrInvalidArg, cfg.CInfo.Name)
+		return fmt.Errorf("%w: the configuration is of domain %q", errdefs.ErrInvalidArg, cfg.CInfo.Name)
 	}
 	return nil
 }
@@ -181,10 +181,10 @@ func readXLHeader(r io.Reader) (streamVersion int, config string, err error) {
 		return 0, "", fmt.Errorf("%w: wrong magic", errNotXLImage)
 	}
 	if h.ByteOrder != xlByteOrder {
-		return 0, "", fmt.Errorf("%w: saved on a host of another byte order", storage.ErrUnsupported)
+		return 0, "", fmt.Errorf("%w: saved on a host of another byte order", errdefs.ErrUnsupported)
 	}
 	if bad := h.MandatoryFlags &^ xlFlagsKnown; bad != 0 {
-		return 0, "", fmt.Errorf("%w: xl save file with unknown mandatory flags %#x", storage.ErrUnsupported, bad)
+		return 0, "", fmt.Errorf("%w: xl save file with unknown mandatory flags %#x", errdefs.ErrUnsupported, bad)
 	}
 	opt := make([]byte, h.OptionalLen)
 	if _, err := io.ReadFull(r, opt); err != nil {

@@ -10,7 +10,7 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/xlsnap/xlsnap/storage"
+	"github.com/xlsnap/xlsnap/errdefs"
 )
 
 // A libxl JSON domain configuration as libxl_domain_config_to_json
@@ -75,7 +75,7 @@ func TestXLHeaderRejects(t *testing.T) {
 		"libvirt's image":   {[]byte("LibvirtQemudSave" + strings.Repeat("\x00", 64)), errNotXLImage},
 		"empty":             {nil, errNotXLImage},
 		"truncated":         {good.Bytes()[:60], errNotXLImage},
-		"unknown mandatory": {flags(3 | 1<<7), storage.ErrUnsupported},
+		"unknown mandatory": {flags(3 | 1<<7), errdefs.ErrUnsupported},
 	} {
 		if _, _, err := readXLHeader(bytes.NewReader(tc.data)); !errors.Is(err, tc.want) {
 			t.Errorf("%s: %v, want %v", name, err, tc.want)
@@ -119,10 +119,10 @@ func TestRepointDisks(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	if _, err := RepointDisks(cfgJSON, map[string]Disk{"xvdz": {Path: "/x"}}); !errors.Is(err, storage.ErrInvalidArg) {
+	if _, err := RepointDisks(cfgJSON, map[string]Disk{"xvdz": {Path: "/x"}}); !errors.Is(err, errdefs.ErrInvalidArg) {
 		t.Errorf("unknown disk: %v", err)
 	}
-	if _, err := RepointDisks("<domain/>", map[string]Disk{"xvda": {Path: "/x"}}); !errors.Is(err, storage.ErrInvalidArg) {
+	if _, err := RepointDisks("<domain/>", map[string]Disk{"xvda": {Path: "/x"}}); !errors.Is(err, errdefs.ErrInvalidArg) {
 		t.Errorf("not JSON: %v", err)
 	}
 }
@@ -133,11 +133,11 @@ func TestCheckDefinition(t *testing.T) {
 		want error
 	}{
 		"libxl JSON":                 {cfgJSON, nil},
-		"empty (would reopen disks)": {"", storage.ErrInvalidArg},
-		"another domain":             {strings.Replace(cfgJSON, `"dom1"`, `"dom2"`, 1), storage.ErrInvalidArg},
-		"broken JSON":                {`{"c_info": `, storage.ErrInvalidArg},
-		"libvirt XML":                {"<domain type='xen'><name>dom1</name></domain>", storage.ErrUnsupported},
-		"xl config file":             {"name = \"dom1\"\ndisk = ['/pool/dom1.qcow2,qcow2,xvda,rw']\n", storage.ErrUnsupported},
+		"empty (would reopen disks)": {"", errdefs.ErrInvalidArg},
+		"another domain":             {strings.Replace(cfgJSON, `"dom1"`, `"dom2"`, 1), errdefs.ErrInvalidArg},
+		"broken JSON":                {`{"c_info": `, errdefs.ErrInvalidArg},
+		"libvirt XML":                {"<domain type='xen'><name>dom1</name></domain>", errdefs.ErrUnsupported},
+		"xl config file":             {"name = \"dom1\"\ndisk = ['/pool/dom1.qcow2,qcow2,xvda,rw']\n", errdefs.ErrUnsupported},
 	} {
 		if err := checkDefinition("dom1", tc.def); !errors.Is(err, tc.want) || (tc.want == nil) != (err == nil) {
 			t.Errorf("%s: %v, want %v", name, err, tc.want)
@@ -183,13 +183,13 @@ func TestRestoreConfigFromXML(t *testing.T) {
 		def, saved string
 		want       error
 	}{
-		"another domain's XML": {strings.Replace(xml, "dom1", "dom2", 1), cfgJSON, storage.ErrInvalidArg},
-		"broken XML":           {"<domain><name>dom1", cfgJSON, storage.ErrInvalidArg},
-		"a disk libxl lacks":   {strings.Replace(xml, "xvdb", "xvdq", 1), cfgJSON, storage.ErrInvalidArg},
-		"no saved config":      {xml, "", storage.ErrUnsupported},
-		"network source":       {strings.Replace(strings.Replace(xml, "<source file='/pool/dom1.s1.qcow2'/>", "<source protocol='nbd' name='x'><host name='h'/></source>", 1), "type='file' device='disk'", "type='network' device='disk'", 1), cfgJSON, storage.ErrUnsupported},
-		"xl config file":       {"name = \"dom1\"\n", cfgJSON, storage.ErrUnsupported},
-		"saved of another":     {xml, strings.Replace(cfgJSON, `"dom1"`, `"dom2"`, 1), storage.ErrInvalidArg},
+		"another domain's XML": {strings.Replace(xml, "dom1", "dom2", 1), cfgJSON, errdefs.ErrInvalidArg},
+		"broken XML":           {"<domain><name>dom1", cfgJSON, errdefs.ErrInvalidArg},
+		"a disk libxl lacks":   {strings.Replace(xml, "xvdb", "xvdq", 1), cfgJSON, errdefs.ErrInvalidArg},
+		"no saved config":      {xml, "", errdefs.ErrUnsupported},
+		"network source":       {strings.Replace(strings.Replace(xml, "<source file='/pool/dom1.s1.qcow2'/>", "<source protocol='nbd' name='x'><host name='h'/></source>", 1), "type='file' device='disk'", "type='network' device='disk'", 1), cfgJSON, errdefs.ErrUnsupported},
+		"xl config file":       {"name = \"dom1\"\n", cfgJSON, errdefs.ErrUnsupported},
+		"saved of another":     {xml, strings.Replace(cfgJSON, `"dom1"`, `"dom2"`, 1), errdefs.ErrInvalidArg},
 		"no devices":           {"<domain type='xen'><name>dom1</name></domain>", cfgJSON, nil},
 	} {
 		if _, err := restoreConfig("dom1", tc.def, tc.saved); !errors.Is(err, tc.want) || (tc.want == nil) != (err == nil) {
@@ -208,10 +208,11 @@ func TestErrorKeepsCodeAndErrno(t *testing.T) {
 	if e.LibxlCode() != -3 || e.CodeName() != "FAIL" || !strings.Contains(err.Error(), "libxl error FAIL (-3): libxl: cannot open") {
 		t.Fatalf("%q", err.Error())
 	}
-	if err := newError("pausing dom1", codeDomainNotFound, nil, 0); !errors.Is(err, storage.ErrNoDomain) || err.CodeName() != "DOMAIN_NOTFOUND" {
+	if err := newError("pausing dom1", codeDomainNotFound, nil, 0); !errors.Is(err, errdefs.ErrNoDomain) || err.CodeName() != "DOMAIN_NOTFOUND" {
 		t.Fatalf("%v", err)
 	}
-	if err := newError("x", -99, nil, 0); err.CodeName() != "-99" || len(err.Unwrap()) != 0 {
+	// A code with no closer word is still the hypervisor's failure.
+	if err := newError("x", -99, nil, 0); err.CodeName() != "-99" || !errors.Is(err, errdefs.ErrHypervisor) || len(err.Unwrap()) != 1 {
 		t.Fatalf("unknown code: %v %v", err, err.Unwrap())
 	}
 }

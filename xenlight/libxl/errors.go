@@ -1,21 +1,21 @@
 package libxl
 
 import (
-	"errors"
 	"fmt"
 	"strings"
 	"syscall"
 
-	"github.com/xlsnap/xlsnap/storage"
+	"github.com/xlsnap/xlsnap/errdefs"
 )
 
 var (
 	// ErrNoXen: libxl cannot open the hypervisor interface (libxc): this
 	// is not a Xen control domain, or (errors.Is fs.ErrPermission) the
-	// process may not use it.
-	ErrNoXen = errors.New("no Xen: libxl cannot open the hypervisor interface")
-	// ErrClosed: the Hypervisor was closed.
-	ErrClosed = errors.New("libxl context closed")
+	// process may not use it. It wraps errdefs.ErrHypervisor.
+	ErrNoXen = fmt.Errorf("%w: no Xen: libxl cannot open the hypervisor interface", errdefs.ErrHypervisor)
+	// ErrClosed: the Hypervisor was closed; using it is an invalid
+	// operation (wraps errdefs.ErrOperationInvalid).
+	ErrClosed = fmt.Errorf("%w: libxl context closed", errdefs.ErrOperationInvalid)
 )
 
 // libxl's error numbers (libxl_error in _libxl_types.h), the ones this
@@ -40,8 +40,9 @@ var codeNames = [...]string{"", "NONSPECIFIC", "VERSION", "FAIL", "NI", "NOMEM",
 
 // Error is a failed libxl call. It keeps libxl's error number and what
 // libxl logged at error level during the call (libxl's return codes say
-// little; its log says what went wrong). errors.Is finds xlsnap's
-// sentinel for the code, and the errno libxl last logged.
+// little; its log says what went wrong). errors.Is finds the errdefs
+// sentinel for the code (errdefs.ErrHypervisor for a code with no closer
+// word), and the errno libxl last logged.
 type Error struct {
 	Op    string        // what was being done: "pausing dom1"
 	Code  int           // libxl_error, negative (ERROR_FAIL is -3)
@@ -52,16 +53,16 @@ type Error struct {
 }
 
 func newError(op string, code int, log []string, errno syscall.Errno) *Error {
-	e := &Error{Op: op, Code: code, Log: log, Errno: errno}
+	e := &Error{Op: op, Code: code, Log: log, Errno: errno, sentinel: errdefs.ErrHypervisor}
 	switch code {
 	case codeDomainNotFound:
-		e.sentinel = storage.ErrNoDomain
+		e.sentinel = errdefs.ErrNoDomain
 	case codeInval:
-		e.sentinel = storage.ErrInvalidArg
+		e.sentinel = errdefs.ErrInvalidArg
 	case codeNI, codeFeatureRemoved:
-		e.sentinel = storage.ErrUnsupported
+		e.sentinel = errdefs.ErrUnsupported
 	case codeLockFail:
-		e.sentinel = storage.ErrBusy
+		e.sentinel = errdefs.ErrBusy
 	}
 	return e
 }
@@ -87,10 +88,7 @@ func (e *Error) Error() string {
 func (e *Error) LibxlCode() int { return e.Code }
 
 func (e *Error) Unwrap() []error {
-	var errs []error
-	if e.sentinel != nil {
-		errs = append(errs, e.sentinel)
-	}
+	errs := []error{e.sentinel}
 	if e.Errno != 0 {
 		errs = append(errs, e.Errno)
 	}

@@ -216,8 +216,8 @@ import (
 	"syscall"
 	"unsafe"
 
+	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/internal/fsutil"
-	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/xenlight"
 	"github.com/xlsnap/xlsnap/xenlight/qmp"
 )
@@ -243,7 +243,7 @@ var _ xenlight.Hypervisor = (*Hypervisor)(nil)
 func New() (*Hypervisor, error) {
 	lg := C.xls_logger_new()
 	if lg == nil {
-		return nil, errors.New("opening libxl: no memory for the logger")
+		return nil, fmt.Errorf("%w: opening libxl: no memory for the logger", errdefs.ErrHypervisor)
 	}
 	since := C.xls_seq(lg)
 	var ctx *C.libxl_ctx
@@ -351,7 +351,7 @@ func (h *Hypervisor) domid(op, domain string) (C.uint32_t, error) {
 	err := h.call(op, func(c *C.libxl_ctx) C.int { return C.libxl_name_to_domid(c, name, &id) })
 	var le *Error
 	if errors.As(err, &le) && le.Code == codeInval {
-		return 0, fmt.Errorf("%s: %w: %s", op, storage.ErrNoDomain, domain)
+		return 0, fmt.Errorf("%s: %w: %s", op, errdefs.ErrNoDomain, domain)
 	}
 	return id, err
 }
@@ -360,7 +360,7 @@ func (h *Hypervisor) domid(op, domain string) (C.uint32_t, error) {
 func (h *Hypervisor) guest(op, domain string) (C.uint32_t, error) {
 	id, err := h.domid(op, domain)
 	if err == nil && id == 0 {
-		return 0, fmt.Errorf("%s: %w: %s is the control domain", op, storage.ErrOperationInvalid, domain)
+		return 0, fmt.Errorf("%s: %w: %s is the control domain", op, errdefs.ErrOperationInvalid, domain)
 	}
 	return id, err
 }
@@ -394,7 +394,7 @@ func (h *Hypervisor) State(ctx context.Context, domain string) (xenlight.State, 
 			return xenlight.Shutoff, nil
 		}
 	}
-	if errors.Is(err, storage.ErrNoDomain) {
+	if errors.Is(err, errdefs.ErrNoDomain) {
 		return xenlight.Shutoff, nil
 	}
 	return "", err
@@ -488,7 +488,7 @@ func (h *Hypervisor) save(ctx context.Context, op string, id C.uint32_t, path st
 		return err
 	}
 	if st != C.XLS_RUNNING && st != C.XLS_PAUSED {
-		return fmt.Errorf("%s: %w: the domain is shut down", op, storage.ErrOperationInvalid)
+		return fmt.Errorf("%s: %w: the domain is shut down", op, errdefs.ErrOperationInvalid)
 	}
 	paused := st == C.XLS_PAUSED
 	config, err := h.configJSON(op, id)
@@ -575,15 +575,15 @@ func syncFile(f *os.File) error {
 func (h *Hypervisor) Restore(ctx context.Context, domain, path, definition string, paused bool) error {
 	op := "restoring " + domain
 	if strings.TrimSpace(definition) == "" {
-		return fmt.Errorf("%s: %w: a restore needs the domain configuration with the disks it is to use", op, storage.ErrInvalidArg)
+		return fmt.Errorf("%s: %w: a restore needs the domain configuration with the disks it is to use", op, errdefs.ErrInvalidArg)
 	}
 	if err := h.begin(ctx, op); err != nil {
 		return err
 	}
 	defer h.mu.RUnlock()
 	if _, err := h.domid(op, domain); err == nil {
-		return fmt.Errorf("%s: %w: the domain is running", op, storage.ErrOperationInvalid)
-	} else if !errors.Is(err, storage.ErrNoDomain) {
+		return fmt.Errorf("%s: %w: the domain is running", op, errdefs.ErrOperationInvalid)
+	} else if !errors.Is(err, errdefs.ErrNoDomain) {
 		return err
 	}
 	f, err := os.Open(path)
@@ -593,7 +593,7 @@ func (h *Hypervisor) Restore(ctx context.Context, domain, path, definition strin
 	defer f.Close()
 	version, saved, err := readXLHeader(f)
 	if errors.Is(err, errNotXLImage) {
-		err = fmt.Errorf("%w: %s: %v", storage.ErrInvalidArg, path, err)
+		err = fmt.Errorf("%w: %s: %v", errdefs.ErrInvalidArg, path, err)
 	}
 	if err != nil {
 		return fmt.Errorf("%s: %w", op, err)
@@ -614,8 +614,8 @@ func (h *Hypervisor) Restore(ctx context.Context, domain, path, definition strin
 	runtime.KeepAlive(f)
 	if err != nil {
 		var le *Error
-		if parsed == 0 && errors.As(err, &le) && le.sentinel == nil {
-			le.sentinel = storage.ErrInvalidArg // libxl refused the configuration
+		if parsed == 0 && errors.As(err, &le) && le.sentinel == errdefs.ErrHypervisor {
+			le.sentinel = errdefs.ErrInvalidArg // libxl refused the configuration
 		}
 		return err
 	}

@@ -13,7 +13,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/xlsnap/xlsnap/storage"
+	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/xenlight"
 )
 
@@ -91,10 +91,10 @@ func TestOnXen(t *testing.T) {
 	if s, err := h.State(ctx, "xlsnap-no-such-domain"); err != nil || s != xenlight.Shutoff {
 		t.Fatalf("unknown domain: %s %v", s, err)
 	}
-	if err := h.Pause(ctx, "xlsnap-no-such-domain"); !errors.Is(err, storage.ErrNoDomain) {
+	if err := h.Pause(ctx, "xlsnap-no-such-domain"); !errors.Is(err, errdefs.ErrNoDomain) {
 		t.Fatalf("pausing an unknown domain: %v", err)
 	}
-	if err := h.Destroy(ctx, "Domain-0"); !errors.Is(err, storage.ErrOperationInvalid) {
+	if err := h.Destroy(ctx, "Domain-0"); !errors.Is(err, errdefs.ErrOperationInvalid) {
 		t.Fatalf("destroying Domain-0: %v", err)
 	}
 
@@ -152,7 +152,7 @@ func TestOnXen(t *testing.T) {
 	must(err)
 	must(h.Restore(ctx, domain, mem, def, true))
 	want(xenlight.Paused)
-	if err := h.Restore(ctx, domain, mem, def, true); !errors.Is(err, storage.ErrOperationInvalid) {
+	if err := h.Restore(ctx, domain, mem, def, true); !errors.Is(err, errdefs.ErrOperationInvalid) {
 		t.Fatalf("restoring a running domain: %v", err)
 	}
 

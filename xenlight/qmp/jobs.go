@@ -5,13 +5,16 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/xlsnap/xlsnap/errdefs"
 )
 
-// ErrJobFailed: a block job ended with an error; ErrJobCancelled: it was
-// cancelled (by ctx, or by someone else).
+// ErrJobFailed: a block job ended with an error; ErrJobCancelled: someone
+// else cancelled it (cancelled by ctx, RunJob returns ctx's error). Both
+// wrap errdefs.ErrOperationFailed.
 var (
-	ErrJobFailed    = errors.New("block job failed")
-	ErrJobCancelled = errors.New("block job cancelled")
+	ErrJobFailed    = fmt.Errorf("%w: block job", errdefs.ErrOperationFailed)
+	ErrJobCancelled = fmt.Errorf("%w: block job cancelled", errdefs.ErrOperationFailed)
 )
 
 // progressEvery is how often a running job's offset is read for progress;
@@ -71,7 +74,7 @@ func (m *Monitor) RunJob(ctx context.Context, job Job, command string, args map[
 					return ctx.Err()
 				}
 				if msg, ok := ev.Data["error"].(string); ok {
-					return fmt.Errorf("%w: %s: %s", ErrJobFailed, job.ID, msg)
+					return fmt.Errorf("%w %s: %s", ErrJobFailed, job.ID, msg)
 				}
 				if job.Progress != nil {
 					total := int64(num(ev.Data["len"]))

@@ -20,18 +20,22 @@ import (
 
 	goqmp "github.com/digitalocean/go-qemu/qmp"
 
+	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/internal/fanout"
 )
 
+// Sentinels, wrapping errdefs.ErrHypervisor: the device model is the
+// hypervisor's part that failed.
 var (
 	// ErrClosed: the connection is gone (QEMU exited, or Disconnect).
-	ErrClosed = errors.New("QMP connection closed")
+	ErrClosed = fmt.Errorf("%w: QMP connection closed", errdefs.ErrHypervisor)
 	// ErrProtocol: QEMU said something that is not QMP.
-	ErrProtocol = errors.New("QMP protocol error")
+	ErrProtocol = fmt.Errorf("%w: QMP protocol error", errdefs.ErrHypervisor)
 )
 
 // Error is a QMP error reply, with QEMU's class ("GenericError",
-// "DeviceNotFound", ...) kept so callers can tell failures apart.
+// "DeviceNotFound", ...) kept so callers can tell failures apart. It
+// unwraps to errdefs.ErrHypervisor.
 type Error struct {
 	Command string
 	Class   string
@@ -39,6 +43,7 @@ type Error struct {
 }
 
 func (e *Error) Error() string { return fmt.Sprintf("QMP %s: %s: %s", e.Command, e.Class, e.Desc) }
+func (e *Error) Unwrap() error { return errdefs.ErrHypervisor }
 
 // IsClass reports whether err is a QMP error of the given class.
 func IsClass(err error, class string) bool {
@@ -87,7 +92,7 @@ func (m *Monitor) connect(ctx context.Context) error {
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, m.network, m.addr)
 	if err != nil {
-		return fmt.Errorf("QMP %s: %w", m.addr, err)
+		return fmt.Errorf("%w: QMP %s: %w", errdefs.ErrHypervisor, m.addr, err)
 	}
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
