@@ -79,14 +79,14 @@ func (a *app) domainCmd(cmd *cobra.Command, domain *string, names []string, chec
 	}
 }
 
-// lookup finds a snapshot by name, or the current one, with virsh's
-// messages for a name that is not there and a domain with no current
-// snapshot.
+// lookup finds a snapshot by name, or the current one, with libvirt's
+// messages (as virsh prints them) for a name that is not there and a
+// domain with no current snapshot.
 func lookup(ctx context.Context, d *driver.Driver, domain, name string, current bool) (*driver.Snapshot, error) {
 	if current {
 		s, err := d.SnapshotCurrent(ctx, domain, 0)
 		if codeOf(err) == errdefs.CodeNoDomainSnapshot {
-			return nil, &cliError{msg: fmt.Sprintf("domain '%s' has no current snapshot", domain), err: err}
+			return nil, &cliError{msg: "Domain snapshot not found: the domain does not have a current snapshot", err: err}
 		}
 		return s, err
 	}

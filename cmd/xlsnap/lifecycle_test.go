@@ -184,7 +184,7 @@ func TestLifecycleThroughTheCommand(t *testing.T) {
 func TestCommandErrors(t *testing.T) {
 	c := newCLI(t)
 	c.ok("snapshot-create-as", "vm", "s1", "--disk-only")
-	c.fails("domain snapshot exists", "snapshot-create-as", "vm", "s1", "--disk-only")
+	c.fails("error: operation failed: domain moment s1 already exists", "snapshot-create-as", "vm", "s1", "--disk-only")
 	c.fails("error: failed to get domain 'nosuch'", "snapshot-list", "nosuch")
 	c.fails("error: Domain snapshot not found: no domain snapshot with matching name 'nosuch'", "snapshot-revert", "vm", "nosuch")
 	c.fails("no disk", "snapshot-create-as", "vm", "s2", "--diskspec", "xvdz,snapshot=external")

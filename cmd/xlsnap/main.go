@@ -51,6 +51,15 @@ func newRoot() (*cobra.Command, *app) {
 		Long:          "Domain snapshots for Xen toolstacks, the virsh way.\n\n" + exitCodesHelp,
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		// Without a command, the help; with one cobra does not know,
+		// virsh's error.
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return usagef("unknown command: '%s'", args[0])
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error { return cmd.Help() },
 	}
 	a := &app{globals: &globals{}}
 	a.register(root)

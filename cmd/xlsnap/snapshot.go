@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -122,6 +123,12 @@ func (a *app) createAsCmd() *cobra.Command {
 			return err
 		}
 		s, err := d.SnapshotCreateXML(ctx, domain, xmlDesc, o.flags())
+		if errors.Is(err, driver.ErrSnapshotExists) && name != "" {
+			if _, lerr := d.SnapshotLookupByName(ctx, domain, name, 0); lerr == nil {
+				// libvirt's words for a name the domain has.
+				return &cliError{msg: fmt.Sprintf("operation failed: domain moment %s already exists", name), err: err}
+			}
+		}
 		if err != nil {
 			return err
 		}
@@ -337,7 +344,11 @@ func (a *app) currentCmd() *cobra.Command {
 			_, err = fmt.Fprintf(w, "Snapshot %s set as current\n", s.Name)
 			return err
 		}
-		s, err := lookup(ctx, d, domain, "", true)
+		s, err := d.SnapshotCurrent(ctx, domain, 0)
+		if codeOf(err) == errdefs.CodeNoDomainSnapshot {
+			// virsh asks first, and says it in its own words.
+			return &cliError{msg: fmt.Sprintf("domain '%s' has no current snapshot", domain), err: err}
+		}
 		if err != nil {
 			return err
 		}

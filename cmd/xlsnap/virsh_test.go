@@ -19,15 +19,34 @@ import (
 // failed command (xlsnap prints nothing on stdout when it fails, so a
 // script's capture stays empty).
 
-// virshSetup shuts the test driver's domain off (a folder domain is shut
-// off) and builds the tree s1 ─ s2, s1 ─ s3 ─ s4 with s4 current.
+// virshSetup builds the tree s1 ─ s2, s1 ─ s3 ─ s4 with s4 current.
 var virshSetup = []string{
-	"destroy test",
 	"snapshot-create-as test s1",
 	"snapshot-create-as test s2",
 	"snapshot-revert test s1",
 	"snapshot-create-as test s3",
 	"snapshot-create-as test s4",
+}
+
+// virshEmptyQueries start from a domain with no snapshots.
+var virshEmptyQueries = []string{
+	"snapshot-list test",
+	"snapshot-list test --tree",
+	"snapshot-list test --name",
+	"snapshot-list test --parent",
+	"snapshot-list test --current",
+	"snapshot-list test --current --tree",
+	"snapshot-info test --current",
+	"snapshot-parent test --current",
+	"snapshot-revert test --current",
+	"snapshot-delete test --current",
+	"snapshot-current test",
+	"snapshot-current test --name",
+	"snapshot-info test s1",
+	"snapshot-create-as test s1",
+	"snapshot-create-as test s1",
+	"snapshot-list test --roots",
+	"snapshot-current test --name",
 }
 
 // virshQueries run in order after the setup; the last ones change the
@@ -82,7 +101,12 @@ var virshQueries = []string{
 	"snapshot-parent test",
 	"snapshot-info test s1 --current",
 	"snapshot-current test --name s1",
+	"snapshot-create-as test n1 --print-xml",
+	"snapshot-create-as test --name n2 --description hi --print-xml",
 	// Changes, last.
+	"snapshot-create-as --domain test --name s5",
+	"snapshot-create-as test s6 described",
+	"snapshot-list test --parent",
 	"snapshot-current test s2",
 	"snapshot-current test --name",
 	"snapshot-info test s2",
@@ -99,6 +123,7 @@ var virshParseErrors = []string{
 	"snapshot-list test --bogus",
 	"snapshot-list",
 	"snapshot-parent --current",
+	"snapshot-bogus test",
 }
 
 // timeRe is virsh's creation time ("%F %T %z"); its width is fixed, so
@@ -174,30 +199,41 @@ func (c *cli) run(command string) result {
 	return result{stdout: normalise(stdout), stderr: stderr, failed: code != 0}
 }
 
-// TestVirshParity compares xlsnap's text with virsh's, query by query,
-// exactly.
+// TestVirshParity compares xlsnap's text with virsh's, command by
+// command, exactly.
 func TestVirshParity(t *testing.T) {
 	virsh, err := exec.LookPath("virsh")
 	if err != nil {
 		t.Skip("virsh is not installed (scripts/deps.sh installs libvirt-clients)")
 	}
+	t.Run("tree", func(t *testing.T) { compareWithVirsh(t, virsh, virshSetup, virshQueries) })
+	t.Run("empty", func(t *testing.T) { compareWithVirsh(t, virsh, nil, virshEmptyQueries) })
+	t.Run("parse-errors", func(t *testing.T) {
+		c := newTestDomain(t)
+		for _, q := range virshParseErrors {
+			want := virshRun(t, virsh, []string{q})
+			if got := c.run(q); got != want || !want.failed {
+				t.Errorf("%s:\nvirsh:\n%s\nxlsnap:\n%s", q, want, got)
+			}
+		}
+	})
+}
+
+// compareWithVirsh runs setup, then each query, through both, and
+// compares what each query printed. virsh's test domain runs; it is
+// shut off first, as a folder domain is.
+func compareWithVirsh(t *testing.T, virsh string, setup, queries []string) {
 	c := newTestDomain(t)
-	for _, s := range virshSetup[1:] {
+	for _, s := range setup {
 		if r := c.run(s); r.failed {
 			t.Fatalf("xlsnap %s:\n%s", s, r)
 		}
 	}
-	done := append([]string(nil), virshSetup...)
-	for _, q := range virshQueries {
+	done := append([]string{"destroy test"}, setup...)
+	for _, q := range queries {
 		done = append(done, q)
 		want := virshQuery(t, virsh, done)
 		if got := c.run(q); got != want {
-			t.Errorf("%s:\nvirsh:\n%s\nxlsnap:\n%s", q, want, got)
-		}
-	}
-	for _, q := range virshParseErrors {
-		want := virshRun(t, virsh, []string{q})
-		if got := c.run(q); got != want || !want.failed {
 			t.Errorf("%s:\nvirsh:\n%s\nxlsnap:\n%s", q, want, got)
 		}
 	}
