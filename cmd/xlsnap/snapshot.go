@@ -66,8 +66,21 @@ func (o *createOpts) flags() driver.CreateFlags {
 	return f
 }
 
-// reportCreated prints virsh's line, or the snapshot as JSON.
-func (a *app) reportCreated(ctx context.Context, w io.Writer, d *driver.Driver, domain string, s *driver.Snapshot, noMetadata bool) error {
+// existsError words a create's failure as libvirt does when the domain
+// already has a snapshot of that name.
+func existsError(ctx context.Context, d *driver.Driver, domain, name string, err error) error {
+	if name == "" || !errors.Is(err, driver.ErrSnapshotExists) {
+		return err
+	}
+	if _, lerr := d.SnapshotLookupByName(ctx, domain, name, 0); lerr != nil {
+		return err // an image's internal snapshot of that name, not the domain's
+	}
+	return &cliError{msg: fmt.Sprintf("operation failed: domain moment %s already exists", name), err: err}
+}
+
+// reportCreated prints virsh's line (naming the XML file it came from,
+// if any), or the snapshot as JSON.
+func (a *app) reportCreated(ctx context.Context, w io.Writer, d *driver.Driver, domain string, s *driver.Snapshot, noMetadata bool, from string) error {
 	if a.json {
 		current := ""
 		if cur, err := d.SnapshotCurrent(ctx, domain, 0); err == nil {
@@ -77,6 +90,10 @@ func (a *app) reportCreated(ctx context.Context, w io.Writer, d *driver.Driver, 
 	}
 	if noMetadata {
 		_, err := fmt.Fprintf(w, "Domain snapshot %s created (no metadata)\n", s.Name)
+		return err
+	}
+	if from != "" {
+		_, err := fmt.Fprintf(w, "Domain snapshot %s created from '%s'\n", s.Name, from)
 		return err
 	}
 	_, err := fmt.Fprintf(w, "Domain snapshot %s created\n", s.Name)
@@ -123,16 +140,10 @@ func (a *app) createAsCmd() *cobra.Command {
 			return err
 		}
 		s, err := d.SnapshotCreateXML(ctx, domain, xmlDesc, o.flags())
-		if errors.Is(err, driver.ErrSnapshotExists) && name != "" {
-			if _, lerr := d.SnapshotLookupByName(ctx, domain, name, 0); lerr == nil {
-				// libvirt's words for a name the domain has.
-				return &cliError{msg: fmt.Sprintf("operation failed: domain moment %s already exists", name), err: err}
-			}
-		}
 		if err != nil {
-			return err
+			return existsError(ctx, d, domain, name, err)
 		}
-		return a.reportCreated(ctx, w, d, domain, s, o.noMetadata)
+		return a.reportCreated(ctx, w, d, domain, s, o.noMetadata, "")
 	})
 	o.register(cmd, false)
 	f := cmd.Flags()
@@ -206,13 +217,13 @@ func (a *app) createCmd() *cobra.Command {
 		}
 		s, err := d.SnapshotCreateXML(ctx, domain, xmlDesc, o.flags())
 		if err != nil {
+			var doc libvirtxml.DomainSnapshot
+			if doc.Unmarshal(xmlDesc) == nil {
+				err = existsError(ctx, d, domain, doc.Name, err)
+			}
 			return err
 		}
-		if o.redefine && !a.json {
-			_, err := fmt.Fprintf(cmd.OutOrStdout(), "Domain snapshot %s defined from '%s'\n", s.Name, xmlFile)
-			return err
-		}
-		return a.reportCreated(ctx, cmd.OutOrStdout(), d, domain, s, o.noMetadata)
+		return a.reportCreated(ctx, cmd.OutOrStdout(), d, domain, s, o.noMetadata, xmlFile)
 	})
 	cmd.Flags().StringVar(&xmlFile, "xmlfile", "", "domain snapshot XML")
 	o.register(cmd, true)

@@ -104,6 +104,9 @@ var virshQueries = []string{
 	"snapshot-create-as test n1 --print-xml",
 	"snapshot-create-as test --name n2 --description hi --print-xml",
 	// Changes, last.
+	"snapshot-create test {x1.xml}",
+	"snapshot-create --domain test --xmlfile {x1.xml}",
+	"snapshot-info test x1",
 	"snapshot-create-as --domain test --name s5",
 	"snapshot-create-as test s6 described",
 	"snapshot-list test --parent",
@@ -224,6 +227,11 @@ func TestVirshParity(t *testing.T) {
 // shut off first, as a folder domain is.
 func compareWithVirsh(t *testing.T, virsh string, setup, queries []string) {
 	c := newTestDomain(t)
+	// {x1.xml} is a snapshot document both read from one file.
+	x1 := filepath.Join(t.TempDir(), "x1.xml") // not in the folder of domain definitions
+	if err := os.WriteFile(x1, []byte("<domainsnapshot><name>x1</name><description>from a file</description></domainsnapshot>"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	for _, s := range setup {
 		if r := c.run(s); r.failed {
 			t.Fatalf("xlsnap %s:\n%s", s, r)
@@ -231,6 +239,7 @@ func compareWithVirsh(t *testing.T, virsh string, setup, queries []string) {
 	}
 	done := append([]string{"destroy test"}, setup...)
 	for _, q := range queries {
+		q = strings.ReplaceAll(q, "{x1.xml}", x1)
 		done = append(done, q)
 		want := virshQuery(t, virsh, done)
 		if got := c.run(q); got != want {
