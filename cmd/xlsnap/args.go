@@ -12,8 +12,6 @@ import (
 	"github.com/xlsnap/xlsnap/errdefs"
 )
 
-var errInvalidArg = errdefs.ErrInvalidArg
-
 // operands gives each bare argument to the first of the named options
 // not already given by its flag, in order, so "snapshot-info web s1",
 // "snapshot-info --domain web s1" and "snapshot-info s1 --domain web"...

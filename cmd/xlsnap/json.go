@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"time"
 
 	"github.com/xlsnap/xlsnap/driver"
@@ -262,6 +261,3 @@ func progressJSONLines(w io.Writer) storage.Progress {
 		}
 	}
 }
-
-// stderrIsTerminal decides --progress=auto.
-var stderrIsTerminal = func() bool { return isTerminal(os.Stderr) }

@@ -12,6 +12,8 @@ import (
 	"syscall"
 
 	"github.com/spf13/cobra"
+
+	"github.com/xlsnap/xlsnap/errdefs"
 )
 
 func main() {
@@ -96,5 +98,5 @@ func (e *cliError) Unwrap() error { return e.err }
 
 // usagef is a wrong use of the command: libvirt's invalid argument.
 func usagef(format string, args ...any) error {
-	return &cliError{msg: fmt.Sprintf(format, args...), err: errInvalidArg}
+	return &cliError{msg: fmt.Sprintf(format, args...), err: errdefs.ErrInvalidArg}
 }

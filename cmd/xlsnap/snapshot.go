@@ -499,9 +499,9 @@ func (a *app) progressFn(cmd *cobra.Command) (storage.Progress, error) {
 	mode := a.progress
 	if mode == "auto" {
 		switch {
-		case a.json && !stderrIsTerminal():
+		case a.json && !isTerminal(os.Stderr):
 			mode = "json"
-		case stderrIsTerminal():
+		case isTerminal(os.Stderr):
 			mode = "bar"
 		default:
 			mode = "none"
