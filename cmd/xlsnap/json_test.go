@@ -152,6 +152,11 @@ func TestJSONSchema(t *testing.T) {
 	if dump.Domain != "test" || dump.Name != "s2" || !strings.HasPrefix(dump.XML, "<domainsnapshot>") {
 		t.Fatalf("dumpxml: %+v", dump)
 	}
+	var printed xmlJSON
+	strict(t, "create-as --print-xml", c.jsonRun("snapshot-create-as", "test", "p1", "--print-xml"), &printed)
+	if printed != (xmlJSON{Domain: "test", Name: "p1", XML: "<domainsnapshot>\n  <name>p1</name>\n</domainsnapshot>"}) {
+		t.Fatalf("create-as --print-xml: %+v", printed)
+	}
 	var revert revertJSON
 	strict(t, "revert", c.jsonRun("snapshot-revert", "test", "s2"), &revert)
 	if revert != (revertJSON{Domain: "test", Snapshot: "s2"}) {
