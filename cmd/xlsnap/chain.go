@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
 	"text/tabwriter"
@@ -16,8 +15,8 @@ type chainLayerJSON struct {
 	Path          string              `json:"path"`
 	Format        string              `json:"format"`
 	VirtualSize   uint64              `json:"virtual_size"`
-	Backing       string              `json:"backing,omitempty"`
-	BackingFormat string              `json:"backing_format,omitempty"`
+	Backing       string              `json:"backing"`
+	BackingFormat string              `json:"backing_format"`
 	Snapshots     []chainSnapshotJSON `json:"snapshots"`
 }
 
@@ -25,17 +24,16 @@ type chainSnapshotJSON struct {
 	ID          string `json:"id"`
 	Name        string `json:"name"`
 	VMStateSize uint64 `json:"vm_state_size"`
-	DateSec     uint32 `json:"date_sec"`
+	Date        string `json:"date"`
 }
 
-func newChainCmd() *cobra.Command {
+func (a *app) chainCmd() *cobra.Command {
 	var (
-		asJSON bool
 		format string
 		policy chain.Policy
 	)
 	cmd := &cobra.Command{
-		Use:   "chain [--json] [--root DIR]... [--allow-probe] IMAGE",
+		Use:   "chain [--root DIR]... [--allow-probe] IMAGE",
 		Short: "Print an image's backing chain, top to base, refusing unsafe references",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -44,14 +42,13 @@ func newChainCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if asJSON {
+			if a.json {
 				return writeChainJSON(cmd.OutOrStdout(), c)
 			}
 			return writeChainText(cmd.OutOrStdout(), c)
 		},
 	}
 	f := cmd.Flags()
-	f.BoolVar(&asJSON, "json", false, "print the chain as a JSON array of layers")
 	f.StringVar(&format, "format", "", "format of IMAGE (default: detected; backing formats are never guessed)")
 	f.StringArrayVar(&policy.Roots, "root", nil, "folder backing files must resolve into (repeatable; default: IMAGE's folder)")
 	f.BoolVar(&policy.AllowProbe, "allow-probe", false, "allow backing references that name no format")
@@ -71,13 +68,12 @@ func writeChainJSON(w io.Writer, c *chain.Chain) error {
 			Snapshots: []chainSnapshotJSON{},
 		}
 		for _, s := range l.Snapshots() {
-			j.Snapshots = append(j.Snapshots, chainSnapshotJSON{ID: s.ID, Name: s.Name, VMStateSize: s.VMStateSize, DateSec: s.DateSec})
+			j.Snapshots = append(j.Snapshots, chainSnapshotJSON{ID: s.ID, Name: s.Name, VMStateSize: s.VMStateSize,
+				Date: rfc3339(time.Unix(int64(s.DateSec), 0))})
 		}
 		layers = append(layers, j)
 	}
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	return enc.Encode(layers)
+	return writeJSON(w, layers)
 }
 
 func writeChainText(w io.Writer, c *chain.Chain) error {

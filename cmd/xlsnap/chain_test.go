@@ -36,7 +36,7 @@ func TestChainJSON(t *testing.T) {
 			ID          string `json:"id"`
 			Name        string `json:"name"`
 			VMStateSize uint64 `json:"vm_state_size"`
-			DateSec     int64  `json:"date_sec"`
+			Date        string `json:"date"`
 		} `json:"snapshots"`
 	}
 	if err := json.Unmarshal([]byte(stdout), &layers); err != nil {
@@ -50,7 +50,7 @@ func TestChainJSON(t *testing.T) {
 		top.Backing != "base.raw" || top.BackingFormat != "raw" {
 		t.Errorf("top layer %+v", top)
 	}
-	if len(top.Snapshots) != 1 || top.Snapshots[0].Name != "before-upgrade" || top.Snapshots[0].ID != "1" || top.Snapshots[0].DateSec == 0 {
+	if len(top.Snapshots) != 1 || top.Snapshots[0].Name != "before-upgrade" || top.Snapshots[0].ID != "1" || !rfc3339Re.MatchString(top.Snapshots[0].Date) {
 		t.Errorf("top snapshots %+v", top.Snapshots)
 	}
 	if base.Path != filepath.Join(dir, "base.raw") || base.Format != "raw" || base.VirtualSize != 8<<20 || base.Backing != "" {

@@ -37,7 +37,7 @@ func TestDamagedStore(t *testing.T) {
 				t.Fatal(err)
 			}
 			_, stderr, code := runXlsnap(t, "--connect", "file://"+c.dir, "--state-dir", c.state, "snapshot-list", "vm")
-			if code == 0 || !strings.HasPrefix(stderr, "xlsnap: metadata store is damaged: "+db) ||
+			if code == 0 || !strings.HasPrefix(stderr, "error: metadata store is damaged: "+db) ||
 				strings.Count(strings.TrimSpace(stderr), "\n") != 0 || !strings.Contains(stderr, "check --restore") {
 				t.Fatalf("exit %d, stderr %q", code, stderr)
 			}

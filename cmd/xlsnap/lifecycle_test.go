@@ -125,10 +125,10 @@ func TestLifecycleThroughTheCommand(t *testing.T) {
 	if len(list) != 2 || list[0].Name != "base" || list[1].Parent != "base" || !list[1].Current || list[0].Description != "first" {
 		t.Fatalf("snapshot-list --json: %+v", list)
 	}
-	if out := c.ok("snapshot-list", "vm", "--tree"); out != "base\n└─ mixed\n" {
+	if out := c.ok("snapshot-list", "vm", "--tree"); out != "base\n  |\n  +- mixed\n    \n\n" {
 		t.Fatalf("--tree:\n%s", out)
 	}
-	if out := c.ok("snapshot-list", "vm", "--leaves", "--name"); out != "mixed\n" {
+	if out := c.ok("snapshot-list", "vm", "--leaves", "--name"); out != "mixed\n\n" {
 		t.Fatalf("--leaves --name: %q", out)
 	}
 	if out := c.ok("snapshot-current", "vm", "--name"); out != "mixed\n" {
@@ -154,11 +154,11 @@ func TestLifecycleThroughTheCommand(t *testing.T) {
 
 	// Deleting the non-leaf external snapshot merges its images.
 	var report struct {
-		Deleted []string `json:"Deleted"`
+		Deleted []string `json:"deleted"`
 		Disks   []struct {
-			Disk   string `json:"Disk"`
-			Action string `json:"Action"`
-		} `json:"Disks"`
+			Disk   string `json:"disk"`
+			Action string `json:"action"`
+		} `json:"disks"`
 	}
 	c.json(&report, "snapshot-delete", "vm", "base")
 	if !slices.Equal(report.Deleted, []string{"base"}) || len(report.Disks) != 2 {
@@ -184,9 +184,9 @@ func TestLifecycleThroughTheCommand(t *testing.T) {
 func TestCommandErrors(t *testing.T) {
 	c := newCLI(t)
 	c.ok("snapshot-create-as", "vm", "s1", "--disk-only")
-	c.fails("domain snapshot exists", "snapshot-create-as", "vm", "s1", "--disk-only")
-	c.fails("domain not found", "snapshot-list", "nosuch")
-	c.fails("domain snapshot not found", "snapshot-revert", "vm", "nosuch")
+	c.fails("error: operation failed: domain moment s1 already exists", "snapshot-create-as", "vm", "s1", "--disk-only")
+	c.fails("error: failed to get domain 'nosuch'", "snapshot-list", "nosuch")
+	c.fails("error: Domain snapshot not found: no domain snapshot with matching name 'nosuch'", "snapshot-revert", "vm", "nosuch")
 	c.fails("no disk", "snapshot-create-as", "vm", "s2", "--diskspec", "xvdz,snapshot=external")
 	c.fails("invalid argument", "snapshot-create-as", "vm", "../escape", "--disk-only")
 	c.fails("no memory to save", "snapshot-create-as", "vm", "s3", "--memspec", c.path("mem"))

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"text/tabwriter"
@@ -11,29 +12,29 @@ import (
 	"github.com/xlsnap/xlsnap/storage"
 )
 
-func (g *globals) domblklistCmd() *cobra.Command {
-	return &cobra.Command{
-		Use: "domblklist DOMAIN", Short: "List a domain's disks and their active images", Args: cobra.ExactArgs(1),
-		RunE: g.withDriver(func(cmd *cobra.Command, d *driver.Driver, args []string) error {
-			disks, err := d.DiskList(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			if g.json {
-				return writeJSON(cmd.OutOrStdout(), disks)
-			}
-			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 3, ' ', 0)
-			fmt.Fprintln(tw, " Target\tSource")
-			fmt.Fprintln(tw, "------------------------------------------------")
-			for _, dk := range disks {
-				fmt.Fprintf(tw, " %s\t%s\n", dk.Target, dk.Source)
-			}
-			if len(disks) > 0 && disks[0].Pending != "" {
-				fmt.Fprintf(cmd.ErrOrStderr(), "note: %s\n", disks[0].Pending)
-			}
-			return tw.Flush()
-		}),
-	}
+func (a *app) domblklistCmd() *cobra.Command {
+	var domain string
+	cmd := &cobra.Command{Use: "domblklist DOMAIN", Short: "List a domain's disks and their active images"}
+	a.domainCmd(cmd, &domain, nil, nil, func(ctx context.Context, d *driver.Driver) error {
+		disks, err := d.DiskList(ctx, domain)
+		if err != nil {
+			return err
+		}
+		if a.json {
+			return writeJSON(cmd.OutOrStdout(), blocksToJSON(disks))
+		}
+		tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 3, ' ', 0)
+		fmt.Fprintln(tw, " Target\tSource")
+		fmt.Fprintln(tw, "------------------------------------------------")
+		for _, dk := range disks {
+			fmt.Fprintf(tw, " %s\t%s\n", dk.Target, dk.Source)
+		}
+		if len(disks) > 0 && disks[0].Pending != "" {
+			fmt.Fprintf(cmd.ErrOrStderr(), "note: %s\n", disks[0].Pending)
+		}
+		return tw.Flush()
+	})
+	return cmd
 }
 
 func (g *globals) checkCmd() *cobra.Command {
@@ -46,7 +47,7 @@ func (g *globals) checkCmd() *cobra.Command {
 		}
 		w := cmd.OutOrStdout()
 		if g.json {
-			if err := writeJSON(w, problems); err != nil {
+			if err := writeJSON(w, problemsToJSON(problems)); err != nil {
 				return err
 			}
 		} else {
@@ -69,7 +70,7 @@ func (g *globals) checkCmd() *cobra.Command {
 			}
 		}
 		if n > 0 {
-			return fmt.Errorf("%d problem(s) found", n)
+			return problemsFound{n}
 		}
 		if !g.json {
 			fmt.Fprintln(w, "no problems found")
@@ -100,7 +101,7 @@ func (g *globals) restore(cmd *cobra.Command, force bool) error {
 	}
 	w := cmd.OutOrStdout()
 	if g.json {
-		return writeJSON(w, r)
+		return writeJSON(w, restoreJSON{Store: r.Store, Backup: r.Backup, SetAside: r.SetAside, Reason: r.Reason})
 	}
 	fmt.Fprintf(w, "Reason: %s\n", r.Reason)
 	if r.SetAside != "" {
@@ -132,7 +133,7 @@ func (g *globals) rescanCmd() *cobra.Command {
 				return err
 			}
 			if g.json {
-				return writeJSON(cmd.OutOrStdout(), disks)
+				return writeJSON(cmd.OutOrStdout(), blocksToJSON(disks))
 			}
 			_, err = fmt.Fprintf(cmd.OutOrStdout(), "Domain %s disk %s rescanned\n", args[0], args[1])
 			return err

@@ -1,0 +1,121 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+
+	"github.com/mattn/go-isatty"
+	"github.com/spf13/cobra"
+
+	"github.com/xlsnap/xlsnap/driver"
+	"github.com/xlsnap/xlsnap/errdefs"
+)
+
+// operands gives each bare argument to the first of the named options
+// not already given by its flag, in order, so "snapshot-info web s1",
+// "snapshot-info --domain web s1" and "snapshot-info s1 --domain web"...
+// mean what they mean to virsh.
+func operands(cmd *cobra.Command, args []string, names ...string) error {
+next:
+	for _, a := range args {
+		for _, n := range names {
+			if !cmd.Flags().Changed(n) {
+				if err := cmd.Flags().Set(n, a); err != nil {
+					return usagef("%v", err)
+				}
+				continue next
+			}
+		}
+		return usagef("unexpected data '%s'", a)
+	}
+	return nil
+}
+
+// required refuses a command whose operand is missing.
+func required(cmd *cobra.Command, name string) error {
+	if !cmd.Flags().Changed(name) {
+		return usagef("command '%s' requires <%s> option", cmd.Name(), name)
+	}
+	return nil
+}
+
+// exclusive refuses two options together, in virsh's words.
+func exclusive(cmd *cobra.Command, a, b string) error {
+	if cmd.Flags().Changed(a) && cmd.Flags().Changed(b) {
+		return usagef("Options --%s and --%s are mutually exclusive", a, b)
+	}
+	return nil
+}
+
+// domainCmd is a command on one domain: its operands are resolved and
+// checked (check) before the driver opens, and a domain the source does
+// not have is reported as virsh reports it.
+func (a *app) domainCmd(cmd *cobra.Command, domain *string, names []string, check func() error,
+	body func(ctx context.Context, d *driver.Driver) error) {
+	cmd.Args = cobra.ArbitraryArgs
+	cmd.Flags().StringVar(domain, "domain", "", "the domain (or the first operand)")
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		if err := operands(cmd, args, append([]string{"domain"}, names...)...); err != nil {
+			return err
+		}
+		if err := required(cmd, "domain"); err != nil {
+			return err
+		}
+		if check != nil {
+			if err := check(); err != nil {
+				return err
+			}
+		}
+		err := a.withDriver(func(cmd *cobra.Command, d *driver.Driver, _ []string) error {
+			return body(cmd.Context(), d)
+		})(cmd, []string{*domain})
+		if codeOf(err) == errdefs.CodeNoDomain {
+			return &cliError{msg: fmt.Sprintf("failed to get domain '%s'", *domain), err: err}
+		}
+		return err
+	}
+}
+
+// lookup finds a snapshot by name, or the current one, with libvirt's
+// messages (as virsh prints them) for a name that is not there and a
+// domain with no current snapshot.
+func lookup(ctx context.Context, d *driver.Driver, domain, name string, current bool) (*driver.Snapshot, error) {
+	if current {
+		s, err := d.SnapshotCurrent(ctx, domain, 0)
+		if codeOf(err) == errdefs.CodeNoDomainSnapshot {
+			return nil, &cliError{msg: "Domain snapshot not found: the domain does not have a current snapshot", err: err}
+		}
+		return s, err
+	}
+	s, err := d.SnapshotLookupByName(ctx, domain, name, 0)
+	if codeOf(err) == errdefs.CodeNoDomainSnapshot {
+		return nil, &cliError{msg: fmt.Sprintf("Domain snapshot not found: no domain snapshot with matching name '%s'", name), err: err}
+	}
+	return s, err
+}
+
+// snapshotOrCurrent checks virsh's pair: a snapshot name or --current,
+// one of them and not both.
+func snapshotOrCurrent(cmd *cobra.Command, current bool) error {
+	named := cmd.Flags().Changed("snapshotname")
+	switch {
+	case named && current:
+		return usagef("--snapshotname and --current are mutually exclusive")
+	case !named && !current:
+		return usagef("--snapshotname or --current is required")
+	}
+	return nil
+}
+
+// codeOf is libvirt's code for err. errdefs.CodeOf knows every error
+// that wraps errdefs' sentinels (and a cancelled context); driver.Code
+// also knows storage's sentinels that do not wrap them yet.
+func codeOf(err error) errdefs.Code {
+	if c := errdefs.CodeOf(err); c != errdefs.CodeInternal {
+		return c
+	}
+	return errdefs.Code(driver.Code(err))
+}
+
+func isTerminal(f *os.File) bool { return isatty.IsTerminal(f.Fd()) }
