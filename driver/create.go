@@ -194,6 +194,10 @@ func wellFormed(xmlDesc string) error {
 				if roots++; roots > 1 {
 					return fmt.Errorf("%w: snapshot XML: content after the root element (at byte %d)", errdefs.ErrXMLDetail, dec.InputOffset())
 				}
+				// libvirt's parser checks the root before the rest.
+				if t.Name.Local != "domainsnapshot" {
+					return fmt.Errorf("%w: expecting root element of 'domainsnapshot', not '%s'", errdefs.ErrXML, t.Name.Local)
+				}
 			}
 			depth++
 		case xml.EndElement:
@@ -217,7 +221,7 @@ func checkSnapshotValues(doc *libvirtxml.DomainSnapshot) error {
 		case "manual":
 			return fmt.Errorf("%w: 'manual' memory snapshot mode not supported", errdefs.ErrXML)
 		default:
-			return fmt.Errorf("%w: Invalid value for attribute 'snapshot' in element 'memory': '%s'.", errdefs.ErrXML, m.Snapshot)
+			return badValue("memory", m.Snapshot)
 		}
 		if m.Snapshot == "" && m.File != "" {
 			m.Snapshot = "external"
@@ -236,11 +240,18 @@ func checkSnapshotValues(doc *libvirtxml.DomainSnapshot) error {
 			switch sd.Snapshot {
 			case "", "no", "internal", "external", "manual":
 			default:
-				return fmt.Errorf("%w: Invalid value for attribute 'snapshot' in element 'disk': '%s'.", errdefs.ErrXML, sd.Snapshot)
+				return badValue("disk", sd.Snapshot)
 			}
 		}
 	}
 	return nil
+}
+
+// badValue is libvirt's refusal of an unknown snapshot attribute value,
+// in its words (virXMLPropEnum), final stop included.
+func badValue(element, value string) error {
+	msg := fmt.Sprintf("Invalid value for attribute 'snapshot' in element '%s': '%s'.", element, value)
+	return fmt.Errorf("%w: %s", errdefs.ErrXML, msg)
 }
 
 // checkName refuses the snapshot names libvirt's QEMU driver refuses

@@ -106,7 +106,7 @@ type flagBits interface {
 // call, as "unsupported flags (0x100000) in function …".
 func checkFlags[F flagBits](call string, flags, known F) error {
 	if unknown := flags &^ known; unknown != 0 {
-		return fmt.Errorf("%w: unsupported flags (%#x) in function %s", errdefs.ErrInvalidArg, uint32(unknown), call)
+		return invalidArg(fmt.Sprintf("unsupported flags (%#x) in function %s", uint32(unknown), call))
 	}
 	return nil
 }
@@ -115,7 +115,7 @@ func checkFlags[F flagBits](call string, flags, known F) error {
 // ErrInvalidArg, with libvirt's message.
 func exclusive[F flagBits](flags, a, b F) error {
 	if flags&a != 0 && flags&b != 0 {
-		return fmt.Errorf("%w: Flags '%s' and '%s' are mutually exclusive", errdefs.ErrInvalidArg, flagNames[a], flagNames[b])
+		return invalidArg(fmt.Sprintf("Flags '%s' and '%s' are mutually exclusive", flagNames[a], flagNames[b]))
 	}
 	return nil
 }
@@ -124,7 +124,17 @@ func exclusive[F flagBits](flags, a, b F) error {
 // ErrInvalidArg, with libvirt's message.
 func requires[F flagBits](flags, flag, needed F) error {
 	if flags&flag != 0 && flags&needed == 0 {
-		return fmt.Errorf("%w: Flag '%s' is required by flag '%s'", errdefs.ErrInvalidArg, flagNames[needed], flagNames[flag])
+		return invalidArg(fmt.Sprintf("Flag '%s' is required by flag '%s'", flagNames[needed], flagNames[flag]))
 	}
 	return nil
 }
+
+// flagError is an errdefs.ErrInvalidArg whose text is libvirt's alone:
+// libvirt reports its flag checks (virReportInvalidArg) without the
+// "invalid argument: " its other VIR_ERR_INVALID_ARG errors start with.
+type flagError struct{ msg string }
+
+func invalidArg(msg string) error { return &flagError{msg: msg} }
+
+func (e *flagError) Error() string { return e.msg }
+func (e *flagError) Unwrap() error { return errdefs.ErrInvalidArg }
