@@ -75,6 +75,11 @@ func (d *Driver) CreateSnapshot(ctx context.Context, domain string, req Snapshot
 		}
 		doc.Disks.Disks = append(doc.Disks.Disks, sd)
 	}
+	// The typed form asks what the XML would: libvirt's rules (an
+	// absolute memory file, say) hold for it too.
+	if err := checkSnapshotValues(doc); err != nil {
+		return nil, err
+	}
 	if flags&CreateValidate != 0 {
 		text, err := doc.Marshal()
 		if err != nil {

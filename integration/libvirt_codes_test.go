@@ -69,6 +69,12 @@ func codeCases() []codeCase {
 		createCase("REDEFINE|NO_METADATA", errdefs.CodeInvalidArg, redef("<name>x</name>"+st+ct),
 			driver.CreateRedefine|driver.CreateNoMetadata, true, true),
 		createCase("REDEFINE|HALT", errdefs.CodeInvalidArg, redef("<name>x</name>"+st+ct), driver.CreateRedefine|driver.CreateHalt, true, true),
+		// virDomainSnapshotRedefineValidate (the test driver refuses the
+		// flag itself, with the same code).
+		createCase("REDEFINE|DISK_ONLY of a shut-off snapshot", errdefs.CodeInvalidArg, redef("<name>x</name>"+st+ct),
+			driver.CreateRedefine|driver.CreateDiskOnly, true, false),
+		createCase("REDEFINE|LIVE", errdefs.CodeInvalidArg, redef("<name>x</name>"+st+ct), driver.CreateRedefine|driver.CreateLive, false, false),
+		createCase("QUIESCE without DISK_ONLY", errdefs.CodeInvalidArg, redef("<name>x</name>"), driver.CreateQuiesce, false, false),
 		createCase("CURRENT without REDEFINE", errdefs.CodeInvalidArg, redef("<name>x</name>"), driver.CreateCurrent, true, true),
 		createCase("another root element", errdefs.CodeXMLError, "<domain><name>x</name></domain>", 0, true, true),
 		createCase("redefine with an unknown state", errdefs.CodeConfigUnsupported,
