@@ -14,6 +14,7 @@ import (
 
 	"libvirt.org/go/libvirtxml"
 
+	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/storage"
 )
 
@@ -22,7 +23,9 @@ import (
 type SnapshotRequest struct {
 	Name        string
 	Description string
-	// Memory asks for the domain's memory to be saved to MemoryPath.
+	// Memory asks for the domain's memory to be saved to MemoryPath;
+	// without it the request says <memory snapshot='no'/>, so a running
+	// domain's snapshot holds its disks alone.
 	Memory     bool
 	MemoryPath string
 	// Disks not listed take the default mode (see SnapshotCreateXML).
@@ -42,9 +45,14 @@ type DiskRequest struct {
 	ExternalPath   string
 }
 
-// CreateSnapshot is SnapshotCreateXML for a typed request.
+// CreateSnapshot is SnapshotCreateXML for a typed request. It returns
+// the errors SnapshotCreateXML returns.
 func (d *Driver) CreateSnapshot(ctx context.Context, domain string, req SnapshotRequest, flags CreateFlags) (*Snapshot, error) {
+	if err := checkCreateFlags("CreateSnapshot", flags); err != nil {
+		return nil, err
+	}
 	doc := &libvirtxml.DomainSnapshot{Name: req.Name, Description: req.Description}
+	doc.Memory = &libvirtxml.DomainSnapshotMemory{Snapshot: "no"}
 	if req.Memory {
 		doc.Memory = &libvirtxml.DomainSnapshotMemory{Snapshot: "external", File: req.MemoryPath}
 	}
@@ -67,21 +75,75 @@ func (d *Driver) CreateSnapshot(ctx context.Context, domain string, req Snapshot
 		}
 		doc.Disks.Disks = append(doc.Disks.Disks, sd)
 	}
+	// The typed form asks what the XML would: libvirt's rules (an
+	// absolute memory file, say) hold for it too.
+	if err := checkSnapshotValues(doc); err != nil {
+		return nil, err
+	}
+	if flags&CreateValidate != 0 {
+		text, err := doc.Marshal()
+		if err != nil {
+			return nil, fmt.Errorf("%w: %w", errdefs.ErrInternal, err)
+		}
+		if err := validateSchema(ctx, text); err != nil {
+			return nil, err
+		}
+	}
 	return d.create(ctx, domain, doc, flags)
 }
 
-// SnapshotCreateXML takes a snapshot described by libvirt's domain
-// snapshot XML, with libvirt's defaults: the name is the current time in
-// seconds; a disk's mode comes from the XML, else the disk's own
-// snapshot="..." attribute, else external with DISK_ONLY and internal
-// without; an external overlay goes next to the image, named after the
-// snapshot, in qcow2. The new snapshot becomes current.
+// SnapshotCreateXML is virDomainSnapshotCreateXML: it takes a snapshot
+// described by libvirt's domain snapshot XML, with libvirt's defaults:
+// the name is the current time in seconds; a disk's mode comes from the
+// XML, else the disk's own snapshot="..." attribute, else external with
+// DISK_ONLY and internal without; an external overlay goes next to the
+// image, named after the snapshot, in qcow2. The new snapshot becomes
+// current. A running or paused domain's snapshot without DISK_ONLY is a
+// full system checkpoint: its memory is saved too (see createActive).
+// With REDEFINE it records a snapshot from the XML snapshot-dumpxml
+// printed, touching no image; what libvirt requires of such a document
+// is required (a name, creationTime, state, an existing parent).
+//
+// Errors, with libvirt's codes (errdefs.CodeOf): flags libvirt refuses
+// (unknown bits, its exclusive and required pairs) and a redefined
+// snapshot's missing parent are errdefs.ErrInvalidArg (8); XML that is
+// not well-formed, and a name with '/' or a leading '.', ErrXMLDetail
+// (35); a document libvirt's schema refuses under VALIDATE,
+// ErrInvalidSchema (92); a value libvirt's parser refuses (an unknown
+// snapshot mode, memory of a shut-off domain or with DISK_ONLY, no name
+// or state on redefine), ErrXML (27); no creationTime on redefine,
+// ErrInternal (1, as libvirt); a disk mode or source xlsnap or libvirt
+// cannot snapshot (an internal disk with DISK_ONLY), ErrUnsupported
+// (67); memory the hypervisor back end cannot save, ErrLiveUnsupported
+// (84); and storage's own (ErrSnapshotExists, ErrNoDomain, ...).
 func (d *Driver) SnapshotCreateXML(ctx context.Context, domain, xmlDesc string, flags CreateFlags) (*Snapshot, error) {
-	doc, err := parseSnapshot(xmlDesc)
+	if err := checkCreateFlags("SnapshotCreateXML", flags); err != nil {
+		return nil, err
+	}
+	doc, err := parseSnapshot(ctx, xmlDesc, flags&CreateValidate != 0)
 	if err != nil {
 		return nil, err
 	}
 	return d.create(ctx, domain, doc, flags)
+}
+
+// checkCreateFlags checks create's flags in libvirt's order: the public
+// entry point's pairs (virDomainSnapshotCreateXML), then the QEMU
+// driver's (qemuSnapshotCreateXML).
+func checkCreateFlags(call string, flags CreateFlags) error {
+	for _, err := range []error{
+		requires(flags, CreateCurrent, CreateRedefine),
+		exclusive(flags, CreateRedefine, CreateNoMetadata),
+		exclusive(flags, CreateRedefine, CreateHalt),
+		checkFlags(call, flags, createKnown),
+		requires(flags, CreateQuiesce, CreateDiskOnly),
+		exclusive(flags, CreateLive, CreateRedefine),
+	} {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // MaxSnapshotXML bounds a snapshot XML document: a real one is a few
@@ -90,34 +152,136 @@ const MaxSnapshotXML = 4 << 20
 
 // parseSnapshot reads a snapshot XML document: one root element, nothing
 // but whitespace and comments after it, at most MaxSnapshotXML bytes.
-func parseSnapshot(xmlDesc string) (*libvirtxml.DomainSnapshot, error) {
+// As in libvirt, a document that is not well-formed is ErrXMLDetail, and
+// validation (with validate) comes before any other check of its content.
+func parseSnapshot(ctx context.Context, xmlDesc string, validate bool) (*libvirtxml.DomainSnapshot, error) {
 	if len(xmlDesc) > MaxSnapshotXML {
-		return nil, fmt.Errorf("%w: snapshot XML of %d bytes (at most %d)", ErrXML, len(xmlDesc), MaxSnapshotXML)
+		return nil, fmt.Errorf("%w: snapshot XML of %d bytes (at most %d)", errdefs.ErrXMLDetail, len(xmlDesc), MaxSnapshotXML)
 	}
-	dec := xml.NewDecoder(strings.NewReader(xmlDesc))
+	if err := wellFormed(xmlDesc); err != nil {
+		return nil, err
+	}
+	if validate {
+		if err := validateSchema(ctx, xmlDesc); err != nil {
+			return nil, err
+		}
+	}
 	var doc libvirtxml.DomainSnapshot
-	if err := dec.Decode(&doc); err != nil {
-		return nil, fmt.Errorf("%w: snapshot XML: %w", ErrXML, err)
+	if err := xml.Unmarshal([]byte(xmlDesc), &doc); err != nil {
+		// Well-formed, so the root element or a value is wrong.
+		return nil, fmt.Errorf("%w: snapshot XML: %w", errdefs.ErrXML, err)
 	}
+	if err := checkSnapshotValues(&doc); err != nil {
+		return nil, err
+	}
+	return &doc, nil
+}
+
+// wellFormed checks that a document is one well-formed element with only
+// whitespace and comments around it.
+func wellFormed(xmlDesc string) error {
+	dec := xml.NewDecoder(strings.NewReader(xmlDesc))
+	depth, roots := 0, 0
 	for {
 		tok, err := dec.Token()
 		if errors.Is(err, io.EOF) {
-			break
+			if roots == 0 {
+				return fmt.Errorf("%w: snapshot XML: no root element", errdefs.ErrXMLDetail)
+			}
+			return nil
 		}
 		if err != nil {
-			return nil, fmt.Errorf("%w: snapshot XML after the root element: %w", ErrXML, err)
+			return fmt.Errorf("%w: snapshot XML: %w", errdefs.ErrXMLDetail, err)
 		}
 		switch t := tok.(type) {
-		case xml.Comment:
-			continue
+		case xml.StartElement:
+			if depth == 0 {
+				if roots++; roots > 1 {
+					return fmt.Errorf("%w: snapshot XML: content after the root element (at byte %d)", errdefs.ErrXMLDetail, dec.InputOffset())
+				}
+				// libvirt's parser checks the root before the rest.
+				if t.Name.Local != "domainsnapshot" {
+					return fmt.Errorf("%w: expecting root element of 'domainsnapshot', not '%s'", errdefs.ErrXML, t.Name.Local)
+				}
+			}
+			depth++
+		case xml.EndElement:
+			depth--
 		case xml.CharData:
-			if len(bytes.TrimSpace(t)) == 0 {
-				continue
+			if depth == 0 && len(bytes.TrimSpace(t)) != 0 {
+				return fmt.Errorf("%w: snapshot XML: text outside the root element (at byte %d)", errdefs.ErrXMLDetail, dec.InputOffset())
 			}
 		}
-		return nil, fmt.Errorf("%w: snapshot XML: content after the root element (at byte %d)", ErrXML, dec.InputOffset())
 	}
-	return &doc, nil
+}
+
+// checkSnapshotValues refuses what libvirt's parser (virDomainSnapshotDefParse)
+// refuses whatever the domain: unknown snapshot modes, and a memory
+// element whose mode and file disagree, each with libvirt's message and
+// VIR_ERR_XML_ERROR.
+func checkSnapshotValues(doc *libvirtxml.DomainSnapshot) error {
+	if m := doc.Memory; m != nil {
+		switch m.Snapshot {
+		case "", "no", "internal", "external":
+		case "manual":
+			return fmt.Errorf("%w: 'manual' memory snapshot mode not supported", errdefs.ErrXML)
+		default:
+			return badValue("memory", m.Snapshot)
+		}
+		if m.Snapshot == "" && m.File != "" {
+			m.Snapshot = "external"
+		}
+		switch {
+		case m.File != "" && m.Snapshot != "external":
+			return fmt.Errorf("%w: memory filename '%s' requires external snapshot", errdefs.ErrXML, m.File)
+		case m.File == "" && m.Snapshot == "external":
+			return fmt.Errorf("%w: external memory snapshots require a filename", errdefs.ErrXML)
+		case m.File != "" && !filepath.IsAbs(m.File):
+			return fmt.Errorf("%w: memory snapshot file path (%s) must be absolute", errdefs.ErrXML, m.File)
+		}
+	}
+	if doc.Disks != nil {
+		for _, sd := range doc.Disks.Disks {
+			switch sd.Snapshot {
+			case "", "no", "internal", "external", "manual":
+			default:
+				return badValue("disk", sd.Snapshot)
+			}
+		}
+	}
+	return nil
+}
+
+// badValue is libvirt's refusal of an unknown snapshot attribute value,
+// in its words (virXMLPropEnum), final stop included.
+func badValue(element, value string) error {
+	msg := fmt.Sprintf("Invalid value for attribute 'snapshot' in element '%s': '%s'.", element, value)
+	return fmt.Errorf("%w: %s", errdefs.ErrXML, msg)
+}
+
+// checkName refuses the snapshot names libvirt's QEMU driver refuses
+// (qemuSnapshotCreateXMLValidateDef), with its messages and
+// VIR_ERR_XML_DETAIL: its metadata is a file named after the snapshot,
+// as xlsnap's overlays are.
+func checkName(name string) error {
+	switch {
+	case strings.Contains(name, "/"):
+		return fmt.Errorf("%w: invalid snapshot name '%s': name can't contain '/'", errdefs.ErrXMLDetail, name)
+	case strings.HasPrefix(name, "."):
+		return fmt.Errorf("%w: invalid snapshot name '%s': name can't start with '.'", errdefs.ErrXMLDetail, name)
+	}
+	return nil
+}
+
+// memoryState says whether the document asks for the domain's memory.
+func memoryState(doc *libvirtxml.DomainSnapshot) bool {
+	return doc.Memory != nil && doc.Memory.Snapshot != "" && doc.Memory.Snapshot != "no"
+}
+
+// errOfflineMemory is libvirt's refusal of memory state where there is
+// none to save: a shut-off domain, or DISK_ONLY.
+func errOfflineMemory() error {
+	return fmt.Errorf("%w: memory state cannot be saved with offline or disk-only snapshot", errdefs.ErrXML)
 }
 
 // checkSnapshotDisks refuses a disk whose snapshot source is not a local
@@ -164,34 +328,45 @@ func sourceKind(s *libvirtxml.DomainDiskSource) string {
 }
 
 func (d *Driver) create(ctx context.Context, domain string, doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*Snapshot, error) {
-	defer d.lock(domain)()
-	if flags&CreateQuiesce != 0 {
-		return nil, fmt.Errorf("%w: QUIESCE needs a guest agent, which xlsnap does not drive", ErrUnsupported)
+	if flags&CreateRedefine != 0 {
+		return d.redefine(ctx, domain, doc, flags)
 	}
-	if flags&CreateCurrent != 0 && flags&CreateRedefine == 0 {
-		return nil, invalidf("CURRENT is only valid with REDEFINE")
+	if flags&CreateNoMetadata == 0 {
+		if err := checkName(doc.Name); err != nil {
+			return nil, err
+		}
 	}
 	if err := checkSnapshotDisks(doc); err != nil {
 		return nil, err
 	}
-	if flags&CreateRedefine != 0 {
-		return d.redefine(ctx, domain, doc, flags)
+	if flags&CreateQuiesce != 0 {
+		return nil, fmt.Errorf("%w: QUIESCE needs a guest agent, which xlsnap does not drive", errdefs.ErrUnsupported)
 	}
+	defer d.lock(domain)()
 	v, err := d.sync(ctx, domain)
 	if err != nil {
 		return nil, err
 	}
 	active := v.src.State.Active()
-	if flags&CreateLive != 0 && !active {
-		return nil, fmt.Errorf("%w: LIVE applies to running domains; %s is shut off", ErrLiveUnsupported, domain)
-	}
 	diskOnly := flags&CreateDiskOnly != 0
-	memory := doc.Memory != nil && doc.Memory.Snapshot != "" && doc.Memory.Snapshot != "no"
-	if memory && diskOnly {
-		return nil, invalidf("a disk-only snapshot cannot save memory")
+	// libvirt parses a snapshot of a shut-off domain, or one with
+	// DISK_ONLY, as offline: memory state is an XML error there.
+	if memoryState(doc) && (diskOnly || !active) {
+		return nil, errOfflineMemory()
 	}
-	if memory && !active {
-		return nil, fmt.Errorf("%w: %s is shut off: it has no memory to save", ErrOperationInvalid, domain)
+	if active && !diskOnly && doc.Memory == nil {
+		// libvirt's default for a running domain is a full system
+		// checkpoint; xlsnap's memory is always a file of its own.
+		file, err := defaultMemoryFile(v, doc.Name)
+		if err != nil {
+			return nil, err
+		}
+		doc.Memory = &libvirtxml.DomainSnapshotMemory{Snapshot: "external", File: file}
+	}
+	// libvirt (qemuSnapshotCreateXMLValidateDef): LIVE only for a full
+	// system checkpoint of an active domain.
+	if flags&CreateLive != 0 && (!active || !memoryState(doc)) {
+		return nil, fmt.Errorf("%w: live snapshot creation is supported only during full system snapshots", errdefs.ErrLiveUnsupported)
 	}
 	spec := storage.SnapshotSpec{
 		Name:        doc.Name,
@@ -202,8 +377,12 @@ func (d *Driver) create(ctx context.Context, domain string, doc *libvirtxml.Doma
 	}
 	if spec.Name == "" {
 		spec.Name = strconv.FormatInt(time.Now().Unix(), 10)
+		doc.Name = spec.Name
 	}
 	if spec.Disks, err = diskSpecs(v, doc, diskOnly, flags&CreateReuseExt != 0); err != nil {
+		return nil, err
+	}
+	if spec.XML, err = keptXML(doc); err != nil {
 		return nil, err
 	}
 	if active {
@@ -217,29 +396,38 @@ func (d *Driver) create(ctx context.Context, domain string, doc *libvirtxml.Doma
 	return snap, d.afterChange(ctx, v)
 }
 
+// defaultMemoryFile is where a full system checkpoint that names no
+// memory file saves the memory: beside the domain's first disk, named
+// after the domain and the snapshot.
+func defaultMemoryFile(v *domainView, snapshot string) (string, error) {
+	if len(v.disks) == 0 {
+		return "", fmt.Errorf("%w: domain %s has no file disk to save its memory beside: name the file (<memory snapshot='external' file='...'/>)", errdefs.ErrInvalidArg, v.src.Name)
+	}
+	if snapshot == "" {
+		snapshot = strconv.FormatInt(time.Now().Unix(), 10)
+	}
+	return filepath.Join(filepath.Dir(v.disks[0].Path), v.src.Name+"."+snapshot+".mem"), nil
+}
+
+// keptXML is the snapshot document as its record keeps it: without the
+// domain definition, which the record holds on its own.
+func keptXML(doc *libvirtxml.DomainSnapshot) (string, error) {
+	kept := *doc
+	kept.Domain = nil
+	out, err := kept.Marshal()
+	if err != nil {
+		return "", fmt.Errorf("%w: snapshot XML: %w", errdefs.ErrInternal, err)
+	}
+	return out, nil
+}
+
 // diskSpecs resolves each disk's mode and overlay from the XML and the
-// defaults.
+// defaults. Disks the XML names by path are renamed to their targets in
+// doc, as libvirt's virDomainSnapshotAlignDisks does.
 func diskSpecs(v *domainView, doc *libvirtxml.DomainSnapshot, diskOnly, reuse bool) ([]storage.SnapshotDiskSpec, error) {
-	byTarget := map[string]*libvirtxml.DomainSnapshotDisk{}
-	if doc.Disks != nil {
-		for i := range doc.Disks.Disks {
-			sd := &doc.Disks.Disks[i]
-			target := ""
-			for _, di := range v.disks {
-				if sd.Name == di.Target || sameFile(sd.Name, di.Path) {
-					target = di.Target
-				}
-			}
-			// libvirt (virDomainSnapshotAlignDisks) reports both as
-			// VIR_ERR_CONFIG_UNSUPPORTED.
-			if target == "" {
-				return nil, fmt.Errorf("%w: no disk named %q in domain %s", ErrUnsupported, sd.Name, v.src.Name)
-			}
-			if byTarget[target] != nil {
-				return nil, fmt.Errorf("%w: disk %s specified twice", ErrUnsupported, target)
-			}
-			byTarget[target] = sd
-		}
+	byTarget, err := alignDisks(v, doc)
+	if err != nil {
+		return nil, err
 	}
 	var out []storage.SnapshotDiskSpec
 	for _, di := range v.disks {
@@ -259,8 +447,10 @@ func diskSpecs(v *domainView, doc *libvirtxml.DomainSnapshot, diskOnly, reuse bo
 		case "no":
 			spec.Mode = storage.DiskNone
 		case "internal":
+			// libvirt's QEMU driver reports an internal disk in a
+			// disk-only snapshot as VIR_ERR_CONFIG_UNSUPPORTED.
 			if diskOnly {
-				return nil, invalidf("disk %s: a disk-only snapshot is external", di.Target)
+				return nil, fmt.Errorf("%w: disk %s: a disk-only snapshot cannot be internal", errdefs.ErrUnsupported, di.Target)
 			}
 			spec.Mode = storage.DiskInternal
 		case "external":
@@ -272,11 +462,39 @@ func diskSpecs(v *domainView, doc *libvirtxml.DomainSnapshot, diskOnly, reuse bo
 				spec.Format = sd.Driver.Type
 			}
 		default:
-			return nil, fmt.Errorf("%w: disk %s: snapshot mode %q", ErrUnsupported, di.Target, mode)
+			return nil, fmt.Errorf("%w: disk %s: snapshot mode %q", errdefs.ErrUnsupported, di.Target, mode)
 		}
 		out = append(out, spec)
 	}
 	return out, nil
+}
+
+// alignDisks maps the XML's disks to the domain's targets, each named by
+// its target afterwards. libvirt (virDomainSnapshotAlignDisks) reports an
+// unknown disk and one named twice as VIR_ERR_CONFIG_UNSUPPORTED.
+func alignDisks(v *domainView, doc *libvirtxml.DomainSnapshot) (map[string]*libvirtxml.DomainSnapshotDisk, error) {
+	byTarget := map[string]*libvirtxml.DomainSnapshotDisk{}
+	if doc.Disks == nil {
+		return byTarget, nil
+	}
+	for i := range doc.Disks.Disks {
+		sd := &doc.Disks.Disks[i]
+		target := ""
+		for _, di := range v.disks {
+			if sd.Name == di.Target || sameFile(sd.Name, di.Path) {
+				target = di.Target
+			}
+		}
+		if target == "" {
+			return nil, fmt.Errorf("%w: no disk named %q in domain %s", errdefs.ErrUnsupported, sd.Name, v.src.Name)
+		}
+		if byTarget[target] != nil {
+			return nil, fmt.Errorf("%w: disk %s specified twice", errdefs.ErrUnsupported, target)
+		}
+		sd.Name = target
+		byTarget[target] = sd
+	}
+	return byTarget, nil
 }
 
 func sameFile(a, b string) bool {
@@ -286,31 +504,33 @@ func sameFile(a, b string) bool {
 }
 
 // redefine records a snapshot from its full XML (as snapshot-dumpxml
-// printed it) without touching any disk: libvirt's REDEFINE.
+// printed it) without touching any disk: libvirt's REDEFINE. What
+// libvirt's parser and virDomainSnapshotRedefinePrep require is
+// required, with their messages and codes; the document is kept whole in
+// the record, so dumpxml gives back what it held.
 func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*Snapshot, error) {
+	// libvirt finds the domain before it reads the document.
+	defer d.lock(domain)()
 	v, err := d.sync(ctx, domain)
 	if err != nil {
 		return nil, err
 	}
-	if doc.Name == "" {
-		return nil, invalidf("REDEFINE needs the snapshot's name")
+	snap, err := redefinedRecord(doc, flags)
+	if err != nil {
+		return nil, err
 	}
-	snap := &storage.Snapshot{Name: doc.Name, Description: doc.Description, State: doc.State}
-	if snap.State == "" {
-		snap.State = string(StateShutoff)
+	if err := checkName(doc.Name); err != nil {
+		return nil, err
 	}
-	if doc.CreationTime != "" {
-		secs, err := strconv.ParseInt(doc.CreationTime, 10, 64)
-		if err != nil {
-			return nil, fmt.Errorf("%w: creationTime %q", ErrXML, doc.CreationTime)
+	if err := checkSnapshotDisks(doc); err != nil {
+		return nil, err
+	}
+	if snap.Parent != "" {
+		if _, err := d.st.Snapshot(ctx, v.key, snap.Parent); errors.Is(err, storage.ErrNoSnapshot) {
+			return nil, fmt.Errorf("%w: parent %s for moment %s not found", errdefs.ErrInvalidArg, snap.Parent, snap.Name)
+		} else if err != nil {
+			return nil, err
 		}
-		snap.Created = time.Unix(secs, 0).UTC()
-	}
-	if doc.Parent != nil {
-		snap.Parent = doc.Parent.Name
-	}
-	if doc.Memory != nil && doc.Memory.Snapshot == "external" {
-		snap.Memory = doc.Memory.File
 	}
 	if doc.Domain != nil {
 		// libvirt's virDomainSnapshotRedefineValidate: the definition must
@@ -323,12 +543,15 @@ func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.Do
 			return nil, err
 		}
 		if doc.Domain.Name != v.src.Name || doc.Domain.UUID != "" && cur.UUID != "" && !strings.EqualFold(doc.Domain.UUID, cur.UUID) {
-			return nil, invalidf("definition for snapshot %s must be domain %s (uuid %s), not %s (uuid %s)",
+			return nil, fmt.Errorf("%w: definition for snapshot %s must be domain %s (uuid %s), not %s (uuid %s)", errdefs.ErrInvalidArg,
 				doc.Name, v.src.Name, cur.UUID, doc.Domain.Name, doc.Domain.UUID)
 		}
 		if snap.DomainXML, err = marshalDomain(doc.Domain); err != nil {
 			return nil, err
 		}
+	}
+	if _, err := alignDisks(v, doc); err != nil {
+		return nil, err
 	}
 	if doc.Disks != nil {
 		for _, sd := range doc.Disks.Disks {
@@ -342,8 +565,49 @@ func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.Do
 			snap.Disks = append(snap.Disks, rec)
 		}
 	}
+	if snap.XML, err = keptXML(doc); err != nil {
+		return nil, err
+	}
 	if err := d.st.RedefineSnapshot(ctx, v.key, snap, flags&CreateCurrent != 0); err != nil {
 		return nil, err
 	}
 	return d.st.Snapshot(ctx, v.key, snap.Name)
+}
+
+// redefinedRecord checks a redefined document as libvirt's parser does
+// (virDomainSnapshotDefParse with PARSE_REDEFINE, in its order) and
+// makes the record's own fields from it.
+func redefinedRecord(doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*storage.Snapshot, error) {
+	if doc.Name == "" {
+		return nil, fmt.Errorf("%w: a redefined snapshot must have a name", errdefs.ErrXML)
+	}
+	// libvirt reports this one as an internal error.
+	secs, err := strconv.ParseInt(strings.TrimSpace(doc.CreationTime), 10, 64)
+	if err != nil {
+		return nil, fmt.Errorf("%w: missing creationTime from existing snapshot", errdefs.ErrInternal)
+	}
+	switch doc.State {
+	case "":
+		return nil, fmt.Errorf("%w: missing state from existing snapshot", errdefs.ErrXML)
+	case "running", "blocked", "paused", "shutdown", "shutoff", "crashed", "disk-snapshot", "pmsuspended":
+	default:
+		return nil, fmt.Errorf("%w: Invalid state '%s' in domain snapshot XML", errdefs.ErrUnsupported, doc.State)
+	}
+	offline := doc.State == "shutoff" || doc.State == "disk-snapshot"
+	if offline && memoryState(doc) {
+		return nil, errOfflineMemory()
+	}
+	// virDomainSnapshotRedefineValidate.
+	if flags&CreateDiskOnly != 0 && doc.State != "disk-snapshot" {
+		return nil, fmt.Errorf("%w: disk-only flag for snapshot %s requires disk-snapshot state", errdefs.ErrInvalidArg, doc.Name)
+	}
+	snap := &storage.Snapshot{Name: doc.Name, Description: doc.Description, State: doc.State,
+		Created: time.Unix(secs, 0).UTC()}
+	if doc.Parent != nil {
+		snap.Parent = doc.Parent.Name
+	}
+	if doc.Memory != nil && doc.Memory.Snapshot == "external" {
+		snap.Memory = doc.Memory.File
+	}
+	return snap, nil
 }

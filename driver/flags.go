@@ -1,5 +1,11 @@
 package driver
 
+import (
+	"fmt"
+
+	"github.com/xlsnap/xlsnap/errdefs"
+)
+
 // Flags carry libvirt's numeric values, so a toolstack passes its
 // virDomainSnapshot* flags through unchanged.
 
@@ -54,3 +60,81 @@ const (
 	DeleteMetadataOnly DeleteFlags = 1 << 1 // VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY
 	DeleteChildrenOnly DeleteFlags = 1 << 2 // VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN_ONLY
 )
+
+// XMLFlags are virDomainSnapshotXMLFlags.
+type XMLFlags uint32
+
+// XMLSecure is VIR_DOMAIN_SNAPSHOT_XML_SECURE: xlsnap's snapshot XML holds
+// no secrets, so it changes nothing, but it is accepted as libvirt does.
+const XMLSecure XMLFlags = 1 << 0
+
+// The bits each call takes, as libvirt's QEMU driver's virCheckFlags
+// lists them (src/qemu/qemu_driver.c, qemu_snapshot.c).
+const (
+	createKnown = CreateRedefine | CreateCurrent | CreateNoMetadata | CreateHalt | CreateDiskOnly |
+		CreateReuseExt | CreateQuiesce | CreateAtomic | CreateLive | CreateValidate
+	listFilters = ListLeaves | ListNoLeaves | ListMetadata | ListNoMetadata | ListInactive |
+		ListActive | ListDiskOnly | ListInternal | ListExternal
+	listKnown   = ListRoots | ListTopological | listFilters
+	revertKnown = RevertRunning | RevertPaused | RevertForce
+	deleteKnown = DeleteChildren | DeleteMetadataOnly | DeleteChildrenOnly
+)
+
+// flagNames are libvirt's names of the bits that take part in its
+// exclusive and required pairs, for its messages.
+var flagNames = map[any]string{
+	CreateRedefine:     "VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE",
+	CreateCurrent:      "VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT",
+	CreateNoMetadata:   "VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA",
+	CreateHalt:         "VIR_DOMAIN_SNAPSHOT_CREATE_HALT",
+	CreateDiskOnly:     "VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY",
+	CreateQuiesce:      "VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE",
+	CreateLive:         "VIR_DOMAIN_SNAPSHOT_CREATE_LIVE",
+	RevertRunning:      "VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING",
+	RevertPaused:       "VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED",
+	DeleteChildren:     "VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN",
+	DeleteChildrenOnly: "VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN_ONLY",
+}
+
+// flagBits is any of the call's flag types.
+type flagBits interface {
+	~uint32
+}
+
+// checkFlags is libvirt's virCheckFlags: bits outside known are refused
+// with ErrInvalidArg (VIR_ERR_INVALID_ARG), naming them in hex and the
+// call, as "unsupported flags (0x100000) in function …".
+func checkFlags[F flagBits](call string, flags, known F) error {
+	if unknown := flags &^ known; unknown != 0 {
+		return invalidArg(fmt.Sprintf("unsupported flags (%#x) in function %s", uint32(unknown), call))
+	}
+	return nil
+}
+
+// exclusive is libvirt's VIR_EXCLUSIVE_FLAGS_RET: a and b together are
+// ErrInvalidArg, with libvirt's message.
+func exclusive[F flagBits](flags, a, b F) error {
+	if flags&a != 0 && flags&b != 0 {
+		return invalidArg(fmt.Sprintf("Flags '%s' and '%s' are mutually exclusive", flagNames[a], flagNames[b]))
+	}
+	return nil
+}
+
+// requires is libvirt's VIR_REQUIRE_FLAG_RET: flag without needed is
+// ErrInvalidArg, with libvirt's message.
+func requires[F flagBits](flags, flag, needed F) error {
+	if flags&flag != 0 && flags&needed == 0 {
+		return invalidArg(fmt.Sprintf("Flag '%s' is required by flag '%s'", flagNames[needed], flagNames[flag]))
+	}
+	return nil
+}
+
+// flagError is an errdefs.ErrInvalidArg whose text is libvirt's alone:
+// libvirt reports its flag checks (virReportInvalidArg) without the
+// "invalid argument: " its other VIR_ERR_INVALID_ARG errors start with.
+type flagError struct{ msg string }
+
+func invalidArg(msg string) error { return &flagError{msg: msg} }
+
+func (e *flagError) Error() string { return e.msg }
+func (e *flagError) Unwrap() error { return errdefs.ErrInvalidArg }

@@ -8,17 +8,23 @@ import (
 
 	"libvirt.org/go/libvirtxml"
 
+	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/internal/crashpoint"
 	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/xenlight"
 )
 
-// createActive snapshots a running or paused domain. Disk-only: one QMP
-// transaction over every disk, the guest running throughout. With memory:
-// pause, checkpoint-save the memory, snapshot the disks, resume; where the
-// back end has no checkpoint save, the save stops the domain, the disks
-// are snapshotted offline, and the domain is restored from the memory
-// image onto the new overlays. With LIVE the pause is skipped.
+// createActive snapshots a running or paused domain. Disk-only (DISK_ONLY,
+// or <memory snapshot='no'/>, which libvirt refuses without DISK_ONLY):
+// one QMP transaction over every disk, the guest running throughout.
+// With memory: pause, checkpoint-save the memory, snapshot the disks,
+// resume; where the back end has no checkpoint save, the save stops the
+// domain, the disks are snapshotted offline, and the domain is restored
+// from the memory image onto the new overlays. With LIVE the pause is
+// skipped. Memory a back end cannot save (a bare device model holds no
+// Xen guest memory), or memory internal to the images (QEMU's savevm,
+// which holds no Xen guest's memory either), is errdefs.ErrLiveUnsupported
+// before anything changes.
 func (d *Driver) createActive(ctx context.Context, v *domainView, doc *libvirtxml.DomainSnapshot, flags CreateFlags, spec storage.SnapshotSpec) (*Snapshot, error) {
 	live, err := d.live(v, "a snapshot")
 	if err != nil {
@@ -26,7 +32,7 @@ func (d *Driver) createActive(ctx context.Context, v *domainView, doc *libvirtxm
 	}
 	name := v.src.Name
 	wasRunning := v.src.State == StateRunning
-	if doc.Memory == nil || doc.Memory.Snapshot == "" || doc.Memory.Snapshot == "no" {
+	if !memoryState(doc) {
 		spec.State, spec.Live = "disk-snapshot", live
 		snap, err := d.st.CreateSnapshot(ctx, v.key, spec)
 		if err != nil {
@@ -34,8 +40,13 @@ func (d *Driver) createActive(ctx context.Context, v *domainView, doc *libvirtxm
 		}
 		return snap, d.finishCreate(ctx, v, flags)
 	}
-	if doc.Memory.File == "" {
-		return nil, invalidf("a memory snapshot needs a file (memspec file=PATH)")
+	if doc.Memory.Snapshot == "internal" {
+		return nil, fmt.Errorf("%w: memory internal to the disk images of %s: xlsnap saves a guest's memory to a file (<memory snapshot='external' file='...'/>)",
+			errdefs.ErrLiveUnsupported, name)
+	}
+	if rl, ok := d.h.(xenlight.RestoreLimiter); ok && !rl.CanRestore() {
+		return nil, fmt.Errorf("%w: the hypervisor back end of %s can neither save nor restore its memory: a snapshot of its disks alone needs DISK_ONLY",
+			errdefs.ErrLiveUnsupported, name)
 	}
 	spec.Memory, spec.State = doc.Memory.File, string(v.src.State)
 	pause := wasRunning && flags&CreateLive == 0
@@ -55,6 +66,9 @@ func (d *Driver) createActive(ctx context.Context, v *domainView, doc *libvirtxm
 	// memory just saved), drops a memory image no snapshot holds, and ends
 	// the record; what it cannot do stays for recoverGuest.
 	fail := func(cause error, restore bool) (*Snapshot, error) {
+		if errors.Is(cause, xenlight.ErrLiveUnsupported) {
+			cause = fmt.Errorf("%w: %w", errdefs.ErrLiveUnsupported, cause)
+		}
 		var put error
 		if restore {
 			put = d.restore(uctx, v, doc.Memory.File, !wasRunning)

@@ -9,6 +9,7 @@ import (
 
 	"libvirt.org/go/libvirtxml"
 
+	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/storage"
 )
 
@@ -128,8 +129,12 @@ func (t *tree) filter(in []*Snapshot, flags ListFlags) []*Snapshot {
 
 // ListAllSnapshots is virDomainListAllSnapshots: every snapshot, or the
 // roots with ListRoots, filtered; oldest first, or parents before
-// children with ListTopological.
+// children with ListTopological. Errors: ErrInvalidArg for flags libvirt
+// does not define, ErrNoDomain.
 func (d *Driver) ListAllSnapshots(ctx context.Context, domain string, flags ListFlags) ([]*Snapshot, error) {
+	if err := checkFlags("ListAllSnapshots", flags, listKnown); err != nil {
+		return nil, err
+	}
 	t, err := d.snapshots(ctx, domain)
 	if err != nil {
 		return nil, err
@@ -148,8 +153,18 @@ func (d *Driver) ListAllSnapshots(ctx context.Context, domain string, flags List
 }
 
 // SnapshotListAllChildren is virDomainSnapshotListAllChildren: the direct
-// children, or every descendant with ListDescendants, filtered.
+// children, or every descendant with ListDescendants, filtered. Errors:
+// ErrInvalidArg for flags libvirt does not define, ErrNoDomain,
+// ErrNoSnapshot.
 func (d *Driver) SnapshotListAllChildren(ctx context.Context, domain, name string, flags ListFlags) ([]*Snapshot, error) {
+	return d.children(ctx, "SnapshotListAllChildren", domain, name, flags)
+}
+
+func (d *Driver) children(ctx context.Context, call, domain, name string, flags ListFlags) ([]*Snapshot, error) {
+	// ListDescendants is ListRoots's bit: listKnown covers both.
+	if err := checkFlags(call, flags, listKnown); err != nil {
+		return nil, err
+	}
 	t, _, err := d.lookup(ctx, domain, name)
 	if err != nil {
 		return nil, err
@@ -157,16 +172,19 @@ func (d *Driver) SnapshotListAllChildren(ctx context.Context, domain, name strin
 	return t.filter(t.descendants(name, flags&ListDescendants != 0), flags&^ListDescendants), nil
 }
 
-// SnapshotNumChildren is virDomainSnapshotNumChildren.
+// SnapshotNumChildren is virDomainSnapshotNumChildren, with the errors of
+// SnapshotListAllChildren.
 func (d *Driver) SnapshotNumChildren(ctx context.Context, domain, name string, flags ListFlags) (int, error) {
-	list, err := d.SnapshotListAllChildren(ctx, domain, name, flags)
+	list, err := d.children(ctx, "SnapshotNumChildren", domain, name, flags)
 	return len(list), err
 }
 
-// SnapshotLookupByName is virDomainSnapshotLookupByName.
+// SnapshotLookupByName is virDomainSnapshotLookupByName. Errors:
+// ErrInvalidArg for any flag (libvirt defines none), ErrNoDomain,
+// ErrNoSnapshot.
 func (d *Driver) SnapshotLookupByName(ctx context.Context, domain, name string, flags uint32) (*Snapshot, error) {
-	if flags != 0 {
-		return nil, invalidf("unsupported flags %#x", flags)
+	if err := checkFlags("SnapshotLookupByName", flags, 0); err != nil {
+		return nil, err
 	}
 	return d.snapshot(ctx, domain, name)
 }
@@ -196,8 +214,13 @@ func (d *Driver) lookup(ctx context.Context, domain, name string) (*tree, *Snaps
 	return t, s, nil
 }
 
-// SnapshotCurrent is virDomainSnapshotCurrent.
+// SnapshotCurrent is virDomainSnapshotCurrent. Errors: ErrInvalidArg for
+// any flag (libvirt defines none), ErrNoDomain, ErrNoSnapshot when there
+// is no current snapshot.
 func (d *Driver) SnapshotCurrent(ctx context.Context, domain string, flags uint32) (*Snapshot, error) {
+	if err := checkFlags("SnapshotCurrent", flags, 0); err != nil {
+		return nil, err
+	}
 	t, err := d.snapshots(ctx, domain)
 	if err != nil {
 		return nil, err
@@ -208,8 +231,12 @@ func (d *Driver) SnapshotCurrent(ctx context.Context, domain string, flags uint3
 	return t.get(domain, t.current)
 }
 
-// SnapshotIsCurrent is virDomainSnapshotIsCurrent.
+// SnapshotIsCurrent is virDomainSnapshotIsCurrent. Errors: ErrInvalidArg
+// for any flag (libvirt defines none), ErrNoDomain, ErrNoSnapshot.
 func (d *Driver) SnapshotIsCurrent(ctx context.Context, domain, name string, flags uint32) (bool, error) {
+	if err := checkFlags("SnapshotIsCurrent", flags, 0); err != nil {
+		return false, err
+	}
 	t, _, err := d.lookup(ctx, domain, name)
 	if err != nil {
 		return false, err
@@ -219,13 +246,23 @@ func (d *Driver) SnapshotIsCurrent(ctx context.Context, domain, name string, fla
 
 // SnapshotHasMetadata is virDomainSnapshotHasMetadata: every snapshot
 // xlsnap can name has metadata (NO_METADATA ones are not named later).
+// Errors: ErrInvalidArg for any flag (libvirt defines none), ErrNoDomain,
+// ErrNoSnapshot.
 func (d *Driver) SnapshotHasMetadata(ctx context.Context, domain, name string, flags uint32) (bool, error) {
+	if err := checkFlags("SnapshotHasMetadata", flags, 0); err != nil {
+		return false, err
+	}
 	_, _, err := d.lookup(ctx, domain, name)
 	return err == nil, err
 }
 
-// SnapshotGetParent is virDomainSnapshotGetParent.
+// SnapshotGetParent is virDomainSnapshotGetParent. Errors: ErrInvalidArg
+// for any flag (libvirt defines none), ErrNoDomain, ErrNoSnapshot (also
+// for a root snapshot, as libvirt).
 func (d *Driver) SnapshotGetParent(ctx context.Context, domain, name string, flags uint32) (*Snapshot, error) {
+	if err := checkFlags("SnapshotGetParent", flags, 0); err != nil {
+		return nil, err
+	}
 	t, s, err := d.lookup(ctx, domain, name)
 	if err != nil {
 		return nil, err
@@ -237,8 +274,13 @@ func (d *Driver) SnapshotGetParent(ctx context.Context, domain, name string, fla
 }
 
 // SnapshotGetXMLDesc is virDomainSnapshotGetXMLDesc: libvirt's domain
-// snapshot XML, with the domain definition of the snapshot's time.
+// snapshot XML, with the domain definition of the snapshot's time (see
+// SnapshotXML). Errors: ErrInvalidArg for flags other than XMLSecure,
+// ErrNoDomain, ErrNoSnapshot.
 func (d *Driver) SnapshotGetXMLDesc(ctx context.Context, domain, name string, flags uint32) (string, error) {
+	if err := checkFlags("SnapshotGetXMLDesc", flags, uint32(XMLSecure)); err != nil {
+		return "", err
+	}
 	s, err := d.snapshot(ctx, domain, name)
 	if err != nil {
 		return "", err
@@ -246,27 +288,63 @@ func (d *Driver) SnapshotGetXMLDesc(ctx context.Context, domain, name string, fl
 	return SnapshotXML(s)
 }
 
-// SnapshotXML renders a snapshot record as libvirt's domain snapshot XML.
+// SnapshotXML renders a snapshot record as libvirt's domain snapshot XML:
+// the document the record keeps (what the snapshot was created or
+// redefined with), with what storage owns taken from the record: the
+// name, description, state, creation time, parent, memory file, each
+// disk's mode and overlay, and the domain definition. A memory mode the
+// record does not say is libvirt's default on redefine: none for a
+// shut-off or disk-only snapshot, internal otherwise. <active> is
+// libvirt's private bookkeeping, left out as libvirt's dumpxml does.
+// Errors: ErrInternal for a record whose XML cannot be read back.
 func SnapshotXML(s *Snapshot) (string, error) {
-	doc := libvirtxml.DomainSnapshot{
-		Name:         s.Name,
-		Description:  s.Description,
-		State:        s.State,
-		CreationTime: strconv.FormatInt(s.Created.Unix(), 10),
-		Memory:       &libvirtxml.DomainSnapshotMemory{Snapshot: "no"},
-		Disks:        &libvirtxml.DomainSnapshotDisks{},
+	var doc libvirtxml.DomainSnapshot
+	if s.XML != "" {
+		if err := doc.Unmarshal(s.XML); err != nil {
+			return "", fmt.Errorf("%w: the stored XML of snapshot %s: %w", errdefs.ErrInternal, s.Name, err)
+		}
 	}
+	byTarget := map[string]libvirtxml.DomainSnapshotDisk{}
+	if doc.Disks != nil {
+		for _, sd := range doc.Disks.Disks {
+			byTarget[sd.Name] = sd
+		}
+	}
+	doc.Name, doc.Description, doc.State = s.Name, s.Description, s.State
+	doc.CreationTime = strconv.FormatInt(s.Created.Unix(), 10)
+	doc.Parent, doc.Domain, doc.Active = nil, nil, nil
 	if s.Parent != "" {
 		doc.Parent = &libvirtxml.DomainSnapshotParent{Name: s.Parent}
 	}
-	if s.Memory != "" {
+	switch {
+	case s.Memory != "":
 		doc.Memory = &libvirtxml.DomainSnapshotMemory{Snapshot: "external", File: s.Memory}
+	case doc.Memory != nil && (doc.Memory.Snapshot == "no" || doc.Memory.Snapshot == "internal"):
+	case s.State == string(StateShutoff) || s.State == "disk-snapshot":
+		doc.Memory = &libvirtxml.DomainSnapshotMemory{Snapshot: "no"}
+	default:
+		doc.Memory = &libvirtxml.DomainSnapshotMemory{Snapshot: "internal"}
 	}
-	for _, sd := range s.Disks {
-		disk := libvirtxml.DomainSnapshotDisk{Name: sd.Target, Snapshot: string(sd.Mode)}
-		if sd.Mode == storage.DiskExternal {
-			disk.Driver = &libvirtxml.DomainDiskDriver{Type: "qcow2"}
-			disk.Source = &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: sd.Overlay}}
+	doc.Disks = &libvirtxml.DomainSnapshotDisks{}
+	for _, rd := range s.Disks {
+		disk := byTarget[rd.Target]
+		disk.Name, disk.Snapshot = rd.Target, string(rd.Mode)
+		if rd.Mode == storage.DiskExternal {
+			// The overlay is storage's; the rest of the source (its
+			// seclabels, say) and the driver are the document's.
+			if disk.Source == nil || disk.Source.File == nil {
+				disk.Source = &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{}}
+			}
+			disk.Source.File.File = rd.Overlay
+			if disk.Driver == nil {
+				disk.Driver = &libvirtxml.DomainDiskDriver{}
+			}
+			if disk.Driver.Type == "" {
+				disk.Driver.Type = "qcow2" // what storage makes
+			}
+		} else {
+			// libvirt's schema has no source or driver for them.
+			disk.Source, disk.Driver = nil, nil
 		}
 		doc.Disks.Disks = append(doc.Disks.Disks, disk)
 	}

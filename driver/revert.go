@@ -20,9 +20,19 @@ import (
 // memory image onto the reverted disks, running unless it was taken
 // paused or PAUSED is given; RUNNING and PAUSED without memory would need
 // a fresh boot, which xlsnap leaves to the toolstack.
+//
+// Errors: ErrInvalidArg for RUNNING with PAUSED (libvirt's
+// virDomainRevertToSnapshot) and for flags the QEMU driver does not take
+// (RESET_NVRAM among them: a Xen guest has no NVRAM of QEMU's),
+// ErrNoDomain, ErrNoSnapshot, ErrOperationInvalid (a running domain and
+// no FORCE), ErrLiveUnsupported (memory the back end cannot restore),
+// and storage's own.
 func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flags RevertFlags) error {
-	if flags&RevertRunning != 0 && flags&RevertPaused != 0 {
-		return invalidf("RUNNING and PAUSED together")
+	if err := exclusive(flags, RevertRunning, RevertPaused); err != nil {
+		return err
+	}
+	if err := checkFlags("RevertToSnapshot", flags, revertKnown); err != nil {
+		return err
 	}
 	defer d.lock(domain)()
 	v, err := d.sync(ctx, domain)
@@ -112,7 +122,17 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 // cheaper direction; live block jobs for images a running domain reads)
 // and external snapshots with CHILDREN, and keeps an image that still
 // backs others. It returns what happened to each disk.
+//
+// Errors: ErrInvalidArg for CHILDREN with CHILDREN_ONLY (libvirt's
+// virDomainSnapshotDelete) and for flags libvirt does not define, both
+// before anything changes; ErrNoDomain, ErrNoSnapshot, and storage's own.
 func (d *Driver) SnapshotDelete(ctx context.Context, domain, name string, flags DeleteFlags) (*storage.DeleteReport, error) {
+	if err := exclusive(flags, DeleteChildren, DeleteChildrenOnly); err != nil {
+		return nil, err
+	}
+	if err := checkFlags("SnapshotDelete", flags, deleteKnown); err != nil {
+		return nil, err
+	}
 	defer d.lock(domain)()
 	v, err := d.sync(ctx, domain)
 	if err != nil {

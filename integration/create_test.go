@@ -11,6 +11,7 @@ import (
 	"libvirt.org/go/libvirtxml"
 
 	"github.com/xlsnap/xlsnap/driver"
+	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/storage"
 )
 
@@ -90,7 +91,9 @@ func TestCreateFlags(t *testing.T) {
 			{driver.CreateLive, driver.ErrLiveUnsupported, driver.ErrNumOperationUnsupported},
 			{driver.CreateLive | driver.CreateDiskOnly, driver.ErrLiveUnsupported, driver.ErrNumOperationUnsupported},
 			{driver.CreateQuiesce | driver.CreateDiskOnly, driver.ErrUnsupported, driver.ErrNumConfigUnsupported},
-			{driver.CreateQuiesce, driver.ErrUnsupported, driver.ErrNumConfigUnsupported},
+			// libvirt: QUIESCE requires DISK_ONLY; with it, a guest agent.
+			{driver.CreateQuiesce, errdefs.ErrInvalidArg, driver.ErrNumInvalidArg},
+			{driver.CreateQuiesce | driver.CreateDiskOnly, driver.ErrUnsupported, driver.ErrNumConfigUnsupported},
 			{driver.CreateCurrent, driver.ErrInvalidArg, driver.ErrNumInvalidArg},
 			{driver.CreateCurrent | driver.CreateDiskOnly, driver.ErrInvalidArg, driver.ErrNumInvalidArg},
 		}
@@ -316,7 +319,7 @@ func TestOverlayPaths(t *testing.T) {
 			{`<domainsnapshot><name>x</name><disks><disk name='vda' snapshot='external'><driver type='raw'/></disk></disks></domainsnapshot>`,
 				driver.ErrUnsupported, driver.ErrNumConfigUnsupported},
 			{`<domainsnapshot><name>x</name><disks><disk name='vda' snapshot='bogus'/></disks></domainsnapshot>`,
-				driver.ErrUnsupported, driver.ErrNumConfigUnsupported},
+				errdefs.ErrXML, driver.ErrNumXML},
 		} {
 			_, err := e.d.SnapshotCreateXML(e.ctx, e.dom, c.doc, driver.CreateDiskOnly)
 			expectErr(t, err, c.sentinel, c.code)
@@ -404,10 +407,12 @@ func TestTypedRequest(t *testing.T) {
 			sentinel error
 			code     driver.ErrorNumber
 		}{
-			{driver.SnapshotRequest{Name: "r", Memory: true, MemoryPath: e.path("mem")}, 0, driver.ErrOperationInvalid, driver.ErrNumOperationInvalid},
-			{driver.SnapshotRequest{Name: "r", Memory: true, MemoryPath: e.path("mem")}, driver.CreateDiskOnly, driver.ErrInvalidArg, driver.ErrNumInvalidArg},
+			// libvirt's parser: memory state in an offline snapshot is an
+			// XML error, shut off or DISK_ONLY.
+			{driver.SnapshotRequest{Name: "r", Memory: true, MemoryPath: e.path("mem")}, 0, errdefs.ErrXML, driver.ErrNumXML},
+			{driver.SnapshotRequest{Name: "r", Memory: true, MemoryPath: e.path("mem")}, driver.CreateDiskOnly, errdefs.ErrXML, driver.ErrNumXML},
 			{driver.SnapshotRequest{Name: "r", Disks: []driver.DiskRequest{{Name: "vda", External: true, ExternalFormat: "raw"}}}, 0, driver.ErrUnsupported, driver.ErrNumConfigUnsupported},
-			{driver.SnapshotRequest{Name: "r", Disks: []driver.DiskRequest{{Name: "vda"}}}, driver.CreateDiskOnly, driver.ErrInvalidArg, driver.ErrNumInvalidArg},
+			{driver.SnapshotRequest{Name: "r", Disks: []driver.DiskRequest{{Name: "vda"}}}, driver.CreateDiskOnly, errdefs.ErrUnsupported, driver.ErrNumConfigUnsupported},
 			{driver.SnapshotRequest{Name: "r"}, driver.CreateLive, driver.ErrLiveUnsupported, driver.ErrNumOperationUnsupported},
 			{driver.SnapshotRequest{Name: "t1"}, 0, driver.ErrSnapshotExists, driver.ErrNumOperationFailed},
 		} {

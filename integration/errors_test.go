@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/xlsnap/xlsnap/driver"
+	"github.com/xlsnap/xlsnap/errdefs"
 )
 
 // TestErrors: every call's typed errors and the libvirt codes they map to
@@ -63,37 +64,67 @@ func TestErrors(t *testing.T) {
 			})
 		}
 
-		// Invalid arguments.
+		// Invalid arguments storage refuses.
 		invalid := map[string]error{}
-		_, invalid["CURRENT without REDEFINE"] = d.SnapshotCreateXML(ctx, e.dom, snapXML("x"), driver.CreateCurrent)
-		_, invalid["name with a slash"] = d.SnapshotCreateXML(ctx, e.dom, snapXML("a/b"), driver.CreateDiskOnly)
-		_, invalid["name ."] = d.SnapshotCreateXML(ctx, e.dom, snapXML(".."), driver.CreateDiskOnly)
 		_, invalid["name starting with -"] = d.SnapshotCreateXML(ctx, e.dom, snapXML("-x"), 0)
-		_, invalid["internal with DISK_ONLY"] = d.SnapshotCreateXML(ctx, e.dom,
-			"<domainsnapshot><name>x</name><disks><disk name='vda' snapshot='internal'/></disks></domainsnapshot>", driver.CreateDiskOnly)
-		_, invalid["memory with DISK_ONLY"] = d.SnapshotCreateXML(ctx, e.dom,
-			"<domainsnapshot><name>x</name><memory snapshot='external' file='"+e.path("mem")+"'/></domainsnapshot>", driver.CreateDiskOnly)
-		_, invalid["lookup flags"] = d.SnapshotLookupByName(ctx, e.dom, "s1", 4)
-		invalid["RUNNING|PAUSED"] = d.RevertToSnapshot(ctx, e.dom, "s1", driver.RevertRunning|driver.RevertPaused)
-		_, invalid["CHILDREN|CHILDREN_ONLY"] = d.SnapshotDelete(ctx, e.dom, "s1", driver.DeleteChildren|driver.DeleteChildrenOnly)
 		invalid["ChainChanged of no disk"] = d.ChainChanged(ctx, e.dom, "vdz")
 		_, invalid["domain name with a slash"] = d.ListAllSnapshots(ctx, "a/b", 0)
 		for call, err := range invalid {
 			t.Run("invalid/"+call, func(t *testing.T) { expectErr(t, err, driver.ErrInvalidArg, driver.ErrNumInvalidArg) })
 		}
+		// What the driver refuses as libvirt does, with libvirt's codes
+		// (TestLibvirtCodes has each against libvirt itself).
+		libvirtCodes := []struct {
+			what     string
+			err      error
+			sentinel error
+		}{}
+		add := func(what string, sentinel error, err error) {
+			libvirtCodes = append(libvirtCodes, struct {
+				what     string
+				err      error
+				sentinel error
+			}{what, err, sentinel})
+		}
+		_, err := d.SnapshotCreateXML(ctx, e.dom, snapXML("x"), driver.CreateCurrent)
+		add("CURRENT without REDEFINE", errdefs.ErrInvalidArg, err)
+		_, err = d.SnapshotCreateXML(ctx, e.dom, snapXML("a/b"), driver.CreateDiskOnly)
+		add("name with a slash", errdefs.ErrXMLDetail, err)
+		_, err = d.SnapshotCreateXML(ctx, e.dom, snapXML(".."), driver.CreateDiskOnly)
+		add("name .", errdefs.ErrXMLDetail, err)
+		_, err = d.SnapshotCreateXML(ctx, e.dom,
+			"<domainsnapshot><name>x</name><disks><disk name='vda' snapshot='internal'/></disks></domainsnapshot>", driver.CreateDiskOnly)
+		add("internal with DISK_ONLY", errdefs.ErrUnsupported, err)
+		_, err = d.SnapshotCreateXML(ctx, e.dom,
+			"<domainsnapshot><name>x</name><memory snapshot='external' file='"+e.path("mem")+"'/></domainsnapshot>", driver.CreateDiskOnly)
+		add("memory with DISK_ONLY", errdefs.ErrXML, err)
+		_, err = d.SnapshotLookupByName(ctx, e.dom, "s1", 4)
+		add("lookup flags", errdefs.ErrInvalidArg, err)
+		err = d.RevertToSnapshot(ctx, e.dom, "s1", driver.RevertRunning|driver.RevertPaused)
+		add("RUNNING|PAUSED", errdefs.ErrInvalidArg, err)
+		_, err = d.SnapshotDelete(ctx, e.dom, "s1", driver.DeleteChildren|driver.DeleteChildrenOnly)
+		add("CHILDREN|CHILDREN_ONLY", errdefs.ErrInvalidArg, err)
+		for _, doc := range []string{"<domainsnapshot><name>x</name>", "not xml at all", "<domainsnapshot><name>x</name></wrong>", ""} {
+			_, err := d.SnapshotCreateXML(ctx, e.dom, doc, driver.CreateDiskOnly)
+			add("malformed "+doc, errdefs.ErrXMLDetail, err)
+		}
+		// A memory image of a shut-off domain: libvirt's parser refuses
+		// memory state in an offline snapshot as an XML error.
+		_, err = d.SnapshotCreateXML(ctx, e.dom, "<domainsnapshot><name>x</name><memory snapshot='external' file='"+e.path("mem")+"'/></domainsnapshot>", 0)
+		add("memory of a shut-off domain", errdefs.ErrXML, err)
+		for _, c := range libvirtCodes {
+			t.Run("libvirt/"+c.what, func(t *testing.T) {
+				if !errors.Is(c.err, c.sentinel) || errdefs.CodeOf(c.err) != errdefs.CodeOf(c.sentinel) {
+					t.Fatalf("error %v (code %d), want %v (code %d)", c.err, errdefs.CodeOf(c.err), c.sentinel, errdefs.CodeOf(c.sentinel))
+				}
+			})
+		}
 
-		// Exists, XML.
-		_, err := d.SnapshotCreateXML(ctx, e.dom, snapXML("s1"), driver.CreateDiskOnly)
+		// Exists.
+		_, err = d.SnapshotCreateXML(ctx, e.dom, snapXML("s1"), driver.CreateDiskOnly)
 		expectErr(t, err, driver.ErrSnapshotExists, driver.ErrNumOperationFailed)
 		_, err = d.SnapshotCreateXML(ctx, e.dom, snapXML("s1"), 0)
 		expectErr(t, err, driver.ErrSnapshotExists, driver.ErrNumOperationFailed)
-		for _, doc := range []string{"<domainsnapshot><name>x</name>", "not xml at all", "<domainsnapshot><name>x</name></wrong>", ""} {
-			_, err := d.SnapshotCreateXML(ctx, e.dom, doc, driver.CreateDiskOnly)
-			expectErr(t, err, driver.ErrXML, driver.ErrNumXML)
-		}
-		// A memory image of a shut-off domain: libvirt's "operation invalid".
-		_, err = d.SnapshotCreateXML(ctx, e.dom, "<domainsnapshot><name>x</name><memory snapshot='external' file='"+e.path("mem")+"'/></domainsnapshot>", 0)
-		expectErr(t, err, driver.ErrOperationInvalid, driver.ErrNumOperationInvalid)
 
 		// Unknown disk names: libvirt (virDomainSnapshotAlignDisks) reports
 		// "no disk named" and "disk specified twice" as
@@ -200,7 +231,11 @@ func TestRunningDomain(t *testing.T) {
 	}
 	_, err = e.d.SnapshotCreateXML(e.ctx, e.dom, snapXML("s2"), driver.CreateDiskOnly)
 	expectErr(t, err, driver.ErrLiveUnsupported, driver.ErrNumOperationUnsupported)
+	// libvirt: LIVE is for full system checkpoints only (84 too).
 	_, err = e.d.SnapshotCreateXML(e.ctx, e.dom, snapXML("s2"), driver.CreateDiskOnly|driver.CreateLive)
+	expectErr(t, err, errdefs.ErrLiveUnsupported, driver.ErrNumOperationUnsupported)
+	// No flags: a full system checkpoint, which needs a back end too.
+	_, err = e.d.SnapshotCreateXML(e.ctx, e.dom, snapXML("s2"), 0)
 	expectErr(t, err, driver.ErrLiveUnsupported, driver.ErrNumOperationUnsupported)
 	_, err = e.d.CreateSnapshot(e.ctx, e.dom, driver.SnapshotRequest{Name: "s2"}, 0)
 	expectErr(t, err, driver.ErrLiveUnsupported, driver.ErrNumOperationUnsupported)

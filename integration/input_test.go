@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/xlsnap/xlsnap/driver"
+	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/storage/storagetest"
 )
 
@@ -268,6 +269,10 @@ func TestInputSnapshotDiskKinds(t *testing.T) {
 			for _, flags := range []driver.CreateFlags{driver.CreateDiskOnly, driver.CreateDiskOnly | driver.CreateReuseExt, driver.CreateRedefine} {
 				t.Run(fmt.Sprintf("%s/%#x", kind, flags), func(t *testing.T) {
 					doc := "<domainsnapshot><name>k1</name><disks>" + disk + "<disk name='vdb' snapshot='no'/></disks></domainsnapshot>"
+					if flags&driver.CreateRedefine != 0 {
+						// What libvirt requires of a redefined snapshot.
+						doc = strings.Replace(doc, "<disks>", "<state>shutoff</state><creationTime>1700000000</creationTime><disks>", 1)
+					}
 					_, err := e.d.SnapshotCreateXML(e.ctx, e.dom, doc, flags)
 					expectErr(t, err, driver.ErrUnsupported, driver.ErrNumConfigUnsupported)
 				})
@@ -355,18 +360,27 @@ func TestInputSymlinkedFolder(t *testing.T) {
 }
 
 // TestInputNames: snapshot and domain names follow libvirt's rules (no
-// leading '.', no '/', no control characters, at most 255 bytes) and a
-// snapshot document is one root element of at most 4 MiB.
+// leading '.', no '/': libvirt's VIR_ERR_XML_DETAIL for a snapshot) and
+// xlsnap's (no control characters, at most 255 bytes: invalid argument),
+// and a snapshot document is one root element of at most 4 MiB (else not
+// well-formed, VIR_ERR_XML_DETAIL as libvirt's parser reports it).
 func TestInputNames(t *testing.T) {
 	both(t, nil, func(t *testing.T, e *env) {
 		e.write(0)
 		before := e.state()
 		for _, name := range []string{".hidden", "a/b", "line\nbreak", "tab\t", "bell\x07", strings.Repeat("n", 256)} {
 			t.Run(fmt.Sprintf("snapshot/%q", name), func(t *testing.T) {
+				sentinel, code := driver.ErrInvalidArg, driver.ErrNumInvalidArg
+				if strings.HasPrefix(name, ".") || strings.Contains(name, "/") {
+					sentinel, code = errdefs.ErrXMLDetail, driver.ErrorNumber(errdefs.CodeXMLDetail)
+				}
 				_, err := e.d.CreateSnapshot(e.ctx, e.dom, driver.SnapshotRequest{Name: name}, driver.CreateDiskOnly)
-				expectErr(t, err, driver.ErrInvalidArg, driver.ErrNumInvalidArg)
-				_, err = e.d.CreateSnapshot(e.ctx, e.dom, driver.SnapshotRequest{Name: name}, driver.CreateRedefine)
-				expectErr(t, err, driver.ErrInvalidArg, driver.ErrNumInvalidArg)
+				expectErr(t, err, sentinel, code)
+				var doc strings.Builder
+				xml.EscapeText(&doc, []byte(name))
+				_, err = e.d.SnapshotCreateXML(e.ctx, e.dom, "<domainsnapshot><name>"+doc.String()+
+					"</name><state>shutoff</state><creationTime>1700000000</creationTime></domainsnapshot>", driver.CreateRedefine)
+				expectErr(t, err, sentinel, code)
 			})
 			t.Run(fmt.Sprintf("domain/%q", name), func(t *testing.T) {
 				_, err := e.d.ListAllSnapshots(e.ctx, name, 0)
@@ -389,7 +403,7 @@ func TestInputNames(t *testing.T) {
 		} {
 			t.Run("xml/"+what, func(t *testing.T) {
 				_, err := e.d.SnapshotCreateXML(e.ctx, e.dom, doc, driver.CreateDiskOnly)
-				expectErr(t, err, driver.ErrXML, driver.ErrNumXML)
+				expectErr(t, err, errdefs.ErrXMLDetail, driver.ErrorNumber(errdefs.CodeXMLDetail))
 			})
 		}
 		e.expectUnchanged(before)

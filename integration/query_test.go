@@ -10,6 +10,7 @@ import (
 	"libvirt.org/go/libvirtxml"
 
 	"github.com/xlsnap/xlsnap/driver"
+	"github.com/xlsnap/xlsnap/errdefs"
 )
 
 // TestListFilters: every ListAllSnapshots filter, alone and combined (OR
@@ -297,9 +298,10 @@ func TestRedefine(t *testing.T) {
 		e.expectChain("vda", "vda.s1", "vda.qcow2")
 		e.expectInternalSnapshots("vda.s1", "s2")
 
-		// Out of order: a parent that is not there yet.
+		// Out of order: a parent that is not there yet (libvirt: invalid
+		// argument).
 		_, err := e.d.SnapshotCreateXML(e.ctx, e.dom, docs["s2"], driver.CreateRedefine)
-		expectErr(t, err, driver.ErrNoSnapshot, driver.ErrNumNoDomainSnapshot)
+		expectErr(t, err, errdefs.ErrInvalidArg, driver.ErrNumInvalidArg)
 
 		if _, err := e.d.SnapshotCreateXML(e.ctx, e.dom, docs["s1"], driver.CreateRedefine); err != nil {
 			t.Fatalf("REDEFINE s1: %v", err)
@@ -350,23 +352,25 @@ func TestRedefine(t *testing.T) {
 		e.revert("s2", 0)
 		e.expectChain("vda", "vda.s1", "vda.qcow2")
 
-		// What REDEFINE refuses.
+		// What REDEFINE refuses, with libvirt's codes.
+		const req = "<state>shutoff</state><creationTime>1700000000</creationTime>"
 		for _, c := range []struct {
 			doc      string
 			flags    driver.CreateFlags
 			sentinel error
 			code     driver.ErrorNumber
 		}{
-			{"<domainsnapshot><description>no name</description></domainsnapshot>", driver.CreateRedefine, driver.ErrInvalidArg, driver.ErrNumInvalidArg},
-			{"<domainsnapshot><name>x</name><creationTime>yesterday</creationTime></domainsnapshot>", driver.CreateRedefine, driver.ErrXML, driver.ErrNumXML},
-			{"<domainsnapshot><name>x</name", driver.CreateRedefine, driver.ErrXML, driver.ErrNumXML},
-			{`<domainsnapshot><name>x</name><disks><disk name='vda' snapshot='external'><source file='` + e.path("nothere") + `'/></disk></disks></domainsnapshot>`,
+			{"<domainsnapshot><description>no name</description>" + req + "</domainsnapshot>", driver.CreateRedefine, errdefs.ErrXML, driver.ErrNumXML},
+			{"<domainsnapshot><name>x</name><state>shutoff</state><creationTime>yesterday</creationTime></domainsnapshot>", driver.CreateRedefine,
+				errdefs.ErrInternal, driver.ErrNumInternal},
+			{"<domainsnapshot><name>x</name", driver.CreateRedefine, errdefs.ErrXMLDetail, driver.ErrorNumber(errdefs.CodeXMLDetail)},
+			{`<domainsnapshot><name>x</name>` + req + `<disks><disk name='vda' snapshot='external'><source file='` + e.path("nothere") + `'/></disk></disks></domainsnapshot>`,
 				driver.CreateRedefine, driver.ErrInvalidArg, driver.ErrNumInvalidArg},
-			{`<domainsnapshot><name>x</name><disks><disk name='vda' snapshot='internal'/></disks></domainsnapshot>`,
+			{`<domainsnapshot><name>x</name>` + req + `<disks><disk name='vda' snapshot='internal'/></disks></domainsnapshot>`,
 				driver.CreateRedefine, driver.ErrInvalidArg, driver.ErrNumInvalidArg},
-			{`<domainsnapshot><name>x</name><disks><disk name='vdz' snapshot='no'/></disks></domainsnapshot>`,
-				driver.CreateRedefine, driver.ErrInvalidArg, driver.ErrNumInvalidArg},
-			{`<domainsnapshot><name>s1</name><parent><name>s2</name></parent></domainsnapshot>`,
+			{`<domainsnapshot><name>x</name>` + req + `<disks><disk name='vdz' snapshot='no'/></disks></domainsnapshot>`,
+				driver.CreateRedefine, errdefs.ErrUnsupported, driver.ErrNumConfigUnsupported},
+			{`<domainsnapshot><name>s1</name>` + req + `<parent><name>s2</name></parent></domainsnapshot>`,
 				driver.CreateRedefine, driver.ErrInvalidArg, driver.ErrNumInvalidArg},
 		} {
 			_, err := e.d.SnapshotCreateXML(e.ctx, e.dom, c.doc, c.flags)

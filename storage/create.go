@@ -25,7 +25,9 @@ type SnapshotSpec struct {
 	// Memory is the external memory file, "" for a disk-only snapshot.
 	Memory    string
 	DomainXML string
-	Disks     []SnapshotDiskSpec
+	// XML is the snapshot's own document, kept as Snapshot.XML.
+	XML   string
+	Disks []SnapshotDiskSpec
 	// NoMetadata changes the disks and records no snapshot (libvirt's
 	// VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA).
 	NoMetadata bool
@@ -90,7 +92,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 	next := d.Clone()
 	snap := &Snapshot{
 		Name: spec.Name, Description: spec.Description, Created: spec.Created,
-		State: spec.State, Parent: d.Current, Memory: spec.Memory, DomainXML: spec.DomainXML,
+		State: spec.State, Parent: d.Current, Memory: spec.Memory, DomainXML: spec.DomainXML, XML: spec.XML,
 	}
 	if snap.Created.IsZero() {
 		snap.Created = time.Now().UTC().Truncate(time.Second)

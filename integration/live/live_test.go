@@ -18,6 +18,7 @@ import (
 	"libvirt.org/go/libvirtxml"
 
 	"github.com/xlsnap/xlsnap/driver"
+	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/storage/storagetest"
 	"github.com/xlsnap/xlsnap/xenlight"
 	"github.com/xlsnap/xlsnap/xenlight/qemu"
@@ -330,7 +331,7 @@ func TestLiveRevertAndMemory(t *testing.T) {
 	// A bare device model keeps no Xen memory: typed refusal, nothing changed.
 	_, err := e.d.SnapshotCreateXML(e.ctx, "vm",
 		fmt.Sprintf("<domainsnapshot><name>m</name><memory snapshot='external' file='%s'/></domainsnapshot>", e.path("mem")), 0)
-	if !errors.Is(err, driver.ErrLiveUnsupported) || driver.Code(err) != driver.ErrNumOperationUnsupported {
+	if !errors.Is(err, errdefs.ErrLiveUnsupported) || driver.Code(err) != driver.ErrNumOperationUnsupported {
 		t.Fatalf("memory snapshot on a bare device model: %v", err)
 	}
 	// Reverting a running domain to a snapshot without memory needs FORCE.

@@ -167,6 +167,12 @@ type Snapshot struct {
 	// DomainXML is the domain's definition at the time, needed to revert.
 	// Stores keep it apart from the record so listings stay small.
 	DomainXML string `json:"domain_xml,omitempty"`
+	// XML is the snapshot's own document (libvirt's domain snapshot XML
+	// without its <domain>, which DomainXML holds), kept so that what a
+	// user or libvirt put in and storage has no field for (a disk's
+	// driver and seclabels, <inactiveDomain>, <cookie>, internal memory)
+	// comes back from dumpxml. The fields above win over it.
+	XML string `json:"xml,omitempty"`
 }
 
 // SnapshotDisk records how one disk took part in a snapshot.
