@@ -70,7 +70,7 @@ func (a *app) domainCmd(cmd *cobra.Command, domain *string, names []string, chec
 		err := a.withDriver(func(cmd *cobra.Command, d *driver.Driver, _ []string) error {
 			return body(cmd.Context(), d)
 		})(cmd, []string{*domain})
-		if codeOf(err) == errdefs.CodeNoDomain {
+		if errdefs.CodeOf(err) == errdefs.CodeNoDomain {
 			return &cliError{msg: fmt.Sprintf("failed to get domain '%s'", *domain), err: err}
 		}
 		return err
@@ -83,13 +83,13 @@ func (a *app) domainCmd(cmd *cobra.Command, domain *string, names []string, chec
 func lookup(ctx context.Context, d *driver.Driver, domain, name string, current bool) (*driver.Snapshot, error) {
 	if current {
 		s, err := d.SnapshotCurrent(ctx, domain, 0)
-		if codeOf(err) == errdefs.CodeNoDomainSnapshot {
+		if errdefs.CodeOf(err) == errdefs.CodeNoDomainSnapshot {
 			return nil, &cliError{msg: "Domain snapshot not found: the domain does not have a current snapshot", err: err}
 		}
 		return s, err
 	}
 	s, err := d.SnapshotLookupByName(ctx, domain, name, 0)
-	if codeOf(err) == errdefs.CodeNoDomainSnapshot {
+	if errdefs.CodeOf(err) == errdefs.CodeNoDomainSnapshot {
 		return nil, &cliError{msg: fmt.Sprintf("Domain snapshot not found: no domain snapshot with matching name '%s'", name), err: err}
 	}
 	return s, err
@@ -106,16 +106,6 @@ func snapshotOrCurrent(cmd *cobra.Command, current bool) error {
 		return usagef("--snapshotname or --current is required")
 	}
 	return nil
-}
-
-// codeOf is libvirt's code for err. errdefs.CodeOf knows every error
-// that wraps errdefs' sentinels (and a cancelled context); driver.Code
-// also knows storage's sentinels that do not wrap them yet.
-func codeOf(err error) errdefs.Code {
-	if c := errdefs.CodeOf(err); c != errdefs.CodeInternal {
-		return c
-	}
-	return errdefs.Code(driver.Code(err))
 }
 
 func isTerminal(f *os.File) bool { return isatty.IsTerminal(f.Fd()) }

@@ -233,7 +233,7 @@ func reportError(w io.Writer, asJSON bool, err error) int {
 		code = exitProblem
 	}
 	if asJSON {
-		c := codeOf(err)
+		c := errdefs.CodeOf(err)
 		if pf.n > 0 {
 			c = errdefs.CodeOperationFailed
 		}

@@ -356,7 +356,7 @@ func (a *app) currentCmd() *cobra.Command {
 			return err
 		}
 		s, err := d.SnapshotCurrent(ctx, domain, 0)
-		if codeOf(err) == errdefs.CodeNoDomainSnapshot {
+		if errdefs.CodeOf(err) == errdefs.CodeNoDomainSnapshot {
 			// virsh asks first, and says it in its own words.
 			return &cliError{msg: fmt.Sprintf("domain '%s' has no current snapshot", domain), err: err}
 		}
