@@ -53,7 +53,16 @@ func redefineLibxlImage(path, definition string) (err error) {
 	if h.XMLLen == 0 || h.XMLLen > libxlMaxXML {
 		return fmt.Errorf("%w: %s: XML length %d", errNotLibxlImage, path, h.XMLLen)
 	}
-	// Only the length is checked: the old XML is skipped, not trusted.
+	// Only the length is checked: the old XML is skipped, not trusted. A
+	// file that ends inside it has no stream to keep: refused, not
+	// rewritten into another broken image.
+	fi, err := in.Stat()
+	if err != nil {
+		return err
+	}
+	if int64(binary.Size(h))+int64(h.XMLLen) > fi.Size() {
+		return fmt.Errorf("%w: %s: XML length %d beyond the end of the file", errNotLibxlImage, path, h.XMLLen)
+	}
 	if _, err := in.Seek(int64(h.XMLLen), io.SeekCurrent); err != nil {
 		return err
 	}

@@ -167,6 +167,10 @@ func writeXLHeader(w io.Writer, config string) error {
 	return err
 }
 
+// xlMaxOptional bounds the optional data (the saved configuration) read
+// from a header.
+const xlMaxOptional = 16 << 20
+
 // errNotXLImage: the file is not an xl save file.
 var errNotXLImage = errors.New("not an xl save file")
 
@@ -185,6 +189,11 @@ func readXLHeader(r io.Reader) (streamVersion int, config string, err error) {
 	}
 	if bad := h.MandatoryFlags &^ xlFlagsKnown; bad != 0 {
 		return 0, "", fmt.Errorf("%w: xl save file with unknown mandatory flags %#x", errdefs.ErrUnsupported, bad)
+	}
+	// xl's optional data is the configuration, kilobytes; a header that
+	// claims more is not one, and must not make the reader allocate it.
+	if h.OptionalLen > xlMaxOptional {
+		return 0, "", fmt.Errorf("%w: optional data of %d bytes", errNotXLImage, h.OptionalLen)
 	}
 	opt := make([]byte, h.OptionalLen)
 	if _, err := io.ReadFull(r, opt); err != nil {

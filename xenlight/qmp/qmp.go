@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strconv"
 	"sync"
 
 	goqmp "github.com/digitalocean/go-qemu/qmp"
@@ -60,14 +61,21 @@ type Monitor struct {
 	Version *goqmp.Version
 
 	conn    net.Conn
-	runMu   sync.Mutex // one command in flight: replies carry no ids
+	runMu   sync.Mutex // one command in flight
 	replies chan []byte
+	lastID  uint64
 
-	mu     sync.Mutex
-	subs   map[*subscriber]bool
-	closed chan struct{}
-	err    error
+	mu      sync.Mutex
+	pending string // the id of the command in flight, "" for none
+	subs    map[*subscriber]bool
+	closed  chan struct{}
+	err     error
 }
+
+// maxLine bounds one QMP message: query-block of a deep chain is tens of
+// kilobytes; a device model that sends more without a newline is broken
+// and must not make the client hold it all.
+const maxLine = 16 << 20
 
 var _ goqmp.Monitor = (*Monitor)(nil)
 
@@ -102,7 +110,7 @@ func (m *Monitor) connect(ctx context.Context) error {
 			Version goqmp.Version `json:"version"`
 		} `json:"QMP"`
 	}
-	line, err := r.ReadBytes('\n')
+	line, err := readLine(r)
 	if err == nil {
 		err = json.Unmarshal(line, &greeting)
 	}
@@ -130,16 +138,35 @@ func ctxErr(ctx context.Context, err error) error {
 	return err
 }
 
-// read hands replies to the command waiting and events to subscribers.
+// readLine reads one message, at most maxLine bytes.
+func readLine(r *bufio.Reader) ([]byte, error) {
+	var line []byte
+	for {
+		part, err := r.ReadSlice('\n')
+		if len(line)+len(part) > maxLine {
+			return nil, fmt.Errorf("%w: a message longer than %d bytes", ErrProtocol, maxLine)
+		}
+		line = append(line, part...)
+		if err != bufio.ErrBufferFull {
+			return line, err
+		}
+	}
+}
+
+// read hands the reply of the command in flight to it, and events to
+// subscribers. A reply that is not that command's (a stray, a second
+// one) is dropped: it must never pass for the next command's, and the
+// reader must never wait for someone to take it.
 func (m *Monitor) read(r *bufio.Reader) {
 	var err error
 	for {
 		var line []byte
-		if line, err = r.ReadBytes('\n'); err != nil {
+		if line, err = readLine(r); err != nil {
 			break
 		}
 		var probe struct {
-			Event string `json:"event"`
+			Event string          `json:"event"`
+			ID    json.RawMessage `json:"id"`
 		}
 		if json.Unmarshal(line, &probe) != nil {
 			continue
@@ -151,7 +178,19 @@ func (m *Monitor) read(r *bufio.Reader) {
 			}
 			continue
 		}
-		m.replies <- line
+		var id string
+		if json.Unmarshal(probe.ID, &id) != nil {
+			continue
+		}
+		m.mu.Lock()
+		mine := id != "" && id == m.pending
+		if mine {
+			m.pending = ""
+		}
+		m.mu.Unlock()
+		if mine {
+			m.replies <- line // buffered: the one reply of the one command
+		}
 	}
 	m.mu.Lock()
 	m.err = fmt.Errorf("%w: %v", ErrClosed, err)
@@ -183,12 +222,32 @@ func (m *Monitor) Run(command []byte) ([]byte, error) {
 // closed: a reply that arrives later could not be told from the next one.
 func (m *Monitor) RunContext(ctx context.Context, command []byte) ([]byte, error) {
 	var cmd goqmp.Command
+	var fields map[string]json.RawMessage
 	if err := json.Unmarshal(command, &cmd); err != nil {
 		return nil, fmt.Errorf("%w: command is not JSON: %v", ErrProtocol, err)
 	}
+	if err := json.Unmarshal(command, &fields); err != nil {
+		return nil, fmt.Errorf("%w: command is not a JSON object: %v", ErrProtocol, err)
+	}
 	m.runMu.Lock()
 	defer m.runMu.Unlock()
-	if _, err := m.conn.Write(append(command, '\n')); err != nil {
+	// QMP echoes a command's id in its reply: the reader matches on it.
+	m.lastID++
+	id := "xlsnap-" + strconv.FormatUint(m.lastID, 10)
+	fields["id"], _ = json.Marshal(id)
+	line, err := json.Marshal(fields)
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	m.pending = id
+	m.mu.Unlock()
+	defer func() {
+		m.mu.Lock()
+		m.pending = ""
+		m.mu.Unlock()
+	}()
+	if _, err := m.conn.Write(append(line, '\n')); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrClosed, err)
 	}
 	select {
