@@ -89,7 +89,8 @@ func (d *Driver) CreateSnapshot(ctx context.Context, domain string, req Snapshot
 			return nil, err
 		}
 	}
-	return d.create(ctx, domain, doc, flags)
+	rec, err := d.create(ctx, domain, doc, flags)
+	return d.created(ctx, domain, rec, flags, err)
 }
 
 // SnapshotCreateXML is virDomainSnapshotCreateXML: it takes a snapshot
@@ -124,7 +125,28 @@ func (d *Driver) SnapshotCreateXML(ctx context.Context, domain, xmlDesc string, 
 	if err != nil {
 		return nil, err
 	}
-	return d.create(ctx, domain, doc, flags)
+	rec, err := d.create(ctx, domain, doc, flags)
+	return d.created(ctx, domain, rec, flags, err)
+}
+
+// created is the view of a snapshot create or redefine recorded (rec nil
+// when it failed), with err, the call's error, passed through: a
+// snapshot that was taken is returned even when a later step (rewriting
+// the definition) failed, as before the view existed.
+func (d *Driver) created(ctx context.Context, domain string, rec *storage.Snapshot, flags CreateFlags, err error) (*Snapshot, error) {
+	if rec == nil {
+		return nil, err
+	}
+	if flags&CreateNoMetadata != 0 {
+		s := snapshotOf(rec)
+		s.HasMetadata = false
+		return s, err
+	}
+	t, terr := d.snapshots(ctx, domain)
+	if terr != nil {
+		return snapshotOf(rec), errors.Join(err, terr)
+	}
+	return t.view(rec), err
 }
 
 // checkCreateFlags checks create's flags in libvirt's order: the public
@@ -327,7 +349,7 @@ func sourceKind(s *libvirtxml.DomainDiskSource) string {
 	return "unknown"
 }
 
-func (d *Driver) create(ctx context.Context, domain string, doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*Snapshot, error) {
+func (d *Driver) create(ctx context.Context, domain string, doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*storage.Snapshot, error) {
 	if flags&CreateRedefine != 0 {
 		return d.redefine(ctx, domain, doc, flags)
 	}
@@ -508,7 +530,7 @@ func sameFile(a, b string) bool {
 // libvirt's parser and virDomainSnapshotRedefinePrep require is
 // required, with their messages and codes; the document is kept whole in
 // the record, so dumpxml gives back what it held.
-func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*Snapshot, error) {
+func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*storage.Snapshot, error) {
 	// libvirt finds the domain before it reads the document.
 	defer d.lock(domain)()
 	v, err := d.sync(ctx, domain)

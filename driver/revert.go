@@ -126,7 +126,7 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 // Errors: ErrInvalidArg for CHILDREN with CHILDREN_ONLY (libvirt's
 // virDomainSnapshotDelete) and for flags libvirt does not define, both
 // before anything changes; ErrNoDomain, ErrNoSnapshot, and storage's own.
-func (d *Driver) SnapshotDelete(ctx context.Context, domain, name string, flags DeleteFlags) (*storage.DeleteReport, error) {
+func (d *Driver) SnapshotDelete(ctx context.Context, domain, name string, flags DeleteFlags) (*DeleteReport, error) {
 	if err := exclusive(flags, DeleteChildren, DeleteChildrenOnly); err != nil {
 		return nil, err
 	}
@@ -151,7 +151,7 @@ func (d *Driver) SnapshotDelete(ctx context.Context, domain, name string, flags 
 	}
 	report, err := d.st.DeleteSnapshot(ctx, v.key, name, opts)
 	if err != nil {
-		return report, err
+		return deleteReportOf(report), err
 	}
-	return report, d.afterChange(ctx, v)
+	return deleteReportOf(report), d.afterChange(ctx, v)
 }
