@@ -180,3 +180,26 @@ func TestSetCurrentAfterRevertElsewhere(t *testing.T) {
 		t.Fatalf("redefining s3 on an unknown overlay: %v, want ErrInvalidArg (8)", err)
 	}
 }
+
+// TestCreateSnapshotRefusesRedefine: the typed request has no creation
+// time, state or domain definition, which REDEFINE requires; it says to
+// use SnapshotCreateXML and changes nothing.
+func TestCreateSnapshotRefusesRedefine(t *testing.T) {
+	e := newAPIEnv(t)
+	e.create("s1", 0)
+	for _, flags := range []driver.CreateFlags{driver.CreateRedefine, driver.CreateRedefine | driver.CreateCurrent} {
+		_, err := e.d.CreateSnapshot(e.ctx, "vm", driver.SnapshotRequest{Name: "s1"}, flags)
+		if !errors.Is(err, driver.ErrInvalidArg) || driver.Code(err) != driver.ErrNumInvalidArg || !strings.Contains(err.Error(), "use SnapshotCreateXML") {
+			t.Fatalf("flags %#x: %v, want ErrInvalidArg naming SnapshotCreateXML", flags, err)
+		}
+	}
+	// CURRENT alone is libvirt's required-flag error, before that one.
+	_, err := e.d.CreateSnapshot(e.ctx, "vm", driver.SnapshotRequest{Name: "s2"}, driver.CreateCurrent)
+	if !errors.Is(err, driver.ErrInvalidArg) || !strings.Contains(err.Error(), "VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE' is required") {
+		t.Fatalf("CURRENT alone: %v", err)
+	}
+	list, err := e.d.ListAllSnapshots(e.ctx, "vm", 0)
+	if err != nil || len(list) != 1 || list[0].Name != "s1" || !list[0].Current {
+		t.Fatalf("after the refusals: %v %+v", err, list)
+	}
+}

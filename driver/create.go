@@ -45,11 +45,21 @@ type DiskRequest struct {
 	ExternalPath   string
 }
 
-// CreateSnapshot is SnapshotCreateXML for a typed request. It returns
-// the errors SnapshotCreateXML returns.
+// CreateSnapshot is SnapshotCreateXML for a typed request: it takes a
+// new snapshot. It does not redefine one: REDEFINE records an existing
+// snapshot from the whole document SnapshotGetXMLDesc gives (creation
+// time, state, the domain definition of its time), which a request has
+// no fields for; pass that document to SnapshotCreateXML.
+//
+// Errors: ErrInvalidArg (VIR_ERR_INVALID_ARG, 8) for CreateRedefine (and
+// so for CreateCurrent, which needs it); otherwise those of
+// SnapshotCreateXML.
 func (d *Driver) CreateSnapshot(ctx context.Context, domain string, req SnapshotRequest, flags CreateFlags) (*Snapshot, error) {
 	if err := checkCreateFlags("CreateSnapshot", flags); err != nil {
 		return nil, err
+	}
+	if flags&CreateRedefine != 0 {
+		return nil, invalidf("CreateSnapshot takes new snapshots: use SnapshotCreateXML with the snapshot's XML (SnapshotGetXMLDesc) to redefine one")
 	}
 	doc := &libvirtxml.DomainSnapshot{Name: req.Name, Description: req.Description}
 	doc.Memory = &libvirtxml.DomainSnapshotMemory{Snapshot: "no"}
