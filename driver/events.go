@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"fmt"
+	"slices"
 )
 
 // ChainReason says which operation changed a chain.
@@ -33,8 +34,9 @@ type ChainEvent struct {
 	Snapshot string
 }
 
-// Subscribe returns every ChainEvent from now on, of every domain, in the
-// order the operations committed. An operation never waits for a
+// Subscribe returns a ChainEvent for every change of a disk's chain from
+// now on, of every domain, in the order the operations committed (a
+// rescan that finds the chain as recorded tells nothing). An operation never waits for a
 // subscriber: events queue for a slow one without bound. The channel is
 // closed when ctx ends or the driver closes. libvirt has no such event
 // (its block job events are per job); this is the hook a toolstack
@@ -65,6 +67,12 @@ func (d *Driver) Subscribe(ctx context.Context) (<-chan ChainEvent, error) {
 			case ev, ok := <-in:
 				if !ok {
 					return // the driver closed
+				}
+				// storage tells every rescan, also one that found
+				// the chain a call's sync had already adopted (and
+				// told of); an event here means a change.
+				if slices.Equal(ev.Before, ev.After) {
+					continue
 				}
 				select {
 				case out <- ChainEvent{Domain: ev.Domain, Disk: ev.Disk, Before: ev.Before, After: ev.After,
