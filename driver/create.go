@@ -126,7 +126,20 @@ func (d *Driver) CreateSnapshot(ctx context.Context, domain string, req Snapshot
 // ErrInternal (1, as libvirt); a disk mode or source xlsnap or libvirt
 // cannot snapshot (an internal disk with DISK_ONLY), ErrUnsupported
 // (67); memory the hypervisor back end cannot save, ErrLiveUnsupported
-// (84); and storage's own (ErrSnapshotExists, ErrNoDomain, ...).
+// (84); a name already taken, ErrSnapshotExists (9, libvirt's "operation
+// failed"); on redefine, an existing snapshot whose new document names
+// disks or overlays the domain's image tree does not hold, ErrInvalidArg
+// (8); and those of every call that changes something (see the package
+// documentation).
+//
+// It returns the snapshot's view (current, as libvirt makes a new
+// snapshot current; HasMetadata false with CreateNoMetadata). With
+// REDEFINE of an existing snapshot whose document names the disks,
+// modes and overlays its record holds (what snapshot-dumpxml printed),
+// the record keeps its images, wherever the disks are now: libvirt
+// checks such a redefine against the snapshot itself
+// (virDomainSnapshotRedefineValidate), and virsh's snapshot-current NAME
+// is exactly that call with CreateCurrent.
 func (d *Driver) SnapshotCreateXML(ctx context.Context, domain, xmlDesc string, flags CreateFlags) (*Snapshot, error) {
 	if err := checkCreateFlags("SnapshotCreateXML", flags); err != nil {
 		return nil, err

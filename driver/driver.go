@@ -61,7 +61,16 @@ func (d *Driver) lock(domain string) func() {
 	return m.Unlock
 }
 
-// Open opens the storage layer (recovering its journal) over the pools.
+// Open opens the storage layer over the pools (the folders of every disk
+// the source defines when cfg.Pools is empty) and finishes or undoes what
+// a crash left in its journal; an operation it cannot finish yet stays
+// there and its domain's next change returns ErrPending.
+//
+// Errors: ErrInvalidArg (VIR_ERR_INVALID_ARG, 8) for a Config without a
+// source or state folder; ErrDamaged (VIR_ERR_OPERATION_FAILED, 9) for a
+// metadata store that cannot be trusted; the source's own listing the
+// domains; the file system's own for a state folder that cannot be
+// written (VIR_ERR_INTERNAL_ERROR, 1, as nothing of errdefs describes it).
 func Open(ctx context.Context, cfg Config) (*Driver, error) {
 	if cfg.Source == nil {
 		return nil, invalidf("no domain source")
@@ -287,9 +296,17 @@ type Move struct{ From, To string }
 // disk's chain after someone else edited it, update metadata and every
 // snapshot record that names a moved image (moves, and any recorded
 // layer that is gone where the chain on disk has a new one), tell
-// subscribers, and rewrite the definition if the active layer moved.
-// Errors: ErrNoDomain, ErrInvalidArg (no such disk, a move of an image
-// the domain never had), the chain's own (ErrUnsafeBacking, ...).
+// subscribers (Subscribe), and rewrite the definition if the active layer
+// moved. libvirt has no such call: its drivers trust the chain they
+// built.
+//
+// Errors: ErrInvalidArg (VIR_ERR_INVALID_ARG, 8) for no such disk and a
+// move of an image the domain never had or that is not the old one
+// moved; the chain's own (ErrUnsafeBacking, VIR_ERR_CONFIG_UNSUPPORTED
+// 67; ErrChainBroken and ErrInvalidImage, VIR_ERR_OPERATION_FAILED 9);
+// for an active domain, xenlight's MismatchError (ErrHypervisor, 9) when
+// the device model reads another chain; and those of every call that
+// changes something (see the package documentation).
 func (d *Driver) ChainChanged(ctx context.Context, domain, disk string, moves ...Move) error {
 	defer d.lock(domain)()
 	v, err := d.sync(ctx, domain)
@@ -336,7 +353,13 @@ type DiskInfo struct {
 	Pending string `json:"pending,omitempty"`
 }
 
-// DiskList is virsh's domblklist: each file disk and its active layer.
+// DiskList is virsh's domblklist (virDomainGetXMLDesc's disks): each
+// file disk, its active layer and its recorded chain. While an operation
+// on the domain is pending in the journal it still answers, from the
+// definition as it stands, and says so in Pending.
+//
+// Errors: those every call that reads a domain returns (see the package
+// documentation).
 func (d *Driver) DiskList(ctx context.Context, domain string) ([]DiskInfo, error) {
 	defer d.lock(domain)()
 	v, err := d.sync(ctx, domain)

@@ -76,14 +76,6 @@ func (t *tree) view(rec *storage.Snapshot) *Snapshot {
 	return s
 }
 
-func (t *tree) views(recs []*storage.Snapshot) []*Snapshot {
-	out := make([]*Snapshot, 0, len(recs))
-	for _, r := range recs {
-		out = append(out, t.view(r))
-	}
-	return out
-}
-
 // snapshotOf copies a stored record into the driver's view, leaving out
 // the stored document (SnapshotGetXMLDesc renders it).
 func snapshotOf(rec *storage.Snapshot) *Snapshot {
