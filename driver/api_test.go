@@ -203,3 +203,51 @@ func TestCreateSnapshotRefusesRedefine(t *testing.T) {
 		t.Fatalf("after the refusals: %v %+v", err, list)
 	}
 }
+
+// TestRedefineExistingChecksItself: as libvirt, a redefine of an
+// existing snapshot is checked against that snapshot: a document without
+// <domain> keeps the recorded definition (a revert needs it), and one
+// that moves the snapshot between offline and online, or between full
+// system and disk-only, is ErrInvalidArg.
+func TestRedefineExistingChecksItself(t *testing.T) {
+	e := newAPIEnv(t)
+	e.create("s1", 0)
+	before, err := e.d.SnapshotLookupByName(e.ctx, "vm", "s1", 0)
+	if err != nil || before.DomainXML == "" {
+		t.Fatalf("s1: %v, DomainXML %q", err, before.DomainXML)
+	}
+	doc, err := e.d.SnapshotGetXMLDesc(e.ctx, "vm", "s1", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	i, j := strings.Index(doc, "<domain "), strings.LastIndex(doc, "</domain>")
+	if i < 0 || j < i {
+		t.Fatalf("no <domain> in s1's XML:\n%s", doc)
+	}
+	bare := doc[:i] + doc[j+len("</domain>"):]
+	if _, err := e.d.SnapshotCreateXML(e.ctx, "vm", bare, driver.CreateRedefine); err != nil {
+		t.Fatalf("redefining s1 without <domain>: %v", err)
+	}
+	after, err := e.d.SnapshotLookupByName(e.ctx, "vm", "s1", 0)
+	if err != nil || after.DomainXML != before.DomainXML {
+		t.Fatalf("s1's definition after a redefine without <domain>: %v\n%s\nwant\n%s", err, after.DomainXML, before.DomainXML)
+	}
+	e.revert("s1")
+
+	for state, want := range map[string]string{
+		"running":       "cannot change between online and offline snapshot state in snapshot s1",
+		"disk-snapshot": "cannot change between disk only and full system in snapshot s1",
+	} {
+		changed := strings.Replace(bare, "<state>shutoff</state>", "<state>"+state+"</state>", 1)
+		if changed == bare {
+			t.Fatalf("no shutoff state in s1's XML:\n%s", bare)
+		}
+		_, err := e.d.SnapshotCreateXML(e.ctx, "vm", changed, driver.CreateRedefine)
+		if !errors.Is(err, driver.ErrInvalidArg) || !strings.Contains(err.Error(), want) {
+			t.Errorf("redefining s1 as %s: %v, want ErrInvalidArg %q", state, err, want)
+		}
+	}
+	if s, err := e.d.SnapshotLookupByName(e.ctx, "vm", "s1", 0); err != nil || s.State != "shutoff" {
+		t.Fatalf("s1 after the refused redefines: %+v %v", s, err)
+	}
+}

@@ -577,6 +577,24 @@ func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.Do
 			return nil, err
 		}
 	}
+	// libvirt (virDomainSnapshotRedefineValidate) checks a redefine of an
+	// existing snapshot against that snapshot: it may not move between
+	// online and offline nor between disk-only and full system, and a
+	// document without <domain> keeps the definition recorded, which a
+	// revert needs.
+	old, err := d.st.Snapshot(ctx, v.key, snap.Name)
+	switch {
+	case errors.Is(err, storage.ErrNoSnapshot):
+		old = nil
+	case err != nil:
+		return nil, err
+	}
+	if old != nil {
+		if err := sameKind(old, snap); err != nil {
+			return nil, err
+		}
+		snap.DomainXML = old.DomainXML
+	}
 	if doc.Domain != nil {
 		// libvirt's virDomainSnapshotRedefineValidate: the definition must
 		// be this domain's, or a revert would install another domain's.
@@ -655,4 +673,19 @@ func redefinedRecord(doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*storag
 		snap.Memory = doc.Memory.File
 	}
 	return snap, nil
+}
+
+// sameKind refuses, as libvirt does with VIR_ERR_INVALID_ARG, a redefine
+// that turns a recorded snapshot from online (running, paused) to offline
+// or back, or from disk-only to full system or back: its images and
+// memory were taken as the recorded kind.
+func sameKind(old, redefined *storage.Snapshot) error {
+	online := func(state string) bool { return state == string(StateRunning) || state == string(StatePaused) }
+	switch {
+	case online(old.State) != online(redefined.State):
+		return fmt.Errorf("%w: cannot change between online and offline snapshot state in snapshot %s", errdefs.ErrInvalidArg, old.Name)
+	case (old.State == "disk-snapshot") != (redefined.State == "disk-snapshot"):
+		return fmt.Errorf("%w: cannot change between disk only and full system in snapshot %s", errdefs.ErrInvalidArg, old.Name)
+	}
+	return nil
 }
