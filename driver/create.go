@@ -45,11 +45,21 @@ type DiskRequest struct {
 	ExternalPath   string
 }
 
-// CreateSnapshot is SnapshotCreateXML for a typed request. It returns
-// the errors SnapshotCreateXML returns.
+// CreateSnapshot is SnapshotCreateXML for a typed request: it takes a
+// new snapshot. It does not redefine one: REDEFINE records an existing
+// snapshot from the whole document SnapshotGetXMLDesc gives (creation
+// time, state, the domain definition of its time), which a request has
+// no fields for; pass that document to SnapshotCreateXML.
+//
+// Errors: ErrInvalidArg (VIR_ERR_INVALID_ARG, 8) for CreateRedefine (and
+// so for CreateCurrent, which needs it); otherwise those of
+// SnapshotCreateXML.
 func (d *Driver) CreateSnapshot(ctx context.Context, domain string, req SnapshotRequest, flags CreateFlags) (*Snapshot, error) {
 	if err := checkCreateFlags("CreateSnapshot", flags); err != nil {
 		return nil, err
+	}
+	if flags&CreateRedefine != 0 {
+		return nil, invalidf("CreateSnapshot takes new snapshots: use SnapshotCreateXML with the snapshot's XML (SnapshotGetXMLDesc) to redefine one")
 	}
 	doc := &libvirtxml.DomainSnapshot{Name: req.Name, Description: req.Description}
 	doc.Memory = &libvirtxml.DomainSnapshotMemory{Snapshot: "no"}
@@ -89,7 +99,8 @@ func (d *Driver) CreateSnapshot(ctx context.Context, domain string, req Snapshot
 			return nil, err
 		}
 	}
-	return d.create(ctx, domain, doc, flags)
+	rec, err := d.create(ctx, domain, doc, flags)
+	return d.created(ctx, domain, rec, flags, err)
 }
 
 // SnapshotCreateXML is virDomainSnapshotCreateXML: it takes a snapshot
@@ -115,7 +126,20 @@ func (d *Driver) CreateSnapshot(ctx context.Context, domain string, req Snapshot
 // ErrInternal (1, as libvirt); a disk mode or source xlsnap or libvirt
 // cannot snapshot (an internal disk with DISK_ONLY), ErrUnsupported
 // (67); memory the hypervisor back end cannot save, ErrLiveUnsupported
-// (84); and storage's own (ErrSnapshotExists, ErrNoDomain, ...).
+// (84); a name already taken, ErrSnapshotExists (9, libvirt's "operation
+// failed"); on redefine, an existing snapshot whose new document names
+// disks or overlays the domain's image tree does not hold, ErrInvalidArg
+// (8); and those of every call that changes something (see the package
+// documentation).
+//
+// It returns the snapshot's view (current, as libvirt makes a new
+// snapshot current; HasMetadata false with CreateNoMetadata). With
+// REDEFINE of an existing snapshot whose document names the disks,
+// modes and overlays its record holds (what snapshot-dumpxml printed),
+// the record keeps its images, wherever the disks are now: libvirt
+// checks such a redefine against the snapshot itself
+// (virDomainSnapshotRedefineValidate), and virsh's snapshot-current NAME
+// is exactly that call with CreateCurrent.
 func (d *Driver) SnapshotCreateXML(ctx context.Context, domain, xmlDesc string, flags CreateFlags) (*Snapshot, error) {
 	if err := checkCreateFlags("SnapshotCreateXML", flags); err != nil {
 		return nil, err
@@ -124,7 +148,28 @@ func (d *Driver) SnapshotCreateXML(ctx context.Context, domain, xmlDesc string, 
 	if err != nil {
 		return nil, err
 	}
-	return d.create(ctx, domain, doc, flags)
+	rec, err := d.create(ctx, domain, doc, flags)
+	return d.created(ctx, domain, rec, flags, err)
+}
+
+// created is the view of a snapshot create or redefine recorded (rec nil
+// when it failed), with err, the call's error, passed through: a
+// snapshot that was taken is returned even when a later step (rewriting
+// the definition) failed, as before the view existed.
+func (d *Driver) created(ctx context.Context, domain string, rec *storage.Snapshot, flags CreateFlags, err error) (*Snapshot, error) {
+	if rec == nil {
+		return nil, err
+	}
+	if flags&CreateNoMetadata != 0 {
+		s := snapshotOf(rec)
+		s.HasMetadata = false
+		return s, err
+	}
+	t, terr := d.snapshots(ctx, domain)
+	if terr != nil {
+		return snapshotOf(rec), errors.Join(err, terr)
+	}
+	return t.view(rec), err
 }
 
 // checkCreateFlags checks create's flags in libvirt's order: the public
@@ -327,7 +372,7 @@ func sourceKind(s *libvirtxml.DomainDiskSource) string {
 	return "unknown"
 }
 
-func (d *Driver) create(ctx context.Context, domain string, doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*Snapshot, error) {
+func (d *Driver) create(ctx context.Context, domain string, doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*storage.Snapshot, error) {
 	if flags&CreateRedefine != 0 {
 		return d.redefine(ctx, domain, doc, flags)
 	}
@@ -508,7 +553,7 @@ func sameFile(a, b string) bool {
 // libvirt's parser and virDomainSnapshotRedefinePrep require is
 // required, with their messages and codes; the document is kept whole in
 // the record, so dumpxml gives back what it held.
-func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*Snapshot, error) {
+func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*storage.Snapshot, error) {
 	// libvirt finds the domain before it reads the document.
 	defer d.lock(domain)()
 	v, err := d.sync(ctx, domain)
@@ -531,6 +576,24 @@ func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.Do
 		} else if err != nil {
 			return nil, err
 		}
+	}
+	// libvirt (virDomainSnapshotRedefineValidate) checks a redefine of an
+	// existing snapshot against that snapshot: it may not move between
+	// online and offline nor between disk-only and full system, and a
+	// document without <domain> keeps the definition recorded, which a
+	// revert needs.
+	old, err := d.st.Snapshot(ctx, v.key, snap.Name)
+	switch {
+	case errors.Is(err, storage.ErrNoSnapshot):
+		old = nil
+	case err != nil:
+		return nil, err
+	}
+	if old != nil {
+		if err := sameKind(old, snap); err != nil {
+			return nil, err
+		}
+		snap.DomainXML = old.DomainXML
 	}
 	if doc.Domain != nil {
 		// libvirt's virDomainSnapshotRedefineValidate: the definition must
@@ -610,4 +673,19 @@ func redefinedRecord(doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*storag
 		snap.Memory = doc.Memory.File
 	}
 	return snap, nil
+}
+
+// sameKind refuses, as libvirt does with VIR_ERR_INVALID_ARG, a redefine
+// that turns a recorded snapshot from online (running, paused) to offline
+// or back, or from disk-only to full system or back: its images and
+// memory were taken as the recorded kind.
+func sameKind(old, redefined *storage.Snapshot) error {
+	online := func(state string) bool { return state == string(StateRunning) || state == string(StatePaused) }
+	switch {
+	case online(old.State) != online(redefined.State):
+		return fmt.Errorf("%w: cannot change between online and offline snapshot state in snapshot %s", errdefs.ErrInvalidArg, old.Name)
+	case (old.State == "disk-snapshot") != (redefined.State == "disk-snapshot"):
+		return fmt.Errorf("%w: cannot change between disk only and full system in snapshot %s", errdefs.ErrInvalidArg, old.Name)
+	}
+	return nil
 }

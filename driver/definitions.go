@@ -177,7 +177,10 @@ func repointNeeded(def *libvirtxml.Domain, want map[string]diskInfo) bool {
 
 // DomainKey is the key storage keeps a domain's records under (its UUID
 // within the source; storage.DomainKey), for callers that read storage's
-// records or events directly. Errors: ErrNoDomain, ErrXML.
+// records or events directly.
+//
+// Errors: ErrNoDomain (VIR_ERR_NO_DOMAIN, 42); ErrXML (VIR_ERR_XML_ERROR,
+// 27) for a definition that does not parse.
 func (d *Driver) DomainKey(ctx context.Context, domain string) (string, error) {
 	_, _, key, err := d.readDefinition(ctx, domain)
 	return key, err
@@ -198,7 +201,10 @@ func (d *Driver) readDefinition(ctx context.Context, domain string) (*SourceDoma
 }
 
 // Pending describes the operations the journal holds for a domain (one
-// line each; none when it has no record yet). Errors: ErrNoDomain.
+// line each; none when it has no record yet).
+//
+// Errors: ErrNoDomain (VIR_ERR_NO_DOMAIN, 42); ErrXML (27) for a
+// definition that does not parse; ErrDamaged (9).
 func (d *Driver) Pending(ctx context.Context, domain string) ([]string, error) {
 	_, _, key, err := d.readDefinition(ctx, domain)
 	if err != nil {

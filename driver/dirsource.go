@@ -34,14 +34,17 @@ type uuidEntry struct {
 	uuid  string
 }
 
-// NewDirSource opens a folder of domain definitions.
+// NewDirSource opens a folder of domain definitions (NAME.xml each).
+//
+// Errors: ErrInvalidArg (VIR_ERR_INVALID_ARG, 8) for a folder that is
+// not there or not a folder.
 func NewDirSource(dir string) (*DirSource, error) {
 	abs, err := filepath.Abs(dir)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%w: %w", ErrInvalidArg, err)
 	}
 	if st, err := os.Stat(abs); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%w: %w", ErrInvalidArg, err)
 	} else if !st.IsDir() {
 		return nil, invalidf("%s is not a folder", abs)
 	}
@@ -61,6 +64,15 @@ func (s *DirSource) path(name string) (string, error) {
 	return filepath.Join(s.dir, name+".xml"), nil
 }
 
+// Domain reads NAME.xml; a folder source's domains are always shut off.
+// Relative disk paths are made absolute, against the folder.
+//
+// Errors: ErrInvalidArg (VIR_ERR_INVALID_ARG, 8) for a name that cannot
+// be a file name; ErrNoDomain (VIR_ERR_NO_DOMAIN, 42) for no such file;
+// ErrXML (VIR_ERR_XML_ERROR, 27) for a definition that does not parse or
+// names another domain; ErrDuplicateUUID (VIR_ERR_OPERATION_FAILED, 9)
+// when another file defines the same UUID, as libvirt refuses a second
+// definition of one UUID.
 func (s *DirSource) Domain(ctx context.Context, name string) (*SourceDomain, error) {
 	p, err := s.path(name)
 	if err != nil {
@@ -160,6 +172,9 @@ func absDisks(def *libvirtxml.Domain, dir string) bool {
 	return changed
 }
 
+// Domains lists the folder's definitions (NAME.xml files), sorted.
+//
+// Errors: the file system's own reading the folder.
 func (s *DirSource) Domains(ctx context.Context) ([]string, error) {
 	entries, err := os.ReadDir(s.dir)
 	if err != nil {
@@ -176,7 +191,13 @@ func (s *DirSource) Domains(ctx context.Context) ([]string, error) {
 }
 
 // Redefine writes the new definition under a temporary name, syncs it and
-// renames it over the old one, so a crash leaves one or the other whole.
+// renames it over the old one, so a crash leaves one or the other whole;
+// the file keeps its mode and owner, and disk paths the old one named
+// relatively stay relative.
+//
+// Errors: ErrInvalidArg (8) for a name that cannot be a file name;
+// ErrNoDomain (42) for no such file; ErrXML (27) for a document that does
+// not parse; the file system's own writing it.
 func (s *DirSource) Redefine(ctx context.Context, name, doc string) error {
 	p, err := s.path(name)
 	if err != nil {
@@ -241,6 +262,8 @@ func (s *DirSource) keepRelative(p, doc string) (string, error) {
 
 // StaleTemps lists the temporary definitions a crash inside Redefine
 // left (".NAME.xml.*", untouched for age), removing them with remove.
+//
+// Errors: the file system's own reading the folder or removing a file.
 func (s *DirSource) StaleTemps(age time.Duration, remove bool) ([]string, error) {
 	entries, err := os.ReadDir(s.dir)
 	if err != nil {

@@ -7,15 +7,13 @@ import (
 	"path/filepath"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/storage/backend/dir"
 	"github.com/xlsnap/xlsnap/xenlight"
 )
-
-// Snapshot is a snapshot's record, as storage keeps it.
-type Snapshot = storage.Snapshot
 
 // Config opens a Driver.
 type Config struct {
@@ -40,6 +38,8 @@ type Driver struct {
 
 	mu      sync.Mutex
 	domains map[string]*sync.Mutex
+	// closed refuses new subscriptions once Close has ended the others.
+	closed atomic.Bool
 }
 
 // lock serialises the driver's calls on one domain: storage serialises
@@ -61,7 +61,16 @@ func (d *Driver) lock(domain string) func() {
 	return m.Unlock
 }
 
-// Open opens the storage layer (recovering its journal) over the pools.
+// Open opens the storage layer over the pools (the folders of every disk
+// the source defines when cfg.Pools is empty) and finishes or undoes what
+// a crash left in its journal; an operation it cannot finish yet stays
+// there and its domain's next change returns ErrPending.
+//
+// Errors: ErrInvalidArg (VIR_ERR_INVALID_ARG, 8) for a Config without a
+// source or state folder; ErrDamaged (VIR_ERR_OPERATION_FAILED, 9) for a
+// metadata store that cannot be trusted; the source's own listing the
+// domains; the file system's own for a state folder that cannot be
+// written (VIR_ERR_INTERNAL_ERROR, 1, as nothing of errdefs describes it).
 func Open(ctx context.Context, cfg Config) (*Driver, error) {
 	if cfg.Source == nil {
 		return nil, invalidf("no domain source")
@@ -87,10 +96,17 @@ func Open(ctx context.Context, cfg Config) (*Driver, error) {
 	return &Driver{src: cfg.Source, st: st, h: cfg.Hypervisor, defs: defs}, nil
 }
 
-// Close releases the storage layer.
-func (d *Driver) Close() error { return d.st.Close() }
+// Close releases the storage layer and closes every Subscribe channel.
+// Errors: the metadata store's, closing it.
+func (d *Driver) Close() error {
+	d.closed.Store(true)
+	return d.st.Close()
+}
 
-// Storage is the storage layer, for Check, Repair and events.
+// Storage is the storage layer under the driver, for tools and tests
+// that read its records directly. Its types are storage's and may change
+// with it; the driver's own calls (Check, Subscribe, the snapshot calls)
+// are the stable surface.
 func (d *Driver) Storage() *storage.Manager { return d.st }
 
 // diskFolders lists the folders of every file disk the source knows.
@@ -280,9 +296,17 @@ type Move struct{ From, To string }
 // disk's chain after someone else edited it, update metadata and every
 // snapshot record that names a moved image (moves, and any recorded
 // layer that is gone where the chain on disk has a new one), tell
-// subscribers, and rewrite the definition if the active layer moved.
-// Errors: ErrNoDomain, ErrInvalidArg (no such disk, a move of an image
-// the domain never had), the chain's own (ErrUnsafeBacking, ...).
+// subscribers (Subscribe), and rewrite the definition if the active layer
+// moved. libvirt has no such call: its drivers trust the chain they
+// built.
+//
+// Errors: ErrInvalidArg (VIR_ERR_INVALID_ARG, 8) for no such disk and a
+// move of an image the domain never had or that is not the old one
+// moved; the chain's own (ErrUnsafeBacking, VIR_ERR_CONFIG_UNSUPPORTED
+// 67; ErrChainBroken and ErrInvalidImage, VIR_ERR_OPERATION_FAILED 9);
+// for an active domain, xenlight's MismatchError (ErrHypervisor, 9) when
+// the device model reads another chain; and those of every call that
+// changes something (see the package documentation).
 func (d *Driver) ChainChanged(ctx context.Context, domain, disk string, moves ...Move) error {
 	defer d.lock(domain)()
 	v, err := d.sync(ctx, domain)
@@ -329,7 +353,13 @@ type DiskInfo struct {
 	Pending string `json:"pending,omitempty"`
 }
 
-// DiskList is virsh's domblklist: each file disk and its active layer.
+// DiskList is virsh's domblklist (virDomainGetXMLDesc's disks): each
+// file disk, its active layer and its recorded chain. While an operation
+// on the domain is pending in the journal it still answers, from the
+// definition as it stands, and says so in Pending.
+//
+// Errors: those every call that reads a domain returns (see the package
+// documentation).
 func (d *Driver) DiskList(ctx context.Context, domain string) ([]DiskInfo, error) {
 	defer d.lock(domain)()
 	v, err := d.sync(ctx, domain)
@@ -372,16 +402,29 @@ type tempSource interface {
 	StaleTemps(age time.Duration, remove bool) ([]string, error)
 }
 
-// Check is storage's Check (Repair with repair) plus what the domain
-// source itself may have left behind (stale temporary definitions).
-func (d *Driver) Check(ctx context.Context, repair bool) ([]storage.Problem, error) {
+// Check compares the metadata with the disks and the pools and reports
+// every difference (storage's Check), plus what the domain source itself
+// may have left behind (stale temporary definitions). With repair it
+// finishes pending operations, rescans chains that changed and removes
+// stale temporary definitions, reporting each as Fixed; it removes no
+// image. A clean store is an empty list. libvirt has no such call.
+//
+// Errors: ErrDamaged (VIR_ERR_OPERATION_FAILED, 9) for a metadata store
+// that cannot be trusted; ErrBusy (VIR_ERR_OPERATION_TIMEOUT, 68) when
+// repair waits on a domain another operation holds; the source's errors
+// reading definitions; a cancelled context (VIR_ERR_OPERATION_ABORTED, 78).
+func (d *Driver) Check(ctx context.Context, repair bool) ([]Problem, error) {
 	check := d.st.Check
 	if repair {
 		check = d.st.Repair
 	}
-	problems, err := check(ctx)
+	found, err := check(ctx)
 	if err != nil {
 		return nil, err
+	}
+	problems := make([]Problem, 0, len(found))
+	for _, p := range found {
+		problems = append(problems, problemOf(p))
 	}
 	if ts, ok := d.src.(tempSource); ok {
 		temps, err := ts.StaleTemps(10*time.Minute, repair)
@@ -389,7 +432,7 @@ func (d *Driver) Check(ctx context.Context, repair bool) ([]storage.Problem, err
 			return nil, err
 		}
 		for _, p := range temps {
-			problems = append(problems, storage.Problem{Kind: storage.ProblemTempFile, Path: p,
+			problems = append(problems, Problem{Kind: ProblemTempFile, Path: p,
 				Detail: "a definition a crash left half-written", Fixed: repair})
 		}
 	}

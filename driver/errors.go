@@ -1,6 +1,36 @@
 // Package driver is xlsnap's front door, in libvirt's own terms: domain
 // snapshot XML, libvirt's call names, flags and semantics, and typed
 // errors that carry the libvirt error code a toolstack would return.
+//
+// # Errors
+//
+// Every error wraps one of errdefs' sentinels (re-exported here under
+// the same names), so errors.Is works and Code gives libvirt's
+// virErrorNumber. Each call's documentation lists the errors that are its
+// own, with libvirt's code in parentheses. Besides those, every call that
+// reads a domain can return:
+//
+//   - ErrNoDomain (VIR_ERR_NO_DOMAIN, 42): the source has no such domain;
+//     ErrXML (VIR_ERR_XML_ERROR, 27) or ErrDuplicateUUID
+//     (VIR_ERR_OPERATION_FAILED, 9): its definition cannot be used;
+//   - ErrDamaged (9): the metadata store cannot be trusted (see
+//     storage.RestoreStore);
+//   - a cancelled context, which Code reports as VIR_ERR_OPERATION_ABORTED
+//     (78), and an expired one, VIR_ERR_OPERATION_TIMEOUT (68);
+//
+// and every call that changes something can also return:
+//
+//   - ErrBusy (VIR_ERR_OPERATION_TIMEOUT, 68): another process holds the
+//     domain, as libvirt's "cannot acquire state change lock";
+//   - ErrPending (9): an earlier operation on the domain could not finish
+//     and waits in the journal for Check with repair;
+//   - ErrLocked (VIR_ERR_RESOURCE_BUSY, 87): a process xlsnap does not
+//     control holds an image;
+//   - ErrNoSpace (VIR_ERR_SYSTEM_ERROR, 38), ErrChainBroken (9),
+//     ErrInvalidImage (9), ErrUnsafeBacking (VIR_ERR_CONFIG_UNSUPPORTED,
+//     67): the images themselves;
+//   - ErrHypervisor (9) and ErrLiveUnsupported
+//     (VIR_ERR_OPERATION_UNSUPPORTED, 84) for an active domain.
 package driver
 
 import (
@@ -28,6 +58,7 @@ var (
 	ErrNoSpace          = errdefs.ErrNoSpace
 	ErrDamaged          = errdefs.ErrDamaged
 	ErrHypervisor       = errdefs.ErrHypervisor
+	ErrPending          = errdefs.ErrPending
 	// ErrXML: a snapshot or domain XML document that does not parse.
 	ErrXML = errdefs.ErrXML
 	// ErrXMLDetail: well-formed XML with a wrong detail.

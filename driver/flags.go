@@ -61,6 +61,14 @@ const (
 	DeleteChildrenOnly DeleteFlags = 1 << 2 // VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN_ONLY
 )
 
+// LookupFlags are the flags of virDomainSnapshotLookupByName,
+// virDomainSnapshotCurrent, virDomainSnapshotGetParent,
+// virDomainSnapshotIsCurrent and virDomainSnapshotHasMetadata. libvirt
+// defines no bit for any of them yet ("extra flags; not used yet, so
+// callers should always pass 0") and refuses every bit; the parameter is
+// kept, typed, so bits libvirt adds later need no new signature.
+type LookupFlags uint32
+
 // XMLFlags are virDomainSnapshotXMLFlags.
 type XMLFlags uint32
 

@@ -25,7 +25,7 @@ import (
 // Xen guest memory), or memory internal to the images (QEMU's savevm,
 // which holds no Xen guest's memory either), is errdefs.ErrLiveUnsupported
 // before anything changes.
-func (d *Driver) createActive(ctx context.Context, v *domainView, doc *libvirtxml.DomainSnapshot, flags CreateFlags, spec storage.SnapshotSpec) (*Snapshot, error) {
+func (d *Driver) createActive(ctx context.Context, v *domainView, doc *libvirtxml.DomainSnapshot, flags CreateFlags, spec storage.SnapshotSpec) (*storage.Snapshot, error) {
 	live, err := d.live(v, "a snapshot")
 	if err != nil {
 		return nil, err
@@ -65,7 +65,7 @@ func (d *Driver) createActive(ctx context.Context, v *domainView, doc *libvirtxm
 	// fail puts the domain back as it was (resumed, or restored from the
 	// memory just saved), drops a memory image no snapshot holds, and ends
 	// the record; what it cannot do stays for recoverGuest.
-	fail := func(cause error, restore bool) (*Snapshot, error) {
+	fail := func(cause error, restore bool) (*storage.Snapshot, error) {
 		if errors.Is(cause, xenlight.ErrLiveUnsupported) {
 			cause = fmt.Errorf("%w: %w", errdefs.ErrLiveUnsupported, cause)
 		}

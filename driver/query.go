@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strconv"
 
@@ -13,12 +14,12 @@ import (
 	"github.com/xlsnap/xlsnap/storage"
 )
 
-// tree is a domain's snapshots with their children.
+// tree is a domain's snapshot records with their children.
 type tree struct {
 	key      string // the domain's key in storage
 	current  string
-	byName   map[string]*Snapshot
-	children map[string][]string // "" holds the roots
+	byName   map[string]*storage.Snapshot
+	children map[string][]string // "" holds the roots; oldest first
 }
 
 // snapshots reads a domain's snapshot tree. A domain the source has but
@@ -31,7 +32,7 @@ func (d *Driver) snapshots(ctx context.Context, domain string) (*tree, error) {
 	if err != nil {
 		return nil, err
 	}
-	t := &tree{key: key, byName: map[string]*Snapshot{}, children: map[string][]string{}}
+	t := &tree{key: key, byName: map[string]*storage.Snapshot{}, children: map[string][]string{}}
 	rec, err := d.st.Domain(ctx, t.key)
 	if errors.Is(err, storage.ErrNoDomain) {
 		return t, nil
@@ -57,7 +58,7 @@ func (d *Driver) snapshots(ctx context.Context, domain string) (*tree, error) {
 	return t, nil
 }
 
-func (t *tree) get(domain, name string) (*Snapshot, error) {
+func (t *tree) get(domain, name string) (*storage.Snapshot, error) {
 	s, ok := t.byName[name]
 	if !ok {
 		return nil, fmt.Errorf("%w: no domain snapshot with matching name %q of domain %s", ErrNoSnapshot, name, domain)
@@ -65,9 +66,30 @@ func (t *tree) get(domain, name string) (*Snapshot, error) {
 	return s, nil
 }
 
+// view is a record as the driver shows it, with what the tree knows of
+// it (current, children).
+func (t *tree) view(rec *storage.Snapshot) *Snapshot {
+	s := snapshotOf(rec)
+	s.Current = rec.Name == t.current
+	s.Children = slices.Clone(t.children[rec.Name])
+	slices.SortFunc(s.Children, compareNames)
+	return s
+}
+
+// snapshotOf copies a stored record into the driver's view, leaving out
+// the stored document (SnapshotGetXMLDesc renders it).
+func snapshotOf(rec *storage.Snapshot) *Snapshot {
+	s := &Snapshot{Name: rec.Name, Description: rec.Description, Created: rec.Created, State: rec.State,
+		Parent: rec.Parent, Memory: rec.Memory, Damaged: rec.Damaged, DomainXML: rec.DomainXML, HasMetadata: true}
+	for _, sd := range rec.Disks {
+		s.Disks = append(s.Disks, SnapshotDisk{Target: sd.Target, Mode: DiskMode(sd.Mode), Image: sd.Image, Format: sd.Format, Overlay: sd.Overlay})
+	}
+	return s
+}
+
 // descendants lists name's descendants parents first ("" for all).
-func (t *tree) descendants(name string, all bool) []*Snapshot {
-	var out []*Snapshot
+func (t *tree) descendants(name string, all bool) []*storage.Snapshot {
+	var out []*storage.Snapshot
 	queue := append([]string(nil), t.children[name]...)
 	for len(queue) > 0 {
 		n := queue[0]
@@ -86,7 +108,7 @@ func IsExternal(s *Snapshot) bool {
 		return true
 	}
 	for _, sd := range s.Disks {
-		if sd.Mode == storage.DiskExternal {
+		if sd.Mode == DiskExternal {
 			return true
 		}
 	}
@@ -95,10 +117,11 @@ func IsExternal(s *Snapshot) bool {
 
 // filter applies libvirt's list filters; each group (leaves, metadata,
 // state, location) is an OR inside and an AND across groups.
-func (t *tree) filter(in []*Snapshot, flags ListFlags) []*Snapshot {
+func (t *tree) filter(in []*storage.Snapshot, flags ListFlags) []*Snapshot {
 	var out []*Snapshot
-	for _, s := range in {
-		leaf := len(t.children[s.Name]) == 0
+	for _, rec := range in {
+		s := t.view(rec)
+		leaf := len(s.Children) == 0
 		if flags&(ListLeaves|ListNoLeaves) != 0 &&
 			!(flags&ListLeaves != 0 && leaf || flags&ListNoLeaves != 0 && !leaf) {
 			continue
@@ -128,9 +151,14 @@ func (t *tree) filter(in []*Snapshot, flags ListFlags) []*Snapshot {
 }
 
 // ListAllSnapshots is virDomainListAllSnapshots: every snapshot, or the
-// roots with ListRoots, filtered; oldest first, or parents before
-// children with ListTopological. Errors: ErrInvalidArg for flags libvirt
-// does not define, ErrNoDomain.
+// roots with ListRoots, filtered as libvirt filters (each group of
+// filters an OR inside, an AND across groups); oldest first, or parents
+// before children with ListTopological. The snapshots' DomainXML is left
+// empty.
+//
+// Errors: ErrInvalidArg (VIR_ERR_INVALID_ARG, 8) for bits libvirt does
+// not define, naming them; ErrNoDomain (VIR_ERR_NO_DOMAIN, 42); and
+// those every call returns (see the package documentation).
 func (d *Driver) ListAllSnapshots(ctx context.Context, domain string, flags ListFlags) ([]*Snapshot, error) {
 	if err := checkFlags("ListAllSnapshots", flags, listKnown); err != nil {
 		return nil, err
@@ -139,7 +167,7 @@ func (d *Driver) ListAllSnapshots(ctx context.Context, domain string, flags List
 	if err != nil {
 		return nil, err
 	}
-	var all []*Snapshot
+	var all []*storage.Snapshot
 	switch {
 	case flags&ListRoots != 0:
 		all = t.descendants("", false)
@@ -153,9 +181,13 @@ func (d *Driver) ListAllSnapshots(ctx context.Context, domain string, flags List
 }
 
 // SnapshotListAllChildren is virDomainSnapshotListAllChildren: the direct
-// children, or every descendant with ListDescendants, filtered. Errors:
-// ErrInvalidArg for flags libvirt does not define, ErrNoDomain,
-// ErrNoSnapshot.
+// children, or every descendant (parents first) with ListDescendants,
+// filtered as ListAllSnapshots filters. The snapshots' DomainXML is left
+// empty.
+//
+// Errors: ErrInvalidArg (8) for bits libvirt does not define;
+// ErrNoDomain (42); ErrNoSnapshot (VIR_ERR_NO_DOMAIN_SNAPSHOT, 72); and
+// those every call returns.
 func (d *Driver) SnapshotListAllChildren(ctx context.Context, domain, name string, flags ListFlags) ([]*Snapshot, error) {
 	return d.children(ctx, "SnapshotListAllChildren", domain, name, flags)
 }
@@ -172,37 +204,43 @@ func (d *Driver) children(ctx context.Context, call, domain, name string, flags 
 	return t.filter(t.descendants(name, flags&ListDescendants != 0), flags&^ListDescendants), nil
 }
 
-// SnapshotNumChildren is virDomainSnapshotNumChildren, with the errors of
-// SnapshotListAllChildren.
+// SnapshotNumChildren is virDomainSnapshotNumChildren: how many
+// snapshots SnapshotListAllChildren lists, with its errors.
 func (d *Driver) SnapshotNumChildren(ctx context.Context, domain, name string, flags ListFlags) (int, error) {
 	list, err := d.children(ctx, "SnapshotNumChildren", domain, name, flags)
 	return len(list), err
 }
 
-// SnapshotLookupByName is virDomainSnapshotLookupByName. Errors:
-// ErrInvalidArg for any flag (libvirt defines none), ErrNoDomain,
-// ErrNoSnapshot.
-func (d *Driver) SnapshotLookupByName(ctx context.Context, domain, name string, flags uint32) (*Snapshot, error) {
+// SnapshotLookupByName is virDomainSnapshotLookupByName: the snapshot
+// with its DomainXML.
+//
+// Errors: ErrInvalidArg (8) for any flag (libvirt defines none yet);
+// ErrNoDomain (42); ErrNoSnapshot (72); and those every call returns.
+func (d *Driver) SnapshotLookupByName(ctx context.Context, domain, name string, flags LookupFlags) (*Snapshot, error) {
 	if err := checkFlags("SnapshotLookupByName", flags, 0); err != nil {
 		return nil, err
 	}
-	return d.snapshot(ctx, domain, name)
-}
-
-// snapshot reads one snapshot with its domain XML, after asking the
-// source for the domain as every other query does: a domain the source
-// has but storage never saw has no snapshots, one the source no longer
-// has is no domain.
-func (d *Driver) snapshot(ctx context.Context, domain, name string) (*Snapshot, error) {
 	t, _, err := d.lookup(ctx, domain, name)
 	if err != nil {
 		return nil, err
 	}
-	return d.st.Snapshot(ctx, t.key, name)
+	return d.full(ctx, t, name)
 }
 
-// lookup reads the domain's snapshot tree and the named snapshot in it.
-func (d *Driver) lookup(ctx context.Context, domain, name string) (*tree, *Snapshot, error) {
+// full reads one snapshot with its domain XML, which listings leave out.
+func (d *Driver) full(ctx context.Context, t *tree, name string) (*Snapshot, error) {
+	rec, err := d.st.Snapshot(ctx, t.key, name)
+	if err != nil {
+		return nil, err
+	}
+	return t.view(rec), nil
+}
+
+// lookup reads the domain's snapshot tree and the named snapshot in it,
+// after asking the source for the domain as every other query does: a
+// domain the source has but storage never saw has no snapshots, one the
+// source no longer has is no domain.
+func (d *Driver) lookup(ctx context.Context, domain, name string) (*tree, *storage.Snapshot, error) {
 	t, err := d.snapshots(ctx, domain)
 	if err != nil {
 		return nil, nil, err
@@ -214,10 +252,14 @@ func (d *Driver) lookup(ctx context.Context, domain, name string) (*tree, *Snaps
 	return t, s, nil
 }
 
-// SnapshotCurrent is virDomainSnapshotCurrent. Errors: ErrInvalidArg for
-// any flag (libvirt defines none), ErrNoDomain, ErrNoSnapshot when there
-// is no current snapshot.
-func (d *Driver) SnapshotCurrent(ctx context.Context, domain string, flags uint32) (*Snapshot, error) {
+// SnapshotCurrent is virDomainSnapshotCurrent: the current snapshot (the
+// one last taken, reverted to or redefined with CreateCurrent), with its
+// DomainXML.
+//
+// Errors: ErrInvalidArg (8) for any flag (libvirt defines none yet);
+// ErrNoDomain (42); ErrNoSnapshot (72) when there is no current
+// snapshot, as libvirt; and those every call returns.
+func (d *Driver) SnapshotCurrent(ctx context.Context, domain string, flags LookupFlags) (*Snapshot, error) {
 	if err := checkFlags("SnapshotCurrent", flags, 0); err != nil {
 		return nil, err
 	}
@@ -228,12 +270,18 @@ func (d *Driver) SnapshotCurrent(ctx context.Context, domain string, flags uint3
 	if t.current == "" {
 		return nil, fmt.Errorf("%w: the domain %s has no current snapshot", ErrNoSnapshot, domain)
 	}
-	return t.get(domain, t.current)
+	if _, err := t.get(domain, t.current); err != nil {
+		return nil, err
+	}
+	return d.full(ctx, t, t.current)
 }
 
-// SnapshotIsCurrent is virDomainSnapshotIsCurrent. Errors: ErrInvalidArg
-// for any flag (libvirt defines none), ErrNoDomain, ErrNoSnapshot.
-func (d *Driver) SnapshotIsCurrent(ctx context.Context, domain, name string, flags uint32) (bool, error) {
+// SnapshotIsCurrent is virDomainSnapshotIsCurrent (also a Snapshot's
+// Current).
+//
+// Errors: ErrInvalidArg (8) for any flag (libvirt defines none yet);
+// ErrNoDomain (42); ErrNoSnapshot (72); and those every call returns.
+func (d *Driver) SnapshotIsCurrent(ctx context.Context, domain, name string, flags LookupFlags) (bool, error) {
 	if err := checkFlags("SnapshotIsCurrent", flags, 0); err != nil {
 		return false, err
 	}
@@ -244,11 +292,13 @@ func (d *Driver) SnapshotIsCurrent(ctx context.Context, domain, name string, fla
 	return t.current == name, nil
 }
 
-// SnapshotHasMetadata is virDomainSnapshotHasMetadata: every snapshot
-// xlsnap can name has metadata (NO_METADATA ones are not named later).
-// Errors: ErrInvalidArg for any flag (libvirt defines none), ErrNoDomain,
-// ErrNoSnapshot.
-func (d *Driver) SnapshotHasMetadata(ctx context.Context, domain, name string, flags uint32) (bool, error) {
+// SnapshotHasMetadata is virDomainSnapshotHasMetadata (also a Snapshot's
+// HasMetadata): every snapshot xlsnap can name has metadata, since one
+// taken with CreateNoMetadata is never recorded.
+//
+// Errors: ErrInvalidArg (8) for any flag (libvirt defines none yet);
+// ErrNoDomain (42); ErrNoSnapshot (72); and those every call returns.
+func (d *Driver) SnapshotHasMetadata(ctx context.Context, domain, name string, flags LookupFlags) (bool, error) {
 	if err := checkFlags("SnapshotHasMetadata", flags, 0); err != nil {
 		return false, err
 	}
@@ -256,10 +306,13 @@ func (d *Driver) SnapshotHasMetadata(ctx context.Context, domain, name string, f
 	return err == nil, err
 }
 
-// SnapshotGetParent is virDomainSnapshotGetParent. Errors: ErrInvalidArg
-// for any flag (libvirt defines none), ErrNoDomain, ErrNoSnapshot (also
-// for a root snapshot, as libvirt).
-func (d *Driver) SnapshotGetParent(ctx context.Context, domain, name string, flags uint32) (*Snapshot, error) {
+// SnapshotGetParent is virDomainSnapshotGetParent: the parent, with its
+// DomainXML.
+//
+// Errors: ErrInvalidArg (8) for any flag (libvirt defines none yet);
+// ErrNoDomain (42); ErrNoSnapshot (72), also for a root snapshot, as
+// libvirt reports it; and those every call returns.
+func (d *Driver) SnapshotGetParent(ctx context.Context, domain, name string, flags LookupFlags) (*Snapshot, error) {
 	if err := checkFlags("SnapshotGetParent", flags, 0); err != nil {
 		return nil, err
 	}
@@ -270,34 +323,43 @@ func (d *Driver) SnapshotGetParent(ctx context.Context, domain, name string, fla
 	if s.Parent == "" {
 		return nil, fmt.Errorf("%w: snapshot %s has no parent", ErrNoSnapshot, name)
 	}
-	return t.get(domain, s.Parent)
+	if _, err := t.get(domain, s.Parent); err != nil {
+		return nil, err
+	}
+	return d.full(ctx, t, s.Parent)
 }
 
 // SnapshotGetXMLDesc is virDomainSnapshotGetXMLDesc: libvirt's domain
-// snapshot XML, with the domain definition of the snapshot's time (see
-// SnapshotXML). Errors: ErrInvalidArg for flags other than XMLSecure,
-// ErrNoDomain, ErrNoSnapshot.
-func (d *Driver) SnapshotGetXMLDesc(ctx context.Context, domain, name string, flags uint32) (string, error) {
-	if err := checkFlags("SnapshotGetXMLDesc", flags, uint32(XMLSecure)); err != nil {
+// snapshot XML of the snapshot: the document it was created or redefined
+// with, what storage owns taken from its record (name, description,
+// state, creation time, parent, memory file, each disk's mode and
+// overlay), and the domain definition of its time. A memory mode the
+// record does not say is libvirt's default on redefine: none for a
+// shut-off or disk-only snapshot, internal otherwise. <active>, libvirt's
+// private bookkeeping, is left out as libvirt's dumpxml leaves it out.
+// XMLSecure is accepted and changes nothing: the document holds no
+// secrets.
+//
+// Errors: ErrInvalidArg (8) for bits other than XMLSecure; ErrNoDomain
+// (42); ErrNoSnapshot (72); ErrInternal (VIR_ERR_INTERNAL_ERROR, 1) for
+// a stored document that no longer parses; and those every call returns.
+func (d *Driver) SnapshotGetXMLDesc(ctx context.Context, domain, name string, flags XMLFlags) (string, error) {
+	if err := checkFlags("SnapshotGetXMLDesc", flags, XMLSecure); err != nil {
 		return "", err
 	}
-	s, err := d.snapshot(ctx, domain, name)
+	t, _, err := d.lookup(ctx, domain, name)
 	if err != nil {
 		return "", err
 	}
-	return SnapshotXML(s)
+	rec, err := d.st.Snapshot(ctx, t.key, name)
+	if err != nil {
+		return "", err
+	}
+	return snapshotXML(rec)
 }
 
-// SnapshotXML renders a snapshot record as libvirt's domain snapshot XML:
-// the document the record keeps (what the snapshot was created or
-// redefined with), with what storage owns taken from the record: the
-// name, description, state, creation time, parent, memory file, each
-// disk's mode and overlay, and the domain definition. A memory mode the
-// record does not say is libvirt's default on redefine: none for a
-// shut-off or disk-only snapshot, internal otherwise. <active> is
-// libvirt's private bookkeeping, left out as libvirt's dumpxml does.
-// Errors: ErrInternal for a record whose XML cannot be read back.
-func SnapshotXML(s *Snapshot) (string, error) {
+// snapshotXML renders a record as SnapshotGetXMLDesc describes.
+func snapshotXML(s *storage.Snapshot) (string, error) {
 	var doc libvirtxml.DomainSnapshot
 	if s.XML != "" {
 		if err := doc.Unmarshal(s.XML); err != nil {

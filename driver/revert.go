@@ -21,12 +21,18 @@ import (
 // paused or PAUSED is given; RUNNING and PAUSED without memory would need
 // a fresh boot, which xlsnap leaves to the toolstack.
 //
-// Errors: ErrInvalidArg for RUNNING with PAUSED (libvirt's
-// virDomainRevertToSnapshot) and for flags the QEMU driver does not take
-// (RESET_NVRAM among them: a Xen guest has no NVRAM of QEMU's),
-// ErrNoDomain, ErrNoSnapshot, ErrOperationInvalid (a running domain and
-// no FORCE), ErrLiveUnsupported (memory the back end cannot restore),
-// and storage's own.
+// Errors: ErrInvalidArg (VIR_ERR_INVALID_ARG, 8) for RUNNING with
+// PAUSED (libvirt's virDomainRevertToSnapshot) and for flags the QEMU
+// driver does not take (RESET_NVRAM among them: a Xen guest has no NVRAM
+// of QEMU's); ErrNoDomain (42); ErrNoSnapshot
+// (VIR_ERR_NO_DOMAIN_SNAPSHOT, 72); ErrOperationInvalid
+// (VIR_ERR_OPERATION_INVALID, 55) for an active domain without FORCE when
+// the snapshot holds no memory; ErrLiveUnsupported
+// (VIR_ERR_OPERATION_UNSUPPORTED, 84) for RUNNING or PAUSED without
+// memory and for memory the back end cannot restore; ErrChainBroken
+// (VIR_ERR_OPERATION_FAILED, 9) for a missing memory or state image and
+// for a snapshot marked Damaged; and those of every call that changes
+// something (see the package documentation).
 func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flags RevertFlags) error {
 	if err := exclusive(flags, RevertRunning, RevertPaused); err != nil {
 		return err
@@ -123,10 +129,18 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 // and external snapshots with CHILDREN, and keeps an image that still
 // backs others. It returns what happened to each disk.
 //
-// Errors: ErrInvalidArg for CHILDREN with CHILDREN_ONLY (libvirt's
-// virDomainSnapshotDelete) and for flags libvirt does not define, both
-// before anything changes; ErrNoDomain, ErrNoSnapshot, and storage's own.
-func (d *Driver) SnapshotDelete(ctx context.Context, domain, name string, flags DeleteFlags) (*storage.DeleteReport, error) {
+// With an error, the report (when not nil) says what was done before it:
+// each snapshot's delete is one operation, so with CHILDREN some may be
+// gone.
+//
+// Errors: ErrInvalidArg (VIR_ERR_INVALID_ARG, 8) for CHILDREN with
+// CHILDREN_ONLY (libvirt's virDomainSnapshotDelete) and for flags libvirt
+// does not define, both before anything changes; ErrNoDomain (42);
+// ErrNoSnapshot (VIR_ERR_NO_DOMAIN_SNAPSHOT, 72); ErrChainBroken
+// (VIR_ERR_OPERATION_FAILED, 9) for an image a merge needs that is
+// missing; and those of every call that changes something (see the
+// package documentation).
+func (d *Driver) SnapshotDelete(ctx context.Context, domain, name string, flags DeleteFlags) (*DeleteReport, error) {
 	if err := exclusive(flags, DeleteChildren, DeleteChildrenOnly); err != nil {
 		return nil, err
 	}
@@ -151,7 +165,7 @@ func (d *Driver) SnapshotDelete(ctx context.Context, domain, name string, flags 
 	}
 	report, err := d.st.DeleteSnapshot(ctx, v.key, name, opts)
 	if err != nil {
-		return report, err
+		return deleteReportOf(report), err
 	}
-	return report, d.afterChange(ctx, v)
+	return deleteReportOf(report), d.afterChange(ctx, v)
 }

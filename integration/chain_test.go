@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"context"
 	"os"
 	"slices"
 	"strings"
@@ -22,8 +23,12 @@ func TestChainChanged(t *testing.T) {
 		e.snap("s2", driver.CreateDiskOnly)
 		e.write(2)
 		e.expectChain("vda", "vda.s2", "vda.s1", "vda.qcow2")
-		events, stop := e.d.Storage().Subscribe()
+		subCtx, stop := context.WithCancel(e.ctx)
 		defer stop()
+		events, err := e.d.Subscribe(subCtx)
+		if err != nil {
+			t.Fatal(err)
+		}
 
 		// vda.s2 takes vda.s1's data and is rebased onto vda.qcow2.
 		run(t, "qemu-img", "rebase", "-f", "qcow2", "-b", e.path("vda.qcow2"), "-F", "qcow2", e.path("vda.s2"))
@@ -75,7 +80,7 @@ func TestChainChanged(t *testing.T) {
 }
 
 // waitEvent waits for the next chain event with the given reason.
-func waitEvent(t *testing.T, events <-chan storage.ChainChanged, reason string) storage.ChainChanged {
+func waitEvent(t *testing.T, events <-chan driver.ChainEvent, reason driver.ChainReason) driver.ChainEvent {
 	t.Helper()
 	timeout := time.After(10 * time.Second)
 	for {

@@ -12,7 +12,6 @@ import (
 
 	"github.com/xlsnap/xlsnap/driver"
 	"github.com/xlsnap/xlsnap/errdefs"
-	"github.com/xlsnap/xlsnap/storage"
 )
 
 // TestDiskSnapshotAttribute: a disk's own snapshot="..." attribute in the
@@ -24,7 +23,7 @@ func TestDiskSnapshotAttribute(t *testing.T) {
 	both(t, disks, func(t *testing.T, e *env) {
 		e.write(0)
 		s1 := e.snap("s1", 0)
-		for disk, mode := range map[string]storage.DiskMode{"vda": storage.DiskInternal, "vdb": storage.DiskNone, "vdc": storage.DiskExternal} {
+		for disk, mode := range map[string]driver.DiskMode{"vda": driver.DiskInternal, "vdb": driver.DiskNone, "vdc": driver.DiskExternal} {
 			if got := s1.Disk(disk).Mode; got != mode {
 				t.Fatalf("s1 %s: mode %q, want %q", disk, got, mode)
 			}
@@ -37,7 +36,7 @@ func TestDiskSnapshotAttribute(t *testing.T) {
 		e.write(1)
 
 		s2 := e.snap("s2", driver.CreateDiskOnly)
-		if s2.Disk("vda").Mode != storage.DiskExternal || s2.Disk("vdb").Mode != storage.DiskNone {
+		if s2.Disk("vda").Mode != driver.DiskExternal || s2.Disk("vdb").Mode != driver.DiskNone {
 			t.Fatalf("s2 disks %+v", s2.Disks)
 		}
 		e.expectChain("vda", "vda.s2", "vda.qcow2")
@@ -47,7 +46,7 @@ func TestDiskSnapshotAttribute(t *testing.T) {
 
 		// The snapshot XML wins over the attribute.
 		s3 := e.create(`<domainsnapshot><name>s3</name><disks><disk name='vdb' snapshot='external'/></disks></domainsnapshot>`, driver.CreateDiskOnly)
-		if s3.Disk("vdb").Mode != storage.DiskExternal {
+		if s3.Disk("vdb").Mode != driver.DiskExternal {
 			t.Fatalf("s3 disks %+v", s3.Disks)
 		}
 		e.expectChain("vdb", "vdb.s3", "vdb.qcow2")
@@ -262,8 +261,8 @@ func TestReuseExt(t *testing.T) {
 			if c := e.chainOf(disk); !slices.Equal(c, []string{disk + "-pre.qcow2", disk + ".qcow2"}) {
 				t.Fatalf("%s after deleting every snapshot: %v", disk, c)
 			}
-			if a := action(rep, "s1", disk); a != storage.ActionUserImage {
-				t.Fatalf("s1/%s: %s, want %s", disk, a, storage.ActionUserImage)
+			if a := action(rep, "s1", disk); a != driver.ActionUserImage {
+				t.Fatalf("s1/%s: %s, want %s", disk, a, driver.ActionUserImage)
 			}
 		}
 		e.finish()

@@ -5,7 +5,6 @@ import (
 	"testing"
 
 	"github.com/xlsnap/xlsnap/driver"
-	"github.com/xlsnap/xlsnap/storage"
 )
 
 // TestDeleteAfterRevertToNonLeaf: after reverting to a non-leaf external
@@ -20,8 +19,8 @@ func TestDeleteAfterRevertToNonLeaf(t *testing.T) {
 
 		rep := e.del("s1", 0)
 		for _, disk := range e.disks {
-			if a := action(rep, "s1", disk); a != storage.ActionSharedBase {
-				t.Fatalf("delete s1, %s: %q, want %q (%+v)", disk, a, storage.ActionSharedBase, rep)
+			if a := action(rep, "s1", disk); a != driver.ActionSharedBase {
+				t.Fatalf("delete s1, %s: %q, want %q (%+v)", disk, a, driver.ActionSharedBase, rep)
 			}
 		}
 		e.expectParent("s2", "")
@@ -51,7 +50,7 @@ func TestDeleteAfterRevertChildFirst(t *testing.T) {
 		e.expectCurrent("s1")
 		rep := e.del("s1", 0)
 		for _, disk := range e.disks {
-			if a := action(rep, "s1", disk); a != storage.ActionPulledUp && a != storage.ActionMergedDown {
+			if a := action(rep, "s1", disk); a != driver.ActionPulledUp && a != driver.ActionMergedDown {
 				t.Fatalf("delete s1, %s: %q, want a merge (%+v)", disk, a, rep)
 			}
 		}
@@ -142,7 +141,7 @@ func TestDeleteMetadataOnly(t *testing.T) {
 
 		rep := e.del("s2", driver.DeleteMetadataOnly)
 		for _, disk := range e.disks {
-			if a := action(rep, "s2", disk); a != storage.ActionMetadataOnly {
+			if a := action(rep, "s2", disk); a != driver.ActionMetadataOnly {
 				t.Fatalf("delete s2 --metadata, %s: %q", disk, a)
 			}
 		}
@@ -184,8 +183,8 @@ func TestDeleteMergeDirections(t *testing.T) {
 		// vda.s1 (64 KiB) into vda.qcow2 (192 KiB).
 		rep := e.del("s1", 0)
 		for _, disk := range e.disks {
-			if a := action(rep, "s1", disk); a != storage.ActionMergedDown {
-				t.Fatalf("delete s1, %s: %q, want %q (%+v)", disk, a, storage.ActionMergedDown, rep)
+			if a := action(rep, "s1", disk); a != driver.ActionMergedDown {
+				t.Fatalf("delete s1, %s: %q, want %q (%+v)", disk, a, driver.ActionMergedDown, rep)
 			}
 		}
 		e.expectChain("vda", "vda.s3", "vda.s2", "vda.qcow2")
@@ -200,8 +199,8 @@ func TestDeleteMergeDirections(t *testing.T) {
 		}
 		rep = e.del("s3", 0)
 		for _, disk := range e.disks {
-			if a := action(rep, "s3", disk); a != storage.ActionPulledUp {
-				t.Fatalf("delete s3, %s: %q, want %q (%+v)", disk, a, storage.ActionPulledUp, rep)
+			if a := action(rep, "s3", disk); a != driver.ActionPulledUp {
+				t.Fatalf("delete s3, %s: %q, want %q (%+v)", disk, a, driver.ActionPulledUp, rep)
 			}
 		}
 		e.expectChain("vda", "vda.s3", "vda.qcow2")
@@ -227,8 +226,8 @@ func TestDeleteMergeKeepsInternal(t *testing.T) {
 		}
 		rep := e.del("s2", 0)
 		for _, disk := range e.disks {
-			if a := action(rep, "s2", disk); a != storage.ActionMergedDown {
-				t.Fatalf("delete s2, %s: %q, want %q (%+v)", disk, a, storage.ActionMergedDown, rep)
+			if a := action(rep, "s2", disk); a != driver.ActionMergedDown {
+				t.Fatalf("delete s2, %s: %q, want %q (%+v)", disk, a, driver.ActionMergedDown, rep)
 			}
 		}
 		e.expectChain("vda", "vda.qcow2")

@@ -5,7 +5,6 @@ import (
 	"testing"
 
 	"github.com/xlsnap/xlsnap/driver"
-	"github.com/xlsnap/xlsnap/storage"
 )
 
 // TestExternalLinear: DISK_ONLY snapshots make overlays next to each image
@@ -18,7 +17,7 @@ func TestExternalLinear(t *testing.T) {
 		e.write(0)
 		s1 := e.snap("s1", driver.CreateDiskOnly)
 		for _, sd := range s1.Disks {
-			if sd.Mode != storage.DiskExternal || sd.Image != e.path(sd.Target+".qcow2") || sd.Overlay != e.path(sd.Target+".s1") {
+			if sd.Mode != driver.DiskExternal || sd.Image != e.path(sd.Target+".qcow2") || sd.Overlay != e.path(sd.Target+".s1") {
 				t.Fatalf("s1 disk %+v: want external from %s.qcow2 to %s.s1", sd, sd.Target, sd.Target)
 			}
 		}
@@ -53,8 +52,8 @@ func TestExternalLinear(t *testing.T) {
 		// Delete s2 after reverting to it: its state image vda.s1 backs
 		// both s3's state image and the active layer, so it stays.
 		rep := e.del("s2", 0)
-		if a := action(rep, "s2", "vda"); a != storage.ActionSharedBase {
-			t.Fatalf("delete s2: vda %q, want %q (report %+v)", a, storage.ActionSharedBase, rep)
+		if a := action(rep, "s2", "vda"); a != driver.ActionSharedBase {
+			t.Fatalf("delete s2: vda %q, want %q (report %+v)", a, driver.ActionSharedBase, rep)
 		}
 		e.expectChain("vda", "vda.s2-1", "vda.s1", "vda.qcow2")
 		e.expectParent("s3", "s1")
@@ -63,7 +62,7 @@ func TestExternalLinear(t *testing.T) {
 		// Delete the non-leaf root s1: vda.qcow2 has one child (vda.s1):
 		// they merge.
 		rep = e.del("s1", 0)
-		if a := action(rep, "s1", "vda"); a != storage.ActionPulledUp && a != storage.ActionMergedDown {
+		if a := action(rep, "s1", "vda"); a != driver.ActionPulledUp && a != driver.ActionMergedDown {
 			t.Fatalf("delete s1: vda %q, want a merge (report %+v)", a, rep)
 		}
 		e.expectParent("s3", "")

@@ -30,7 +30,6 @@ import (
 	"github.com/xlsnap/xlsnap/driver"
 	"github.com/xlsnap/xlsnap/driver/libvirtsource"
 	"github.com/xlsnap/xlsnap/errdefs"
-	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/storage/storagetest"
 )
 
@@ -323,9 +322,9 @@ func (e *env) expectSnapshotData() {
 				e.t.Fatalf("snapshot %s has no record of disk %s", name, disk)
 			}
 			switch sd.Mode {
-			case storage.DiskExternal:
+			case driver.DiskExternal:
 				expectRegions(e.t, sd.Image, sd.Format, want)
-			case storage.DiskInternal:
+			case driver.DiskInternal:
 				expectInternal(e.t, sd.Image, sd.Format, name, want)
 			default:
 				e.t.Fatalf("snapshot %s, disk %s: mode %q in the record, the model has data", name, disk, sd.Mode)
@@ -427,7 +426,7 @@ func (e *env) taken(s *driver.Snapshot, flags driver.CreateFlags) {
 	}
 	m := map[string]content{}
 	for _, sd := range s.Disks {
-		if sd.Mode != storage.DiskNone {
+		if sd.Mode != driver.DiskNone {
 			m[sd.Target] = e.now[sd.Target]
 		}
 	}
@@ -459,7 +458,7 @@ func (e *env) revert(name string, flags driver.RevertFlags) {
 }
 
 // del deletes and checks that nothing any disk or snapshot reads changed.
-func (e *env) del(name string, flags driver.DeleteFlags) *storage.DeleteReport {
+func (e *env) del(name string, flags driver.DeleteFlags) *driver.DeleteReport {
 	e.t.Helper()
 	rep, err := e.d.SnapshotDelete(e.ctx, e.dom, name, flags)
 	if err != nil {
@@ -473,7 +472,7 @@ func (e *env) del(name string, flags driver.DeleteFlags) *storage.DeleteReport {
 }
 
 // action is what a delete report says it did to one disk of a snapshot.
-func action(rep *storage.DeleteReport, snap, disk string) storage.DiskAction {
+func action(rep *driver.DeleteReport, snap, disk string) driver.DiskAction {
 	for _, r := range rep.Disks {
 		if r.Snapshot == snap && r.Disk == disk {
 			return r.Action

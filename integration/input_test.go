@@ -79,7 +79,10 @@ func (e *env) state() state {
 		s.current = rec.Current
 	}
 	if list, err := e.d.Storage().Snapshots(e.ctx, e.dom); err == nil {
-		s.snaps = names(list)
+		s.snaps = []string{}
+		for _, r := range list {
+			s.snaps = append(s.snaps, r.Name)
+		}
 	}
 	return s
 }

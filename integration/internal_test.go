@@ -4,7 +4,6 @@ import (
 	"testing"
 
 	"github.com/xlsnap/xlsnap/driver"
-	"github.com/xlsnap/xlsnap/storage"
 )
 
 // TestInternalDefault: without DISK_ONLY every disk takes an internal
@@ -16,7 +15,7 @@ func TestInternalDefault(t *testing.T) {
 		e.write(0)
 		s1 := e.snap("s1", 0)
 		for _, sd := range s1.Disks {
-			if sd.Mode != storage.DiskInternal || sd.Image != e.path(sd.Target+".qcow2") {
+			if sd.Mode != driver.DiskInternal || sd.Image != e.path(sd.Target+".qcow2") {
 				t.Fatalf("s1 disk %+v: want internal in %s.qcow2", sd, sd.Target)
 			}
 		}
@@ -47,7 +46,7 @@ func TestInternalDefault(t *testing.T) {
 
 		// s2 has a child (s3): libvirt deletes non-leaf internal ones too.
 		rep := e.del("s2", 0)
-		if a := action(rep, "s2", "vda"); a != storage.ActionInternalDeleted {
+		if a := action(rep, "s2", "vda"); a != driver.ActionInternalDeleted {
 			t.Fatalf("delete s2: vda %q (%+v)", a, rep)
 		}
 		e.expectInternalSnapshots("vda.qcow2", "s1", "s3")
@@ -113,8 +112,8 @@ func TestMixedTree(t *testing.T) {
 		// Delete the external s2, whose overlay holds the internal s3: the
 		// images cannot merge (s3 sees through to vda.qcow2); kept.
 		rep := e.del("s2", 0)
-		if a := action(rep, "s2", "vda"); a != storage.ActionInternalAbove {
-			t.Fatalf("delete s2: vda %q, want %q (%+v)", a, storage.ActionInternalAbove, rep)
+		if a := action(rep, "s2", "vda"); a != driver.ActionInternalAbove {
+			t.Fatalf("delete s2: vda %q, want %q (%+v)", a, driver.ActionInternalAbove, rep)
 		}
 		e.expectChain("vda", "vda.s2", "vda.qcow2")
 		e.expectParent("s3", "s1")
@@ -149,7 +148,7 @@ func TestMixedSnapshot(t *testing.T) {
 			<disk name='vda' snapshot='internal'/>
 			<disk name='vdb' snapshot='external'/>
 		</disks></domainsnapshot>`, 0)
-		if s1.Disk("vda").Mode != storage.DiskInternal || s1.Disk("vdb").Mode != storage.DiskExternal {
+		if s1.Disk("vda").Mode != driver.DiskInternal || s1.Disk("vdb").Mode != driver.DiskExternal {
 			t.Fatalf("s1 disks %+v", s1.Disks)
 		}
 		e.expectChain("vda", "vda.qcow2")
@@ -179,18 +178,18 @@ func TestMixedSnapshot(t *testing.T) {
 		// Delete the non-leaf mixed s1: vda's internal snapshot goes; vdb's
 		// state image stays under vdb.s1-1, which holds the internal s2.
 		rep := e.del("s1", 0)
-		if a := action(rep, "s1", "vda"); a != storage.ActionInternalDeleted {
+		if a := action(rep, "s1", "vda"); a != driver.ActionInternalDeleted {
 			t.Fatalf("delete s1: vda %q (%+v)", a, rep)
 		}
-		if a := action(rep, "s1", "vdb"); a != storage.ActionInternalAbove {
-			t.Fatalf("delete s1: vdb %q, want %q (%+v)", a, storage.ActionInternalAbove, rep)
+		if a := action(rep, "s1", "vdb"); a != driver.ActionInternalAbove {
+			t.Fatalf("delete s1: vdb %q, want %q (%+v)", a, driver.ActionInternalAbove, rep)
 		}
 		e.expectInternalSnapshots("vda.qcow2")
 		e.expectChain("vdb", "vdb.s1-1", "vdb.qcow2")
 		e.revert("s2", 0)
 
 		rep = e.del("s2", 0)
-		if a := action(rep, "s2", "vda"); a != storage.ActionPulledUp && a != storage.ActionMergedDown {
+		if a := action(rep, "s2", "vda"); a != driver.ActionPulledUp && a != driver.ActionMergedDown {
 			t.Fatalf("delete s2: vda %q, want a merge (%+v)", a, rep)
 		}
 		if c := e.chainOf("vda"); len(c) != 1 {

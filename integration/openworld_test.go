@@ -180,7 +180,7 @@ func (w *world) snap(domain, name string) {
 	}
 }
 
-func (w *world) del(domain, name string, flags driver.DeleteFlags) *storage.DeleteReport {
+func (w *world) del(domain, name string, flags driver.DeleteFlags) *driver.DeleteReport {
 	w.t.Helper()
 	r, err := w.d.SnapshotDelete(w.ctx, domain, name, flags)
 	if err != nil {
@@ -235,10 +235,10 @@ func TestOpenWorldLinkedClone(t *testing.T) {
 			}
 			w.write("base.s1", 0x11, 0, n)
 			r := w.del("vm1", "s1", 0)
-			if len(r.Disks) != 1 || r.Disks[0].Action != storage.ActionSharedBase {
+			if len(r.Disks) != 1 || r.Disks[0].Action != driver.ActionSharedBase {
 				t.Fatalf("report %+v", r.Disks)
 			}
-			if us := r.Disks[0].Users; len(us) == 0 || !slices.ContainsFunc(us, func(u storage.User) bool { return u.Path == w.path("clone.qcow2") }) {
+			if us := r.Disks[0].Users; len(us) == 0 || !slices.ContainsFunc(us, func(u driver.ImageUser) bool { return u.Path == w.path("clone.qcow2") }) {
 				t.Fatalf("shared base kept without naming the clone: %+v", us)
 			}
 			w.expect("clone.qcow2", 0x10, 0, 1024)
@@ -441,7 +441,7 @@ func TestOpenWorldRepairKeepsNamedFiles(t *testing.T) {
 	}
 	w.expectFiles("newvm.qcow2", "vm.qcow2", "vm.s1")
 	// The base it shares is kept by the delete too.
-	if r := w.del("vm", "s1", 0); r.Disks[0].Action != storage.ActionSharedBase {
+	if r := w.del("vm", "s1", 0); r.Disks[0].Action != driver.ActionSharedBase {
 		t.Fatalf("report %+v", r.Disks)
 	}
 	w.expectFiles("newvm.qcow2", "vm.qcow2", "vm.s1")
@@ -889,7 +889,7 @@ func TestOpenWorldEveryUserKeepsTheBase(t *testing.T) {
 			other := user(w)
 			w.expect(other, 0x11, 0, 1024)
 			r := w.del("vm", "s1", 0)
-			if r.Disks[0].Action != storage.ActionSharedBase {
+			if r.Disks[0].Action != driver.ActionSharedBase {
 				t.Fatalf("report %+v", r.Disks)
 			}
 			w.expect(other, 0x11, 0, 1024)
@@ -998,7 +998,7 @@ func TestOpenWorldUserImageStaysTheUsers(t *testing.T) {
 	w.write("a.s1", 0x32, 0, 64)
 	w.snap("vm", "s2")
 	w.write("a.s2", 0x33, 0, 8192)
-	if r := w.del("vm", "s1", 0); r.Disks[0].Action != storage.ActionMergedDown {
+	if r := w.del("vm", "s1", 0); r.Disks[0].Action != driver.ActionMergedDown {
 		t.Fatalf("report %+v", r.Disks)
 	}
 	if r := w.del("vm", "s2", 0); r.Disks[0].Kept != w.path("a.qcow2") {

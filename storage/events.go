@@ -9,12 +9,15 @@ import (
 
 // ChainChanged tells that a disk's chain changed: the images top to base
 // before and after, and why ("snapshot", "revert", "delete", "rescan").
+// Snapshot is the snapshot the operation took, reverted to or deleted
+// ("" for a rescan, and for a snapshot taken without metadata).
 type ChainChanged struct {
-	Domain string
-	Disk   string
-	Before []string
-	After  []string
-	Reason string
+	Domain   string
+	Disk     string
+	Before   []string
+	After    []string
+	Reason   string
+	Snapshot string
 }
 
 // broker hands events to subscribers without ever blocking an operation:

@@ -146,7 +146,7 @@ func (m *Manager) commit(ctx context.Context, in *intent) error {
 	backupErr := m.backup(ctx)
 	crashpoint.Hit(in.Op + "/committed")
 	if before != nil {
-		m.publishChanges(before, c.Domain, in.Op)
+		m.publishChanges(before, c.Domain, in.Op, opSnapshot(in.Op, c))
 	}
 	return errors.Join(m.cleanup(ctx, in), backupErr)
 }
@@ -481,7 +481,22 @@ func holdsSnapshot(h *chain.Header, name string) bool {
 	return slices.ContainsFunc(h.Snapshots, func(s chain.Snapshot) bool { return s.Name == name })
 }
 
-func (m *Manager) publishChanges(before, after *Domain, reason string) {
+// opSnapshot is the snapshot an operation's commit is about: the one a
+// create records, a revert makes current, a delete forgets (each delete
+// of several snapshots is an operation of its own).
+func opSnapshot(op string, c *metastore.Commit) string {
+	switch {
+	case op == "snapshot" && len(c.PutSnapshots) == 1:
+		return c.PutSnapshots[0].Name
+	case op == "revert":
+		return c.Domain.Current
+	case op == "delete" && len(c.DeleteSnapshots) == 1:
+		return c.DeleteSnapshots[0]
+	}
+	return ""
+}
+
+func (m *Manager) publishChanges(before, after *Domain, reason, snapshot string) {
 	for _, disk := range after.Disks {
 		var old []string
 		if bd := before.Disk(disk.Target); bd != nil {
@@ -489,7 +504,7 @@ func (m *Manager) publishChanges(before, after *Domain, reason string) {
 		}
 		now := after.Chain(disk.Active)
 		if !slices.Equal(old, now) {
-			m.events.publish(ChainChanged{Domain: domainName(after), Disk: disk.Target, Before: old, After: now, Reason: reason})
+			m.events.publish(ChainChanged{Domain: domainName(after), Disk: disk.Target, Before: old, After: now, Reason: reason, Snapshot: snapshot})
 		}
 	}
 }

@@ -261,7 +261,7 @@ func (m *Manager) DefineDomain(ctx context.Context, key, name, uuid string, disk
 	if before != nil {
 		// A chain edited behind storage's back, or a disk the operator
 		// repointed, is adopted here: tell subscribers, as ChainChanged does.
-		m.publishChanges(before, d, "rescan")
+		m.publishChanges(before, d, "rescan", "")
 	}
 	return d, m.backup(ctx)
 }

@@ -3,6 +3,7 @@ package storage
 import (
 	"context"
 	"fmt"
+	"slices"
 
 	"github.com/xlsnap/xlsnap/storage/metastore"
 )
@@ -11,7 +12,9 @@ import (
 // REDEFINE): its images must already be in the domain's tree. An external
 // disk names its overlay; the state image is the overlay's backing. An
 // internal disk's image is the layer of its chain that holds an internal
-// snapshot of that name. With current, it becomes the current snapshot.
+// snapshot of that name. A snapshot already recorded whose disks the new
+// record names alike (modes, overlays) keeps its recorded images, checked
+// against nothing else. With current, it becomes the current snapshot.
 func (m *Manager) RedefineSnapshot(ctx context.Context, domain string, snap *Snapshot, current bool) error {
 	if err := ValidName("snapshot", snap.Name); err != nil {
 		return err
@@ -32,6 +35,19 @@ func (m *Manager) RedefineSnapshot(ctx context.Context, domain string, snap *Sna
 		if snaps[p] == nil {
 			return fmt.Errorf("%w: parent %s of %s", ErrNoSnapshot, p, snap.Name)
 		}
+	}
+	if old := snaps[snap.Name]; old != nil && sameDisks(old.Disks, snap.Disks) {
+		// libvirt's REDEFINE of an existing snapshot checks the document
+		// against the snapshot's own record, not against the disks as
+		// they are now (virDomainSnapshotRedefineValidate): the images
+		// it recorded stay its images whatever chain the disk has moved
+		// to since (a revert elsewhere discards the overlay it was taken
+		// on; a revert to an internal snapshot copies it out). So does
+		// snapshot-current NAME, which redefines the XML dumpxml gave.
+		snap.Disks = slices.Clone(old.Disks)
+		// Damage is of those images, which the document cannot vouch for.
+		snap.Damaged = old.Damaged
+		return m.putRedefined(ctx, d, domain, snap, current)
 	}
 	for i := range snap.Disks {
 		sd := &snap.Disks[i]
@@ -62,10 +78,36 @@ func (m *Manager) RedefineSnapshot(ctx context.Context, domain string, snap *Sna
 			return fmt.Errorf("%w: disk %s: snapshot mode %q", ErrInvalidArg, sd.Target, sd.Mode)
 		}
 	}
+	return m.putRedefined(ctx, d, domain, snap, current)
+}
+
+// sameDisks says two snapshot records name the same disks in the same
+// modes with the same overlays: what a snapshot's XML says of its disks
+// (the images under them are storage's, not the document's).
+func sameDisks(a, b []SnapshotDisk) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	byTarget := map[string]SnapshotDisk{}
+	for _, sd := range a {
+		byTarget[sd.Target] = sd
+	}
+	for _, sd := range b {
+		o, ok := byTarget[sd.Target]
+		if !ok || o.Mode != sd.Mode || o.Mode == DiskExternal && o.Overlay != sd.Overlay {
+			return false
+		}
+	}
+	return true
+}
+
+// putRedefined records a redefined snapshot (and, with current, makes it
+// the domain's current one) in one transaction.
+func (m *Manager) putRedefined(ctx context.Context, d *Domain, domain string, snap *Snapshot, current bool) error {
 	if snap.State == "" {
 		snap.State = "shutoff"
 	}
-	err = m.store.Update(ctx, func(tx metastore.Tx) error {
+	err := m.store.Update(ctx, func(tx metastore.Tx) error {
 		if current {
 			d.Current = snap.Name
 			if err := tx.PutDomain(d); err != nil {

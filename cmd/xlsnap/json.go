@@ -175,7 +175,7 @@ func toJSON(domain string, s *driver.Snapshot, current string) snapshotJSON {
 	return j
 }
 
-func deleteToJSON(domain, name string, r *storage.DeleteReport) deleteJSON {
+func deleteToJSON(domain, name string, r *driver.DeleteReport) deleteJSON {
 	j := deleteJSON{Domain: domain, Snapshot: name, Deleted: orEmpty(r.Deleted), Disks: []diskReportJSON{}, Collected: orEmpty(r.Collected)}
 	for _, d := range r.Disks {
 		dj := diskReportJSON{Snapshot: d.Snapshot, Disk: d.Disk, Action: string(d.Action), Kept: d.Kept, Removed: d.Removed, Users: []userJSON{}}
@@ -195,7 +195,7 @@ func blocksToJSON(disks []driver.DiskInfo) []blockJSON {
 	return out
 }
 
-func problemsToJSON(problems []storage.Problem) []problemJSON {
+func problemsToJSON(problems []driver.Problem) []problemJSON {
 	out := []problemJSON{}
 	for _, p := range problems {
 		out = append(out, problemJSON{Kind: string(p.Kind), Informational: p.Kind.Informational(), Domain: p.Domain,

@@ -134,10 +134,9 @@ func (a *app) listCmd() *cobra.Command {
 			current = c.Name
 		}
 		w := cmd.OutOrStdout()
-		roots, children := forest(list)
 		switch {
 		case a.json && o.tree:
-			return writeJSON(w, treeToJSON(o.domain, roots, children, current))
+			return writeJSON(w, treeToJSON(o.domain, driver.Tree(list), current))
 		case a.json && o.name:
 			names := []string{}
 			for _, s := range list {
@@ -151,7 +150,7 @@ func (a *app) listCmd() *cobra.Command {
 			}
 			return writeJSON(w, out)
 		case o.tree:
-			return writeTree(w, roots, children)
+			return writeTree(w, driver.Tree(list))
 		case o.name:
 			for _, s := range list {
 				fmt.Fprintln(w, s.Name)
@@ -194,44 +193,25 @@ func (a *app) listCmd() *cobra.Command {
 	return cmd
 }
 
-// forest arranges a list as trees, keeping the list's order among
-// siblings: a snapshot whose parent is not listed is a root.
-func forest(list []*driver.Snapshot) ([]*driver.Snapshot, map[string][]*driver.Snapshot) {
-	listed := map[string]bool{}
-	for _, s := range list {
-		listed[s.Name] = true
-	}
-	var roots []*driver.Snapshot
-	children := map[string][]*driver.Snapshot{}
-	for _, s := range list {
-		if s.Parent == "" || !listed[s.Parent] {
-			roots = append(roots, s)
-		} else {
-			children[s.Parent] = append(children[s.Parent], s)
-		}
-	}
-	return roots, children
-}
-
 // writeTree draws virsh's --tree: a root at the margin; under a snapshot
 // with children a "|" line, then each child as "+- NAME", the column of a
 // child that has later siblings kept by "|"; after the last snapshot of a
 // branch, a line of its indent; a blank line at the end.
-func writeTree(w io.Writer, roots []*driver.Snapshot, children map[string][]*driver.Snapshot) error {
-	var node func(s *driver.Snapshot, indent string, root, last bool)
-	node = func(s *driver.Snapshot, indent string, root, last bool) {
+func writeTree(w io.Writer, roots []*driver.TreeNode) error {
+	var node func(n *driver.TreeNode, indent string, root, last bool)
+	node = func(n *driver.TreeNode, indent string, root, last bool) {
 		under := indent
 		if root {
-			fmt.Fprintf(w, "%s\n", s.Name)
+			fmt.Fprintf(w, "%s\n", n.Snapshot.Name)
 		} else {
-			fmt.Fprintf(w, "%s+- %s\n", indent, s.Name)
+			fmt.Fprintf(w, "%s+- %s\n", indent, n.Snapshot.Name)
 			if last {
 				under += "  "
 			} else {
 				under += "| "
 			}
 		}
-		kids := children[s.Name]
+		kids := n.Children
 		if len(kids) == 0 {
 			if last {
 				fmt.Fprintf(w, "%s\n", under)
@@ -250,10 +230,10 @@ func writeTree(w io.Writer, roots []*driver.Snapshot, children map[string][]*dri
 	return err
 }
 
-func treeToJSON(domain string, nodes []*driver.Snapshot, children map[string][]*driver.Snapshot, current string) []treeJSON {
+func treeToJSON(domain string, nodes []*driver.TreeNode, current string) []treeJSON {
 	out := []treeJSON{}
-	for _, s := range nodes {
-		out = append(out, treeJSON{snapshotJSON: toJSON(domain, s, current), Children: treeToJSON(domain, children[s.Name], children, current)})
+	for _, n := range nodes {
+		out = append(out, treeJSON{snapshotJSON: toJSON(domain, n.Snapshot, current), Children: treeToJSON(domain, n.Children, current)})
 	}
 	return out
 }

@@ -294,9 +294,6 @@ func yesNo(b bool) string {
 	return "no"
 }
 
-// xmlSecure is VIR_DOMAIN_SNAPSHOT_XML_SECURE, virsh's --security-info.
-const xmlSecure = 1 << 0
-
 func (a *app) dumpXMLCmd() *cobra.Command {
 	var secure bool
 	cmd := &cobra.Command{Use: "snapshot-dumpxml DOMAIN [NAME|--current] [--security-info]", Short: "Print a snapshot's XML"}
@@ -310,9 +307,9 @@ func (a *app) dumpXMLCmd() *cobra.Command {
 // printXML prints a snapshot's XML as virsh does (a blank line after), or
 // as xmlJSON.
 func (a *app) printXML(ctx context.Context, w io.Writer, d *driver.Driver, domain, name string, secure bool) error {
-	var flags uint32
+	var flags driver.XMLFlags
 	if secure {
-		flags |= xmlSecure
+		flags |= driver.XMLSecure
 	}
 	doc, err := d.SnapshotGetXMLDesc(ctx, domain, name, flags)
 	if err != nil {
@@ -341,7 +338,7 @@ func (a *app) currentCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			doc, err := d.SnapshotGetXMLDesc(ctx, domain, s.Name, xmlSecure)
+			doc, err := d.SnapshotGetXMLDesc(ctx, domain, s.Name, driver.XMLSecure)
 			if err != nil {
 				return err
 			}
@@ -474,7 +471,7 @@ func (a *app) deleteCmd() *cobra.Command {
 			if r.Removed != "" {
 				fmt.Fprintf(w, " (%s into %s)", r.Removed, r.Kept)
 			} else if r.Kept != "" && len(r.Users) > 0 {
-				fmt.Fprintf(w, " (kept %s: also used by %s)", r.Kept, storage.DescribeUsers(r.Users))
+				fmt.Fprintf(w, " (kept %s: also used by %s)", r.Kept, driver.DescribeUsers(r.Users))
 			} else if r.Kept != "" {
 				fmt.Fprintf(w, " (kept %s)", r.Kept)
 			}

@@ -21,7 +21,9 @@ type Source struct {
 	uri  string
 }
 
-// Open connects to uri.
+// Open connects to uri (virConnectOpen).
+//
+// Errors: libvirt's, relayed with its own code (driver.Code gives it).
 func Open(uri string) (*Source, error) {
 	conn, err := libvirt.NewConnect(uri)
 	if err != nil {
@@ -42,7 +44,8 @@ func (s *Source) URI() string {
 // Conn is the connection, for callers that need more of libvirt.
 func (s *Source) Conn() *libvirt.Connect { return s.conn }
 
-// Close closes the connection.
+// Close closes the connection (virConnectClose). Errors: libvirt's,
+// with its code.
 func (s *Source) Close() error {
 	_, err := s.conn.Close()
 	return err
@@ -56,6 +59,12 @@ var xmlErrors = map[libvirt.ErrorNumber]error{
 
 func wrap(err error) error { return virterr.Wrap("", err, xmlErrors) }
 
+// Domain reads a domain's persistent definition and its state
+// (virDomainGetXMLDesc with VIR_DOMAIN_XML_INACTIVE, virDomainGetState).
+//
+// Errors: libvirt's, relayed with their codes (VIR_ERR_NO_DOMAIN, 42, for
+// no such domain); a definition libvirt cannot parse is driver.ErrXML
+// (VIR_ERR_XML_ERROR, 27).
 func (s *Source) Domain(ctx context.Context, name string) (*driver.SourceDomain, error) {
 	dom, err := s.conn.LookupDomainByName(name)
 	if err != nil {
@@ -73,6 +82,10 @@ func (s *Source) Domain(ctx context.Context, name string) (*driver.SourceDomain,
 	return &driver.SourceDomain{Name: name, State: driver.DomainState(xlibvirt.StateOf(state)), XML: doc}, nil
 }
 
+// Domains lists every defined and running domain's name, sorted
+// (virConnectListAllDomains).
+//
+// Errors: libvirt's, relayed with their codes.
 func (s *Source) Domains(ctx context.Context) ([]string, error) {
 	doms, err := s.conn.ListAllDomains(0)
 	if err != nil {
@@ -92,6 +105,9 @@ func (s *Source) Domains(ctx context.Context) ([]string, error) {
 }
 
 // Redefine defines the new XML over the domain (virDomainDefineXML).
+//
+// Errors: libvirt's, relayed with their codes; a document libvirt refuses
+// to parse is driver.ErrXML (27).
 func (s *Source) Redefine(ctx context.Context, name, doc string) error {
 	dom, err := s.conn.DomainDefineXML(doc)
 	if err != nil {

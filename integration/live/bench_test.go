@@ -547,7 +547,7 @@ func BenchmarkLiveMerge(b *testing.B) {
 			if err != nil {
 				b.Fatalf("%v\n%s", err, dom.qemu.Stderr())
 			}
-			if r.Disks[0].Action != storage.ActionMergedDown {
+			if r.Disks[0].Action != driver.ActionMergedDown {
 				b.Fatalf("merge %+v, want an active commit down", r.Disks)
 			}
 			if i == 0 {
