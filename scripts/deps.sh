@@ -21,6 +21,7 @@ declare -A needpc=(
 )
 # files → Debian package (plugins no command or pkg-config names)
 declare -A needfile=(
+  [/usr/lib/python3/dist-packages/libvirt.py]=python3-libvirt   # the libvirt-protocol front's second client
   [/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so]=libvirt-daemon-driver-qemu
 )
 # The Xen test bed (make test-xen) builds its dom0 image with these.
