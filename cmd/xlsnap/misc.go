@@ -15,7 +15,7 @@ import (
 func (a *app) domblklistCmd() *cobra.Command {
 	var domain string
 	cmd := &cobra.Command{Use: "domblklist DOMAIN", Short: "List a domain's disks and their active images"}
-	a.domainCmd(cmd, &domain, nil, nil, func(ctx context.Context, d *driver.Driver) error {
+	a.domainCmd(cmd, &domain, nil, nil, nil, func(ctx context.Context, d *driver.Driver) error {
 		disks, err := d.DiskList(ctx, domain)
 		if err != nil {
 			return err
