@@ -35,6 +35,35 @@ next:
 	return nil
 }
 
+// operandsKey annotates a command with its operand options, in order.
+const operandsKey = "xlsnap-operands"
+
+// assignOperands is what operands would set, without setting it: each
+// option's value from the arguments, keyed by option name, and the
+// option the next argument would fill ("" when none would).
+func assignOperands(cmd *cobra.Command, args []string, names []string) (map[string]string, string) {
+	got := map[string]string{}
+	free := func(n string) bool {
+		_, taken := got[n]
+		return (!cmd.Flags().Changed(n) && !taken) || repeatable(cmd, n)
+	}
+next:
+	for _, a := range args {
+		for _, n := range names {
+			if free(n) {
+				got[n] = a
+				continue next
+			}
+		}
+	}
+	for _, n := range names {
+		if free(n) {
+			return got, n
+		}
+	}
+	return got, ""
+}
+
 func repeatable(cmd *cobra.Command, name string) bool {
 	f := cmd.Flags().Lookup(name)
 	return f != nil && strings.HasSuffix(f.Value.Type(), "Array")
@@ -71,8 +100,11 @@ func (a *app) domainCmd(cmd *cobra.Command, domain *string, names []string, need
 	body func(ctx context.Context, d *driver.Driver) error) {
 	cmd.Args = cobra.ArbitraryArgs
 	cmd.Flags().StringVar(domain, "domain", "", "the domain (or the first operand)")
+	names = append([]string{"domain"}, names...)
+	// Completion reads the operands' order from here (frontdoor.go).
+	cmd.Annotations = map[string]string{operandsKey: strings.Join(names, ",")}
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
-		if err := operands(cmd, args, append([]string{"domain"}, names...)...); err != nil {
+		if err := operands(cmd, args, names...); err != nil {
 			return err
 		}
 		need := []string{"domain"}
