@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strings"
 
 	"github.com/mattn/go-isatty"
 	"github.com/spf13/cobra"
@@ -15,12 +16,14 @@ import (
 // operands gives each bare argument to the first of the named options
 // not already given by its flag, in order, so "snapshot-info web s1",
 // "snapshot-info --domain web s1" and "snapshot-info s1 --domain web"...
-// mean what they mean to virsh.
+// mean what they mean to virsh. A repeatable option (virsh's argv
+// option, snapshot-create-as's --diskspec: always the last name) is never
+// used up: it takes every argument left.
 func operands(cmd *cobra.Command, args []string, names ...string) error {
 next:
 	for _, a := range args {
 		for _, n := range names {
-			if !cmd.Flags().Changed(n) {
+			if !cmd.Flags().Changed(n) || repeatable(cmd, n) {
 				if err := cmd.Flags().Set(n, a); err != nil {
 					return usagef("%v", err)
 				}
@@ -32,12 +35,53 @@ next:
 	return nil
 }
 
-// required refuses a command whose operand is missing.
-func required(cmd *cobra.Command, name string) error {
-	if !cmd.Flags().Changed(name) {
-		return usagef("command '%s' requires <%s> option", cmd.Name(), name)
+// operandsKey annotates a command with its operand options, in order.
+const operandsKey = "xlsnap-operands"
+
+// assignOperands is what operands would set, without setting it: each
+// option's value from the arguments, keyed by option name, and the
+// option the next argument would fill ("" when none would).
+func assignOperands(cmd *cobra.Command, args []string, names []string) (map[string]string, string) {
+	got := map[string]string{}
+	free := func(n string) bool {
+		_, taken := got[n]
+		return (!cmd.Flags().Changed(n) && !taken) || repeatable(cmd, n)
 	}
-	return nil
+next:
+	for _, a := range args {
+		for _, n := range names {
+			if free(n) {
+				got[n] = a
+				continue next
+			}
+		}
+	}
+	for _, n := range names {
+		if free(n) {
+			return got, n
+		}
+	}
+	return got, ""
+}
+
+func repeatable(cmd *cobra.Command, name string) bool {
+	f := cmd.Flags().Lookup(name)
+	return f != nil && strings.HasSuffix(f.Value.Type(), "Array")
+}
+
+// required refuses a command whose operands are missing, as virsh does
+// before it runs anything: one error line for each.
+func required(cmd *cobra.Command, names ...string) error {
+	var missing []error
+	for _, n := range names {
+		if !cmd.Flags().Changed(n) {
+			missing = append(missing, usagef("command '%s' requires <%s> option", cmd.Name(), n))
+		}
+	}
+	if len(missing) == 0 {
+		return nil
+	}
+	return errorLines(missing)
 }
 
 // exclusive refuses two options together, in virsh's words.
@@ -48,18 +92,26 @@ func exclusive(cmd *cobra.Command, a, b string) error {
 	return nil
 }
 
-// domainCmd is a command on one domain: its operands are resolved and
-// checked (check) before the driver opens, and a domain the source does
-// not have is reported as virsh reports it.
-func (a *app) domainCmd(cmd *cobra.Command, domain *string, names []string, check func() error,
+// domainCmd is a command on one domain: its operands are resolved, the
+// ones it cannot do without (--domain, and those needs names) required,
+// and the rest checked (check) before the driver opens; a domain the
+// source does not have is reported as virsh reports it.
+func (a *app) domainCmd(cmd *cobra.Command, domain *string, names []string, needs func() []string, check func() error,
 	body func(ctx context.Context, d *driver.Driver) error) {
 	cmd.Args = cobra.ArbitraryArgs
 	cmd.Flags().StringVar(domain, "domain", "", "the domain (or the first operand)")
+	names = append([]string{"domain"}, names...)
+	// Completion reads the operands' order from here (frontdoor.go).
+	cmd.Annotations = map[string]string{operandsKey: strings.Join(names, ",")}
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
-		if err := operands(cmd, args, append([]string{"domain"}, names...)...); err != nil {
+		if err := operands(cmd, args, names...); err != nil {
 			return err
 		}
-		if err := required(cmd, "domain"); err != nil {
+		need := []string{"domain"}
+		if needs != nil {
+			need = append(need, needs()...)
+		}
+		if err := required(cmd, need...); err != nil {
 			return err
 		}
 		if check != nil {

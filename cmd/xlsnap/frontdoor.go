@@ -10,7 +10,7 @@ import (
 // frontDoor adds what a packaged command needs around the tree newRoot
 // built: --version, the man pages make install generates (man.go) and
 // completion of domain and snapshot names (cobra's own completion
-// command generates the shell scripts).
+// command generates the shell scripts), positional or named.
 func (g *globals) frontDoor(root *cobra.Command) {
 	root.Version = version()
 	addManCommand(root)
@@ -18,20 +18,53 @@ func (g *globals) frontDoor(root *cobra.Command) {
 		if cmd.ValidArgsFunction != nil {
 			continue // the command completes its arguments itself
 		}
-		name := cmd.Name()
-		switch {
-		case snapshotNamed[name]:
-			cmd.ValidArgsFunction = g.completeDomainThenSnapshot
-		case strings.HasPrefix(name, "snapshot-") || name == "domblklist" || name == "rescan":
+		if ops, ok := cmd.Annotations[operandsKey]; ok {
+			names := strings.Split(ops, ",")
+			cmd.ValidArgsFunction = func(cmd *cobra.Command, args []string, toComplete string) ([]string, cobra.ShellCompDirective) {
+				_, next := assignOperands(cmd, args, names)
+				return g.completeOption(cmd, args, names, next, toComplete)
+			}
+			for _, n := range names {
+				if completes[n] != "" {
+					cmd.RegisterFlagCompletionFunc(n, func(cmd *cobra.Command, args []string, toComplete string) ([]string, cobra.ShellCompDirective) {
+						return g.completeOption(cmd, args, names, n, toComplete)
+					})
+				}
+			}
+			continue
+		}
+		if cmd.Name() == "rescan" {
 			cmd.ValidArgsFunction = g.completeDomain
 		}
 	}
 }
 
-// snapshotNamed are the commands whose second argument names an existing
-// snapshot of the domain their first names.
-var snapshotNamed = map[string]bool{"snapshot-revert": true, "snapshot-delete": true, "snapshot-info": true,
-	"snapshot-dumpxml": true, "snapshot-parent": true, "snapshot-current": true}
+// completes says what each operand option names: a domain, or a
+// snapshot of the command's domain; a file is left to the shell.
+var completes = map[string]string{"domain": "domain", "snapshotname": "snapshot", "from": "snapshot", "xmlfile": "file"}
+
+// completeOption completes the value of option opt (given by name or as
+// the next operand), the domain being whatever --domain or the operands
+// already say.
+func (g *globals) completeOption(cmd *cobra.Command, args, names []string, opt, toComplete string) ([]string, cobra.ShellCompDirective) {
+	switch completes[opt] {
+	case "domain":
+		return g.completeDomain(cmd, nil, toComplete)
+	case "snapshot":
+		got, _ := assignOperands(cmd, args, names)
+		domain := got["domain"]
+		if cmd.Flags().Changed("domain") {
+			domain, _ = cmd.Flags().GetString("domain")
+		}
+		if domain == "" {
+			return nil, cobra.ShellCompDirectiveNoFileComp
+		}
+		return g.completeSnapshot(cmd, domain, toComplete)
+	case "file":
+		return nil, cobra.ShellCompDirectiveDefault
+	}
+	return nil, cobra.ShellCompDirectiveNoFileComp
+}
 
 // buildVersion is set by make build (-ldflags -X main.buildVersion=…,
 // from git describe): go stamps no VCS data where -buildvcs=false, or
@@ -79,19 +112,16 @@ func (g *globals) completeDomain(cmd *cobra.Command, args []string, toComplete s
 	return withPrefix(names, toComplete), cobra.ShellCompDirectiveNoFileComp
 }
 
-// completeDomainThenSnapshot completes a domain, then its snapshots'
-// names, read as snapshot-list reads them.
-func (g *globals) completeDomainThenSnapshot(cmd *cobra.Command, args []string, toComplete string) ([]string, cobra.ShellCompDirective) {
-	if len(args) != 1 {
-		return g.completeDomain(cmd, args, toComplete)
-	}
+// completeSnapshot completes the domain's snapshots' names, read as
+// snapshot-list reads them.
+func (g *globals) completeSnapshot(cmd *cobra.Command, domain, toComplete string) ([]string, cobra.ShellCompDirective) {
 	d, done, err := g.open(cmd.Context())
 	if err != nil {
 		cobra.CompDebugln(err.Error(), true)
 		return nil, cobra.ShellCompDirectiveError
 	}
 	defer done()
-	snaps, err := d.ListAllSnapshots(cmd.Context(), args[0], 0)
+	snaps, err := d.ListAllSnapshots(cmd.Context(), domain, 0)
 	if err != nil {
 		cobra.CompDebugln(err.Error(), true)
 		return nil, cobra.ShellCompDirectiveError

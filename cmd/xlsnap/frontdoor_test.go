@@ -37,6 +37,19 @@ func TestCompletion(t *testing.T) {
 		{[]string{"snapshot-delete", "vm", "b"}, []string{"before"}},
 		{[]string{"snapshot-dumpxml", "vm", ""}, []string{"before", "after"}},
 		{[]string{"snapshot-revert", "vm", "before", ""}, nil},
+		// Named forms, and operands after a named option: each value is
+		// completed as the option it fills.
+		{[]string{"snapshot-info", "--domain", ""}, []string{"vm"}},
+		{[]string{"snapshot-info", "--domain", "vm", "--snapshotname", ""}, []string{"before", "after"}},
+		{[]string{"snapshot-info", "--snapshotname", "", "vm"}, []string{"vm"}},
+		{[]string{"snapshot-info", "--domain", "vm", ""}, []string{"before", "after"}},
+		{[]string{"snapshot-info", "--domain", "vm", "before", ""}, nil},
+		{[]string{"snapshot-list", "vm", "--from", "a"}, []string{"after"}},
+		{[]string{"snapshot-list", "vm", ""}, []string{"before", "after"}},
+		{[]string{"snapshot-list", "--domain", "vm", "--from", ""}, []string{"before", "after"}},
+		{[]string{"snapshot-current", "vm", ""}, []string{"before", "after"}},
+		{[]string{"snapshot-create-as", "vm", ""}, nil},
+		{[]string{"snapshot-info", "--snapshotname", ""}, nil}, // no domain yet
 	} {
 		// The shells sort the candidates; the order is not the command's.
 		got := c.complete(tc.args...)

@@ -241,6 +241,13 @@ func reportError(w io.Writer, asJSON bool, err error) int {
 			return code
 		}
 	}
+	var lines errorLines
+	if errors.As(err, &lines) {
+		for _, e := range lines {
+			fmt.Fprintf(w, "error: %v\n", e)
+		}
+		return code
+	}
 	fmt.Fprintf(w, "error: %v\n", err)
 	return code
 }

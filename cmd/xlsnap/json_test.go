@@ -222,6 +222,11 @@ func TestJSONErrors(t *testing.T) {
 		{[]string{"snapshot-list", "test", "--tree", "--parent"}, errorBodyJSON{8, "VIR_ERR_INVALID_ARG", "Options --parent and --tree are mutually exclusive"}},
 		{[]string{"snapshot-list", "test", "--bogus"}, errorBodyJSON{8, "VIR_ERR_INVALID_ARG", "command 'snapshot-list' doesn't support option --bogus"}},
 		{[]string{"snapshot-parent", "test", "s1"}, errorBodyJSON{72, "VIR_ERR_NO_DOMAIN_SNAPSHOT", "snapshot 's1' has no parent"}},
+		{[]string{"snapshot-create", "test", "/nonexistent"}, errorBodyJSON{38, "VIR_ERR_SYSTEM_ERROR", "Failed to open file '/nonexistent': No such file or directory"}},
+		{[]string{"snapshot-create", "test", "/"}, errorBodyJSON{38, "VIR_ERR_SYSTEM_ERROR", "Failed to read file '/': Is a directory"}},
+		{[]string{"snapshot-create-as", "test", "--print-xml", "--diskspec", "vda,bogus"}, errorBodyJSON{8, "VIR_ERR_INVALID_ARG", "unable to parse diskspec: vda,bogus"}},
+		// Every missing operand, one line each in text, joined here.
+		{[]string{"snapshot-dumpxml"}, errorBodyJSON{8, "VIR_ERR_INVALID_ARG", "command 'snapshot-dumpxml' requires <domain> option\ncommand 'snapshot-dumpxml' requires <snapshotname> option"}},
 	} {
 		stdout, stderr, code := runXlsnap(t, append([]string{"--connect", "file://" + c.dir, "--state-dir", c.state, "--json"}, tc.args...)...)
 		var got errorJSON

@@ -124,7 +124,7 @@ func asciiLower(s string) string {
 func (a *app) listCmd() *cobra.Command {
 	var o listOpts
 	cmd := &cobra.Command{Use: "snapshot-list DOMAIN", Short: "List a domain's snapshots"}
-	a.domainCmd(cmd, &o.domain, nil, func() error { return o.check(cmd) }, func(ctx context.Context, d *driver.Driver) error {
+	a.domainCmd(cmd, &o.domain, []string{"from"}, nil, func() error { return o.check(cmd) }, func(ctx context.Context, d *driver.Driver) error {
 		list, err := o.collect(ctx, d)
 		if err != nil {
 			return err

@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
@@ -96,6 +97,13 @@ type cliError struct {
 
 func (e *cliError) Error() string { return e.msg }
 func (e *cliError) Unwrap() error { return e.err }
+
+// errorLines are failures virsh reports together, one "error: " line
+// each (such as every operand a command lacks).
+type errorLines []error
+
+func (e errorLines) Error() string   { return errors.Join(e...).Error() }
+func (e errorLines) Unwrap() []error { return e }
 
 // usagef is a wrong use of the command: libvirt's invalid argument.
 func usagef(format string, args ...any) error {

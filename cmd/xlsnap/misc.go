@@ -2,9 +2,9 @@ package main
 
 import (
 	"context"
+	"encoding/xml"
 	"fmt"
 	"strings"
-	"text/tabwriter"
 
 	"github.com/spf13/cobra"
 
@@ -14,8 +14,11 @@ import (
 
 func (a *app) domblklistCmd() *cobra.Command {
 	var domain string
-	cmd := &cobra.Command{Use: "domblklist DOMAIN", Short: "List a domain's disks and their active images"}
-	a.domainCmd(cmd, &domain, nil, nil, func(ctx context.Context, d *driver.Driver) error {
+	var details bool
+	cmd := &cobra.Command{Use: "domblklist DOMAIN [--details] [--inactive]", Short: "List a domain's disks and their active images"}
+	a.domainCmd(cmd, &domain, nil, nil, nil, func(ctx context.Context, d *driver.Driver) error {
+		// DiskList first: it finishes what a crash left, so the
+		// definition read below is the one that stands.
 		disks, err := d.DiskList(ctx, domain)
 		if err != nil {
 			return err
@@ -23,18 +26,85 @@ func (a *app) domblklistCmd() *cobra.Command {
 		if a.json {
 			return writeJSON(cmd.OutOrStdout(), blocksToJSON(disks))
 		}
-		tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 3, ' ', 0)
-		fmt.Fprintln(tw, " Target\tSource")
-		fmt.Fprintln(tw, "------------------------------------------------")
-		for _, dk := range disks {
-			fmt.Fprintf(tw, " %s\t%s\n", dk.Target, dk.Source)
+		rows, err := a.diskRows(ctx, domain, details)
+		if err != nil {
+			return err
 		}
 		if len(disks) > 0 && disks[0].Pending != "" {
 			fmt.Fprintf(cmd.ErrOrStderr(), "note: %s\n", disks[0].Pending)
 		}
-		return tw.Flush()
+		header := []string{"Target", "Source"}
+		if details {
+			header = []string{"Type", "Device", "Target", "Source"}
+		}
+		return writeTable(cmd.OutOrStdout(), header, rows)
 	})
+	cmd.Flags().BoolVar(&details, "details", false, "add each disk's type and device")
+	// xlsnap reads and keeps the persistent definition only; the live
+	// one of an active domain names the same images.
+	cmd.Flags().Bool("inactive", false, "the persistent definition (what xlsnap always reads)")
 	return cmd
+}
+
+// definedDisk is what domblklist shows of a disk of the definition: all
+// of them, as virsh shows them, not only the file disks xlsnap snapshots.
+type definedDisk struct {
+	Type   string `xml:"type,attr"`
+	Device string `xml:"device,attr"`
+	Source struct {
+		File   string `xml:"file,attr"`
+		Dev    string `xml:"dev,attr"`
+		Dir    string `xml:"dir,attr"`
+		Name   string `xml:"name,attr"`
+		Volume string `xml:"volume,attr"`
+	} `xml:"source"`
+	Target struct {
+		Dev string `xml:"dev,attr"`
+	} `xml:"target"`
+}
+
+// diskRows reads the domain's definition from the source and makes
+// domblklist's rows: a disk without a source shows "-", as in virsh.
+func (a *app) diskRows(ctx context.Context, domain string, details bool) ([][]string, error) {
+	src, _, done, err := a.source()
+	if err != nil {
+		return nil, err
+	}
+	defer done()
+	sd, err := src.Domain(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	var def struct {
+		Disks []definedDisk `xml:"devices>disk"`
+	}
+	if err := xml.Unmarshal([]byte(sd.XML), &def); err != nil {
+		return nil, fmt.Errorf("%w: domain XML: %w", driver.ErrXML, err)
+	}
+	var rows [][]string
+	for _, dk := range def.Disks {
+		source := "-"
+		for _, s := range []string{dk.Source.File, dk.Source.Dev, dk.Source.Dir, dk.Source.Name, dk.Source.Volume} {
+			if s != "" {
+				source = s
+				break
+			}
+		}
+		row := []string{dk.Target.Dev, source}
+		if details {
+			// libvirt's defaults for a definition that leaves them out.
+			kind, device := dk.Type, dk.Device
+			if kind == "" {
+				kind = "file"
+			}
+			if device == "" {
+				device = "disk"
+			}
+			row = append([]string{kind, device}, row...)
+		}
+		rows = append(rows, row)
+	}
+	return rows, nil
 }
 
 func (g *globals) checkCmd() *cobra.Command {

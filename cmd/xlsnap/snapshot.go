@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/schollz/progressbar/v3"
@@ -108,29 +107,28 @@ func (a *app) createAsCmd() *cobra.Command {
 		Use:   "snapshot-create-as DOMAIN [NAME [DESCRIPTION]]",
 		Short: "Create a snapshot from a name and options",
 	}
-	a.domainCmd(cmd, &domain, []string{"name", "description"}, nil, func(ctx context.Context, d *driver.Driver) error {
-		doc := &libvirtxml.DomainSnapshot{Name: name, Description: description}
+	a.domainCmd(cmd, &domain, []string{"name", "description", "diskspec"}, nil, nil, func(ctx context.Context, d *driver.Driver) error {
+		// virsh finds the domain before it reads anything else.
+		if _, err := d.DomainKey(ctx, domain); err != nil {
+			return err
+		}
+		var mem *memSpec
 		if memspec != "" {
 			m, err := parseMemspec(memspec)
 			if err != nil {
 				return err
 			}
-			doc.Memory = m
+			mem = m
 		}
+		var disks []*diskSpec
 		for _, ds := range diskspecs {
 			disk, err := parseDiskspec(ds)
 			if err != nil {
 				return err
 			}
-			if doc.Disks == nil {
-				doc.Disks = &libvirtxml.DomainSnapshotDisks{}
-			}
-			doc.Disks.Disks = append(doc.Disks.Disks, disk)
+			disks = append(disks, disk)
 		}
-		xmlDesc, err := doc.Marshal()
-		if err != nil {
-			return err
-		}
+		xmlDesc := snapshotXML(name, description, mem, disks)
 		w := cmd.OutOrStdout()
 		if o.printXML {
 			if a.json {
@@ -154,51 +152,6 @@ func (a *app) createAsCmd() *cobra.Command {
 	return cmd
 }
 
-// parseMemspec reads virsh's --memspec.
-func parseMemspec(spec string) (*libvirtxml.DomainSnapshotMemory, error) {
-	m := &libvirtxml.DomainSnapshotMemory{Snapshot: "external"}
-	for _, part := range strings.Split(spec, ",") {
-		k, v, ok := strings.Cut(part, "=")
-		switch {
-		case !ok:
-			m.File = part
-		case k == "file":
-			m.File = v
-		case k == "snapshot":
-			m.Snapshot = v
-		default:
-			return nil, fmt.Errorf("%w: --memspec: unknown key %q", driver.ErrInvalidArg, k)
-		}
-	}
-	if m.Snapshot == "no" {
-		m.File = ""
-	}
-	return m, nil
-}
-
-// parseDiskspec reads virsh's --diskspec.
-func parseDiskspec(spec string) (libvirtxml.DomainSnapshotDisk, error) {
-	parts := strings.Split(spec, ",")
-	disk := libvirtxml.DomainSnapshotDisk{Name: parts[0]}
-	if disk.Name == "" {
-		return disk, fmt.Errorf("%w: --diskspec %q names no disk", driver.ErrInvalidArg, spec)
-	}
-	for _, part := range parts[1:] {
-		k, v, _ := strings.Cut(part, "=")
-		switch k {
-		case "snapshot":
-			disk.Snapshot = v
-		case "file":
-			disk.Source = &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: v}}
-		case "driver":
-			disk.Driver = &libvirtxml.DomainDiskDriver{Type: v}
-		default:
-			return disk, fmt.Errorf("%w: --diskspec %q: unknown key %q", driver.ErrInvalidArg, spec, k)
-		}
-	}
-	return disk, nil
-}
-
 func (a *app) createCmd() *cobra.Command {
 	var o createOpts
 	var domain, xmlFile string
@@ -206,10 +159,13 @@ func (a *app) createCmd() *cobra.Command {
 		Use:   "snapshot-create DOMAIN [XMLFILE]",
 		Short: "Create a snapshot from domain snapshot XML (none: all defaults)",
 	}
-	a.domainCmd(cmd, &domain, []string{"xmlfile"}, nil, func(ctx context.Context, d *driver.Driver) error {
+	a.domainCmd(cmd, &domain, []string{"xmlfile"}, nil, nil, func(ctx context.Context, d *driver.Driver) error {
+		if _, err := d.DomainKey(ctx, domain); err != nil {
+			return err // virsh finds the domain before it reads the file
+		}
 		xmlDesc := "<domainsnapshot/>"
 		if xmlFile != "" {
-			b, err := os.ReadFile(xmlFile)
+			b, err := readFile(xmlFile)
 			if err != nil {
 				return err
 			}
@@ -231,12 +187,31 @@ func (a *app) createCmd() *cobra.Command {
 }
 
 // snapshotCmd is a command on one snapshot of a domain, named or
-// --current, looked up (with virsh's messages) before body runs.
-func (a *app) snapshotCmd(cmd *cobra.Command, body func(ctx context.Context, d *driver.Driver, domain string, s *driver.Snapshot) error) {
+// --current, looked up (with virsh's messages) before body runs. With
+// needsName the name is an operand the command requires, as virsh's
+// snapshot-dumpxml does (it has no --current; xlsnap's takes one in its
+// place); else a missing or doubled choice is refused as virsh refuses
+// it, once the domain is found.
+func (a *app) snapshotCmd(cmd *cobra.Command, needsName bool, body func(ctx context.Context, d *driver.Driver, domain string, s *driver.Snapshot) error) {
 	var domain, name string
 	var current bool
-	a.domainCmd(cmd, &domain, []string{"snapshotname"}, func() error { return snapshotOrCurrent(cmd, current) },
+	var needs func() []string
+	if needsName {
+		needs = func() []string {
+			if current {
+				return nil
+			}
+			return []string{"snapshotname"}
+		}
+	}
+	a.domainCmd(cmd, &domain, []string{"snapshotname"}, needs, nil,
 		func(ctx context.Context, d *driver.Driver) error {
+			if err := snapshotOrCurrent(cmd, current); err != nil {
+				if _, derr := d.DomainKey(ctx, domain); derr != nil {
+					return derr
+				}
+				return err
+			}
 			s, err := lookup(ctx, d, domain, name, current)
 			if err != nil {
 				return err
@@ -249,7 +224,7 @@ func (a *app) snapshotCmd(cmd *cobra.Command, body func(ctx context.Context, d *
 
 func (a *app) infoCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "snapshot-info DOMAIN [NAME|--current]", Short: "Show a snapshot's details"}
-	a.snapshotCmd(cmd, func(ctx context.Context, d *driver.Driver, domain string, s *driver.Snapshot) error {
+	a.snapshotCmd(cmd, false, func(ctx context.Context, d *driver.Driver, domain string, s *driver.Snapshot) error {
 		isCur, err := d.SnapshotIsCurrent(ctx, domain, s.Name, 0)
 		if err != nil {
 			return err
@@ -297,7 +272,7 @@ func yesNo(b bool) string {
 func (a *app) dumpXMLCmd() *cobra.Command {
 	var secure bool
 	cmd := &cobra.Command{Use: "snapshot-dumpxml DOMAIN [NAME|--current] [--security-info]", Short: "Print a snapshot's XML"}
-	a.snapshotCmd(cmd, func(ctx context.Context, d *driver.Driver, domain string, s *driver.Snapshot) error {
+	a.snapshotCmd(cmd, true, func(ctx context.Context, d *driver.Driver, domain string, s *driver.Snapshot) error {
 		return a.printXML(ctx, cmd.OutOrStdout(), d, domain, s.Name, secure)
 	})
 	cmd.Flags().BoolVar(&secure, "security-info", false, "include security-sensitive information")
@@ -330,7 +305,7 @@ func (a *app) currentCmd() *cobra.Command {
 		Short: "Print the current snapshot's XML (or name), or with NAME make that snapshot current",
 	}
 	check := func() error { return exclusive(cmd, "name", "snapshotname") }
-	a.domainCmd(cmd, &domain, []string{"snapshotname"}, check, func(ctx context.Context, d *driver.Driver) error {
+	a.domainCmd(cmd, &domain, []string{"snapshotname"}, nil, check, func(ctx context.Context, d *driver.Driver) error {
 		w := cmd.OutOrStdout()
 		if cmd.Flags().Changed("snapshotname") {
 			// As virsh does it: redefine the snapshot's own XML as current.
@@ -378,7 +353,7 @@ func (a *app) currentCmd() *cobra.Command {
 
 func (a *app) parentCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "snapshot-parent DOMAIN [NAME|--current]", Short: "Print a snapshot's parent"}
-	a.snapshotCmd(cmd, func(ctx context.Context, d *driver.Driver, domain string, s *driver.Snapshot) error {
+	a.snapshotCmd(cmd, false, func(ctx context.Context, d *driver.Driver, domain string, s *driver.Snapshot) error {
 		if s.Parent == "" {
 			return &cliError{msg: fmt.Sprintf("snapshot '%s' has no parent", s.Name), err: errdefs.ErrNoSnapshot}
 		}
@@ -402,7 +377,7 @@ func (a *app) parentCmd() *cobra.Command {
 func (a *app) revertCmd() *cobra.Command {
 	var running, paused, force bool
 	cmd := &cobra.Command{Use: "snapshot-revert DOMAIN [NAME|--current]", Short: "Revert a domain to a snapshot"}
-	a.snapshotCmd(cmd, func(ctx context.Context, d *driver.Driver, domain string, s *driver.Snapshot) error {
+	a.snapshotCmd(cmd, false, func(ctx context.Context, d *driver.Driver, domain string, s *driver.Snapshot) error {
 		var flags driver.RevertFlags
 		if running {
 			flags |= driver.RevertRunning
@@ -436,7 +411,7 @@ func (a *app) revertCmd() *cobra.Command {
 func (a *app) deleteCmd() *cobra.Command {
 	var children, childrenOnly, metadata bool
 	cmd := &cobra.Command{Use: "snapshot-delete DOMAIN [NAME|--current]", Short: "Delete a snapshot, merging its images"}
-	a.snapshotCmd(cmd, func(ctx context.Context, d *driver.Driver, domain string, s *driver.Snapshot) error {
+	a.snapshotCmd(cmd, false, func(ctx context.Context, d *driver.Driver, domain string, s *driver.Snapshot) error {
 		var flags driver.DeleteFlags
 		if children {
 			flags |= driver.DeleteChildren
