@@ -128,7 +128,10 @@ func (d *Driver) CreateSnapshot(ctx context.Context, domain string, req Snapshot
 // (67); memory the hypervisor back end cannot save, ErrLiveUnsupported
 // (84); a name already taken, ErrSnapshotExists (9, libvirt's "operation
 // failed"); on redefine, an existing snapshot whose new document names
-// disks or overlays the domain's image tree does not hold, ErrInvalidArg
+// disks or overlays the domain's image tree does not hold, and any
+// document whose external disk names an overlay or state image another
+// snapshot's record names (a delete would merge that snapshot's data
+// away; libvirt, which never merges, has no such check), ErrInvalidArg
 // (8); and those of every call that changes something (see the package
 // documentation).
 //
