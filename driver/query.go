@@ -358,7 +358,8 @@ func (d *Driver) SnapshotGetXMLDesc(ctx context.Context, domain, name string, fl
 	return snapshotXML(rec)
 }
 
-// snapshotXML renders a record as SnapshotGetXMLDesc describes.
+// snapshotXML renders a record as SnapshotGetXMLDesc describes, in
+// libvirt's layout (libvirtStyle).
 func snapshotXML(s *storage.Snapshot) (string, error) {
 	var doc libvirtxml.DomainSnapshot
 	if s.XML != "" {
@@ -410,6 +411,9 @@ func snapshotXML(s *storage.Snapshot) (string, error) {
 		}
 		doc.Disks.Disks = append(doc.Disks.Disks, disk)
 	}
+	if len(doc.Disks.Disks) == 0 {
+		doc.Disks = nil // libvirt prints no <disks> for none
+	}
 	if s.DomainXML != "" {
 		def, err := parseDomain(s.DomainXML)
 		if err != nil {
@@ -417,5 +421,9 @@ func snapshotXML(s *storage.Snapshot) (string, error) {
 		}
 		doc.Domain = def
 	}
-	return doc.Marshal()
+	out, err := doc.Marshal()
+	if err != nil {
+		return "", fmt.Errorf("%w: snapshot XML: %w", errdefs.ErrInternal, err)
+	}
+	return libvirtStyle(out)
 }
