@@ -194,9 +194,11 @@ func checkCreateFlags(call string, flags CreateFlags) error {
 	return nil
 }
 
-// MaxSnapshotXML bounds a snapshot XML document: a real one is a few
-// KiB even with the domain definition inside.
-const MaxSnapshotXML = 4 << 20
+// MaxSnapshotXML bounds a snapshot XML document at 10 MiB, what virsh
+// reads from an XML file (VSH_MAX_XML_FILE): a document virsh can send
+// is one xlsnap takes. A real one is a few KiB even with the domain
+// definition inside.
+const MaxSnapshotXML = 10 << 20
 
 // parseSnapshot reads a snapshot XML document: one root element, nothing
 // but whitespace and comments after it, at most MaxSnapshotXML bytes.
@@ -215,7 +217,7 @@ func parseSnapshot(ctx context.Context, xmlDesc string, validate bool) (*libvirt
 		}
 	}
 	var doc libvirtxml.DomainSnapshot
-	if err := xml.Unmarshal([]byte(xmlDesc), &doc); err != nil {
+	if err := xml.Unmarshal([]byte(firstChildren(xmlDesc)), &doc); err != nil {
 		// Well-formed, so the root element or a value is wrong.
 		return nil, fmt.Errorf("%w: snapshot XML: %w", errdefs.ErrXML, err)
 	}
@@ -223,6 +225,45 @@ func parseSnapshot(ctx context.Context, xmlDesc string, validate bool) (*libvirt
 		return nil, err
 	}
 	return &doc, nil
+}
+
+// firstChildren is a well-formed snapshot document without the second
+// and later occurrences of each element under its root. libvirt reads
+// each of them with an XPath lookup that takes the first (two
+// <description> elements: the first is the description), where
+// encoding/xml would keep the last; every child of <domainsnapshot> is
+// single in libvirt's schema.
+func firstChildren(xmlDesc string) string {
+	dec := xml.NewDecoder(strings.NewReader(xmlDesc))
+	var out strings.Builder
+	seen := map[xml.Name]bool{}
+	depth := 0
+	kept, cut := int64(0), int64(-1) // xmlDesc[:kept] is decided; cut: start of a repeat
+	for {
+		start := dec.InputOffset()
+		tok, err := dec.Token()
+		if err != nil {
+			break // wellFormed has read the document: this is its end
+		}
+		switch t := tok.(type) {
+		case xml.StartElement:
+			if depth == 1 {
+				if seen[t.Name] {
+					cut = start
+				}
+				seen[t.Name] = true
+			}
+			depth++
+		case xml.EndElement:
+			depth--
+			if depth == 1 && cut >= 0 {
+				out.WriteString(xmlDesc[kept:cut])
+				kept, cut = dec.InputOffset(), -1
+			}
+		}
+	}
+	out.WriteString(xmlDesc[kept:])
+	return out.String()
 }
 
 // wellFormed checks that a document is one well-formed element with only
