@@ -657,8 +657,12 @@ func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.Do
 			return nil, err
 		}
 	}
-	if _, err := alignDisks(v, doc); err != nil {
+	byTarget, err := alignDisks(v, doc)
+	if err != nil {
 		return nil, err
+	}
+	if doc.Domain != nil || old != nil && old.DomainXML != "" {
+		defaultDisks(v, doc, byTarget, old)
 	}
 	if doc.Disks != nil {
 		for _, sd := range doc.Disks.Disks {
@@ -679,6 +683,56 @@ func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.Do
 		return nil, err
 	}
 	return d.st.Snapshot(ctx, v.key, snap.Name)
+}
+
+// defaultDisks gives every disk of the domain that a redefined document
+// leaves out its default mode, as libvirt's virDomainSnapshotAlignDisks
+// does on redefine when the snapshot has a domain definition (its own
+// <domain>, or the one recorded for it): the disk's own snapshot="..." attribute, else
+// external for a disk-only snapshot (its overlay named as libvirt names
+// it, after the image and the snapshot) and internal otherwise. A
+// snapshot already recorded keeps its record's mode and overlay for the
+// disk. Without this a document with no <disks> recorded a snapshot of
+// nothing, whose revert changed no disk and reported success.
+func defaultDisks(v *domainView, doc *libvirtxml.DomainSnapshot, byTarget map[string]*libvirtxml.DomainSnapshotDisk, old *storage.Snapshot) {
+	images := map[string]string{}
+	if doc.Domain != nil {
+		for _, di := range fileDisks(doc.Domain) {
+			images[di.Target] = di.Path
+		}
+	}
+	for _, di := range v.disks {
+		if byTarget[di.Target] != nil {
+			continue
+		}
+		sd := libvirtxml.DomainSnapshotDisk{Name: di.Target, Snapshot: di.Snapshot}
+		var rec *storage.SnapshotDisk
+		if old != nil {
+			rec = old.Disk(di.Target)
+		}
+		switch {
+		case rec != nil:
+			sd.Snapshot = string(rec.Mode)
+			if rec.Mode == storage.DiskExternal && rec.Overlay != "" {
+				sd.Source = &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: rec.Overlay}}
+			}
+		case sd.Snapshot == "" && doc.State == "disk-snapshot":
+			sd.Snapshot = "external"
+		case sd.Snapshot == "":
+			sd.Snapshot = "internal"
+		}
+		if sd.Snapshot == "external" && sd.Source == nil {
+			image := images[di.Target]
+			if image == "" {
+				image = di.Path
+			}
+			sd.Source = &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: storage.DefaultOverlayPath(image, doc.Name)}}
+		}
+		if doc.Disks == nil {
+			doc.Disks = &libvirtxml.DomainSnapshotDisks{}
+		}
+		doc.Disks.Disks = append(doc.Disks.Disks, sd)
+	}
 }
 
 // redefinedRecord checks a redefined document as libvirt's parser does
