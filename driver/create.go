@@ -431,7 +431,11 @@ func (d *Driver) create(ctx context.Context, domain string, doc *libvirtxml.Doma
 	if flags&CreateQuiesce != 0 {
 		return nil, fmt.Errorf("%w: QUIESCE needs a guest agent, which xlsnap does not drive", errdefs.ErrUnsupported)
 	}
-	defer d.lock(domain)()
+	unlock, err := d.lock(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	v, err := d.sync(ctx, domain)
 	if err != nil {
 		return nil, err
@@ -599,7 +603,11 @@ func sameFile(a, b string) bool {
 // the record, so dumpxml gives back what it held.
 func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*storage.Snapshot, error) {
 	// libvirt finds the domain before it reads the document.
-	defer d.lock(domain)()
+	unlock, err := d.lock(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	v, err := d.sync(ctx, domain)
 	if err != nil {
 		return nil, err

@@ -48,7 +48,11 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 	if err := checkFlags("RevertToSnapshot", flags, revertKnown); err != nil {
 		return err
 	}
-	defer d.lock(domain)()
+	unlock, err := d.lock(ctx, domain)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	v, err := d.sync(ctx, domain)
 	if err != nil {
 		return err
@@ -164,7 +168,11 @@ func (d *Driver) SnapshotDelete(ctx context.Context, domain, name string, flags 
 	if err := checkFlags("SnapshotDelete", flags, deleteKnown); err != nil {
 		return nil, err
 	}
-	defer d.lock(domain)()
+	unlock, err := d.lock(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	v, err := d.sync(ctx, domain)
 	if err != nil {
 		return nil, err
