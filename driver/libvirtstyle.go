@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 
 	"github.com/xlsnap/xlsnap/errdefs"
@@ -33,7 +34,7 @@ func libvirtStyle(doc string) (string, error) {
 	}
 	var b strings.Builder
 	for _, n := range root.kids {
-		writeNode(&b, n, 0)
+		writeNode(&b, n, 0, "")
 		b.WriteByte('\n')
 	}
 	return strings.TrimSuffix(b.String(), "\n"), nil
@@ -124,8 +125,40 @@ func qualified(n xml.Name) string {
 	return n.Space + ":" + n.Local
 }
 
-// writeNode writes n at the given depth (the caller has indented it).
-func writeNode(b *strings.Builder, n *node, depth int) {
+// attrOrder is libvirt's attribute order where encoding/xml's (libvirtxml's
+// struct order) differs, by element path: a snapshot's disk is
+// <disk name='vda' snapshot='external' type='file'>
+// (virDomainSnapshotDiskDefFormat), which scripts match as a whole.
+var attrOrder = map[string][]string{
+	"/domainsnapshot/disks/disk": {"name", "snapshot", "type"},
+}
+
+// ordered is attrs in the order libvirt prints them at path; attributes
+// the order does not name keep theirs, after those it names.
+func ordered(path string, attrs []xml.Attr) []xml.Attr {
+	order, ok := attrOrder[path]
+	if !ok {
+		return attrs
+	}
+	out := make([]xml.Attr, 0, len(attrs))
+	for _, name := range order {
+		for _, a := range attrs {
+			if a.Name.Space == "" && a.Name.Local == name {
+				out = append(out, a)
+			}
+		}
+	}
+	for _, a := range attrs {
+		if a.Name.Space != "" || !slices.Contains(order, a.Name.Local) {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// writeNode writes n at the given depth (the caller has indented it);
+// parent is the path of the element it is in.
+func writeNode(b *strings.Builder, n *node, depth int, parent string) {
 	switch n.kind {
 	case textNode:
 		escapeTo(b, n.text, false)
@@ -134,8 +167,9 @@ func writeNode(b *strings.Builder, n *node, depth int) {
 		b.WriteString("<!--" + n.text + "-->")
 		return
 	}
+	path := parent + "/" + n.name
 	b.WriteString("<" + n.name)
-	for _, a := range n.attrs {
+	for _, a := range ordered(path, n.attrs) {
 		b.WriteString(" " + qualified(a.Name) + "='")
 		escapeTo(b, a.Value, true)
 		b.WriteByte('\'')
@@ -151,12 +185,12 @@ func writeNode(b *strings.Builder, n *node, depth int) {
 				continue // whitespace between elements: indentation
 			}
 			b.WriteString("\n" + strings.Repeat("  ", depth+1))
-			writeNode(b, k, depth+1)
+			writeNode(b, k, depth+1, path)
 		}
 		b.WriteString("\n" + strings.Repeat("  ", depth))
 	} else {
 		for _, k := range n.kids {
-			writeNode(b, k, depth)
+			writeNode(b, k, depth, path)
 		}
 	}
 	b.WriteString("</" + n.name + ">")
