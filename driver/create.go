@@ -128,7 +128,10 @@ func (d *Driver) CreateSnapshot(ctx context.Context, domain string, req Snapshot
 // (67); memory the hypervisor back end cannot save, ErrLiveUnsupported
 // (84); a name already taken, ErrSnapshotExists (9, libvirt's "operation
 // failed"); on redefine, an existing snapshot whose new document names
-// disks or overlays the domain's image tree does not hold, ErrInvalidArg
+// disks or overlays the domain's image tree does not hold, and any
+// document whose external disk names an overlay or state image another
+// snapshot's record names (a delete would merge that snapshot's data
+// away; libvirt, which never merges, has no such check), ErrInvalidArg
 // (8); and those of every call that changes something (see the package
 // documentation).
 //
@@ -191,9 +194,11 @@ func checkCreateFlags(call string, flags CreateFlags) error {
 	return nil
 }
 
-// MaxSnapshotXML bounds a snapshot XML document: a real one is a few
-// KiB even with the domain definition inside.
-const MaxSnapshotXML = 4 << 20
+// MaxSnapshotXML bounds a snapshot XML document at 10 MiB, what virsh
+// reads from an XML file (VSH_MAX_XML_FILE): a document virsh can send
+// is one xlsnap takes. A real one is a few KiB even with the domain
+// definition inside.
+const MaxSnapshotXML = 10 << 20
 
 // parseSnapshot reads a snapshot XML document: one root element, nothing
 // but whitespace and comments after it, at most MaxSnapshotXML bytes.
@@ -212,7 +217,7 @@ func parseSnapshot(ctx context.Context, xmlDesc string, validate bool) (*libvirt
 		}
 	}
 	var doc libvirtxml.DomainSnapshot
-	if err := xml.Unmarshal([]byte(xmlDesc), &doc); err != nil {
+	if err := xml.Unmarshal([]byte(firstChildren(xmlDesc)), &doc); err != nil {
 		// Well-formed, so the root element or a value is wrong.
 		return nil, fmt.Errorf("%w: snapshot XML: %w", errdefs.ErrXML, err)
 	}
@@ -220,6 +225,45 @@ func parseSnapshot(ctx context.Context, xmlDesc string, validate bool) (*libvirt
 		return nil, err
 	}
 	return &doc, nil
+}
+
+// firstChildren is a well-formed snapshot document without the second
+// and later occurrences of each element under its root. libvirt reads
+// each of them with an XPath lookup that takes the first (two
+// <description> elements: the first is the description), where
+// encoding/xml would keep the last; every child of <domainsnapshot> is
+// single in libvirt's schema.
+func firstChildren(xmlDesc string) string {
+	dec := xml.NewDecoder(strings.NewReader(xmlDesc))
+	var out strings.Builder
+	seen := map[xml.Name]bool{}
+	depth := 0
+	kept, cut := int64(0), int64(-1) // xmlDesc[:kept] is decided; cut: start of a repeat
+	for {
+		start := dec.InputOffset()
+		tok, err := dec.Token()
+		if err != nil {
+			break // wellFormed has read the document: this is its end
+		}
+		switch t := tok.(type) {
+		case xml.StartElement:
+			if depth == 1 {
+				if seen[t.Name] {
+					cut = start
+				}
+				seen[t.Name] = true
+			}
+			depth++
+		case xml.EndElement:
+			depth--
+			if depth == 1 && cut >= 0 {
+				out.WriteString(xmlDesc[kept:cut])
+				kept, cut = dec.InputOffset(), -1
+			}
+		}
+	}
+	out.WriteString(xmlDesc[kept:])
+	return out.String()
 }
 
 // wellFormed checks that a document is one well-formed element with only
@@ -387,7 +431,11 @@ func (d *Driver) create(ctx context.Context, domain string, doc *libvirtxml.Doma
 	if flags&CreateQuiesce != 0 {
 		return nil, fmt.Errorf("%w: QUIESCE needs a guest agent, which xlsnap does not drive", errdefs.ErrUnsupported)
 	}
-	defer d.lock(domain)()
+	unlock, err := d.lock(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	v, err := d.sync(ctx, domain)
 	if err != nil {
 		return nil, err
@@ -555,7 +603,11 @@ func sameFile(a, b string) bool {
 // the record, so dumpxml gives back what it held.
 func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*storage.Snapshot, error) {
 	// libvirt finds the domain before it reads the document.
-	defer d.lock(domain)()
+	unlock, err := d.lock(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	v, err := d.sync(ctx, domain)
 	if err != nil {
 		return nil, err
@@ -613,8 +665,12 @@ func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.Do
 			return nil, err
 		}
 	}
-	if _, err := alignDisks(v, doc); err != nil {
+	byTarget, err := alignDisks(v, doc)
+	if err != nil {
 		return nil, err
+	}
+	if doc.Domain != nil || old != nil && old.DomainXML != "" {
+		defaultDisks(v, doc, byTarget, old)
 	}
 	if doc.Disks != nil {
 		for _, sd := range doc.Disks.Disks {
@@ -635,6 +691,56 @@ func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.Do
 		return nil, err
 	}
 	return d.st.Snapshot(ctx, v.key, snap.Name)
+}
+
+// defaultDisks gives every disk of the domain that a redefined document
+// leaves out its default mode, as libvirt's virDomainSnapshotAlignDisks
+// does on redefine when the snapshot has a domain definition (its own
+// <domain>, or the one recorded for it): the disk's own snapshot="..." attribute, else
+// external for a disk-only snapshot (its overlay named as libvirt names
+// it, after the image and the snapshot) and internal otherwise. A
+// snapshot already recorded keeps its record's mode and overlay for the
+// disk. Without this a document with no <disks> recorded a snapshot of
+// nothing, whose revert changed no disk and reported success.
+func defaultDisks(v *domainView, doc *libvirtxml.DomainSnapshot, byTarget map[string]*libvirtxml.DomainSnapshotDisk, old *storage.Snapshot) {
+	images := map[string]string{}
+	if doc.Domain != nil {
+		for _, di := range fileDisks(doc.Domain) {
+			images[di.Target] = di.Path
+		}
+	}
+	for _, di := range v.disks {
+		if byTarget[di.Target] != nil {
+			continue
+		}
+		sd := libvirtxml.DomainSnapshotDisk{Name: di.Target, Snapshot: di.Snapshot}
+		var rec *storage.SnapshotDisk
+		if old != nil {
+			rec = old.Disk(di.Target)
+		}
+		switch {
+		case rec != nil:
+			sd.Snapshot = string(rec.Mode)
+			if rec.Mode == storage.DiskExternal && rec.Overlay != "" {
+				sd.Source = &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: rec.Overlay}}
+			}
+		case sd.Snapshot == "" && doc.State == "disk-snapshot":
+			sd.Snapshot = "external"
+		case sd.Snapshot == "":
+			sd.Snapshot = "internal"
+		}
+		if sd.Snapshot == "external" && sd.Source == nil {
+			image := images[di.Target]
+			if image == "" {
+				image = di.Path
+			}
+			sd.Source = &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: storage.DefaultOverlayPath(image, doc.Name)}}
+		}
+		if doc.Disks == nil {
+			doc.Disks = &libvirtxml.DomainSnapshotDisks{}
+		}
+		doc.Disks.Disks = append(doc.Disks.Disks, sd)
+	}
 }
 
 // redefinedRecord checks a redefined document as libvirt's parser does

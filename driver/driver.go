@@ -37,7 +37,7 @@ type Driver struct {
 	defs definitions
 
 	mu      sync.Mutex
-	domains map[string]*sync.Mutex
+	domains map[string]chan struct{}
 	// closed refuses new subscriptions once Close has ended the others.
 	closed atomic.Bool
 }
@@ -46,19 +46,25 @@ type Driver struct {
 // its own operations, and this keeps each definition rewrite in step with
 // the operation it follows. (Across processes a late rewrite is mended by
 // the next call's sync, since storage's record wins.)
-func (d *Driver) lock(domain string) func() {
+func (d *Driver) lock(ctx context.Context, domain string) (func(), error) {
 	d.mu.Lock()
 	if d.domains == nil {
-		d.domains = map[string]*sync.Mutex{}
+		d.domains = map[string]chan struct{}{}
 	}
-	m, ok := d.domains[domain]
+	ch, ok := d.domains[domain]
 	if !ok {
-		m = &sync.Mutex{}
-		d.domains[domain] = m
+		ch = make(chan struct{}, 1)
+		d.domains[domain] = ch
 	}
 	d.mu.Unlock()
-	m.Lock()
-	return m.Unlock
+	// A caller that gives up while another call holds the domain gets
+	// its context's error, as storage's own lock wait returns it.
+	select {
+	case ch <- struct{}{}:
+		return func() { <-ch }, nil
+	case <-ctx.Done():
+		return nil, fmt.Errorf("waiting for domain %s, busy with another call: %w", domain, ctx.Err())
+	}
 }
 
 // Open opens the storage layer over the pools (the folders of every disk
@@ -308,7 +314,11 @@ type Move struct{ From, To string }
 // the device model reads another chain; and those of every call that
 // changes something (see the package documentation).
 func (d *Driver) ChainChanged(ctx context.Context, domain, disk string, moves ...Move) error {
-	defer d.lock(domain)()
+	unlock, err := d.lock(ctx, domain)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	v, err := d.sync(ctx, domain)
 	if err != nil {
 		return err
@@ -361,7 +371,11 @@ type DiskInfo struct {
 // Errors: those every call that reads a domain returns (see the package
 // documentation).
 func (d *Driver) DiskList(ctx context.Context, domain string) ([]DiskInfo, error) {
-	defer d.lock(domain)()
+	unlock, err := d.lock(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	v, err := d.sync(ctx, domain)
 	if errors.Is(err, storage.ErrPending) {
 		return d.diskListAsIs(ctx, domain, err)

@@ -21,7 +21,9 @@
 // and every call that changes something can also return:
 //
 //   - ErrBusy (VIR_ERR_OPERATION_TIMEOUT, 68): another process holds the
-//     domain, as libvirt's "cannot acquire state change lock";
+//     domain, as libvirt's "cannot acquire state change lock" (a call
+//     whose context ends while it waits for the domain returns the
+//     context's error instead, not ErrBusy: retrying it is pointless);
 //   - ErrPending (9): an earlier operation on the domain could not finish
 //     and waits in the journal for Check with repair;
 //   - ErrLocked (VIR_ERR_RESOURCE_BUSY, 87): a process xlsnap does not
@@ -59,6 +61,8 @@ var (
 	ErrDamaged          = errdefs.ErrDamaged
 	ErrHypervisor       = errdefs.ErrHypervisor
 	ErrPending          = errdefs.ErrPending
+	// ErrRevertRisky: a revert libvirt refuses without FORCE.
+	ErrRevertRisky = errdefs.ErrRevertRisky
 	// ErrXML: a snapshot or domain XML document that does not parse.
 	ErrXML = errdefs.ErrXML
 	// ErrXMLDetail: well-formed XML with a wrong detail.

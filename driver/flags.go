@@ -50,6 +50,11 @@ const (
 	RevertRunning RevertFlags = 1 << 0 // VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING
 	RevertPaused  RevertFlags = 1 << 1 // VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED
 	RevertForce   RevertFlags = 1 << 2 // VIR_DOMAIN_SNAPSHOT_REVERT_FORCE
+	// RevertResetNVRAM is VIR_DOMAIN_SNAPSHOT_REVERT_RESET_NVRAM, which
+	// libvirt 9.0's QEMU driver accepts. xlsnap keeps no NVRAM image for a
+	// Xen domain (its firmware variables are not QEMU's file), so there is
+	// nothing to reset: the flag is accepted and changes nothing.
+	RevertResetNVRAM RevertFlags = 1 << 3
 )
 
 // DeleteFlags are virDomainSnapshotDeleteFlags.
@@ -84,7 +89,7 @@ const (
 	listFilters = ListLeaves | ListNoLeaves | ListMetadata | ListNoMetadata | ListInactive |
 		ListActive | ListDiskOnly | ListInternal | ListExternal
 	listKnown   = ListRoots | ListTopological | listFilters
-	revertKnown = RevertRunning | RevertPaused | RevertForce
+	revertKnown = RevertRunning | RevertPaused | RevertForce | RevertResetNVRAM
 	deleteKnown = DeleteChildren | DeleteMetadataOnly | DeleteChildrenOnly
 )
 

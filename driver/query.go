@@ -115,35 +115,51 @@ func IsExternal(s *Snapshot) bool {
 	return false
 }
 
-// filter applies libvirt's list filters; each group (leaves, metadata,
-// state, location) is an OR inside and an AND across groups.
+// filter applies libvirt's list filters as virDomainSnapshotObjListGetNames
+// and virDomainSnapshotFilter do. LEAVES and NO_LEAVES are each a
+// condition, so both together list nothing; METADATA and NO_METADATA are
+// all or none (every snapshot xlsnap lists has metadata: NO_METADATA
+// alone lists nothing); the state group (INACTIVE, ACTIVE, DISK_ONLY) is
+// an OR, where ACTIVE is any state but shutoff and disk-snapshot; the
+// location group (INTERNAL, EXTERNAL) is a condition each, except that
+// both together filter nothing, as libvirt drops a group whose bits are
+// all set.
 func (t *tree) filter(in []*storage.Snapshot, flags ListFlags) []*Snapshot {
+	if flags&(ListMetadata|ListNoMetadata) == ListNoMetadata {
+		return nil
+	}
+	const status = ListInactive | ListActive | ListDiskOnly
+	if flags&status == status {
+		flags &^= status
+	}
+	const location = ListInternal | ListExternal
+	if flags&location == location {
+		flags &^= location
+	}
 	var out []*Snapshot
 	for _, rec := range in {
 		s := t.view(rec)
 		leaf := len(s.Children) == 0
-		if flags&(ListLeaves|ListNoLeaves) != 0 &&
-			!(flags&ListLeaves != 0 && leaf || flags&ListNoLeaves != 0 && !leaf) {
+		if flags&ListLeaves != 0 && !leaf || flags&ListNoLeaves != 0 && leaf {
 			continue
 		}
-		// Every snapshot xlsnap lists has metadata.
-		if flags&(ListMetadata|ListNoMetadata) == ListNoMetadata {
-			continue
-		}
-		if flags&(ListInactive|ListActive|ListDiskOnly) != 0 {
-			st := DomainState(s.State)
-			ok := flags&ListInactive != 0 && st == StateShutoff ||
-				flags&ListActive != 0 && st.Active() ||
-				flags&ListDiskOnly != 0 && s.State == "disk-snapshot"
-			if !ok {
+		if flags&status != 0 {
+			var need ListFlags
+			switch s.State {
+			case string(StateShutoff):
+				need = ListInactive
+			case "disk-snapshot":
+				need = ListDiskOnly
+			default:
+				need = ListActive
+			}
+			if flags&need == 0 {
 				continue
 			}
 		}
-		if flags&(ListInternal|ListExternal) != 0 {
-			ext := IsExternal(s)
-			if !(flags&ListExternal != 0 && ext || flags&ListInternal != 0 && !ext) {
-				continue
-			}
+		ext := IsExternal(s)
+		if flags&ListInternal != 0 && ext || flags&ListExternal != 0 && !ext {
+			continue
 		}
 		out = append(out, s)
 	}
@@ -151,8 +167,9 @@ func (t *tree) filter(in []*storage.Snapshot, flags ListFlags) []*Snapshot {
 }
 
 // ListAllSnapshots is virDomainListAllSnapshots: every snapshot, or the
-// roots with ListRoots, filtered as libvirt filters (each group of
-// filters an OR inside, an AND across groups); oldest first, or parents
+// roots with ListRoots, filtered as libvirt filters (see filter: LEAVES
+// with NO_LEAVES lists nothing, INTERNAL with EXTERNAL everything);
+// oldest first, or parents
 // before children with ListTopological. The snapshots' DomainXML is left
 // empty.
 //
@@ -358,7 +375,8 @@ func (d *Driver) SnapshotGetXMLDesc(ctx context.Context, domain, name string, fl
 	return snapshotXML(rec)
 }
 
-// snapshotXML renders a record as SnapshotGetXMLDesc describes.
+// snapshotXML renders a record as SnapshotGetXMLDesc describes, in
+// libvirt's layout (libvirtStyle).
 func snapshotXML(s *storage.Snapshot) (string, error) {
 	var doc libvirtxml.DomainSnapshot
 	if s.XML != "" {
@@ -410,6 +428,9 @@ func snapshotXML(s *storage.Snapshot) (string, error) {
 		}
 		doc.Disks.Disks = append(doc.Disks.Disks, disk)
 	}
+	if len(doc.Disks.Disks) == 0 {
+		doc.Disks = nil // libvirt prints no <disks> for none
+	}
 	if s.DomainXML != "" {
 		def, err := parseDomain(s.DomainXML)
 		if err != nil {
@@ -417,5 +438,9 @@ func snapshotXML(s *storage.Snapshot) (string, error) {
 		}
 		doc.Domain = def
 	}
-	return doc.Marshal()
+	out, err := doc.Marshal()
+	if err != nil {
+		return "", fmt.Errorf("%w: snapshot XML: %w", errdefs.ErrInternal, err)
+	}
+	return libvirtStyle(out)
 }

@@ -17,9 +17,10 @@ var update = flag.Bool("update", false, "rewrite the golden files of TestRedefin
 
 const goldenUUID = "4a1f0e39-6c2b-4d0e-9f51-2b8d7c3e6a10"
 
-// goldenEnv is a folder source with domain vm: vda on overlay vda.ext
-// over vda.qcow2 (which holds the internal snapshots the cases name),
-// vdb on vdb.qcow2.
+// goldenEnv is a folder source with domain vm: vda on overlay vda.run
+// over vda.ext over vda.qcow2 (which holds the internal snapshots the
+// cases name), vdb on vdb.qcow2. Each external case names its own
+// overlay: two snapshots may not claim one.
 func goldenEnv(t *testing.T) (*driver.Driver, string) {
 	t.Helper()
 	pool, err := filepath.EvalSymlinks(t.TempDir())
@@ -38,6 +39,7 @@ func goldenEnv(t *testing.T) (*driver.Driver, string) {
 		run("qemu-img", "snapshot", "-c", s, base)
 	}
 	run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, filepath.Join(pool, "vda.ext"))
+	run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", filepath.Join(pool, "vda.ext"), filepath.Join(pool, "vda.run"))
 	run("qemu-img", "create", "-q", "-f", "qcow2", filepath.Join(pool, "vdb.qcow2"), "1M")
 	defs := t.TempDir()
 	doc := `<domain type='xen'>
@@ -46,7 +48,7 @@ func goldenEnv(t *testing.T) (*driver.Driver, string) {
   <memory unit='KiB'>262144</memory>
   <os><type>xen</type></os>
   <devices>
-    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='` + pool + `/vda.ext'/><target dev='vda' bus='xen'/></disk>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='` + pool + `/vda.run'/><target dev='vda' bus='xen'/></disk>
     <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='` + pool + `/vdb.qcow2'/><target dev='vdb' bus='xen'/></disk>
   </devices>
 </domain>

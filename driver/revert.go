@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 
 	"github.com/xlsnap/xlsnap/internal/crashpoint"
 	"github.com/xlsnap/xlsnap/storage"
@@ -21,10 +22,17 @@ import (
 // paused or PAUSED is given; RUNNING and PAUSED without memory would need
 // a fresh boot, which xlsnap leaves to the toolstack.
 //
+// RESET_NVRAM is accepted, as by libvirt 9.0's QEMU driver, and changes
+// nothing: xlsnap keeps no NVRAM image for a Xen domain.
+//
 // Errors: ErrInvalidArg (VIR_ERR_INVALID_ARG, 8) for RUNNING with
 // PAUSED (libvirt's virDomainRevertToSnapshot) and for flags the QEMU
-// driver does not take (RESET_NVRAM among them: a Xen guest has no NVRAM
-// of QEMU's); ErrNoDomain (42); ErrNoSnapshot
+// driver does not take; ErrNoDomain (42); ErrRevertRisky
+// (VIR_ERR_SNAPSHOT_REVERT_RISKY, 77) without FORCE for a snapshot that
+// records no domain definition (one redefined from a document without
+// <domain>), as libvirt's QEMU driver refuses it; ErrOperationInvalid
+// (55) with FORCE when such a snapshot records no memory and no disk
+// either, as the revert would change nothing; ErrNoSnapshot
 // (VIR_ERR_NO_DOMAIN_SNAPSHOT, 72); ErrOperationInvalid
 // (VIR_ERR_OPERATION_INVALID, 55) for an active domain without FORCE when
 // the snapshot holds no memory; ErrLiveUnsupported
@@ -40,7 +48,11 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 	if err := checkFlags("RevertToSnapshot", flags, revertKnown); err != nil {
 		return err
 	}
-	defer d.lock(domain)()
+	unlock, err := d.lock(ctx, domain)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	v, err := d.sync(ctx, domain)
 	if err != nil {
 		return err
@@ -48,6 +60,15 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 	snap, err := d.st.Snapshot(ctx, v.key, name)
 	if err != nil {
 		return err
+	}
+	// libvirt's QEMU driver (qemuSnapshotRevert): without the definition
+	// of the snapshot's time there is nothing to roll the domain back to
+	// but its disks; only FORCE takes that.
+	if snap.DomainXML == "" && flags&RevertForce == 0 {
+		return fmt.Errorf("%w: snapshot '%s' lacks domain '%s' rollback info", ErrRevertRisky, name, domain)
+	}
+	if snap.DomainXML == "" && snap.Memory == "" && !slices.ContainsFunc(snap.Disks, func(sd storage.SnapshotDisk) bool { return sd.Mode != storage.DiskNone }) {
+		return fmt.Errorf("%w: snapshot %s records no definition, memory or disk: a revert would change nothing", ErrOperationInvalid, name)
 	}
 	// The definition of the snapshot's time comes back, disks added or
 	// removed since included: storage writes it as the revert's
@@ -147,7 +168,11 @@ func (d *Driver) SnapshotDelete(ctx context.Context, domain, name string, flags 
 	if err := checkFlags("SnapshotDelete", flags, deleteKnown); err != nil {
 		return nil, err
 	}
-	defer d.lock(domain)()
+	unlock, err := d.lock(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	v, err := d.sync(ctx, domain)
 	if err != nil {
 		return nil, err

@@ -3,8 +3,13 @@ package driver
 import (
 	"context"
 	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/xlsnap/xlsnap/errdefs"
@@ -42,5 +47,68 @@ func TestValidateSchema(t *testing.T) {
 	cancel()
 	if err := validateSchema(cctx, "<domainsnapshot/>"); errdefs.CodeOf(err) != errdefs.CodeOperationAborted {
 		t.Fatalf("cancelled: %v (code %d)", err, errdefs.CodeOf(err))
+	}
+}
+
+// TestValidateOpensNothing: under VALIDATE a document's DOCTYPE may name a
+// local file (an external parameter entity) or a URL (an external DTD);
+// libvirt opens neither, and neither may xlsnap's validator: the file's
+// content must not come back in the error, the HTTP server must see no
+// request. A valid document keeps validating with a DOCTYPE, and the
+// message is libxml2's alone, without xmllint's location prefix.
+func TestValidateOpensNothing(t *testing.T) {
+	ctx := context.Background()
+	secret := filepath.Join(t.TempDir(), "secret")
+	const marker = "MARKER-4e1c9d-not-for-the-error"
+	if err := os.WriteFile(secret, []byte(marker+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var hits atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		fmt.Fprintf(w, "<!ENTITY leak %q>", marker)
+	}))
+	defer srv.Close()
+	for name, doc := range map[string]string{
+		"file entity":                   `<!DOCTYPE domainsnapshot [<!ENTITY % x SYSTEM "file://` + secret + `"> %x;]><domainsnapshot><name>v</name></domainsnapshot>`,
+		"file entity, invalid":          `<!DOCTYPE domainsnapshot [<!ENTITY % x SYSTEM "file://` + secret + `"> %x;]><domainsnapshot><name>v</name><bogus/></domainsnapshot>`,
+		"url dtd":                       `<!DOCTYPE domainsnapshot SYSTEM "` + srv.URL + `/e.dtd"><domainsnapshot><name>v</name></domainsnapshot>`,
+		"url entity":                    `<?xml version="1.0"?><!-- c --><!DOCTYPE domainsnapshot [<!ENTITY % y SYSTEM "` + srv.URL + `/p.dtd"> %y;]><domainsnapshot><name>v</name></domainsnapshot>`,
+		"two doctypes, not well-formed": `<!DOCTYPE a><!DOCTYPE domainsnapshot SYSTEM "` + srv.URL + `/2.dtd"><domainsnapshot><name>v</name></domainsnapshot>`,
+	} {
+		t.Run(name, func(t *testing.T) {
+			err := validateSchema(ctx, doc)
+			if err != nil && strings.Contains(err.Error(), marker) {
+				t.Fatalf("the error quotes the local file: %v", err)
+			}
+			switch {
+			case strings.Contains(name, "not well-formed"):
+				// Refused or not: only what it opened matters.
+			case strings.Contains(name, "invalid"):
+				if !errors.Is(err, errdefs.ErrInvalidSchema) {
+					t.Fatalf("an invalid document: %v", err)
+				}
+			case err != nil:
+				t.Fatalf("a valid document with a DOCTYPE: %v", err)
+			}
+		})
+	}
+	if n := hits.Load(); n != 0 {
+		t.Fatalf("the validator made %d HTTP requests", n)
+	}
+	// The whole public path, too: the driver's parser with VALIDATE.
+	_, err := parseSnapshot(ctx, `<!DOCTYPE domainsnapshot [<!ENTITY % x SYSTEM "file://`+secret+`"> %x;]><domainsnapshot><name>v</name><bogus/></domainsnapshot>`, true)
+	if !errors.Is(err, errdefs.ErrInvalidSchema) || strings.Contains(err.Error(), marker) {
+		t.Fatalf("parseSnapshot with VALIDATE: %v", err)
+	}
+}
+
+// TestValidateMessage: the reason is libxml2's message as libvirt prints
+// it, without xmllint's "-:1: element bogus: Relax-NG validity error : ".
+func TestValidateMessage(t *testing.T) {
+	err := validateSchema(context.Background(), "<domainsnapshot><name>v1</name><bogus/></domainsnapshot>")
+	want := "Unable to validate doc against " + snapshotSchema + "\nElement domainsnapshot has extra content: bogus"
+	if err == nil || !strings.HasSuffix(err.Error(), want) || strings.Contains(err.Error(), "Relax-NG validity error") {
+		t.Fatalf("got %q, want it to end with %q", err, want)
 	}
 }

@@ -34,6 +34,7 @@ const (
 	CodeNoDomainSnapshot     Code = 72 // VIR_ERR_NO_DOMAIN_SNAPSHOT
 	CodeArgumentUnsupported  Code = 74 // VIR_ERR_ARGUMENT_UNSUPPORTED
 	CodeStorageProbeFailed   Code = 75 // VIR_ERR_STORAGE_PROBE_FAILED
+	CodeSnapshotRevertRisky  Code = 77 // VIR_ERR_SNAPSHOT_REVERT_RISKY
 	CodeOperationAborted     Code = 78 // VIR_ERR_OPERATION_ABORTED
 	CodeOperationUnsupported Code = 84 // VIR_ERR_OPERATION_UNSUPPORTED
 	CodeResourceBusy         Code = 87 // VIR_ERR_RESOURCE_BUSY
@@ -73,6 +74,10 @@ var (
 	// ErrSnapshotExists: a snapshot of that name exists; libvirt says
 	// "operation failed" (9).
 	ErrSnapshotExists = def(CodeOperationFailed, "domain snapshot exists")
+	// ErrRevertRisky: a revert that could lose what the domain holds and
+	// is refused without FORCE, such as to a snapshot that records no
+	// domain definition to roll back to (77).
+	ErrRevertRisky = def(CodeSnapshotRevertRisky, "revert requires force")
 	// ErrOperationInvalid: the call is valid but not in the domain's or
 	// snapshot's present state (55).
 	ErrOperationInvalid = def(CodeOperationInvalid, "operation invalid")

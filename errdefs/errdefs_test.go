@@ -44,7 +44,7 @@ func TestSentinelsDistinct(t *testing.T) {
 	all := []error{ErrInvalidArg, ErrOperationFailed, ErrInternal, ErrNoDomain, ErrDuplicateUUID,
 		ErrNoSnapshot, ErrSnapshotExists, ErrOperationInvalid, ErrLiveUnsupported, ErrUnsupported,
 		ErrXML, ErrXMLDetail, ErrInvalidSchema, ErrBusy, ErrLocked, ErrPending, ErrDamaged,
-		ErrInvalidImage, ErrChainBroken, ErrUnsafeBacking, ErrNotFound, ErrNoSpace, ErrHypervisor}
+		ErrInvalidImage, ErrChainBroken, ErrUnsafeBacking, ErrNotFound, ErrNoSpace, ErrHypervisor, ErrRevertRisky}
 	for i, a := range all {
 		for j, b := range all {
 			if (i == j) != errors.Is(a, b) {

@@ -365,7 +365,7 @@ func TestInputSymlinkedFolder(t *testing.T) {
 // TestInputNames: snapshot and domain names follow libvirt's rules (no
 // leading '.', no '/': libvirt's VIR_ERR_XML_DETAIL for a snapshot) and
 // xlsnap's (no control characters, at most 255 bytes: invalid argument),
-// and a snapshot document is one root element of at most 4 MiB (else not
+// and a snapshot document is one root element of at most 10 MiB (else not
 // well-formed, VIR_ERR_XML_DETAIL as libvirt's parser reports it).
 func TestInputNames(t *testing.T) {
 	both(t, nil, func(t *testing.T, e *env) {

@@ -13,8 +13,10 @@ import (
 	"github.com/xlsnap/xlsnap/errdefs"
 )
 
-// TestListFilters: every ListAllSnapshots filter, alone and combined (OR
-// inside a group, AND across groups), topological order, and the
+// TestListFilters: every ListAllSnapshots filter, alone and combined, as
+// libvirt's virDomainSnapshotObjListGetNames applies them (LEAVES and
+// NO_LEAVES each a condition; METADATA all or none; the state group an
+// OR; a group with every bit set dropped; AND across groups), topological order, and the
 // children calls with and without DESCENDANTS, over a branched tree of
 // internal and external snapshots plus redefined ones in other states.
 func TestListFilters(t *testing.T) {
@@ -45,7 +47,7 @@ func TestListFilters(t *testing.T) {
 			{driver.ListRoots, []string{"s1"}},
 			{driver.ListLeaves, []string{"s3", "s5"}},
 			{driver.ListNoLeaves, []string{"s1", "s2", "s4"}},
-			{driver.ListLeaves | driver.ListNoLeaves, all},
+			{driver.ListLeaves | driver.ListNoLeaves, nil}, // each a condition: libvirt lists nothing
 			{driver.ListMetadata, all},
 			{driver.ListNoMetadata, nil},
 			{driver.ListMetadata | driver.ListNoMetadata, all},
@@ -54,7 +56,7 @@ func TestListFilters(t *testing.T) {
 			{driver.ListDiskOnly, nil}, // offline DISK_ONLY snapshots are "shutoff", as in libvirt
 			{driver.ListInternal, []string{"s1", "s5"}},
 			{driver.ListExternal, []string{"s2", "s3", "s4"}},
-			{driver.ListInternal | driver.ListExternal, all},
+			{driver.ListInternal | driver.ListExternal, all}, // a group all set is dropped
 			{driver.ListLeaves | driver.ListInternal, []string{"s5"}},
 			{driver.ListNoLeaves | driver.ListExternal, []string{"s2", "s4"}},
 			{driver.ListRoots | driver.ListExternal, nil},
@@ -114,7 +116,7 @@ func TestListFilters(t *testing.T) {
 		// snapshot of a running domain is "disk-snapshot").
 		now := time.Now().Unix()
 		for _, r := range []struct{ name, state, parent string }{
-			{"d1", "disk-snapshot", "s3"}, {"r1", "running", "s5"}, {"p1", "paused", "s5"},
+			{"d1", "disk-snapshot", "s3"}, {"r1", "running", "s5"}, {"p1", "paused", "s5"}, {"x1", "shutdown", "s5"},
 		} {
 			doc := fmt.Sprintf(`<domainsnapshot><name>%s</name><state>%s</state><creationTime>%d</creationTime>
 				<parent><name>%s</name></parent><memory snapshot='no'/><disks>
@@ -128,19 +130,26 @@ func TestListFilters(t *testing.T) {
 			want  []string
 		}{
 			{driver.ListDiskOnly, []string{"d1"}},
-			{driver.ListActive, []string{"p1", "r1"}},
+			// ACTIVE is every state but shutoff and disk-snapshot.
+			{driver.ListActive, []string{"p1", "r1", "x1"}},
 			{driver.ListInactive, all},
-			{driver.ListActive | driver.ListDiskOnly, []string{"d1", "p1", "r1"}},
-			{driver.ListInactive | driver.ListActive | driver.ListDiskOnly, append(slices.Clone(all), "d1", "p1", "r1")},
-			{driver.ListLeaves, []string{"d1", "p1", "r1"}},
+			{driver.ListActive | driver.ListDiskOnly, []string{"d1", "p1", "r1", "x1"}},
+			{driver.ListInactive | driver.ListActive, append(slices.Clone(all), "p1", "r1", "x1")},
+			{driver.ListInactive | driver.ListDiskOnly, append(slices.Clone(all), "d1")},
+			{driver.ListInactive | driver.ListActive | driver.ListDiskOnly, append(slices.Clone(all), "d1", "p1", "r1", "x1")},
+			{driver.ListLeaves, []string{"d1", "p1", "r1", "x1"}},
 			{driver.ListNoLeaves, []string{"s1", "s2", "s3", "s4", "s5"}},
-			{driver.ListLeaves | driver.ListActive, []string{"p1", "r1"}},
+			{driver.ListLeaves | driver.ListNoLeaves | driver.ListActive, nil},
+			{driver.ListLeaves | driver.ListActive, []string{"p1", "r1", "x1"}},
+			{driver.ListInternal | driver.ListExternal | driver.ListActive, []string{"p1", "r1", "x1"}},
+			{driver.ListMetadata | driver.ListNoMetadata | driver.ListDiskOnly, []string{"d1"}},
+			{driver.ListNoMetadata | driver.ListActive, nil},
 			{driver.ListExternal | driver.ListActive, nil},
 			{driver.ListInternal | driver.ListDiskOnly, []string{"d1"}},
 		} {
 			e.expectSet(c.flags, c.want...)
 		}
-		expectTopological(t, e, driver.ListTopological, 8)
+		expectTopological(t, e, driver.ListTopological, 9)
 		e.expectCurrent("s5")
 		e.finish()
 	})

@@ -298,11 +298,13 @@ func concHoldDomain(t *testing.T, e *storagetest.Env, m *storage.Manager, domain
 	return h
 }
 
-// concExpectBusy asserts that err is ErrBusy caused by the context's end.
+// concExpectBusy asserts that err, from a wait for a busy domain that the
+// context ended, is the context's error and not ErrBusy: a caller that
+// retries on busy must not retry a call it cancelled.
 func concExpectBusy(t *testing.T, what string, err, cause error) {
 	t.Helper()
-	if !errors.Is(err, storage.ErrBusy) || !errors.Is(err, cause) {
-		t.Errorf("%s on a busy domain: %v, want ErrBusy and %v", what, err, cause)
+	if errors.Is(err, storage.ErrBusy) || !errors.Is(err, cause) {
+		t.Errorf("%s on a busy domain: %v, want %v and not ErrBusy", what, err, cause)
 	}
 }
 
@@ -311,13 +313,14 @@ func concExpectBusy(t *testing.T, what string, err, cause error) {
 //   - another domain's operations run to completion: domains are not
 //     serialised against each other;
 //   - on "a" itself, a call whose context ends while it waits, or that
-//     comes with a context already cancelled, fails with ErrBusy (wrapping
-//     the context's error) and changes nothing;
+//     comes with a context already cancelled, fails with the context's
+//     error (not ErrBusy) and changes nothing;
 //   - Repair (whose journal recovery takes domain locks without waiting)
 //     leaves the in-flight intent alone and reports it as pending;
 //   - a second Manager on the same state folder, as another process would
-//     open it, does not roll the intent back in Open, is refused a's lock
-//     by the lock file (ErrBusy), and works on other domains;
+//     open it, does not roll the intent back in Open, waits on a's lock
+//     file until its deadline (the context's error), and works on other
+//     domains;
 //
 // then that the delete, released, finishes with the right data.
 func TestDomainLockHeld(t *testing.T) {

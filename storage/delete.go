@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/storage/metastore"
 )
 
@@ -168,7 +169,7 @@ func (m *Manager) deleteOne(ctx context.Context, d *Domain, snaps map[string]*Sn
 				}
 				r.Action, r.Kept = ActionInternalDeleted, sd.Image
 			case DiskExternal:
-				undoable, fwd, err := m.planMerge(ctx, next, sd, u, needs(next, snaps, name), live, &r)
+				undoable, fwd, err := m.planMerge(ctx, next, sd, u, needs(next, snaps, name), externalClaims(snaps, name), live, &r)
 				if err != nil {
 					return fmt.Errorf("disk %s: %w", sd.Target, err)
 				}
@@ -233,8 +234,11 @@ func (m *Manager) deleteOne(ctx context.Context, d *Domain, snaps map[string]*Sn
 // that anything besides this domain's own records uses (found by u, not
 // assumed), or remove or rename an image xlsnap did not create. It
 // updates next's image tree and disks and fills the report; the merge's
-// steps come back split into undoable and not.
-func (m *Manager) planMerge(ctx context.Context, next *Domain, sd SnapshotDisk, u *users, needed map[string]bool, live Live, r *DiskReport) (undoable, forward []step, err error) {
+// steps come back split into undoable and not. Records of other
+// snapshots that claim X as their state image, or C as their overlay,
+// make it fail: a merge would lose their data, and which record is
+// right cannot be told.
+func (m *Manager) planMerge(ctx context.Context, next *Domain, sd SnapshotDisk, u *users, needed map[string]bool, others claims, live Live, r *DiskReport) (undoable, forward []step, err error) {
 	x := sd.Image
 	ximg, ok := next.Images[x]
 	if !ok {
@@ -320,6 +324,16 @@ func (m *Manager) planMerge(ctx context.Context, next *Domain, sd SnapshotDisk, 
 	if !canDown && !canUp {
 		r.Action, r.Kept = ActionUserImage, x
 		return nil, nil, nil
+	}
+	// Every merge rewrites X's data or removes X, and C goes or takes X's
+	// data: fail closed if another record holds its state there.
+	if other, ok := others.state[x]; ok {
+		return nil, nil, fmt.Errorf("%w: %s is also snapshot %s's state image: a merge would destroy that snapshot's data (the records conflict; delete one of them with metadata only)",
+			errdefs.ErrOperationFailed, x, other)
+	}
+	if other, ok := others.overlay[c]; ok {
+		return nil, nil, fmt.Errorf("%w: %s is also snapshot %s's overlay: a merge would destroy that snapshot's data (the records conflict; delete one of them with metadata only)",
+			errdefs.ErrOperationFailed, c, other)
 	}
 	down := canDown
 	if canDown && canUp {

@@ -449,7 +449,9 @@ func newLockTable(dir string) *lockTable {
 }
 
 // lock takes the domain's lock; with wait false it fails with ErrBusy at
-// once instead of waiting for ctx.
+// once instead of waiting for ctx. A wait that ctx ends fails with ctx's
+// error, not ErrBusy: the caller gave up, and one that retries on busy
+// must not retry a cancelled call.
 func (l *lockTable) lock(ctx context.Context, domain string, wait bool) (func(), error) {
 	l.mu.Lock()
 	ch, ok := l.sem[domain]
@@ -462,7 +464,7 @@ func (l *lockTable) lock(ctx context.Context, domain string, wait bool) (func(),
 		select {
 		case ch <- struct{}{}:
 		case <-ctx.Done():
-			return nil, fmt.Errorf("%w: %s: %w", ErrBusy, domain, ctx.Err())
+			return nil, fmt.Errorf("waiting for domain %s, busy with another operation: %w", domain, ctx.Err())
 		}
 	} else {
 		select {
@@ -474,6 +476,9 @@ func (l *lockTable) lock(ctx context.Context, domain string, wait bool) (func(),
 	unlockFile, err := lockFile(ctx, filepath.Join(l.dir, domain+".lock"), wait)
 	if err != nil {
 		<-ch
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("waiting for domain %s, busy in another process: %w", domain, ctx.Err())
+		}
 		return nil, fmt.Errorf("%w: %s: %w", ErrBusy, domain, err)
 	}
 	return func() {

@@ -14,7 +14,8 @@ import (
 // internal disk's image is the layer of its chain that holds an internal
 // snapshot of that name. A snapshot already recorded whose disks the new
 // record names alike (modes, overlays) keeps its recorded images, checked
-// against nothing else. With current, it becomes the current snapshot.
+// against nothing else. An external disk may not name an overlay or a
+// state image another snapshot's record names (ErrInvalidArg). With current, it becomes the current snapshot.
 func (m *Manager) RedefineSnapshot(ctx context.Context, domain string, snap *Snapshot, current bool) error {
 	if err := ValidName("snapshot", snap.Name); err != nil {
 		return err
@@ -78,7 +79,66 @@ func (m *Manager) RedefineSnapshot(ctx context.Context, domain string, snap *Sna
 			return fmt.Errorf("%w: disk %s: snapshot mode %q", ErrInvalidArg, sd.Target, sd.Mode)
 		}
 	}
+	if err := checkUnclaimed(snaps, snap); err != nil {
+		return err
+	}
 	return m.putRedefined(ctx, d, domain, snap, current)
+}
+
+// checkUnclaimed refuses a redefined record whose external disk names an
+// overlay or a state image another snapshot's record already names: a
+// state image holds one snapshot's point in time, and a later delete of
+// either snapshot would merge the other's data away. libvirt has no such
+// check because it never merges images.
+func checkUnclaimed(snaps map[string]*Snapshot, snap *Snapshot) error {
+	c := externalClaims(snaps, snap.Name)
+	for _, sd := range snap.Disks {
+		if sd.Mode != DiskExternal {
+			continue
+		}
+		if other, ok := c.overlay[sd.Overlay]; ok {
+			return fmt.Errorf("%w: disk %s: overlay %s is snapshot %s's", ErrInvalidArg, sd.Target, sd.Overlay, other)
+		}
+		if other, ok := c.state[sd.Image]; ok {
+			return fmt.Errorf("%w: disk %s: state image %s is snapshot %s's", ErrInvalidArg, sd.Target, sd.Image, other)
+		}
+	}
+	return nil
+}
+
+// claims are the images external snapshot records name, each mapped to
+// the snapshot naming it: as its state image, or as the overlay it was
+// taken on. Internal records are left out: any number of internal
+// snapshots share one image, and a merge keeps them.
+type claims struct {
+	state, overlay map[string]string
+}
+
+// externalClaims collects the claims of every snapshot but skip.
+func externalClaims(snaps map[string]*Snapshot, skip string) claims {
+	c := claims{state: map[string]string{}, overlay: map[string]string{}}
+	names := make([]string, 0, len(snaps))
+	for n := range snaps {
+		names = append(names, n)
+	}
+	slices.Sort(names) // the same snapshot named whatever the map order
+	for _, n := range names {
+		if n == skip {
+			continue
+		}
+		for _, sd := range snaps[n].Disks {
+			if sd.Mode != DiskExternal {
+				continue
+			}
+			if _, ok := c.state[sd.Image]; !ok && sd.Image != "" {
+				c.state[sd.Image] = n
+			}
+			if _, ok := c.overlay[sd.Overlay]; !ok && sd.Overlay != "" {
+				c.overlay[sd.Overlay] = n
+			}
+		}
+	}
+	return c
 }
 
 // sameDisks says two snapshot records name the same disks in the same
