@@ -133,6 +133,37 @@ var attrOrder = map[string][]string{
 	"/domainsnapshot/disks/disk": {"name", "snapshot", "type"},
 }
 
+// childOrder is libvirt's order of child elements where libvirtxml's
+// differs: a snapshot's <parent> comes before its <creationTime>
+// (virDomainSnapshotDefFormatInternal).
+var childOrder = map[string][]string{
+	"/domainsnapshot": {"name", "description", "state", "parent", "creationTime",
+		"memory", "disks", "domain", "inactiveDomain", "cookie", "active"},
+}
+
+// orderedKids is n's children in libvirt's order at path: the elements
+// the order names first, in that order, then the rest as they were.
+func orderedKids(path string, kids []*node) []*node {
+	order, ok := childOrder[path]
+	if !ok {
+		return kids
+	}
+	out := make([]*node, 0, len(kids))
+	for _, name := range order {
+		for _, k := range kids {
+			if k.kind == elementNode && k.name == name {
+				out = append(out, k)
+			}
+		}
+	}
+	for _, k := range kids {
+		if k.kind != elementNode || !slices.Contains(order, k.name) {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
 // ordered is attrs in the order libvirt prints them at path; attributes
 // the order does not name keep theirs, after those it names.
 func ordered(path string, attrs []xml.Attr) []xml.Attr {
@@ -180,7 +211,7 @@ func writeNode(b *strings.Builder, n *node, depth int, parent string) {
 	}
 	b.WriteByte('>')
 	if indented(n) {
-		for _, k := range n.kids {
+		for _, k := range orderedKids(path, n.kids) {
 			if k.kind == textNode {
 				continue // whitespace between elements: indentation
 			}

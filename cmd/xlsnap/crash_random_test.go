@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -44,6 +45,15 @@ func TestCrashRandom(t *testing.T) {
 	t.Logf("seed %d (XLSNAP_CRASH_SEED=%d to replay), %d operations", seed, seed, ops)
 	rng := rand.New(rand.NewPCG(seed, 0))
 	c := newCLI(t)
+	// XLSNAP_CRASH_KEEP=DIR keeps a failed campaign's folders for study.
+	if keep := os.Getenv("XLSNAP_CRASH_KEEP"); keep != "" {
+		t.Cleanup(func() {
+			if t.Failed() {
+				exec.Command("cp", "-a", c.dir, filepath.Join(keep, "domains")).Run()
+				exec.Command("cp", "-a", c.state, filepath.Join(keep, "state")).Run()
+			}
+		})
+	}
 	type content = [regions]byte
 	cur := content{}
 	snaps := map[string]content{}

@@ -263,22 +263,11 @@ func TestVirshParity(t *testing.T) {
 	t.Run("tree", func(t *testing.T) { compareWithVirsh(t, virsh, virshSetup, virshQueries, exactly) })
 	t.Run("empty", func(t *testing.T) { compareWithVirsh(t, virsh, nil, virshEmptyQueries, exactly) })
 	t.Run("dumpxml", func(t *testing.T) {
-		var formatting []string
 		compareWithVirsh(t, virsh, append(virshSetup, "snapshot-create-as test s5 described"), virshXMLQueries,
 			func(t *testing.T, q string, want, got result) {
 				want.stdout, got.stdout = normaliseXML(want.stdout), normaliseXML(got.stdout)
-				switch {
-				case got == want:
-				case xmlFormatting(got.stdout) == xmlFormatting(want.stdout) && got.stderr == want.stderr && got.failed == want.failed:
-					formatting = append(formatting, q)
-				default:
-					t.Errorf("%s:\nvirsh:\n%s\nxlsnap:\n%s", q, want, got)
-				}
+				exactly(t, q, want, got)
 			})
-		if len(formatting) > 0 {
-			t.Skipf("TODO(driver: snapshot XML in libvirt's style): %q differ from virsh only in the driver's XML formatting "+
-				"(quote style, self-closing tags, element order); enable once driver.SnapshotGetXMLDesc formats as libvirt does", formatting)
-		}
 	})
 	t.Run("domblklist", func(t *testing.T) { compareDomblklist(t, virsh) })
 	t.Run("parse-errors", func(t *testing.T) {
