@@ -65,12 +65,12 @@ var (
 	// ErrInternal: a bug or a state xlsnap cannot explain (1).
 	ErrInternal = def(CodeInternal, "internal error")
 	// ErrNoDomain: no domain of that name or UUID (42).
-	ErrNoDomain = def(CodeNoDomain, "domain not found")
+	ErrNoDomain = def(CodeNoDomain, "Domain not found")
 	// ErrDuplicateUUID: two definitions claim one UUID; libvirt refuses
 	// the second as "already defined" (9).
 	ErrDuplicateUUID = def(CodeOperationFailed, "domain already defined with this uuid")
 	// ErrNoSnapshot: no snapshot of that name (72).
-	ErrNoSnapshot = def(CodeNoDomainSnapshot, "domain snapshot not found")
+	ErrNoSnapshot = def(CodeNoDomainSnapshot, "Domain snapshot not found")
 	// ErrSnapshotExists: a snapshot of that name exists; libvirt says
 	// "operation failed" (9).
 	ErrSnapshotExists = def(CodeOperationFailed, "domain snapshot exists")
@@ -80,10 +80,10 @@ var (
 	ErrRevertRisky = def(CodeSnapshotRevertRisky, "revert requires force")
 	// ErrOperationInvalid: the call is valid but not in the domain's or
 	// snapshot's present state (55).
-	ErrOperationInvalid = def(CodeOperationInvalid, "operation invalid")
+	ErrOperationInvalid = def(CodeOperationInvalid, "Requested operation is not valid")
 	// ErrLiveUnsupported: the hypervisor back end cannot do this to an
 	// active domain (84).
-	ErrLiveUnsupported = def(CodeOperationUnsupported, "live operation not supported")
+	ErrLiveUnsupported = def(CodeOperationUnsupported, "Operation not supported")
 	// ErrUnsupported: a configuration xlsnap does not support, such as a
 	// disk kind or a snapshot mode on a format (67).
 	ErrUnsupported = def(CodeConfigUnsupported, "unsupported configuration")
@@ -98,10 +98,10 @@ var (
 	ErrInvalidSchema = def(CodeXMLInvalidSchema, "XML document failed to validate against schema")
 	// ErrBusy: another operation holds the domain; libvirt's "cannot
 	// acquire state change lock" (68).
-	ErrBusy = def(CodeOperationTimeout, "domain is busy with another operation")
+	ErrBusy = def(CodeOperationTimeout, "Timed out during operation: cannot acquire state change lock")
 	// ErrLocked: an image is locked by a process xlsnap does not control,
 	// such as a running QEMU (87).
-	ErrLocked = def(CodeResourceBusy, "image is locked by another process")
+	ErrLocked = def(CodeResourceBusy, "resource busy")
 	// ErrPending: an operation could not finish and cannot be undone; it
 	// stays in the journal until Open or Repair finishes it (9).
 	ErrPending = def(CodeOperationFailed, "operation pending in the journal")

@@ -191,7 +191,7 @@ func TestCommandErrors(t *testing.T) {
 	c.fails("error: XML error: invalid snapshot name '../escape': name can't contain '/'", "snapshot-create-as", "vm", "../escape", "--disk-only")
 	c.fails("error: XML error: memory state cannot be saved with offline or disk-only snapshot", "snapshot-create-as", "vm", "s3", "--memspec", c.path("mem"))
 	c.fails("unsupported", "snapshot-create-as", "vm", "s4", "--quiesce", "--disk-only")
-	c.fails("live operation not supported", "snapshot-revert", "vm", "s1", "--running")
+	c.fails("error: Operation not supported: ", "snapshot-revert", "vm", "s1", "--running")
 	bad := c.path("bad.xml")
 	if err := os.WriteFile(bad, []byte("<domainsnapshot><name>x</name"), 0o644); err != nil {
 		t.Fatal(err)

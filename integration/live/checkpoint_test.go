@@ -106,7 +106,7 @@ func TestDefaultCheckpointThroughLibvirt(t *testing.T) {
 		t.Fatalf("domain state %v %v after the checkpoint", st, err)
 	}
 	x, err := d.SnapshotGetXMLDesc(t.Context(), name, "c1", 0)
-	if err != nil || !strings.Contains(x, "<state>running</state>") || !strings.Contains(x, `<memory snapshot="external" file="`+mem+`">`) {
+	if err != nil || !strings.Contains(x, "<state>running</state>") || !strings.Contains(x, "<memory snapshot='external' file='"+mem+"'/>") {
 		t.Fatalf("dumpxml %v:\n%s", err, x)
 	}
 }

@@ -347,8 +347,14 @@ func TestLiveRevertAndMemory(t *testing.T) {
 	storagetest.ExpectImage(t, e.disk("xvda").Source, "qcow2", 0x51, 0, mib)
 
 	// A snapshot with memory (recorded with REDEFINE) cannot be restored
-	// by a bare device model: refused before anything changes.
+	// by a bare device model: refused before anything changes (FORCE, as
+	// the record has no definition to roll back to).
 	if err := os.WriteFile(e.path("mem"), []byte("memory image"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// m is recorded on the chain the revert left, whose state image is
+	// s1's; one image belongs to one snapshot, so s1's record goes first.
+	if _, err := e.d.SnapshotDelete(e.ctx, "vm", "s1", driver.DeleteMetadataOnly); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := e.d.SnapshotCreateXML(e.ctx, "vm", fmt.Sprintf(`<domainsnapshot><name>m</name><state>running</state><creationTime>1700000000</creationTime>
@@ -361,7 +367,7 @@ func TestLiveRevertAndMemory(t *testing.T) {
 		t.Fatal(err)
 	}
 	files, _ := os.ReadDir(e.dir)
-	if err := e.d.RevertToSnapshot(e.ctx, "vm", "m", 0); !errors.Is(err, driver.ErrLiveUnsupported) {
+	if err := e.d.RevertToSnapshot(e.ctx, "vm", "m", driver.RevertForce); !errors.Is(err, driver.ErrLiveUnsupported) {
 		t.Fatalf("revert to memory on a bare device model: %v", err)
 	}
 	if now, _ := os.ReadFile(e.path("vm.xml")); string(now) != string(def) {

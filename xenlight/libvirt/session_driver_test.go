@@ -84,7 +84,7 @@ func TestSessionDaemonCheckpoints(t *testing.T) {
 			t.Fatalf("%s: the domain is %s (%v) after its checkpoint", name, st, err)
 		}
 		x, err := d.SnapshotGetXMLDesc(ctx, "ckpt", name, 0)
-		if err != nil || !strings.Contains(x, `<memory snapshot="external" file="`+memory+`">`) {
+		if err != nil || !strings.Contains(x, "<memory snapshot='external' file='"+memory+"'/>") {
 			t.Fatalf("%s: dumpxml %v:\n%s", name, err, x)
 		}
 		return s
