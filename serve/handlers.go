@@ -124,7 +124,11 @@ func init() {
 			}
 			return &libvirt.ConnectSupportsFeatureRet{Supported: ok}, nil
 		})},
-		procConnectOpen: {beforeOpen: true, fn: with(func(_ context.Context, c *conn, a *libvirt.ConnectOpenArgs) (any, error) {
+		procConnectOpen: {beforeOpen: true, fn: func(_ context.Context, c *conn, body []byte) (any, error) {
+			a, err := decodeConnectOpen(body)
+			if err != nil {
+				return nil, err
+			}
 			c.mu.Lock()
 			defer c.mu.Unlock()
 			c.opened = true
@@ -135,7 +139,7 @@ func init() {
 				c.readOnly = true
 			}
 			return nil, nil
-		})},
+		}},
 		procConnectClose: {fn: noArgs(func(_ context.Context, c *conn) (any, error) {
 			c.mu.Lock()
 			c.opened = false

@@ -8,6 +8,7 @@ import (
 	"io"
 
 	"github.com/davecgh/go-xdr/xdr2"
+	libvirt "github.com/digitalocean/go-libvirt"
 	"github.com/digitalocean/go-libvirt/socket"
 )
 
@@ -151,4 +152,35 @@ func encodeRet(v any) ([]byte, error) {
 		return nil, err
 	}
 	return b.Bytes(), nil
+}
+
+// decodeConnectOpen reads remote_connect_open_args. Its name is an XDR
+// optional string, whose leading boolean libvirtd reads as glibc's
+// xdr_bool does: any non-zero word is true. go-libvirt's client sends
+// 0x01000000 there, so the generic array decoding (a count) cannot be
+// used for it.
+func decodeConnectOpen(body []byte) (*libvirt.ConnectOpenArgs, error) {
+	r := bytes.NewReader(body)
+	d := xdr.NewDecoderLimited(r, uint(min(len(body), stringMax)))
+	present, _, err := d.DecodeUint()
+	if err != nil {
+		return nil, fmt.Errorf("%w: arguments: %w", ErrMalformed, err)
+	}
+	a := &libvirt.ConnectOpenArgs{}
+	if present != 0 {
+		name, _, err := d.DecodeString()
+		if err != nil {
+			return nil, fmt.Errorf("%w: arguments: %w", ErrMalformed, err)
+		}
+		a.Name = libvirt.OptString{name}
+	}
+	flags, _, err := d.DecodeUint()
+	if err != nil {
+		return nil, fmt.Errorf("%w: arguments: %w", ErrMalformed, err)
+	}
+	a.Flags = libvirt.ConnectFlags(flags)
+	if r.Len() != 0 {
+		return nil, fmt.Errorf("%w: arguments: %d bytes left over", ErrMalformed, r.Len())
+	}
+	return a, nil
 }
