@@ -203,9 +203,6 @@ func (c *conn) dispatch(p *Packet) error {
 	go func() {
 		defer c.calls.Done()
 		err := c.call(p)
-		c.mu.Lock()
-		delete(c.inflight, p.Serial)
-		c.mu.Unlock()
 		<-c.slots
 		if err != nil {
 			c.s.logf("closing connection: %v", err)
@@ -272,6 +269,11 @@ func (c *conn) reply(p *Packet, ret any, err error) error {
 			return err
 		}
 	}
+	// The serial is free again once its reply is on its way: a client
+	// may reuse it as soon as it reads the reply.
+	c.mu.Lock()
+	delete(c.inflight, p.Serial)
+	c.mu.Unlock()
 	return c.write(&Packet{Header: h, Body: body})
 }
 
