@@ -198,6 +198,12 @@ func (c *conn) dispatch(p *Packet) error {
 	if dup {
 		return c.refuse(p, fmt.Sprintf("call serial %d is already running", p.Serial))
 	}
+	// The connection's own calls (auth, open, close, features) run in
+	// order with the reading, so a call read after CONNECT_OPEN always
+	// finds the connection open; the others run concurrently.
+	if h, ok := handlers[p.Procedure]; ok && (h.beforeOpen || p.Procedure == procConnectClose) {
+		return c.call(p)
+	}
 	c.slots <- struct{}{}
 	c.calls.Add(1)
 	go func() {
