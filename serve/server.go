@@ -39,6 +39,12 @@ type Config struct {
 	// Hypervisor, when set, says which domains run; without it every
 	// domain is as the source reports it.
 	Hypervisor xenlight.Hypervisor
+	// Upstream, when set, is the read-write socket of a libvirt daemon
+	// (libvirtd, virtxend, virtqemud) every procedure but the snapshot
+	// ones is relayed to, unchanged; UpstreamRO is its read-only socket,
+	// which read-only listeners relay to. Driver's source should then be
+	// a connection to the same daemon.
+	Upstream, UpstreamRO string
 	// Logf reports what happens to connections (closed for a bad packet,
 	// refused credentials); nil is silent.
 	Logf func(format string, args ...any)
@@ -92,13 +98,21 @@ func (s *Server) Serve(l net.Listener, readOnly bool, allow func(net.Conn) error
 			}
 		}
 		c := &conn{s: s, nc: nc, readOnly: readOnly, inflight: map[int32]bool{}, slots: make(chan struct{}, maxClientRequests)}
+		upstream := s.cfg.Upstream
+		if readOnly {
+			upstream = s.cfg.UpstreamRO
+		}
 		s.mu.Lock()
 		s.conns[c] = struct{}{}
 		s.mu.Unlock()
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
-			c.serve()
+			if upstream != "" {
+				c.relay(upstream)
+			} else {
+				c.serve()
+			}
 			s.mu.Lock()
 			delete(s.conns, c)
 			s.mu.Unlock()
@@ -127,12 +141,14 @@ type conn struct {
 
 	wmu sync.Mutex // one packet at a time on the wire
 
-	mu       sync.Mutex
-	opened   bool
-	uri      string
-	inflight map[int32]bool
-	slots    chan struct{}
-	calls    sync.WaitGroup
+	mu     sync.Mutex
+	opened bool
+	uri    string
+	// openSerial is the serial of the CONNECT_OPEN relayed upstream.
+	openSerial int32
+	inflight   map[int32]bool
+	slots      chan struct{}
+	calls      sync.WaitGroup
 }
 
 // serve reads packets until the client goes or breaks the protocol.
@@ -189,6 +205,12 @@ func (c *conn) dispatch(p *Packet) error {
 	if p.Status != socket.StatusOK {
 		return c.refuse(p, fmt.Sprintf("Unexpected message status %d", p.Status))
 	}
+	return c.start(p)
+}
+
+// start runs a call: the connection's own calls in order with the
+// reading, the others concurrently, at most maxClientRequests at once.
+func (c *conn) start(p *Packet) error {
 	c.mu.Lock()
 	dup := c.inflight[p.Serial]
 	if !dup {
@@ -200,7 +222,7 @@ func (c *conn) dispatch(p *Packet) error {
 	}
 	// The connection's own calls (auth, open, close, features) run in
 	// order with the reading, so a call read after CONNECT_OPEN always
-	// finds the connection open; the others run concurrently.
+	// finds the connection open.
 	if h, ok := handlers[p.Procedure]; ok && (h.beforeOpen || p.Procedure == procConnectClose) {
 		return c.call(p)
 	}

@@ -15,9 +15,9 @@ import (
 // serveCmd is `xlsnap serve`: libvirt's remote protocol on a Unix socket,
 // so stock virsh and libvirt bindings take xlsnap's snapshots.
 func (a *app) serveCmd() *cobra.Command {
-	var sock, sockRO string
+	var sock, sockRO, upstream string
 	cmd := &cobra.Command{
-		Use:   "serve --socket PATH [--socket-ro PATH]",
+		Use:   "serve --socket PATH [--socket-ro PATH] [--upstream PATH]",
 		Short: "Serve libvirt's remote protocol: snapshots for stock virsh and libvirt bindings",
 		Long: `Listen on a Unix socket and speak libvirt's remote RPC protocol. The domain
 snapshot procedures are answered from xlsnap's driver over the --connect
@@ -29,7 +29,15 @@ list, state, info, XML, define) are answered from the source.
 The socket is the service user's only (mode 0600), and each client's peer
 credentials (SO_PEERCRED) are checked against the same rule. --socket-ro is a
 read-only socket: every call that changes something is refused with
-VIR_ERR_OPERATION_DENIED. Logs go to stderr; SIGINT or SIGTERM stops it.`,
+VIR_ERR_OPERATION_DENIED.
+
+With --upstream (a libvirtd, virtxend or virtqemud socket) every other call,
+its replies, events and streams are relayed unchanged to that daemon, and the
+sockets mirror the owner, group and mode of the daemon's (PATH and PATH-ro);
+--connect should then name the same daemon, e.g.
+  --connect 'xen+unix:///system?socket=/run/libvirt/virtxend-sock'
+
+Logs go to stderr; SIGINT or SIGTERM stops it.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if sock == "" && sockRO == "" {
@@ -47,24 +55,41 @@ VIR_ERR_OPERATION_DENIED. Logs go to stderr; SIGINT or SIGTERM stops it.`,
 			}
 			defer d.Close()
 			logger := log.New(cmd.ErrOrStderr(), "xlsnap serve: ", log.LstdFlags)
-			srv := serve.New(serve.Config{Driver: d, Source: src, Hypervisor: h, Logf: logger.Printf})
+			cfg := serve.Config{Driver: d, Source: src, Hypervisor: h, Logf: logger.Printf}
+			// Over a folder the sockets are the service user's only; in
+			// front of a daemon each mirrors the daemon's socket it
+			// relays to (libvirt names the read-only one PATH-ro).
+			access, accessRO := serve.OwnerOnly(), serve.OwnerOnly()
+			if upstream != "" {
+				cfg.Upstream = upstream
+				if access, err = serve.AccessOf(upstream); err != nil {
+					return fmt.Errorf("upstream: %w", err)
+				}
+				if sockRO != "" {
+					cfg.UpstreamRO = upstream + "-ro"
+					if accessRO, err = serve.AccessOf(cfg.UpstreamRO); err != nil {
+						return fmt.Errorf("upstream read-only socket: %w", err)
+					}
+				}
+			}
+			srv := serve.New(cfg)
 			defer srv.Close()
-			access := serve.OwnerOnly()
 			errc := make(chan error, 2)
 			for _, s := range []struct {
-				path string
-				ro   bool
-			}{{sock, false}, {sockRO, true}} {
+				path   string
+				ro     bool
+				access serve.Access
+			}{{sock, false, access}, {sockRO, true, accessRO}} {
 				if s.path == "" {
 					continue
 				}
-				l, err := serve.Listen(s.path, access)
+				l, err := serve.Listen(s.path, s.access)
 				if err != nil {
 					return err
 				}
 				defer l.Close()
 				logger.Printf("listening on %s (read-only %v) for %s", s.path, s.ro, src.URI())
-				go func() { errc <- srv.Serve(l, s.ro, serve.PeerCheck(access)) }()
+				go func() { errc <- srv.Serve(l, s.ro, serve.PeerCheck(s.access)) }()
 			}
 			select {
 			case <-ctx.Done():
@@ -81,5 +106,6 @@ VIR_ERR_OPERATION_DENIED. Logs go to stderr; SIGINT or SIGTERM stops it.`,
 	f := cmd.Flags()
 	f.StringVar(&sock, "socket", "", "read-write Unix socket to listen on")
 	f.StringVar(&sockRO, "socket-ro", "", "read-only Unix socket to listen on")
+	f.StringVar(&upstream, "upstream", "", "socket of a libvirt daemon to relay every other call to (its PATH-ro serves --socket-ro); --connect should name the same daemon")
 	return cmd
 }
