@@ -202,6 +202,11 @@ func (m *Manager) Recover(ctx context.Context) error {
 }
 
 func (m *Manager) recoverIntent(ctx context.Context, in *intent, live Live) error {
+	if !in.Committed && !in.Live {
+		if err := m.freeLeaks(ctx, in); err != nil {
+			return err
+		}
+	}
 	switch {
 	case in.Committed:
 		return m.cleanup(ctx, in)
@@ -216,6 +221,47 @@ func (m *Manager) recoverIntent(ctx context.Context, in *intent, live Live) erro
 		return m.rollForward(ctx, in, live)
 	}
 	return err
+}
+
+// freeLeaks frees the clusters a killed qemu-img may have leaked in the
+// images an interrupted operation's steps write (qemu-img check -r leaks
+// touches nothing a table references), so that once recovery is done
+// check finds nothing. Any other finding is left to check to report.
+func (m *Manager) freeLeaks(ctx context.Context, in *intent) error {
+	for _, st := range in.Steps {
+		targets := [][2]string{{st.Path, st.Format}}
+		switch st.Kind {
+		case metastore.StepCommit:
+			// A commit writes into the image's backing file, as its
+			// header names it (recorded formats only: never probed).
+			h, err := readHeader(st.Path)
+			if err != nil || h.BackingFile == "" || h.BackingFormat == "" {
+				continue
+			}
+			targets = append(targets, [2]string{chain.ResolveBacking(st.Path, h.BackingFile), h.BackingFormat})
+		case metastore.StepRebase, metastore.StepRebaseUnsafe, metastore.StepInternalCreate,
+			metastore.StepInternalApply, metastore.StepInternalDelete:
+		default:
+			continue
+		}
+		for _, t := range targets {
+			if t[0] == "" || !exists(t[0]) {
+				continue
+			}
+			b, err := m.backendFor(t[0])
+			if err != nil {
+				continue // outside the pools: not xlsnap's to repair
+			}
+			lr, ok := b.(LeakRepairer)
+			if !ok || !errors.Is(b.Check(ctx, t[0], t[1]), ErrLeaks) {
+				continue
+			}
+			if err := lr.RepairLeaks(ctx, t[0], t[1]); err != nil {
+				return fmt.Errorf("freeing the clusters a crash leaked in %s: %w", t[0], err)
+			}
+		}
+	}
+	return nil
 }
 
 func (m *Manager) rollForward(ctx context.Context, in *intent, live Live) error {
