@@ -475,6 +475,9 @@ func (d *Driver) create(ctx context.Context, domain string, doc *libvirtxml.Doma
 	if spec.Disks, err = diskSpecs(v, doc, diskOnly, flags&CreateReuseExt != 0); err != nil {
 		return nil, err
 	}
+	if err := checkSelected(spec.Disks, diskOnly, memoryState(doc)); err != nil {
+		return nil, err
+	}
 	if spec.XML, err = keptXML(doc); err != nil {
 		return nil, err
 	}
@@ -512,6 +515,24 @@ func keptXML(doc *libvirtxml.DomainSnapshot) (string, error) {
 		return "", fmt.Errorf("%w: snapshot XML: %w", errdefs.ErrInternal, err)
 	}
 	return out, nil
+}
+
+// checkSelected refuses a snapshot that would capture nothing, which
+// would be recorded and then revert nothing: libvirt's
+// qemuSnapshotPrepare says the same, both as VIR_ERR_CONFIG_UNSUPPORTED.
+func checkSelected(disks []storage.SnapshotDiskSpec, diskOnly, memory bool) error {
+	for _, ds := range disks {
+		if ds.Mode != storage.DiskNone {
+			return nil
+		}
+	}
+	if diskOnly {
+		return fmt.Errorf("%w: disk-only snapshots require at least one disk to be selected for snapshot", errdefs.ErrUnsupported)
+	}
+	if !memory {
+		return fmt.Errorf("%w: nothing selected for snapshot", errdefs.ErrUnsupported)
+	}
+	return nil
 }
 
 // diskSpecs resolves each disk's mode and overlay from the XML and the

@@ -77,8 +77,8 @@ type LookupFlags uint32
 // XMLFlags are virDomainSnapshotXMLFlags.
 type XMLFlags uint32
 
-// XMLSecure is VIR_DOMAIN_SNAPSHOT_XML_SECURE: xlsnap's snapshot XML holds
-// no secrets, so it changes nothing, but it is accepted as libvirt does.
+// XMLSecure is VIR_DOMAIN_SNAPSHOT_XML_SECURE: the snapshot's domain
+// definition keeps its graphics passwords (left out without it).
 const XMLSecure XMLFlags = 1 << 0
 
 // The bits each call takes, as libvirt's QEMU driver's virCheckFlags

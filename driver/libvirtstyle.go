@@ -28,9 +28,28 @@ import (
 // as is anything that is not well-formed: the input is always xlsnap's
 // own output.
 func libvirtStyle(doc string) (string, error) {
+	return format(doc, true)
+}
+
+// HideSecrets is doc, a domain or domain snapshot document, in libvirt's
+// layout without what libvirt prints only under VIR_DOMAIN_XML_SECURE
+// (VIR_DOMAIN_SNAPSHOT_XML_SECURE): a <graphics> element's passwd and
+// passwdValidTo (virDomainGraphicsDefFormat). A front that answers
+// libvirt's XML calls uses it for every caller that did not ask, and
+// may ask, for secure XML. Errors: ErrInternal (1) for a document that
+// is not well-formed.
+func HideSecrets(doc string) (string, error) {
+	return format(doc, false)
+}
+
+// format lays doc out as libvirtStyle says, with the secrets when secure.
+func format(doc string, secure bool) (string, error) {
 	root, err := parseNodes(doc)
 	if err != nil {
 		return "", fmt.Errorf("%w: formatting XML: %w", errdefs.ErrInternal, err)
+	}
+	if !secure {
+		hideSecrets(root)
 	}
 	var b strings.Builder
 	for _, n := range root.kids {
@@ -38,6 +57,18 @@ func libvirtStyle(doc string) (string, error) {
 		b.WriteByte('\n')
 	}
 	return strings.TrimSuffix(b.String(), "\n"), nil
+}
+
+// hideSecrets drops the attributes libvirt prints only in secure XML.
+func hideSecrets(n *node) {
+	if n.kind == elementNode && n.name == "graphics" {
+		n.attrs = slices.DeleteFunc(n.attrs, func(a xml.Attr) bool {
+			return a.Name.Space == "" && (a.Name.Local == "passwd" || a.Name.Local == "passwdValidTo")
+		})
+	}
+	for _, k := range n.kids {
+		hideSecrets(k)
+	}
 }
 
 // node is an element, a run of text or a comment.

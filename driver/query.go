@@ -354,8 +354,8 @@ func (d *Driver) SnapshotGetParent(ctx context.Context, domain, name string, fla
 // record does not say is libvirt's default on redefine: none for a
 // shut-off or disk-only snapshot, internal otherwise. <active>, libvirt's
 // private bookkeeping, is left out as libvirt's dumpxml leaves it out.
-// XMLSecure is accepted and changes nothing: the document holds no
-// secrets.
+// Without XMLSecure a definition's graphics passwords are left out, as
+// libvirt leaves them out (HideSecrets).
 //
 // Errors: ErrInvalidArg (8) for bits other than XMLSecure; ErrNoDomain
 // (42); ErrNoSnapshot (72); ErrInternal (VIR_ERR_INTERNAL_ERROR, 1) for
@@ -372,7 +372,11 @@ func (d *Driver) SnapshotGetXMLDesc(ctx context.Context, domain, name string, fl
 	if err != nil {
 		return "", err
 	}
-	return snapshotXML(rec)
+	doc, err := snapshotXML(rec)
+	if err != nil || flags&XMLSecure != 0 {
+		return doc, err
+	}
+	return HideSecrets(doc)
 }
 
 // snapshotXML renders a record as SnapshotGetXMLDesc describes, in
