@@ -25,19 +25,7 @@ import (
 func TestRunningDefaultIsCheckpoint(t *testing.T) {
 	e := newEnv(t)
 	e.write("xvda", 0x71, 0)
-	files := func() []string {
-		t.Helper()
-		entries, err := os.ReadDir(e.dir)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var out []string
-		for _, en := range entries {
-			out = append(out, en.Name())
-		}
-		return out
-	}
-	before := files()
+	before := e.files()
 	for _, doc := range []string{
 		"<domainsnapshot><name>c1</name></domainsnapshot>",
 		"<domainsnapshot><name>c1</name><memory snapshot='internal'/></domainsnapshot>",
@@ -47,7 +35,7 @@ func TestRunningDefaultIsCheckpoint(t *testing.T) {
 			t.Fatalf("%s on a bare device model: %v (code %d), want ErrLiveUnsupported (84)", doc, err, errdefs.CodeOf(err))
 		}
 	}
-	if after := files(); !slices.Equal(after, before) {
+	if after := e.files(); !slices.Equal(after, before) {
 		t.Fatalf("the refused checkpoint changed the folder: %v -> %v", before, after)
 	}
 	if list, err := e.d.ListAllSnapshots(e.ctx, "vm", 0); err != nil || len(list) != 0 {
