@@ -82,19 +82,10 @@ func newEnv(t *testing.T) *env {
 
 func (e *env) path(name string) string { return filepath.Join(e.dir, name) }
 
-// files names what the folder holds, so a test can say that a refused or
-// failed call left it as it was.
+// files names what the folder holds.
 func (e *env) files() []string {
 	e.t.Helper()
-	entries, err := os.ReadDir(e.dir)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	var out []string
-	for _, en := range entries {
-		out = append(out, en.Name())
-	}
-	return out
+	return storagetest.Files(e.t, e.dir)
 }
 
 // node is the device model's top node of a disk (by its recorded image).
