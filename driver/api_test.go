@@ -3,6 +3,7 @@ package driver_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -32,17 +33,29 @@ func newAPIEnv(t *testing.T) *apiEnv {
 	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", filepath.Join(pool, "vda.qcow2"), "1M").CombinedOutput(); err != nil {
 		t.Fatalf("qemu-img create: %v\n%s", err, out)
 	}
-	defs := t.TempDir()
+	d := openVM(t, pool, "0c4b2a51-7d3e-4f60-8a19-5e2f3b4c6d70", "vda.qcow2")
+	return &apiEnv{t: t, ctx: context.Background(), d: d, pool: pool}
+}
+
+// openVM opens a driver on a folder source that defines one shut-off Xen
+// domain, vm, with uuid, whose disks vda, vdb, ... are the qcow2 images
+// named images in pool, pool being the storage pool.
+func openVM(t *testing.T, pool, uuid string, images ...string) *driver.Driver {
+	t.Helper()
+	var disks strings.Builder
+	for i, img := range images {
+		fmt.Fprintf(&disks, "    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='%s'/><target dev='vd%c' bus='xen'/></disk>\n", filepath.Join(pool, img), 'a'+i)
+	}
 	doc := `<domain type='xen'>
   <name>vm</name>
-  <uuid>0c4b2a51-7d3e-4f60-8a19-5e2f3b4c6d70</uuid>
+  <uuid>` + uuid + `</uuid>
   <memory unit='KiB'>262144</memory>
   <os><type>xen</type></os>
   <devices>
-    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='` + pool + `/vda.qcow2'/><target dev='vda' bus='xen'/></disk>
-  </devices>
+` + disks.String() + `  </devices>
 </domain>
 `
+	defs := t.TempDir()
 	if err := os.WriteFile(filepath.Join(defs, "vm.xml"), []byte(doc), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -55,7 +68,7 @@ func newAPIEnv(t *testing.T) *apiEnv {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { d.Close() })
-	return &apiEnv{t: t, ctx: context.Background(), d: d, pool: pool}
+	return d
 }
 
 func (e *apiEnv) path(name string) string { return filepath.Join(e.pool, name) }

@@ -41,31 +41,7 @@ func goldenEnv(t *testing.T) (*driver.Driver, string) {
 	run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, filepath.Join(pool, "vda.ext"))
 	run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", filepath.Join(pool, "vda.ext"), filepath.Join(pool, "vda.run"))
 	run("qemu-img", "create", "-q", "-f", "qcow2", filepath.Join(pool, "vdb.qcow2"), "1M")
-	defs := t.TempDir()
-	doc := `<domain type='xen'>
-  <name>vm</name>
-  <uuid>` + goldenUUID + `</uuid>
-  <memory unit='KiB'>262144</memory>
-  <os><type>xen</type></os>
-  <devices>
-    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='` + pool + `/vda.run'/><target dev='vda' bus='xen'/></disk>
-    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='` + pool + `/vdb.qcow2'/><target dev='vdb' bus='xen'/></disk>
-  </devices>
-</domain>
-`
-	if err := os.WriteFile(filepath.Join(defs, "vm.xml"), []byte(doc), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	src, err := driver.NewDirSource(defs)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d, err := driver.Open(context.Background(), driver.Config{StateDir: t.TempDir(), Source: src, Pools: []string{pool}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { d.Close() })
-	return d, pool
+	return openVM(t, pool, goldenUUID, "vda.run", "vdb.qcow2"), pool
 }
 
 // TestRedefineGolden redefines each document of testdata/redefine, in

@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"slices"
 	"strings"
 	"time"
 
@@ -93,6 +94,16 @@ func compareNames(a, b string) int {
 	return strings.Compare(a, b)
 }
 
+// SortByName orders snapshots as virsh's snapshot-list does unless
+// --topological: by name as strcasecmp compares them in the C locale,
+// names that differ only in case keeping the list's order.
+func SortByName(snaps []*Snapshot) {
+	slices.SortStableFunc(snaps, func(a, b *Snapshot) int {
+		return strings.Compare(asciiLower(a.Name), asciiLower(b.Name))
+	})
+}
+
+// asciiLower folds as strcasecmp does in the C locale: ASCII letters only.
 func asciiLower(s string) string {
 	return strings.Map(func(r rune) rune {
 		if 'A' <= r && r <= 'Z' {

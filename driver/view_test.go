@@ -3,6 +3,7 @@ package driver_test
 import (
 	"errors"
 	"reflect"
+	"slices"
 	"testing"
 	"time"
 
@@ -103,5 +104,22 @@ func TestTree(t *testing.T) {
 	}
 	if got := driver.Tree(nil); len(got) != 0 {
 		t.Fatalf("Tree(nil): %v", got)
+	}
+}
+
+// TestSortByName: virsh's name order folds ASCII case only, and names
+// equal but for case keep the list's order.
+func TestSortByName(t *testing.T) {
+	var list []*driver.Snapshot
+	for _, name := range []string{"b", "a", "É", "B", "A", "é", "_"} {
+		list = append(list, &driver.Snapshot{Name: name})
+	}
+	driver.SortByName(list)
+	var got []string
+	for _, s := range list {
+		got = append(got, s.Name)
+	}
+	if want := []string{"_", "a", "A", "b", "B", "É", "é"}; !slices.Equal(got, want) {
+		t.Fatalf("SortByName: %v, want %v", got, want)
 	}
 }

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"libvirt.org/go/libvirtxml"
+
+	"github.com/xlsnap/xlsnap/storage/storagetest"
 )
 
 // TestCrashDefinitionStep kills the command (SIGKILL) at every point an
@@ -232,17 +234,7 @@ func TestPendingNeverWedges(t *testing.T) {
 }
 
 // files lists the folder's names.
-func (c *cli) files() []string {
-	entries, err := os.ReadDir(c.dir)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	var out []string
-	for _, e := range entries {
-		out = append(out, e.Name())
-	}
-	return out
-}
+func (c *cli) files() []string { return storagetest.Files(c.t, c.dir) }
 
 func slicesEqual(a, b []string) bool { return strings.Join(a, "\x00") == strings.Join(b, "\x00") }
 

@@ -20,20 +20,26 @@ type cli struct {
 	state string
 }
 
-func newCLI(t *testing.T) *cli {
+// newCLI is a folder source holding domain vm with disks xvda and xvdb.
+func newCLI(t *testing.T) *cli { return newDomainFolder(t, "vm", "vm-xvda.qcow2", "vm-xvdb.qcow2") }
+
+// newDomainFolder makes a folder source holding one shut-off Xen domain,
+// name, whose disks xvda, xvdb, ... are new 16 MiB qcow2 images named
+// images in the folder.
+func newDomainFolder(t *testing.T, name string, images ...string) *cli {
 	dir, err := filepath.EvalSymlinks(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := &cli{t: t, dir: dir, state: t.TempDir()}
-	for _, disk := range []string{"xvda", "xvdb"} {
-		qemuImg(t, "create", "-q", "-f", "qcow2", c.path("vm-"+disk+".qcow2"), "16M")
+	var disks strings.Builder
+	for i, img := range images {
+		qemuImg(t, "create", "-q", "-f", "qcow2", c.path(img), "16M")
+		fmt.Fprintf(&disks, "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='%s'/><target dev='xvd%c'/></disk>\n", c.path(img), 'a'+i)
 	}
-	def := fmt.Sprintf(`<domain type='xen'><name>vm</name><memory>262144</memory><os><type>linux</type></os><devices>
-<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='%s'/><target dev='xvda'/></disk>
-<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='%s'/><target dev='xvdb'/></disk>
-</devices></domain>`, c.path("vm-xvda.qcow2"), c.path("vm-xvdb.qcow2"))
-	if err := os.WriteFile(c.path("vm.xml"), []byte(def), 0o644); err != nil {
+	def := fmt.Sprintf(`<domain type='xen'><name>%s</name><memory>262144</memory><os><type>linux</type></os><devices>
+%s</devices></domain>`, name, disks.String())
+	if err := os.WriteFile(c.path(name+".xml"), []byte(def), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	return c

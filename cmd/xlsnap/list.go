@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"slices"
 	"strings"
 	"unicode/utf8"
 
@@ -104,21 +103,9 @@ func (o *listOpts) collect(ctx context.Context, d *driver.Driver) ([]*driver.Sna
 		list = append(list, kids...)
 	}
 	if !o.topological {
-		slices.SortStableFunc(list, func(a, b *driver.Snapshot) int {
-			return strings.Compare(asciiLower(a.Name), asciiLower(b.Name))
-		})
+		driver.SortByName(list)
 	}
 	return list, nil
-}
-
-// asciiLower folds as strcasecmp does in the C locale: ASCII letters only.
-func asciiLower(s string) string {
-	return strings.Map(func(r rune) rune {
-		if 'A' <= r && r <= 'Z' {
-			return r + 'a' - 'A'
-		}
-		return r
-	}, s)
 }
 
 func (a *app) listCmd() *cobra.Command {

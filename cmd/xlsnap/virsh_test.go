@@ -231,21 +231,7 @@ func virshQuery(t *testing.T, virsh string, cmds []string) result {
 
 // newTestDomain is a folder source holding a shut-off domain "test" with
 // one qcow2 disk: internal snapshots, as the test driver takes.
-func newTestDomain(t *testing.T) *cli {
-	dir, err := filepath.EvalSymlinks(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := &cli{t: t, dir: dir, state: t.TempDir()}
-	qemuImg(t, "create", "-q", "-f", "qcow2", c.path("test.qcow2"), "16M")
-	def := fmt.Sprintf(`<domain type='xen'><name>test</name><memory>262144</memory><os><type>linux</type></os><devices>
-<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='%s'/><target dev='xvda'/></disk>
-</devices></domain>`, c.path("test.qcow2"))
-	if err := os.WriteFile(c.path("test.xml"), []byte(def), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return c
-}
+func newTestDomain(t *testing.T) *cli { return newDomainFolder(t, "test", "test.qcow2") }
 
 func (c *cli) run(command string) result {
 	c.t.Helper()

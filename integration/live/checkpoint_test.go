@@ -2,7 +2,6 @@ package live
 
 import (
 	"errors"
-	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -12,9 +11,7 @@ import (
 	lv "libvirt.org/go/libvirt"
 
 	"github.com/xlsnap/xlsnap/driver"
-	"github.com/xlsnap/xlsnap/driver/libvirtsource"
 	"github.com/xlsnap/xlsnap/errdefs"
-	xlvirt "github.com/xlsnap/xlsnap/xenlight/libvirt"
 )
 
 // TestRunningDefaultIsCheckpoint: a snapshot of a running domain with no
@@ -25,19 +22,7 @@ import (
 func TestRunningDefaultIsCheckpoint(t *testing.T) {
 	e := newEnv(t)
 	e.write("xvda", 0x71, 0)
-	files := func() []string {
-		t.Helper()
-		entries, err := os.ReadDir(e.dir)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var out []string
-		for _, en := range entries {
-			out = append(out, en.Name())
-		}
-		return out
-	}
-	before := files()
+	before := e.files()
 	for _, doc := range []string{
 		"<domainsnapshot><name>c1</name></domainsnapshot>",
 		"<domainsnapshot><name>c1</name><memory snapshot='internal'/></domainsnapshot>",
@@ -47,7 +32,7 @@ func TestRunningDefaultIsCheckpoint(t *testing.T) {
 			t.Fatalf("%s on a bare device model: %v (code %d), want ErrLiveUnsupported (84)", doc, err, errdefs.CodeOf(err))
 		}
 	}
-	if after := files(); !slices.Equal(after, before) {
+	if after := e.files(); !slices.Equal(after, before) {
 		t.Fatalf("the refused checkpoint changed the folder: %v -> %v", before, after)
 	}
 	if list, err := e.d.ListAllSnapshots(e.ctx, "vm", 0); err != nil || len(list) != 0 {
@@ -70,27 +55,7 @@ func TestDefaultCheckpointThroughLibvirt(t *testing.T) {
 	pool := t.TempDir()
 	img := filepath.Join(pool, "ck-vda.qcow2")
 	sh(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "16M")
-	src, err := libvirtsource.Open("test:///default")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
-	name := fmt.Sprintf("ckvm%d", os.Getpid())
-	dom, err := src.Conn().DomainDefineXML(fmt.Sprintf(`<domain type='test'><name>%s</name><memory>131072</memory><os><type>hvm</type></os><devices>
-<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='%s'/><target dev='vda'/></disk>
-</devices></domain>`, name, img))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { dom.Destroy(); dom.Undefine(); dom.Free() }()
-	if err := dom.Create(); err != nil {
-		t.Fatal(err)
-	}
-	d, err := driver.Open(t.Context(), driver.Config{StateDir: t.TempDir(), Source: src, Pools: []string{pool}, Hypervisor: xlvirt.New(src.Conn())})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	name, dom, d := runningTestDomain(t, "ckvm", pool, img)
 	snap, err := d.SnapshotCreateXML(t.Context(), name, "<domainsnapshot><name>c1</name></domainsnapshot>", 0)
 	if err != nil {
 		t.Fatal(err)

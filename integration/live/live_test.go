@@ -82,6 +82,12 @@ func newEnv(t *testing.T) *env {
 
 func (e *env) path(name string) string { return filepath.Join(e.dir, name) }
 
+// files names what the folder holds.
+func (e *env) files() []string {
+	e.t.Helper()
+	return storagetest.Files(e.t, e.dir)
+}
+
 // node is the device model's top node of a disk (by its recorded image).
 func (e *env) chains() []xenlight.DiskChain {
 	e.t.Helper()
@@ -285,19 +291,7 @@ func TestLiveInternalSnapshot(t *testing.T) {
 func TestFailedTransactionLeavesNothing(t *testing.T) {
 	e := newEnv(t)
 	e.write("xvda", 0x41, 0)
-	names := func() []string {
-		t.Helper()
-		entries, err := os.ReadDir(e.dir)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var out []string
-		for _, en := range entries {
-			out = append(out, en.Name())
-		}
-		return out
-	}
-	before := names()
+	before := e.files()
 	if err := os.Mkdir(e.path("ro"), 0o500); err != nil {
 		t.Fatal(err)
 	}
@@ -311,7 +305,7 @@ func TestFailedTransactionLeavesNothing(t *testing.T) {
 	if err := os.Remove(e.path("ro")); err != nil {
 		t.Fatal(err)
 	}
-	if after := names(); !slices.Equal(after, before) {
+	if after := e.files(); !slices.Equal(after, before) {
 		t.Fatalf("files left behind: %v -> %v", before, after)
 	}
 	if list, err := e.d.ListAllSnapshots(e.ctx, "vm", 0); err != nil || len(list) != 0 {

@@ -16,6 +16,38 @@ import (
 	xlvirt "github.com/xlsnap/xlsnap/xenlight/libvirt"
 )
 
+// runningTestDomain defines and starts, on libvirt's test driver, a
+// domain named prefix and this process's id whose one disk vda is the
+// qcow2 image img, and opens a driver on it with pool as its storage
+// pool; the driver, the domain and the connection are closed when the
+// test ends.
+func runningTestDomain(t *testing.T, prefix, pool, img string) (string, *lv.Domain, *driver.Driver) {
+	t.Helper()
+	src, err := libvirtsource.Open("test:///default")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { src.Close() })
+	name := fmt.Sprintf("%s%d", prefix, os.Getpid())
+	def := fmt.Sprintf(`<domain type='test'><name>%s</name><memory>131072</memory><os><type>hvm</type></os><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='%s'/><target dev='vda'/></disk>
+</devices></domain>`, name, img)
+	dom, err := src.Conn().DomainDefineXML(def)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dom.Destroy(); dom.Undefine(); dom.Free() })
+	if err := dom.Create(); err != nil {
+		t.Fatal(err)
+	}
+	d, err := driver.Open(context.Background(), driver.Config{StateDir: t.TempDir(), Source: src, Pools: []string{pool}, Hypervisor: xlvirt.New(src.Conn())})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	return name, dom, d
+}
+
 // TestMemorySnapshotThroughLibvirt takes a memory + disk snapshot of a
 // running domain on libvirt's test driver, whose save always stops the
 // domain: save, snapshot the disks, restore onto the new overlays. The
@@ -28,30 +60,7 @@ func TestMemorySnapshotThroughLibvirt(t *testing.T) {
 	img := filepath.Join(pool, "mem-vda.qcow2")
 	sh(t, "qemu-img", "create", "-q", "-f", "qcow2", img, "16M")
 	sh(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 1M", img)
-
-	src, err := libvirtsource.Open("test:///default")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
-	name := fmt.Sprintf("memvm%d", os.Getpid())
-	def := fmt.Sprintf(`<domain type='test'><name>%s</name><memory>131072</memory><os><type>hvm</type></os><devices>
-<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='%s'/><target dev='vda'/></disk>
-</devices></domain>`, name, img)
-	dom, err := src.Conn().DomainDefineXML(def)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { dom.Destroy(); dom.Undefine(); dom.Free() }()
-	if err := dom.Create(); err != nil {
-		t.Fatal(err)
-	}
-	h := xlvirt.New(src.Conn())
-	d, err := driver.Open(ctx, driver.Config{StateDir: t.TempDir(), Source: src, Pools: []string{pool}, Hypervisor: h})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	name, dom, d := runningTestDomain(t, "memvm", pool, img)
 
 	mem := filepath.Join(pool, "mem.s1")
 	snap, err := d.SnapshotCreateXML(ctx, name, fmt.Sprintf(`<domainsnapshot><name>s1</name>

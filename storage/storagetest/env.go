@@ -202,9 +202,16 @@ func (e *Env) ExpectChain(domain, disk string, want ...string) {
 // PoolFiles lists the files in the pool.
 func (e *Env) PoolFiles() []string {
 	e.T.Helper()
-	entries, err := os.ReadDir(e.Pool)
+	return Files(e.T, e.Pool)
+}
+
+// Files names what dir holds, in order, so a test can say that a
+// refused or failed call left a folder as it was.
+func Files(tb testing.TB, dir string) []string {
+	tb.Helper()
+	entries, err := os.ReadDir(dir)
 	if err != nil {
-		e.T.Fatal(err)
+		tb.Fatal(err)
 	}
 	var out []string
 	for _, en := range entries {

@@ -35,21 +35,7 @@ func TestSessionDaemonCheckpoints(t *testing.T) {
 			}
 		}
 	}
-	def := `<domain type='qemu'>
-  <name>ckpt</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='` + img + `'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-  </devices>
-</domain>`
-	dom, err := h.Conn().DomainDefineXML(def)
+	dom, err := h.Conn().DomainDefineXML(xlvirt.QEMUDomainXML("ckpt", "6d2e8b47-3a91-4c5f-8e07-b1c4d9f2a365", img))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -130,6 +130,27 @@ func chown(t *testing.T, dir string) {
 	}
 }
 
+// qemuDomainXML defines a QEMU domain small enough for a session daemon
+// under TCG (64 MiB, one vCPU): name, with uuid, whose one disk, vda, is
+// the qcow2 image disk.
+func qemuDomainXML(name, uuid, disk string) string {
+	return `<domain type='qemu'>
+  <name>` + name + `</name>
+  <uuid>` + uuid + `</uuid>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='` + disk + `'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>`
+}
+
 // TestSessionDaemon runs the save/restore hazard on a real QEMU domain:
 // a restore with a repointed disk must leave QEMU writing to the new
 // overlay, not to the image the domain was saved with.
@@ -148,21 +169,8 @@ func TestSessionDaemon(t *testing.T) {
 	if os.Getuid() == 0 {
 		chown(t, dir)
 	}
-	def := `<domain type='qemu'>
-  <name>sess1</name>
-  <uuid>1f9c5e4a-7b7e-4f59-9a55-0d1f4b6c9e21</uuid>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='` + oldDisk + `'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-  </devices>
-</domain>`
+	// The restore's definition must carry the saved domain's uuid.
+	def := qemuDomainXML("sess1", "1f9c5e4a-7b7e-4f59-9a55-0d1f4b6c9e21", oldDisk)
 	dom, err := h.Conn().DomainCreateXML(def, 0)
 	if err != nil {
 		t.Fatal(err)
