@@ -37,6 +37,15 @@ func sessionLibvirtd(t *testing.T) string {
 		t.Fatal(err)
 	}
 	os.Chmod(dir, 0o755)
+	// QEMU's output straight to a file: no virtlogd, which the daemon
+	// would otherwise start and leave running after it is killed.
+	conf := filepath.Join(dir, ".config", "libvirt")
+	if err := os.MkdirAll(conf, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(conf, "qemu.conf"), []byte("stdio_handler = \"file\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	env := []string{"HOME=" + dir, "XDG_RUNTIME_DIR=" + dir + "/run", "XDG_CONFIG_HOME=" + dir + "/.config",
 		"XDG_CACHE_HOME=" + dir + "/.cache", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
 	args := []string{"libvirtd", "--timeout=120"} // exits on its own if the test dies
@@ -79,29 +88,13 @@ func sessionLibvirtd(t *testing.T) string {
 	}
 }
 
-// TestServeRelay puts `xlsnap serve --upstream` in front of a session
-// libvirtd (its test driver): the domain calls are the daemon's,
-// relayed; the snapshot calls are the driver's, over a connection to the
-// same daemon. It logs virsh's whole-process time through the relay
-// against the daemon directly.
-func TestServeRelay(t *testing.T) {
-	upstream := sessionLibvirtd(t)
-	dir, err := filepath.EvalSymlinks(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	img := filepath.Join(dir, "web.qcow2")
-	qemuImg(t, "create", "-q", "-f", "qcow2", img, "16M")
-	serveQemuIO(t, img, "write -P 0x11 0 64k")
-	def := filepath.Join(dir, "web.xml")
-	if err := os.WriteFile(def, fmt.Appendf(nil, `<domain type='test'><name>web</name><memory>262144</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os><devices>
-<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='%s'/><target dev='vda' bus='virtio'/></disk>
-</devices></domain>`, img), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(dir, "relay.sock")
-	srv := exec.Command(os.Args[0], "--connect", "test+unix:///default?socket="+upstream, "--state-dir", t.TempDir(),
-		"--pool", dir, "serve", "--socket", sock, "--upstream", upstream)
+// startRelay runs `xlsnap --connect connect --pool pool serve --upstream
+// upstream` on a socket in pool and returns the socket once it answers.
+func startRelay(t *testing.T, connect, upstream, pool string) string {
+	t.Helper()
+	sock := filepath.Join(pool, "relay.sock")
+	srv := exec.Command(os.Args[0], "--connect", connect, "--state-dir", t.TempDir(),
+		"--pool", pool, "serve", "--socket", sock, "--upstream", upstream)
 	srv.Env = append(os.Environ(), "XLSNAP_RUN_MAIN=1")
 	var logs bytes.Buffer
 	srv.Stdout, srv.Stderr = &logs, &logs
@@ -124,6 +117,30 @@ func TestServeRelay(t *testing.T) {
 			t.Fatalf("no relay socket:\n%s", &logs)
 		}
 	}
+	return sock
+}
+
+// TestServeRelay puts `xlsnap serve --upstream` in front of a session
+// libvirtd (its test driver): the domain calls are the daemon's,
+// relayed; the snapshot calls are the driver's, over a connection to the
+// same daemon. It logs virsh's whole-process time through the relay
+// against the daemon directly.
+func TestServeRelay(t *testing.T) {
+	upstream := sessionLibvirtd(t)
+	dir, err := filepath.EvalSymlinks(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := filepath.Join(dir, "web.qcow2")
+	qemuImg(t, "create", "-q", "-f", "qcow2", img, "16M")
+	serveQemuIO(t, img, "write -P 0x11 0 64k")
+	def := filepath.Join(dir, "web.xml")
+	if err := os.WriteFile(def, fmt.Appendf(nil, `<domain type='test'><name>web</name><memory>262144</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='%s'/><target dev='vda' bus='virtio'/></disk>
+</devices></domain>`, img), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sock := startRelay(t, "test+unix:///default?socket="+upstream, upstream, dir)
 	// The relay's socket is the daemon's user's, with the daemon's mode.
 	want, _ := os.Stat(upstream)
 	got, _ := os.Stat(sock)
