@@ -199,3 +199,74 @@ func TestServeRelay(t *testing.T) {
 	t.Logf("virsh list, whole process, mean of %d: direct %v, through xlsnap serve %v (%.2fx)",
 		runs, direct/runs, relayed/runs, float64(relayed)/float64(direct))
 }
+
+// TestServeRelayPeerCredentials runs the stock virsh as users other than
+// the test's (root) against a relay in front of a session daemon, whose
+// socket is its user's only: that user is served, another user is
+// refused by the relay as by the daemon, and still refused by the
+// relay's own check of SO_PEERCRED once its socket is opened to all with
+// chmod. A session daemon makes no read-only socket (libvirtd creates
+// PATH-ro only when privileged), so --socket-ro in front of it fails at
+// start rather than relay read-only clients to a read-write socket.
+func TestServeRelayPeerCredentials(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("not root: cannot run clients as other users")
+	}
+	if _, err := exec.LookPath("setpriv"); err != nil {
+		t.Skip("no setpriv: cannot run clients as other users")
+	}
+	upstream := sessionLibvirtd(t)
+	// Every user must reach the sockets' folder; only the sockets' own
+	// rules decide.
+	dir, err := os.MkdirTemp("", "xlsnap-relayc-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	connect := "test+unix:///default?socket=" + upstream
+	sock := startRelay(t, connect, upstream, dir)
+	const other = 4321 // a uid and gid no one on the machine uses
+	virshAs := func(uid int, sock string) (string, error) {
+		cmd := exec.Command("setpriv", fmt.Sprintf("--reuid=%d", uid), fmt.Sprintf("--regid=%d", uid), "--clear-groups",
+			"virsh", "-c", "test+unix:///default?socket="+sock, "list", "--all")
+		cmd.Env = []string{"HOME=" + dir, "PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	for _, c := range []struct {
+		who  string
+		uid  int
+		sock string
+		ok   bool
+	}{
+		{"the daemon's user, directly", relayNobody, upstream, true},
+		{"the daemon's user, relayed", relayNobody, sock, true},
+		{"another user, directly", other, upstream, false},
+		{"another user, relayed", other, sock, false},
+	} {
+		out, err := virshAs(c.uid, c.sock)
+		if ok := err == nil && strings.Contains(out, "test   running"); ok != c.ok {
+			t.Errorf("%s: served %v, want %v: %v\n%s", c.who, ok, c.ok, err, out)
+		}
+	}
+	// The file's mode no longer stops anyone; the peer check still does.
+	if err := os.Chmod(sock, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := virshAs(other, sock); err == nil || !strings.Contains(out, "failed to connect to the hypervisor") {
+		t.Errorf("another user after chmod 0777: %v\n%s", err, out)
+	}
+	if out, err := virshAs(relayNobody, sock); err != nil {
+		t.Errorf("the daemon's user after chmod 0777: %v\n%s", err, out)
+	}
+
+	cmd := exec.Command(os.Args[0], "--connect", connect, "--state-dir", t.TempDir(), "--pool", dir,
+		"serve", "--socket-ro", filepath.Join(dir, "ro.sock"), "--upstream", upstream)
+	cmd.Env = append(os.Environ(), "XLSNAP_RUN_MAIN=1")
+	if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "upstream read-only socket: stat "+upstream+"-ro: no such file") {
+		t.Errorf("--socket-ro in front of a daemon without a read-only socket: %v\n%s", err, out)
+	}
+}
