@@ -20,7 +20,7 @@ const relayNobody = 65534
 
 // sessionLibvirtd starts a private libvirtd session daemon (its own HOME
 // and sockets in a temporary folder) and returns its socket.
-func sessionLibvirtd(t *testing.T) string {
+func sessionLibvirtd(t testing.TB) string {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("-short: no libvirtd session daemon")
@@ -90,7 +90,7 @@ func sessionLibvirtd(t *testing.T) string {
 
 // startRelay runs `xlsnap --connect connect --pool pool serve --upstream
 // upstream` on a socket in pool and returns the socket once it answers.
-func startRelay(t *testing.T, connect, upstream, pool string) string {
+func startRelay(t testing.TB, connect, upstream, pool string) string {
 	t.Helper()
 	sock := filepath.Join(pool, "relay.sock")
 	srv := exec.Command(os.Args[0], "--connect", connect, "--state-dir", t.TempDir(),
@@ -269,4 +269,23 @@ func TestServeRelayPeerCredentials(t *testing.T) {
 	if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "upstream read-only socket: stat "+upstream+"-ro: no such file") {
 		t.Errorf("--socket-ro in front of a daemon without a read-only socket: %v\n%s", err, out)
 	}
+}
+
+// BenchmarkRelayList is the latency xlsnap serve adds to a relayed call:
+// the stock `virsh list`, the whole client process (median), against a
+// session daemon directly ("native") and through the relay ("relay"),
+// so make bench prints relay ÷ direct (the goal of issue #16: ≤ 1.1×).
+func BenchmarkRelayList(b *testing.B) {
+	if _, err := exec.LookPath("virsh"); err != nil {
+		b.Skip("virsh is not installed")
+	}
+	upstream := sessionLibvirtd(b)
+	dir, err := os.MkdirTemp("", "xlsnap-relayb-")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { os.RemoveAll(dir) })
+	sock := startRelay(b, "test+unix:///default?socket="+upstream, upstream, dir)
+	b.Run("native", func(b *testing.B) { benchProcess(b, "virsh", "-c", "test+unix:///default?socket="+upstream, "list") })
+	b.Run("relay", func(b *testing.B) { benchProcess(b, "virsh", "-c", "test+unix:///default?socket="+sock, "list") })
 }
