@@ -234,10 +234,23 @@ func TestServeRelayQEMU(t *testing.T) {
 		t.Fatalf("after deleting s2: %q", out)
 	}
 	serveQemuIO(t, activeImage(), "read -P 0x11 0 64k")
-	// The reverted definition starts, reading s1's data.
+	// The reverted definition starts, reading s1's data; a snapshot
+	// taken and deleted while it runs merges through a block job on the
+	// second monitor, and the domain runs on.
 	virsh("start", "live")
 	events("live 4 0", "live 2 0")
+	before := activeImage()
+	virsh("snapshot-create-as", "live", "s3", "--disk-only")
+	guestWrite("0x44")
+	virsh("snapshot-delete", "live", "s3")
+	if out := virsh("domstate", "live"); out != "running\n\n" {
+		t.Fatalf("the domain is %q after a live delete", out)
+	}
+	if got := deviceModelChain(t, monitor); len(got) == 0 || got[0] != activeImage() {
+		t.Fatalf("after the live delete the device model reads %v, the definition names %s (before s3: %s)", got, activeImage(), before)
+	}
 	virsh("destroy", "live")
 	events("live 5 1")
-	serveQemuIO(t, activeImage(), "read -P 0x11 0 64k")
+	// The write made on s3's overlay outlives its merge.
+	serveQemuIO(t, activeImage(), "read -P 0x44 0 64k")
 }
