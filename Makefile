@@ -71,7 +71,7 @@ fuzz: deps
 test: lint unit fuzz-short install-check
 
 bench: deps
-	set -o pipefail; $(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) ./chain/ ./storage/ ./integration/live/ ./cmd/xlsnap/ | scripts/benchtable.sh
+	set -o pipefail; $(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) ./chain/ ./storage/ ./integration/live/ ./serve/ ./cmd/xlsnap/ | scripts/benchtable.sh
 
 # A long kill campaign: CRASHOPS random operations killed at random
 # moments (make test runs 24), then every named crash point.

@@ -33,9 +33,9 @@ import (
 // <domain>), as libvirt's QEMU driver refuses it; ErrOperationInvalid
 // (55) with FORCE when such a snapshot records no memory and no disk
 // either, as the revert would change nothing; ErrNoSnapshot
-// (VIR_ERR_NO_DOMAIN_SNAPSHOT, 72); ErrOperationInvalid
-// (VIR_ERR_OPERATION_INVALID, 55) for an active domain without FORCE when
-// the snapshot holds no memory; ErrLiveUnsupported
+// (VIR_ERR_NO_DOMAIN_SNAPSHOT, 72); ErrRevertRisky (77) for an active
+// domain without FORCE when the snapshot holds no memory (the revert
+// stops it); ErrLiveUnsupported
 // (VIR_ERR_OPERATION_UNSUPPORTED, 84) for RUNNING or PAUSED without
 // memory and for memory the back end cannot restore; ErrChainBroken
 // (VIR_ERR_OPERATION_FAILED, 9) for a missing memory or state image and
@@ -100,9 +100,11 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 	}
 	active := v.src.State.Active()
 	if active {
+		// REVERT_RISKY, not OPERATION_INVALID: virsh's snapshot-revert
+		// --force retries with FORCE only after that code.
 		if snap.Memory == "" && flags&RevertForce == 0 {
 			return fmt.Errorf("%w: %s is %s and snapshot %s holds no memory: reverting would stop it (use FORCE)",
-				ErrOperationInvalid, domain, v.src.State, name)
+				ErrRevertRisky, domain, v.src.State, name)
 		}
 		if d.h == nil {
 			return fmt.Errorf("%w: stopping %s domain %s for a revert needs a hypervisor back end", ErrLiveUnsupported, v.src.State, domain)

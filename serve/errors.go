@@ -74,6 +74,7 @@ var prefixes = map[errdefs.Code]string{
 	errdefs.CodeOperationTimeout:     "Timed out during operation: ",
 	errdefs.CodeInvalidSnapshot:      "Invalid domain snapshot: ",
 	errdefs.CodeNoDomainSnapshot:     "Domain snapshot not found: ",
+	errdefs.CodeSnapshotRevertRisky:  "revert requires force: ",
 	errdefs.CodeArgumentUnsupported:  "argument unsupported: ",
 	errdefs.CodeOperationAborted:     "operation aborted: ",
 	errdefs.CodeOperationUnsupported: "Operation not supported: ",

@@ -40,7 +40,15 @@ const testDomainXML = `<domain type='xen'>
 
 // testServer serves a folder with one domain, web, on a read-write and a
 // read-only socket; it returns their paths.
-func testServer(t *testing.T) (rw, ro string) {
+func testServer(t testing.TB) (rw, ro string) {
+	t.Helper()
+	rw, ro, _ = testServerDriver(t)
+	return rw, ro
+}
+
+// testServerDriver is testServer that also returns the driver it serves,
+// for calls made directly beside those through the socket.
+func testServerDriver(t testing.TB) (rw, ro string, d *driver.Driver) {
 	t.Helper()
 	dir := t.TempDir()
 	img := filepath.Join(dir, "web.qcow2")
@@ -54,7 +62,7 @@ func testServer(t *testing.T) (rw, ro string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d, err := driver.Open(context.Background(), driver.Config{StateDir: t.TempDir(), Source: src})
+	d, err = driver.Open(context.Background(), driver.Config{StateDir: t.TempDir(), Source: src})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,11 +81,11 @@ func testServer(t *testing.T) (rw, ro string) {
 		t.Cleanup(func() { l.Close() })
 	}
 	t.Cleanup(func() { srv.Close(); d.Close() })
-	return rw, ro
+	return rw, ro, d
 }
 
 // goClient is go-libvirt's own client on path, opened.
-func goClient(t *testing.T, path string) *libvirt.Libvirt {
+func goClient(t testing.TB, path string) *libvirt.Libvirt {
 	t.Helper()
 	l := libvirt.NewWithDialer(dialers.NewLocal(dialers.WithSocket(path)))
 	if err := l.ConnectToURI(libvirt.XenSystem); err != nil {

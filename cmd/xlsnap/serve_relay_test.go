@@ -20,7 +20,7 @@ const relayNobody = 65534
 
 // sessionLibvirtd starts a private libvirtd session daemon (its own HOME
 // and sockets in a temporary folder) and returns its socket.
-func sessionLibvirtd(t *testing.T) string {
+func sessionLibvirtd(t testing.TB) string {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("-short: no libvirtd session daemon")
@@ -37,6 +37,15 @@ func sessionLibvirtd(t *testing.T) string {
 		t.Fatal(err)
 	}
 	os.Chmod(dir, 0o755)
+	// QEMU's output straight to a file: no virtlogd, which the daemon
+	// would otherwise start and leave running after it is killed.
+	conf := filepath.Join(dir, ".config", "libvirt")
+	if err := os.MkdirAll(conf, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(conf, "qemu.conf"), []byte("stdio_handler = \"file\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	env := []string{"HOME=" + dir, "XDG_RUNTIME_DIR=" + dir + "/run", "XDG_CONFIG_HOME=" + dir + "/.config",
 		"XDG_CACHE_HOME=" + dir + "/.cache", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
 	args := []string{"libvirtd", "--timeout=120"} // exits on its own if the test dies
@@ -79,29 +88,13 @@ func sessionLibvirtd(t *testing.T) string {
 	}
 }
 
-// TestServeRelay puts `xlsnap serve --upstream` in front of a session
-// libvirtd (its test driver): the domain calls are the daemon's,
-// relayed; the snapshot calls are the driver's, over a connection to the
-// same daemon. It logs virsh's whole-process time through the relay
-// against the daemon directly.
-func TestServeRelay(t *testing.T) {
-	upstream := sessionLibvirtd(t)
-	dir, err := filepath.EvalSymlinks(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	img := filepath.Join(dir, "web.qcow2")
-	qemuImg(t, "create", "-q", "-f", "qcow2", img, "16M")
-	serveQemuIO(t, img, "write -P 0x11 0 64k")
-	def := filepath.Join(dir, "web.xml")
-	if err := os.WriteFile(def, fmt.Appendf(nil, `<domain type='test'><name>web</name><memory>262144</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os><devices>
-<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='%s'/><target dev='vda' bus='virtio'/></disk>
-</devices></domain>`, img), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(dir, "relay.sock")
-	srv := exec.Command(os.Args[0], "--connect", "test+unix:///default?socket="+upstream, "--state-dir", t.TempDir(),
-		"--pool", dir, "serve", "--socket", sock, "--upstream", upstream)
+// startRelay runs `xlsnap --connect connect --pool pool serve --upstream
+// upstream` on a socket in pool and returns the socket once it answers.
+func startRelay(t testing.TB, connect, upstream, pool string) string {
+	t.Helper()
+	sock := filepath.Join(pool, "relay.sock")
+	srv := exec.Command(os.Args[0], "--connect", connect, "--state-dir", t.TempDir(),
+		"--pool", pool, "serve", "--socket", sock, "--upstream", upstream)
 	srv.Env = append(os.Environ(), "XLSNAP_RUN_MAIN=1")
 	var logs bytes.Buffer
 	srv.Stdout, srv.Stderr = &logs, &logs
@@ -124,6 +117,30 @@ func TestServeRelay(t *testing.T) {
 			t.Fatalf("no relay socket:\n%s", &logs)
 		}
 	}
+	return sock
+}
+
+// TestServeRelay puts `xlsnap serve --upstream` in front of a session
+// libvirtd (its test driver): the domain calls are the daemon's,
+// relayed; the snapshot calls are the driver's, over a connection to the
+// same daemon. It logs virsh's whole-process time through the relay
+// against the daemon directly.
+func TestServeRelay(t *testing.T) {
+	upstream := sessionLibvirtd(t)
+	dir, err := filepath.EvalSymlinks(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := filepath.Join(dir, "web.qcow2")
+	qemuImg(t, "create", "-q", "-f", "qcow2", img, "16M")
+	serveQemuIO(t, img, "write -P 0x11 0 64k")
+	def := filepath.Join(dir, "web.xml")
+	if err := os.WriteFile(def, fmt.Appendf(nil, `<domain type='test'><name>web</name><memory>262144</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='%s'/><target dev='vda' bus='virtio'/></disk>
+</devices></domain>`, img), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sock := startRelay(t, "test+unix:///default?socket="+upstream, upstream, dir)
 	// The relay's socket is the daemon's user's, with the daemon's mode.
 	want, _ := os.Stat(upstream)
 	got, _ := os.Stat(sock)
@@ -181,4 +198,96 @@ func TestServeRelay(t *testing.T) {
 	}
 	t.Logf("virsh list, whole process, mean of %d: direct %v, through xlsnap serve %v (%.2fx)",
 		runs, direct/runs, relayed/runs, float64(relayed)/float64(direct))
+}
+
+// TestServeRelayPeerCredentials runs the stock virsh as users other than
+// the test's (root) against a relay in front of a session daemon, whose
+// socket is its user's only: that user is served, another user is
+// refused by the relay as by the daemon, and still refused by the
+// relay's own check of SO_PEERCRED once its socket is opened to all with
+// chmod. A session daemon makes no read-only socket (libvirtd creates
+// PATH-ro only when privileged), so --socket-ro in front of it fails at
+// start rather than relay read-only clients to a read-write socket.
+func TestServeRelayPeerCredentials(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("not root: cannot run clients as other users")
+	}
+	if _, err := exec.LookPath("setpriv"); err != nil {
+		t.Skip("no setpriv: cannot run clients as other users")
+	}
+	upstream := sessionLibvirtd(t)
+	// Every user must reach the sockets' folder; only the sockets' own
+	// rules decide.
+	dir, err := os.MkdirTemp("", "xlsnap-relayc-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	connect := "test+unix:///default?socket=" + upstream
+	sock := startRelay(t, connect, upstream, dir)
+	const other = 4321 // a uid and gid no one on the machine uses
+	virshAs := func(uid int, sock string) (string, error) {
+		cmd := exec.Command("setpriv", fmt.Sprintf("--reuid=%d", uid), fmt.Sprintf("--regid=%d", uid), "--clear-groups",
+			"virsh", "-c", "test+unix:///default?socket="+sock, "list", "--all")
+		cmd.Env = []string{"HOME=" + dir, "PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	for _, c := range []struct {
+		who  string
+		uid  int
+		sock string
+		ok   bool
+	}{
+		{"the daemon's user, directly", relayNobody, upstream, true},
+		{"the daemon's user, relayed", relayNobody, sock, true},
+		{"another user, directly", other, upstream, false},
+		{"another user, relayed", other, sock, false},
+	} {
+		out, err := virshAs(c.uid, c.sock)
+		if ok := err == nil && strings.Contains(out, "test   running"); ok != c.ok {
+			t.Errorf("%s: served %v, want %v: %v\n%s", c.who, ok, c.ok, err, out)
+		}
+	}
+	// The file's mode no longer stops anyone; the peer check still does.
+	if err := os.Chmod(sock, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	// The relay closes the refused connection at once: virsh reports it
+	// or, writing its first call, dies of SIGPIPE.
+	if out, err := virshAs(other, sock); err == nil || strings.Contains(out, "running") {
+		t.Errorf("another user after chmod 0777: %v\n%s", err, out)
+	}
+	if out, err := virshAs(relayNobody, sock); err != nil {
+		t.Errorf("the daemon's user after chmod 0777: %v\n%s", err, out)
+	}
+
+	cmd := exec.Command(os.Args[0], "--connect", connect, "--state-dir", t.TempDir(), "--pool", dir,
+		"serve", "--socket-ro", filepath.Join(dir, "ro.sock"), "--upstream", upstream)
+	cmd.Env = append(os.Environ(), "XLSNAP_RUN_MAIN=1")
+	if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "upstream read-only socket: stat "+upstream+"-ro: no such file") {
+		t.Errorf("--socket-ro in front of a daemon without a read-only socket: %v\n%s", err, out)
+	}
+}
+
+// BenchmarkRelayList is the latency xlsnap serve adds to a relayed call:
+// the stock `virsh list`, the whole client process (median), against a
+// session daemon directly ("native") and through the relay ("relay"),
+// so make bench prints relay ÷ direct (the goal of issue #16: ≤ 1.1×).
+func BenchmarkRelayList(b *testing.B) {
+	if _, err := exec.LookPath("virsh"); err != nil {
+		b.Skip("virsh is not installed")
+	}
+	upstream := sessionLibvirtd(b)
+	dir, err := os.MkdirTemp("", "xlsnap-relayb-")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { os.RemoveAll(dir) })
+	sock := startRelay(b, "test+unix:///default?socket="+upstream, upstream, dir)
+	b.Run("native", func(b *testing.B) { benchProcess(b, "virsh", "-c", "test+unix:///default?socket="+upstream, "list") })
+	b.Run("relay", func(b *testing.B) { benchProcess(b, "virsh", "-c", "test+unix:///default?socket="+sock, "list") })
 }

@@ -328,8 +328,9 @@ func TestLiveRevertAndMemory(t *testing.T) {
 	if !errors.Is(err, errdefs.ErrLiveUnsupported) || driver.Code(err) != driver.ErrNumOperationUnsupported {
 		t.Fatalf("memory snapshot on a bare device model: %v", err)
 	}
-	// Reverting a running domain to a snapshot without memory needs FORCE.
-	if err := e.d.RevertToSnapshot(e.ctx, "vm", "s1", 0); !errors.Is(err, driver.ErrOperationInvalid) {
+	// Reverting a running domain to a snapshot without memory needs FORCE
+	// (REVERT_RISKY, the code after which virsh retries with it).
+	if err := e.d.RevertToSnapshot(e.ctx, "vm", "s1", 0); !errors.Is(err, driver.ErrRevertRisky) {
 		t.Fatalf("revert without FORCE: %v", err)
 	}
 	if err := e.d.RevertToSnapshot(e.ctx, "vm", "s1", driver.RevertForce); err != nil {

@@ -4,7 +4,8 @@
 // lifecycle; this package only pauses, resumes, saves, restores and
 // destroys. Live block operations need the device model's QMP: libvirt's
 // libxl driver leaves it to libxl's socket, which DeviceModel uses; the
-// QEMU driver keeps it to itself.
+// QEMU driver keeps its own to itself, so a QEMU domain needs a second
+// monitor in its definition (QMPSocketOf).
 package libvirt
 
 import (
@@ -17,6 +18,7 @@ import (
 	"sync"
 
 	lv "libvirt.org/go/libvirt"
+	"libvirt.org/go/libvirtxml"
 
 	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/internal/virterr"
@@ -285,23 +287,80 @@ func (h *Hypervisor) Destroy(ctx context.Context, domain string) error {
 }
 
 // DeviceModel connects to the domain's device model where libvirt leaves
-// its monitor free: under libvirt's libxl driver (xen:///system) libxl
+// a monitor free: under libvirt's libxl driver (xen:///system) libxl
 // owns it, at xenlight.LibxlQMPSocket, one command at a time, as
-// xlsnap uses it. Elsewhere it is ErrLiveUnsupported: the QEMU driver owns
-// its monitor and offers no socket to it (qemu-monitor-command passes one
-// command at a time, without events or block jobs).
+// xlsnap uses it. The QEMU driver keeps its monitor to itself
+// (qemu-monitor-command passes one command at a time, without events or
+// block jobs), so a QEMU domain is reached only through a second QMP
+// monitor its definition gives QEMU (see QMPSocketOf).
+//
+// Errors: ErrLiveUnsupported for a QEMU domain without a second monitor
+// (or another driver); libvirt's for a domain it does not know; the
+// socket's for a monitor that does not answer.
 func (h *Hypervisor) DeviceModel(ctx context.Context, domain string) (*qmp.Monitor, error) {
-	if !h.isXen() {
-		return nil, fmt.Errorf("%w: no direct QMP socket to the device model of %s through libvirt", xenlight.ErrLiveUnsupported, domain)
-	}
 	var id uint
+	var desc string
 	err := h.with(ctx, "connecting to the device model of", domain, func(dom *lv.Domain) error {
 		var err error
-		id, err = dom.GetID()
+		if h.isXen() {
+			id, err = dom.GetID()
+		} else {
+			desc, err = dom.GetXMLDesc(0)
+		}
 		return err
 	})
 	if err != nil {
 		return nil, err
 	}
-	return qmp.Dial(ctx, "unix", xenlight.LibxlQMPSocket(uint32(id)))
+	if h.isXen() {
+		return qmp.Dial(ctx, "unix", xenlight.LibxlQMPSocket(uint32(id)))
+	}
+	sock, err := QMPSocketOf(desc)
+	if err != nil {
+		return nil, err
+	}
+	if sock == "" {
+		return nil, fmt.Errorf("%w: no direct QMP socket to the device model of %s through libvirt (give QEMU one with <qemu:commandline> -qmp unix:PATH,server=on,wait=off)", xenlight.ErrLiveUnsupported, domain)
+	}
+	return qmp.Dial(ctx, "unix", sock)
+}
+
+// QMPSocketOf returns the Unix socket of a QMP monitor that a QEMU
+// domain's definition (its live XML) adds beside libvirt's own, with
+// libvirt's command-line passthrough
+// (https://libvirt.org/drvqemu.html#pass-through-of-arbitrary-qemu-commands):
+//
+//	<qemu:commandline>
+//	  <qemu:arg value='-qmp'/>
+//	  <qemu:arg value='unix:/run/xlsnap/web.qmp,server=on,wait=off'/>
+//	</qemu:commandline>
+//
+// or "" when it adds none. QEMU serves several monitors at once and sends
+// every event to each, so block jobs run there as on a device model of
+// xlsnap's own; libvirt marks such a domain tainted (custom-argv), and
+// its live XML keeps naming the disks it started with, while xlsnap
+// rewrites the persistent definition.
+//
+// Errors: the XML's, for a definition that does not parse.
+func QMPSocketOf(desc string) (string, error) {
+	var d libvirtxml.Domain
+	if err := d.Unmarshal(desc); err != nil {
+		return "", fmt.Errorf("reading the domain's definition: %w", err)
+	}
+	if d.QEMUCommandline == nil {
+		return "", nil
+	}
+	args := d.QEMUCommandline.Args
+	for i := 0; i+1 < len(args); i++ {
+		if args[i].Value != "-qmp" {
+			continue
+		}
+		path, ok := strings.CutPrefix(args[i+1].Value, "unix:")
+		if !ok {
+			continue
+		}
+		path, _, _ = strings.Cut(path, ",")
+		return path, nil
+	}
+	return "", nil
 }

@@ -267,3 +267,25 @@ func TestNewLeavesConnectionOpen(t *testing.T) {
 	// test:///default's built-in domain, through the caller's connection.
 	wantState(t, h, "test", xenlight.Running)
 }
+
+// TestQMPSocketOf: the second monitor is found only as -qmp with a Unix
+// socket; anything else (no passthrough, a TCP monitor, a -qmp without
+// its value) is no monitor, and a broken definition is an error.
+func TestQMPSocketOf(t *testing.T) {
+	const ns = `<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>d</name>`
+	for _, c := range []struct{ name, xml, want string }{
+		{"unix", ns + `<qemu:commandline><qemu:arg value='-snapshot'/><qemu:arg value='-qmp'/><qemu:arg value='unix:/run/d.qmp,server=on,wait=off'/></qemu:commandline></domain>`, "/run/d.qmp"},
+		{"bare path", ns + `<qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value='unix:/run/d.qmp'/></qemu:commandline></domain>`, "/run/d.qmp"},
+		{"none", `<domain type='qemu'><name>d</name></domain>`, ""},
+		{"tcp", ns + `<qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value='tcp:localhost:4444,server=on'/></qemu:commandline></domain>`, ""},
+		{"no value", ns + `<qemu:commandline><qemu:arg value='-qmp'/></qemu:commandline></domain>`, ""},
+	} {
+		got, err := QMPSocketOf(c.xml)
+		if err != nil || got != c.want {
+			t.Errorf("%s: %q, %v; want %q", c.name, got, err, c.want)
+		}
+	}
+	if _, err := QMPSocketOf("<domain"); err == nil {
+		t.Error("a broken definition gave no error")
+	}
+}
