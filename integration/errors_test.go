@@ -239,8 +239,9 @@ func TestRunningDomain(t *testing.T) {
 	expectErr(t, err, driver.ErrLiveUnsupported, driver.ErrNumOperationUnsupported)
 	_, err = e.d.CreateSnapshot(e.ctx, e.dom, driver.SnapshotRequest{Name: "s2"}, 0)
 	expectErr(t, err, driver.ErrLiveUnsupported, driver.ErrNumOperationUnsupported)
+	// libvirt: a revert that must stop the guest is "risky" (77) without FORCE.
 	err = e.d.RevertToSnapshot(e.ctx, e.dom, "s1", 0)
-	expectErr(t, err, driver.ErrOperationInvalid, driver.ErrNumOperationInvalid)
+	expectErr(t, err, errdefs.ErrRevertRisky, errdefs.CodeSnapshotRevertRisky)
 	err = e.d.RevertToSnapshot(e.ctx, e.dom, "s1", driver.RevertRunning)
 	expectErr(t, err, driver.ErrLiveUnsupported, driver.ErrNumOperationUnsupported)
 	_, err = e.d.SnapshotDelete(e.ctx, e.dom, "s1", 0)
