@@ -107,6 +107,11 @@ const featureProgramKeepalive = 10
 // connectRO is VIR_CONNECT_RO.
 const connectRO = 1
 
+// domainXMLSecure is VIR_DOMAIN_XML_SECURE: the domain XML with its
+// secrets (graphics passwords), which libvirt prints only when asked and
+// never to a read-only connection (virDomainGetXMLDesc).
+const domainXMLSecure = 1
+
 var handlers map[uint32]handler
 
 func init() {
@@ -230,11 +235,22 @@ func init() {
 			return &libvirt.DomainIsPersistentRet{Persistent: 1}, nil
 		})},
 		procDomainGetXMLDesc: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainGetXMLDescArgs) (any, error) {
+			secure := a.Flags&domainXMLSecure != 0
+			if secure && c.isReadOnly() {
+				return nil, &Error{Code: errdefs.CodeOperationDenied, Domain: fromDomain, Detail: "virDomainGetXMLDesc with secure flag"}
+			}
 			d, err := c.s.domain(ctx, a.Dom.Name)
 			if err != nil {
 				return nil, err
 			}
-			return &libvirt.DomainGetXMLDescRet{XML: d.xml}, nil
+			if secure {
+				return &libvirt.DomainGetXMLDescRet{XML: d.xml}, nil
+			}
+			x, err := driver.HideSecrets(d.xml)
+			if err != nil {
+				return nil, err
+			}
+			return &libvirt.DomainGetXMLDescRet{XML: x}, nil
 		})},
 		procDomainDefineXML: {changes: "virDomainDefineXML", fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainDefineXMLArgs) (any, error) {
 			ref, err := c.s.define(ctx, a.XML)

@@ -24,6 +24,11 @@ func snapshotHandlers() map[uint32]handler {
 			return &libvirt.DomainSnapshotCreateXMLRet{Snap: libvirt.DomainSnapshot{Name: s.Name, Dom: a.Dom}}, nil
 		})},
 		procDomainSnapshotGetXMLDesc: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotGetXMLDescArgs) (any, error) {
+			// The driver leaves secrets out unless asked; a read-only
+			// connection may not ask (virDomainSnapshotGetXMLDesc).
+			if driver.XMLFlags(a.Flags)&driver.XMLSecure != 0 && c.isReadOnly() {
+				return nil, &Error{Code: errdefs.CodeOperationDenied, Domain: fromDomainSnapshot, Detail: "virDomainSnapshotGetXMLDesc with secure flag"}
+			}
 			x, err := c.s.cfg.Driver.SnapshotGetXMLDesc(ctx, a.Snap.Dom.Name, a.Snap.Name, driver.XMLFlags(a.Flags))
 			if err != nil {
 				return nil, lookupError(err, a.Snap.Dom.Name, a.Snap.Name)

@@ -325,3 +325,37 @@ func TestServeConcurrentClients(t *testing.T) {
 	s.ok("snapshot-list", "web", "--tree")
 	serveQemuIO(t, s.activeImage(), "read -P 0x11 0 64k")
 }
+
+// TestServeSecrets: dumpxml and snapshot-dumpxml print a VNC password
+// only with --security-info, as libvirt does, and a read-only
+// connection asking for it is refused as libvirt refuses it.
+func TestServeSecrets(t *testing.T) {
+	s := startServe(t)
+	img := filepath.Join(s.dir, "vnc.qcow2")
+	qemuImg(t, "create", "-q", "-f", "qcow2", img, "16M")
+	def := fmt.Sprintf(`<domain type='xen'><name>vnc</name><uuid>5dea22b3-1d52-d8f3-2516-782e98ab3fa0</uuid><memory>262144</memory><os><type>linux</type></os><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='%s'/><target dev='xvda'/></disk>
+<graphics type='vnc' port='-1' passwd='sesame'/>
+</devices></domain>`, img)
+	if err := os.WriteFile(filepath.Join(s.dir, "vnc.xml"), []byte(def), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s.ok("snapshot-create-as", "vnc", "v1", "--disk-only")
+	for _, cmd := range [][]string{{"dumpxml", "vnc"}, {"snapshot-dumpxml", "vnc", "v1"}} {
+		for _, sock := range []string{s.rw, s.ro} {
+			out, errs, failed := s.virsh(sock, cmd...)
+			if failed || !strings.Contains(out, "<graphics type='vnc'") || strings.Contains(out, "sesame") {
+				t.Errorf("%v on %s: failed %v, %s%s", cmd, filepath.Base(sock), failed, out, errs)
+			}
+		}
+		secure := append(cmd, "--security-info")
+		if out := s.ok(secure...); !strings.Contains(out, "sesame") {
+			t.Errorf("%v: no password:\n%s", secure, out)
+		}
+		api := map[string]string{"dumpxml": "virDomainGetXMLDesc", "snapshot-dumpxml": "virDomainSnapshotGetXMLDesc"}[cmd[0]]
+		want := "error: operation forbidden: " + api + " with secure flag\n"
+		if out, errs, failed := s.virsh(s.ro, secure...); !failed || !strings.HasSuffix(errs, want) || strings.Contains(out, "sesame") {
+			t.Errorf("%v on the read-only socket: failed %v, %q %q", secure, failed, out, errs)
+		}
+	}
+}
