@@ -370,8 +370,13 @@ func (s *Server) domainByUUID(ctx context.Context, u libvirt.UUID) (*domInfo, er
 			return d, nil
 		}
 	}
+	return nil, errNoDomain(fmt.Sprintf("uuid '%s'", formatUUID(u)))
+}
+
+// formatUUID is u as libvirt prints it (virUUIDFormat).
+func formatUUID(u libvirt.UUID) string {
 	h := hex.EncodeToString(u[:])
-	return nil, errNoDomain(fmt.Sprintf("uuid '%s-%s-%s-%s-%s'", h[0:8], h[8:12], h[12:16], h[16:20], h[20:]))
+	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
 }
 
 // virConnectListAllDomainsFlags (libvirt-domain.h): pairs of filters, each
@@ -456,7 +461,11 @@ type folderSource interface {
 
 // define is virDomainDefineXML: an existing domain's definition is
 // replaced through the source; a new one is written as NAME.xml when the
-// source is a folder.
+// source is a folder. As libvirt (virDomainObjListAddLocked), a document
+// whose UUID another domain has, or whose name a domain of another UUID
+// has, is refused before anything is written: a second definition of one
+// UUID would make every later call fail, and a new UUID under an old
+// name would orphan that domain's snapshots.
 func (s *Server) define(ctx context.Context, doc string) (libvirt.Domain, error) {
 	var def libvirtxml.Domain
 	if err := def.Unmarshal(doc); err != nil {
@@ -465,12 +474,37 @@ func (s *Server) define(ctx context.Context, doc string) (libvirt.Domain, error)
 	if def.Name == "" {
 		return libvirt.Domain{}, &Error{Code: errdefs.CodeXMLError, Domain: fromDomain, Detail: "missing name information"}
 	}
-	_, err := s.cfg.Source.Domain(ctx, def.Name)
+	var uuid libvirt.UUID
+	if def.UUID != "" {
+		var err error
+		if uuid, err = parseUUID(def.UUID); err != nil {
+			return libvirt.Domain{}, &Error{Code: errdefs.CodeXMLError, Domain: fromDomain, Detail: err.Error()}
+		}
+	}
+	// Two defines at once would each pass the checks before the other
+	// writes.
+	s.defineMu.Lock()
+	defer s.defineMu.Unlock()
+	if def.UUID != "" {
+		if other, err := s.domainByUUID(ctx, uuid); err == nil && other.ref.Name != def.Name {
+			return libvirt.Domain{}, &Error{Code: errdefs.CodeOperationFailed, Domain: fromDomain,
+				Detail: fmt.Sprintf("domain '%s' is already defined with uuid %s", other.ref.Name, formatUUID(uuid))}
+		} else if err != nil && errdefs.CodeOf(err) != errdefs.CodeNoDomain {
+			return libvirt.Domain{}, err
+		}
+	}
+	old, err := s.domain(ctx, def.Name)
 	switch {
 	case err == nil:
+		// A document without a UUID keeps the domain's, as xlsnap's
+		// folder definitions may have none.
+		if def.UUID != "" && old.ref.UUID != (libvirt.UUID{}) && old.ref.UUID != uuid {
+			return libvirt.Domain{}, &Error{Code: errdefs.CodeOperationFailed, Domain: fromDomain,
+				Detail: fmt.Sprintf("domain '%s' already exists with uuid %s", def.Name, formatUUID(old.ref.UUID))}
+		}
 		err = s.cfg.Source.Redefine(ctx, def.Name, doc)
-	case errors.Is(err, errdefs.ErrNoDomain):
-		err = s.defineNew(def.Name, doc)
+	case errdefs.CodeOf(err) == errdefs.CodeNoDomain:
+		err = s.defineNew(ctx, def.Name, doc)
 	}
 	if err != nil {
 		return libvirt.Domain{}, err
@@ -482,8 +516,12 @@ func (s *Server) define(ctx context.Context, doc string) (libvirt.Domain, error)
 	return d.ref, nil
 }
 
-// defineNew writes a new domain's definition into a folder source.
-func (s *Server) defineNew(name, doc string) error {
+// defineNew writes a new domain's definition into a folder source, with
+// the mode of the folder's other definitions (the user's choice for
+// them: who may read a definition is who may read its neighbours), and
+// owner-only, as libvirtd keeps its definitions, in a folder without
+// any.
+func (s *Server) defineNew(ctx context.Context, name, doc string) error {
 	fs, ok := s.cfg.Source.(folderSource)
 	if !ok {
 		return &Error{Code: errdefs.CodeOperationUnsupported, Domain: fromDomain, Detail: "defining a new domain through xlsnap needs a folder source"}
@@ -491,7 +529,16 @@ func (s *Server) defineNew(name, doc string) error {
 	if err := storage.ValidName("domain", name); err != nil {
 		return err
 	}
-	// Owner-only, as libvirtd keeps its definitions; the folder's
-	// other files keep theirs.
-	return fsutil.WriteFile(filepath.Join(fs.Dir(), name+".xml"), []byte(doc), func(f *os.File) error { return f.Chmod(0o600) })
+	mode := os.FileMode(0o600)
+	names, err := s.cfg.Source.Domains(ctx)
+	if err != nil {
+		return err
+	}
+	for _, n := range names {
+		if fi, err := os.Stat(filepath.Join(fs.Dir(), n+".xml")); err == nil {
+			mode = fi.Mode().Perm()
+			break
+		}
+	}
+	return fsutil.WriteFile(filepath.Join(fs.Dir(), name+".xml"), []byte(doc), func(f *os.File) error { return f.Chmod(mode) })
 }

@@ -60,6 +60,9 @@ type Server struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
+	// defineMu makes a define's checks and its write one step.
+	defineMu sync.Mutex
+
 	mu    sync.Mutex
 	conns map[*conn]struct{}
 	wg    sync.WaitGroup

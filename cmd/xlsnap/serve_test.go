@@ -359,3 +359,52 @@ func TestServeSecrets(t *testing.T) {
 		}
 	}
 }
+
+// TestServeDefineConflicts: virsh define of a document whose UUID another
+// domain has, or whose name a domain of another UUID has, is refused with
+// libvirt's words and changes nothing; a new domain's file takes the
+// mode of the folder's other definitions.
+func TestServeDefineConflicts(t *testing.T) {
+	s := startServe(t)
+	s.ok("snapshot-create-as", "web", "s1", "--disk-only")
+	webXML, err := os.ReadFile(filepath.Join(s.dir, "web.xml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	define := func(name, uuid string) (string, bool) {
+		doc := filepath.Join(t.TempDir(), name+".xml")
+		x := fmt.Sprintf("<domain type='xen'><name>%s</name><uuid>%s</uuid><memory>262144</memory><os><type>linux</type></os></domain>", name, uuid)
+		if err := os.WriteFile(doc, []byte(x), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		_, errs, failed := s.virsh(s.rw, "define", doc)
+		return errs, failed
+	}
+	const webUUID = "4dea22b3-1d52-d8f3-2516-782e98ab3fa0"
+	for _, tc := range []struct{ name, uuid, want string }{
+		{"copy", webUUID, "error: operation failed: domain 'web' is already defined with uuid " + webUUID + "\n"},
+		{"web", "6dea22b3-1d52-d8f3-2516-782e98ab3fa0", "error: operation failed: domain 'web' already exists with uuid " + webUUID + "\n"},
+	} {
+		if errs, failed := define(tc.name, tc.uuid); !failed || !strings.HasSuffix(errs, tc.want) {
+			t.Errorf("define %s %s: failed %v, %q", tc.name, tc.uuid, failed, errs)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(s.dir, "copy.xml")); !os.IsNotExist(err) {
+		t.Errorf("a refused define left copy.xml: %v", err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(s.dir, "web.xml")); !bytes.Equal(b, webXML) {
+		t.Errorf("a refused define changed web.xml:\n%s", b)
+	}
+	if out := s.ok("snapshot-list", "web", "--name"); out != "s1\n\n" {
+		t.Errorf("web's snapshots after the refused defines: %q", out)
+	}
+	if errs, failed := define("fresh", "7dea22b3-1d52-d8f3-2516-782e98ab3fa0"); failed {
+		t.Fatalf("define fresh: %s", errs)
+	}
+	if fi, err := os.Stat(filepath.Join(s.dir, "fresh.xml")); err != nil || fi.Mode().Perm() != 0o644 {
+		t.Errorf("fresh.xml: %v %v, want the mode of web.xml, 0644", fi.Mode(), err)
+	}
+	if out := s.ok("list", "--all", "--name"); out != "fresh\nweb\n\n" {
+		t.Errorf("list after the defines: %q", out)
+	}
+}
