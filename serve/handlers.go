@@ -70,7 +70,10 @@ var SnapshotProcedures = []uint32{
 
 // handler serves one procedure.
 type handler struct {
-	fn func(ctx context.Context, c *conn, body []byte) (any, error)
+	// decode reads the call's arguments and returns the call to run.
+	// It runs as the packet is read, so a call whose arguments do not
+	// decode condemns its connection before any later packet runs.
+	decode func(body []byte) (run, error)
 	// beforeOpen: the call is answered before CONNECT_OPEN, as libvirtd
 	// answers the ones its client makes while connecting.
 	beforeOpen bool
@@ -79,24 +82,27 @@ type handler struct {
 	changes string
 }
 
-// with decodes the call's go-libvirt argument structure A, then runs fn.
-func with[A any](fn func(ctx context.Context, c *conn, a *A) (any, error)) func(context.Context, *conn, []byte) (any, error) {
-	return func(ctx context.Context, c *conn, body []byte) (any, error) {
+// run is a call whose arguments are decoded.
+type run func(ctx context.Context, c *conn) (any, error)
+
+// with decodes the call's go-libvirt argument structure A for fn.
+func with[A any](fn func(ctx context.Context, c *conn, a *A) (any, error)) func([]byte) (run, error) {
+	return func(body []byte) (run, error) {
 		var a A
 		if err := decodeArgs(body, &a); err != nil {
 			return nil, err
 		}
-		return fn(ctx, c, &a)
+		return func(ctx context.Context, c *conn) (any, error) { return fn(ctx, c, &a) }, nil
 	}
 }
 
-// noArgs runs fn for a call without arguments, refusing a body.
-func noArgs(fn func(ctx context.Context, c *conn) (any, error)) func(context.Context, *conn, []byte) (any, error) {
-	return func(ctx context.Context, c *conn, body []byte) (any, error) {
+// noArgs is fn for a call without arguments, refusing a body.
+func noArgs(fn run) func([]byte) (run, error) {
+	return func(body []byte) (run, error) {
 		if len(body) != 0 {
 			return nil, fmt.Errorf("%w: %d bytes of arguments to a call that takes none", ErrMalformed, len(body))
 		}
-		return fn(ctx, c)
+		return fn, nil
 	}
 }
 
@@ -116,46 +122,48 @@ var handlers map[uint32]handler
 
 func init() {
 	handlers = map[uint32]handler{
-		procAuthList: {beforeOpen: true, fn: noArgs(func(context.Context, *conn) (any, error) {
+		procAuthList: {beforeOpen: true, decode: noArgs(func(context.Context, *conn) (any, error) {
 			// REMOTE_AUTH_NONE: the socket's permissions and the peer
 			// credentials check are the authentication, as on
 			// libvirtd's Unix sockets.
 			return &libvirt.AuthListRet{Types: []libvirt.AuthType{0}}, nil
 		})},
-		procConnectSupportsFeature: {beforeOpen: true, fn: with(func(_ context.Context, _ *conn, a *libvirt.ConnectSupportsFeatureArgs) (any, error) {
+		procConnectSupportsFeature: {beforeOpen: true, decode: with(func(_ context.Context, _ *conn, a *libvirt.ConnectSupportsFeatureArgs) (any, error) {
 			var ok int32
 			if a.Feature == featureProgramKeepalive {
 				ok = 1
 			}
 			return &libvirt.ConnectSupportsFeatureRet{Supported: ok}, nil
 		})},
-		procConnectOpen: {beforeOpen: true, fn: func(_ context.Context, c *conn, body []byte) (any, error) {
+		procConnectOpen: {beforeOpen: true, decode: func(body []byte) (run, error) {
 			a, err := decodeConnectOpen(body)
 			if err != nil {
 				return nil, err
 			}
-			c.mu.Lock()
-			defer c.mu.Unlock()
-			c.opened = true
-			if len(a.Name) > 0 {
-				c.uri = a.Name[0]
-			}
-			if a.Flags&connectRO != 0 {
-				c.readOnly = true
-			}
-			return nil, nil
+			return func(_ context.Context, c *conn) (any, error) {
+				c.mu.Lock()
+				defer c.mu.Unlock()
+				c.opened = true
+				if len(a.Name) > 0 {
+					c.uri = a.Name[0]
+				}
+				if a.Flags&connectRO != 0 {
+					c.readOnly = true
+				}
+				return nil, nil
+			}, nil
 		}},
-		procConnectClose: {fn: noArgs(func(_ context.Context, c *conn) (any, error) {
+		procConnectClose: {decode: noArgs(func(_ context.Context, c *conn) (any, error) {
 			c.mu.Lock()
 			c.opened = false
 			c.mu.Unlock()
 			return nil, nil
 		})},
-		procConnectGetType: {fn: noArgs(func(context.Context, *conn) (any, error) {
+		procConnectGetType: {decode: noArgs(func(context.Context, *conn) (any, error) {
 			// The libxl driver's name: xlsnap stands in for it.
 			return &libvirt.ConnectGetTypeRet{Type: "Xen"}, nil
 		})},
-		procConnectGetURI: {fn: noArgs(func(_ context.Context, c *conn) (any, error) {
+		procConnectGetURI: {decode: noArgs(func(_ context.Context, c *conn) (any, error) {
 			c.mu.Lock()
 			defer c.mu.Unlock()
 			uri := c.uri
@@ -164,29 +172,29 @@ func init() {
 			}
 			return &libvirt.ConnectGetUriRet{Uri: uri}, nil
 		})},
-		procConnectGetHostname: {fn: noArgs(func(context.Context, *conn) (any, error) {
+		procConnectGetHostname: {decode: noArgs(func(context.Context, *conn) (any, error) {
 			h, err := os.Hostname()
 			return &libvirt.ConnectGetHostnameRet{Hostname: h}, err
 		})},
-		procDomainLookupByName: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainLookupByNameArgs) (any, error) {
+		procDomainLookupByName: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainLookupByNameArgs) (any, error) {
 			d, err := c.s.domain(ctx, a.Name)
 			if err != nil {
 				return nil, err
 			}
 			return &libvirt.DomainLookupByNameRet{Dom: d.ref}, nil
 		})},
-		procDomainLookupByUUID: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainLookupByUUIDArgs) (any, error) {
+		procDomainLookupByUUID: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainLookupByUUIDArgs) (any, error) {
 			d, err := c.s.domainByUUID(ctx, a.UUID)
 			if err != nil {
 				return nil, err
 			}
 			return &libvirt.DomainLookupByUUIDRet{Dom: d.ref}, nil
 		})},
-		procDomainLookupByID: {fn: with(func(_ context.Context, _ *conn, a *libvirt.DomainLookupByIDArgs) (any, error) {
+		procDomainLookupByID: {decode: with(func(_ context.Context, _ *conn, a *libvirt.DomainLookupByIDArgs) (any, error) {
 			// A domain source knows no domain ids.
 			return nil, errNoDomain(fmt.Sprintf("id %d", a.ID))
 		})},
-		procConnectListAllDomains: {fn: with(func(ctx context.Context, c *conn, a *libvirt.ConnectListAllDomainsArgs) (any, error) {
+		procConnectListAllDomains: {decode: with(func(ctx context.Context, c *conn, a *libvirt.ConnectListAllDomainsArgs) (any, error) {
 			doms, err := c.s.listDomains(ctx, uint32(a.Flags))
 			if err != nil {
 				return nil, err
@@ -199,7 +207,7 @@ func init() {
 			}
 			return ret, nil
 		})},
-		procDomainGetState: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainGetStateArgs) (any, error) {
+		procDomainGetState: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainGetStateArgs) (any, error) {
 			if a.Flags != 0 {
 				return nil, &Error{Code: errdefs.CodeInvalidArg, Domain: fromDomain, Detail: fmt.Sprintf("unsupported flags (0x%x) in function virDomainGetState", a.Flags)}
 			}
@@ -209,14 +217,14 @@ func init() {
 			}
 			return &libvirt.DomainGetStateRet{State: d.state}, nil
 		})},
-		procDomainGetInfo: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainGetInfoArgs) (any, error) {
+		procDomainGetInfo: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainGetInfoArgs) (any, error) {
 			d, err := c.s.domain(ctx, a.Dom.Name)
 			if err != nil {
 				return nil, err
 			}
 			return &libvirt.DomainGetInfoRet{State: uint8(d.state), MaxMem: d.maxMemKiB, Memory: d.memKiB, NrVirtCPU: d.vcpus}, nil
 		})},
-		procDomainIsActive: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainIsActiveArgs) (any, error) {
+		procDomainIsActive: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainIsActiveArgs) (any, error) {
 			d, err := c.s.domain(ctx, a.Dom.Name)
 			if err != nil {
 				return nil, err
@@ -227,14 +235,14 @@ func init() {
 			}
 			return &libvirt.DomainIsActiveRet{Active: active}, nil
 		})},
-		procDomainIsPersistent: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainIsPersistentArgs) (any, error) {
+		procDomainIsPersistent: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainIsPersistentArgs) (any, error) {
 			if _, err := c.s.domain(ctx, a.Dom.Name); err != nil {
 				return nil, err
 			}
 			// Every domain of a source has a persistent definition.
 			return &libvirt.DomainIsPersistentRet{Persistent: 1}, nil
 		})},
-		procDomainGetXMLDesc: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainGetXMLDescArgs) (any, error) {
+		procDomainGetXMLDesc: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainGetXMLDescArgs) (any, error) {
 			secure := a.Flags&domainXMLSecure != 0
 			if secure && c.isReadOnly() {
 				return nil, &Error{Code: errdefs.CodeOperationDenied, Domain: fromDomain, Detail: "virDomainGetXMLDesc with secure flag"}
@@ -252,11 +260,11 @@ func init() {
 			}
 			return &libvirt.DomainGetXMLDescRet{XML: x}, nil
 		})},
-		procDomainDefineXML: {changes: "virDomainDefineXML", fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainDefineXMLArgs) (any, error) {
+		procDomainDefineXML: {changes: "virDomainDefineXML", decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainDefineXMLArgs) (any, error) {
 			ref, err := c.s.define(ctx, a.XML)
 			return &libvirt.DomainDefineXMLRet{Dom: ref}, err
 		})},
-		procDomainDefineXMLFlags: {changes: "virDomainDefineXMLFlags", fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainDefineXMLFlagsArgs) (any, error) {
+		procDomainDefineXMLFlags: {changes: "virDomainDefineXMLFlags", decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainDefineXMLFlagsArgs) (any, error) {
 			// VIR_DOMAIN_DEFINE_VALIDATE (1) is the one flag libvirt has;
 			// the definition is parsed in full either way.
 			if a.Flags&^1 != 0 {
