@@ -408,3 +408,56 @@ func TestServeDefineConflicts(t *testing.T) {
 		t.Errorf("list after the defines: %q", out)
 	}
 }
+
+// TestServeReadOnlySocketForEveryone: over a folder the read-only socket
+// is libvirtd's 0777 and another user lists snapshots on it but changes
+// nothing; the read-write socket stays the service user's.
+func TestServeReadOnlySocketForEveryone(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("running virsh as another user needs root")
+	}
+	s := startServe(t)
+	s.ok("snapshot-create-as", "web", "s1", "--disk-only")
+	for sock, want := range map[string]os.FileMode{s.rw: 0o600, s.ro: 0o777} {
+		if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != want {
+			t.Errorf("%s: %v %v, want %#o", filepath.Base(sock), fi.Mode(), err, want)
+		}
+	}
+	// nobody must reach the sockets' folder (the temporary folders are
+	// 0700); the system's temporary folder is left as it is.
+	tmp, err := filepath.EvalSymlinks(os.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for d := s.dir; d != tmp && d != filepath.Dir(d); d = filepath.Dir(d) {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	home := t.TempDir()
+	os.Chmod(home, 0o777)
+	nobody := func(sock string, args ...string) (string, string, bool) {
+		cmd := exec.Command("virsh", append([]string{"-c", "xen+unix:///system?socket=" + sock}, args...)...)
+		cmd.Env = append(os.Environ(), "LC_ALL=C", "LIBVIRT_DEFAULT_URI=", "HOME="+home, "XDG_CACHE_HOME="+home, "XDG_CONFIG_HOME="+home, "XDG_RUNTIME_DIR="+home)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+		var stdout, stderr bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		err := cmd.Run()
+		if _, ok := err.(*exec.ExitError); err != nil && !ok {
+			t.Fatal(err)
+		}
+		return stdout.String(), stderr.String(), err != nil
+	}
+	if out, errs, failed := nobody(s.ro, "snapshot-list", "web", "--name"); failed || out != "s1\n\n" {
+		t.Errorf("nobody's list on the read-only socket: %q %q", out, errs)
+	}
+	if _, errs, failed := nobody(s.ro, "snapshot-delete", "web", "s1"); !failed || !strings.Contains(errs, "operation forbidden: read only access prevents virDomainSnapshotDelete") {
+		t.Errorf("nobody's delete on the read-only socket: failed %v, %q", failed, errs)
+	}
+	if out, errs, failed := nobody(s.rw, "snapshot-list", "web", "--name"); !failed {
+		t.Errorf("nobody used the read-write socket: %q %q", out, errs)
+	}
+	if out := s.ok("snapshot-list", "web", "--name"); out != "s1\n\n" {
+		t.Errorf("list after nobody's calls: %q", out)
+	}
+}
