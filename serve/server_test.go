@@ -398,3 +398,24 @@ func TestCondemnedConnection(t *testing.T) {
 		t.Fatalf("%d close lines for one connection: %q", n, logs)
 	}
 }
+
+// TestSnapshotExists: a second snapshot of one name is refused in
+// libvirt's words, as the CLI words it.
+func TestSnapshotExists(t *testing.T) {
+	rw, _ := testServer(t)
+	l := goClient(t, rw)
+	dom, err := l.DomainLookupByName("web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2 {
+		_, err = l.DomainSnapshotCreateXML(dom, "<domainsnapshot><name>p1</name></domainsnapshot>", uint32(driver.CreateDiskOnly))
+		if i == 0 && err != nil {
+			t.Fatal(err)
+		}
+	}
+	var le libvirt.Error
+	if !errors.As(err, &le) || le.Code != uint32(errdefs.CodeOperationFailed) || le.Message != "operation failed: domain moment p1 already exists" {
+		t.Fatalf("second p1: %#v", err)
+	}
+}
