@@ -100,6 +100,14 @@ func (d *Driver) CreateSnapshot(ctx context.Context, domain string, req Snapshot
 		}
 	}
 	rec, err := d.create(ctx, domain, doc, flags)
+	if errors.Is(err, ErrSnapshotExists) && doc.Name != "" {
+		// libvirt's words (virDomainMomentAssignDef) when the domain
+		// has a snapshot of that name, for every front to print; an
+		// image's own internal snapshot of the name keeps its detail.
+		if _, lerr := d.SnapshotLookupByName(ctx, domain, doc.Name, 0); lerr == nil {
+			err = fmt.Errorf("%w: domain moment %s already exists", ErrSnapshotExists, doc.Name)
+		}
+	}
 	return d.created(ctx, domain, rec, flags, err)
 }
 
@@ -152,6 +160,14 @@ func (d *Driver) SnapshotCreateXML(ctx context.Context, domain, xmlDesc string, 
 		return nil, err
 	}
 	rec, err := d.create(ctx, domain, doc, flags)
+	if errors.Is(err, ErrSnapshotExists) && doc.Name != "" {
+		// libvirt's words (virDomainMomentAssignDef) when the domain
+		// has a snapshot of that name, for every front to print; an
+		// image's own internal snapshot of the name keeps its detail.
+		if _, lerr := d.SnapshotLookupByName(ctx, domain, doc.Name, 0); lerr == nil {
+			err = fmt.Errorf("%w: domain moment %s already exists", ErrSnapshotExists, doc.Name)
+		}
+	}
 	return d.created(ctx, domain, rec, flags, err)
 }
 

@@ -70,7 +70,10 @@ var SnapshotProcedures = []uint32{
 
 // handler serves one procedure.
 type handler struct {
-	fn func(ctx context.Context, c *conn, body []byte) (any, error)
+	// decode reads the call's arguments and returns the call to run.
+	// It runs as the packet is read, so a call whose arguments do not
+	// decode condemns its connection before any later packet runs.
+	decode func(body []byte) (run, error)
 	// beforeOpen: the call is answered before CONNECT_OPEN, as libvirtd
 	// answers the ones its client makes while connecting.
 	beforeOpen bool
@@ -79,24 +82,27 @@ type handler struct {
 	changes string
 }
 
-// with decodes the call's go-libvirt argument structure A, then runs fn.
-func with[A any](fn func(ctx context.Context, c *conn, a *A) (any, error)) func(context.Context, *conn, []byte) (any, error) {
-	return func(ctx context.Context, c *conn, body []byte) (any, error) {
+// run is a call whose arguments are decoded.
+type run func(ctx context.Context, c *conn) (any, error)
+
+// with decodes the call's go-libvirt argument structure A for fn.
+func with[A any](fn func(ctx context.Context, c *conn, a *A) (any, error)) func([]byte) (run, error) {
+	return func(body []byte) (run, error) {
 		var a A
 		if err := decodeArgs(body, &a); err != nil {
 			return nil, err
 		}
-		return fn(ctx, c, &a)
+		return func(ctx context.Context, c *conn) (any, error) { return fn(ctx, c, &a) }, nil
 	}
 }
 
-// noArgs runs fn for a call without arguments, refusing a body.
-func noArgs(fn func(ctx context.Context, c *conn) (any, error)) func(context.Context, *conn, []byte) (any, error) {
-	return func(ctx context.Context, c *conn, body []byte) (any, error) {
+// noArgs is fn for a call without arguments, refusing a body.
+func noArgs(fn run) func([]byte) (run, error) {
+	return func(body []byte) (run, error) {
 		if len(body) != 0 {
 			return nil, fmt.Errorf("%w: %d bytes of arguments to a call that takes none", ErrMalformed, len(body))
 		}
-		return fn(ctx, c)
+		return fn, nil
 	}
 }
 
@@ -107,50 +113,57 @@ const featureProgramKeepalive = 10
 // connectRO is VIR_CONNECT_RO.
 const connectRO = 1
 
+// domainXMLSecure is VIR_DOMAIN_XML_SECURE: the domain XML with its
+// secrets (graphics passwords), which libvirt prints only when asked and
+// never to a read-only connection (virDomainGetXMLDesc).
+const domainXMLSecure = 1
+
 var handlers map[uint32]handler
 
 func init() {
 	handlers = map[uint32]handler{
-		procAuthList: {beforeOpen: true, fn: noArgs(func(context.Context, *conn) (any, error) {
+		procAuthList: {beforeOpen: true, decode: noArgs(func(context.Context, *conn) (any, error) {
 			// REMOTE_AUTH_NONE: the socket's permissions and the peer
 			// credentials check are the authentication, as on
 			// libvirtd's Unix sockets.
 			return &libvirt.AuthListRet{Types: []libvirt.AuthType{0}}, nil
 		})},
-		procConnectSupportsFeature: {beforeOpen: true, fn: with(func(_ context.Context, _ *conn, a *libvirt.ConnectSupportsFeatureArgs) (any, error) {
+		procConnectSupportsFeature: {beforeOpen: true, decode: with(func(_ context.Context, _ *conn, a *libvirt.ConnectSupportsFeatureArgs) (any, error) {
 			var ok int32
 			if a.Feature == featureProgramKeepalive {
 				ok = 1
 			}
 			return &libvirt.ConnectSupportsFeatureRet{Supported: ok}, nil
 		})},
-		procConnectOpen: {beforeOpen: true, fn: func(_ context.Context, c *conn, body []byte) (any, error) {
+		procConnectOpen: {beforeOpen: true, decode: func(body []byte) (run, error) {
 			a, err := decodeConnectOpen(body)
 			if err != nil {
 				return nil, err
 			}
-			c.mu.Lock()
-			defer c.mu.Unlock()
-			c.opened = true
-			if len(a.Name) > 0 {
-				c.uri = a.Name[0]
-			}
-			if a.Flags&connectRO != 0 {
-				c.readOnly = true
-			}
-			return nil, nil
+			return func(_ context.Context, c *conn) (any, error) {
+				c.mu.Lock()
+				defer c.mu.Unlock()
+				c.opened = true
+				if len(a.Name) > 0 {
+					c.uri = a.Name[0]
+				}
+				if a.Flags&connectRO != 0 {
+					c.readOnly = true
+				}
+				return nil, nil
+			}, nil
 		}},
-		procConnectClose: {fn: noArgs(func(_ context.Context, c *conn) (any, error) {
+		procConnectClose: {decode: noArgs(func(_ context.Context, c *conn) (any, error) {
 			c.mu.Lock()
 			c.opened = false
 			c.mu.Unlock()
 			return nil, nil
 		})},
-		procConnectGetType: {fn: noArgs(func(context.Context, *conn) (any, error) {
+		procConnectGetType: {decode: noArgs(func(context.Context, *conn) (any, error) {
 			// The libxl driver's name: xlsnap stands in for it.
 			return &libvirt.ConnectGetTypeRet{Type: "Xen"}, nil
 		})},
-		procConnectGetURI: {fn: noArgs(func(_ context.Context, c *conn) (any, error) {
+		procConnectGetURI: {decode: noArgs(func(_ context.Context, c *conn) (any, error) {
 			c.mu.Lock()
 			defer c.mu.Unlock()
 			uri := c.uri
@@ -159,29 +172,29 @@ func init() {
 			}
 			return &libvirt.ConnectGetUriRet{Uri: uri}, nil
 		})},
-		procConnectGetHostname: {fn: noArgs(func(context.Context, *conn) (any, error) {
+		procConnectGetHostname: {decode: noArgs(func(context.Context, *conn) (any, error) {
 			h, err := os.Hostname()
 			return &libvirt.ConnectGetHostnameRet{Hostname: h}, err
 		})},
-		procDomainLookupByName: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainLookupByNameArgs) (any, error) {
+		procDomainLookupByName: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainLookupByNameArgs) (any, error) {
 			d, err := c.s.domain(ctx, a.Name)
 			if err != nil {
 				return nil, err
 			}
 			return &libvirt.DomainLookupByNameRet{Dom: d.ref}, nil
 		})},
-		procDomainLookupByUUID: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainLookupByUUIDArgs) (any, error) {
+		procDomainLookupByUUID: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainLookupByUUIDArgs) (any, error) {
 			d, err := c.s.domainByUUID(ctx, a.UUID)
 			if err != nil {
 				return nil, err
 			}
 			return &libvirt.DomainLookupByUUIDRet{Dom: d.ref}, nil
 		})},
-		procDomainLookupByID: {fn: with(func(_ context.Context, _ *conn, a *libvirt.DomainLookupByIDArgs) (any, error) {
+		procDomainLookupByID: {decode: with(func(_ context.Context, _ *conn, a *libvirt.DomainLookupByIDArgs) (any, error) {
 			// A domain source knows no domain ids.
 			return nil, errNoDomain(fmt.Sprintf("id %d", a.ID))
 		})},
-		procConnectListAllDomains: {fn: with(func(ctx context.Context, c *conn, a *libvirt.ConnectListAllDomainsArgs) (any, error) {
+		procConnectListAllDomains: {decode: with(func(ctx context.Context, c *conn, a *libvirt.ConnectListAllDomainsArgs) (any, error) {
 			doms, err := c.s.listDomains(ctx, uint32(a.Flags))
 			if err != nil {
 				return nil, err
@@ -194,7 +207,7 @@ func init() {
 			}
 			return ret, nil
 		})},
-		procDomainGetState: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainGetStateArgs) (any, error) {
+		procDomainGetState: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainGetStateArgs) (any, error) {
 			if a.Flags != 0 {
 				return nil, &Error{Code: errdefs.CodeInvalidArg, Domain: fromDomain, Detail: fmt.Sprintf("unsupported flags (0x%x) in function virDomainGetState", a.Flags)}
 			}
@@ -204,14 +217,14 @@ func init() {
 			}
 			return &libvirt.DomainGetStateRet{State: d.state}, nil
 		})},
-		procDomainGetInfo: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainGetInfoArgs) (any, error) {
+		procDomainGetInfo: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainGetInfoArgs) (any, error) {
 			d, err := c.s.domain(ctx, a.Dom.Name)
 			if err != nil {
 				return nil, err
 			}
 			return &libvirt.DomainGetInfoRet{State: uint8(d.state), MaxMem: d.maxMemKiB, Memory: d.memKiB, NrVirtCPU: d.vcpus}, nil
 		})},
-		procDomainIsActive: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainIsActiveArgs) (any, error) {
+		procDomainIsActive: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainIsActiveArgs) (any, error) {
 			d, err := c.s.domain(ctx, a.Dom.Name)
 			if err != nil {
 				return nil, err
@@ -222,25 +235,36 @@ func init() {
 			}
 			return &libvirt.DomainIsActiveRet{Active: active}, nil
 		})},
-		procDomainIsPersistent: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainIsPersistentArgs) (any, error) {
+		procDomainIsPersistent: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainIsPersistentArgs) (any, error) {
 			if _, err := c.s.domain(ctx, a.Dom.Name); err != nil {
 				return nil, err
 			}
 			// Every domain of a source has a persistent definition.
 			return &libvirt.DomainIsPersistentRet{Persistent: 1}, nil
 		})},
-		procDomainGetXMLDesc: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainGetXMLDescArgs) (any, error) {
+		procDomainGetXMLDesc: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainGetXMLDescArgs) (any, error) {
+			secure := a.Flags&domainXMLSecure != 0
+			if secure && c.isReadOnly() {
+				return nil, &Error{Code: errdefs.CodeOperationDenied, Domain: fromDomain, Detail: "virDomainGetXMLDesc with secure flag"}
+			}
 			d, err := c.s.domain(ctx, a.Dom.Name)
 			if err != nil {
 				return nil, err
 			}
-			return &libvirt.DomainGetXMLDescRet{XML: d.xml}, nil
+			if secure {
+				return &libvirt.DomainGetXMLDescRet{XML: d.xml}, nil
+			}
+			x, err := driver.HideSecrets(d.xml)
+			if err != nil {
+				return nil, err
+			}
+			return &libvirt.DomainGetXMLDescRet{XML: x}, nil
 		})},
-		procDomainDefineXML: {changes: "virDomainDefineXML", fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainDefineXMLArgs) (any, error) {
+		procDomainDefineXML: {changes: "virDomainDefineXML", decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainDefineXMLArgs) (any, error) {
 			ref, err := c.s.define(ctx, a.XML)
 			return &libvirt.DomainDefineXMLRet{Dom: ref}, err
 		})},
-		procDomainDefineXMLFlags: {changes: "virDomainDefineXMLFlags", fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainDefineXMLFlagsArgs) (any, error) {
+		procDomainDefineXMLFlags: {changes: "virDomainDefineXMLFlags", decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainDefineXMLFlagsArgs) (any, error) {
 			// VIR_DOMAIN_DEFINE_VALIDATE (1) is the one flag libvirt has;
 			// the definition is parsed in full either way.
 			if a.Flags&^1 != 0 {
@@ -354,8 +378,13 @@ func (s *Server) domainByUUID(ctx context.Context, u libvirt.UUID) (*domInfo, er
 			return d, nil
 		}
 	}
+	return nil, errNoDomain(fmt.Sprintf("uuid '%s'", formatUUID(u)))
+}
+
+// formatUUID is u as libvirt prints it (virUUIDFormat).
+func formatUUID(u libvirt.UUID) string {
 	h := hex.EncodeToString(u[:])
-	return nil, errNoDomain(fmt.Sprintf("uuid '%s-%s-%s-%s-%s'", h[0:8], h[8:12], h[12:16], h[16:20], h[20:]))
+	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
 }
 
 // virConnectListAllDomainsFlags (libvirt-domain.h): pairs of filters, each
@@ -440,7 +469,11 @@ type folderSource interface {
 
 // define is virDomainDefineXML: an existing domain's definition is
 // replaced through the source; a new one is written as NAME.xml when the
-// source is a folder.
+// source is a folder. As libvirt (virDomainObjListAddLocked), a document
+// whose UUID another domain has, or whose name a domain of another UUID
+// has, is refused before anything is written: a second definition of one
+// UUID would make every later call fail, and a new UUID under an old
+// name would orphan that domain's snapshots.
 func (s *Server) define(ctx context.Context, doc string) (libvirt.Domain, error) {
 	var def libvirtxml.Domain
 	if err := def.Unmarshal(doc); err != nil {
@@ -449,12 +482,37 @@ func (s *Server) define(ctx context.Context, doc string) (libvirt.Domain, error)
 	if def.Name == "" {
 		return libvirt.Domain{}, &Error{Code: errdefs.CodeXMLError, Domain: fromDomain, Detail: "missing name information"}
 	}
-	_, err := s.cfg.Source.Domain(ctx, def.Name)
+	var uuid libvirt.UUID
+	if def.UUID != "" {
+		var err error
+		if uuid, err = parseUUID(def.UUID); err != nil {
+			return libvirt.Domain{}, &Error{Code: errdefs.CodeXMLError, Domain: fromDomain, Detail: err.Error()}
+		}
+	}
+	// Two defines at once would each pass the checks before the other
+	// writes.
+	s.defineMu.Lock()
+	defer s.defineMu.Unlock()
+	if def.UUID != "" {
+		if other, err := s.domainByUUID(ctx, uuid); err == nil && other.ref.Name != def.Name {
+			return libvirt.Domain{}, &Error{Code: errdefs.CodeOperationFailed, Domain: fromDomain,
+				Detail: fmt.Sprintf("domain '%s' is already defined with uuid %s", other.ref.Name, formatUUID(uuid))}
+		} else if err != nil && errdefs.CodeOf(err) != errdefs.CodeNoDomain {
+			return libvirt.Domain{}, err
+		}
+	}
+	old, err := s.domain(ctx, def.Name)
 	switch {
 	case err == nil:
+		// A document without a UUID keeps the domain's, as xlsnap's
+		// folder definitions may have none.
+		if def.UUID != "" && old.ref.UUID != (libvirt.UUID{}) && old.ref.UUID != uuid {
+			return libvirt.Domain{}, &Error{Code: errdefs.CodeOperationFailed, Domain: fromDomain,
+				Detail: fmt.Sprintf("domain '%s' already exists with uuid %s", def.Name, formatUUID(old.ref.UUID))}
+		}
 		err = s.cfg.Source.Redefine(ctx, def.Name, doc)
-	case errors.Is(err, errdefs.ErrNoDomain):
-		err = s.defineNew(def.Name, doc)
+	case errdefs.CodeOf(err) == errdefs.CodeNoDomain:
+		err = s.defineNew(ctx, def.Name, doc)
 	}
 	if err != nil {
 		return libvirt.Domain{}, err
@@ -466,8 +524,12 @@ func (s *Server) define(ctx context.Context, doc string) (libvirt.Domain, error)
 	return d.ref, nil
 }
 
-// defineNew writes a new domain's definition into a folder source.
-func (s *Server) defineNew(name, doc string) error {
+// defineNew writes a new domain's definition into a folder source, with
+// the mode of the folder's other definitions (the user's choice for
+// them: who may read a definition is who may read its neighbours), and
+// owner-only, as libvirtd keeps its definitions, in a folder without
+// any.
+func (s *Server) defineNew(ctx context.Context, name, doc string) error {
 	fs, ok := s.cfg.Source.(folderSource)
 	if !ok {
 		return &Error{Code: errdefs.CodeOperationUnsupported, Domain: fromDomain, Detail: "defining a new domain through xlsnap needs a folder source"}
@@ -475,7 +537,16 @@ func (s *Server) defineNew(name, doc string) error {
 	if err := storage.ValidName("domain", name); err != nil {
 		return err
 	}
-	// Owner-only, as libvirtd keeps its definitions; the folder's
-	// other files keep theirs.
-	return fsutil.WriteFile(filepath.Join(fs.Dir(), name+".xml"), []byte(doc), func(f *os.File) error { return f.Chmod(0o600) })
+	mode := os.FileMode(0o600)
+	names, err := s.cfg.Source.Domains(ctx)
+	if err != nil {
+		return err
+	}
+	for _, n := range names {
+		if fi, err := os.Stat(filepath.Join(fs.Dir(), n+".xml")); err == nil {
+			mode = fi.Mode().Perm()
+			break
+		}
+	}
+	return fsutil.WriteFile(filepath.Join(fs.Dir(), name+".xml"), []byte(doc), func(f *os.File) error { return f.Chmod(mode) })
 }

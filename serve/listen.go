@@ -28,6 +28,14 @@ func OwnerOnly() Access {
 	return Access{UID: os.Getuid(), GID: os.Getgid(), Mode: 0o600}
 }
 
+// Everyone is the rule for a read-only socket over a folder source:
+// anyone may connect, as libvirtd's unix_sock_ro_perms default (0777)
+// lets anyone reach its read-only socket; what a read-only connection
+// may do (list and read, never change) is the server's to limit.
+func Everyone() Access {
+	return Access{UID: os.Getuid(), GID: os.Getgid(), Mode: 0o777}
+}
+
 // AccessOf is the rule of an existing socket (an upstream daemon's), so
 // xlsnap's socket in front of it lets in exactly whom the daemon's lets
 // in.

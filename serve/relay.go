@@ -48,16 +48,16 @@ func (c *conn) relay(path string) {
 		}
 	}()
 	r := bufio.NewReader(c.nc)
-	for {
+	for !c.isCondemned() {
 		p, err := ReadPacket(r)
 		if err != nil {
 			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
-				c.s.logf("closing connection: %v", err)
+				c.condemn(err)
 			}
 			return
 		}
 		if err := c.relayOne(p, up); err != nil {
-			c.s.logf("closing connection: %v", err)
+			c.condemn(err)
 			return
 		}
 	}

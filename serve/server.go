@@ -60,6 +60,9 @@ type Server struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
+	// defineMu makes a define's checks and its write one step.
+	defineMu sync.Mutex
+
 	mu    sync.Mutex
 	conns map[*conn]struct{}
 	wg    sync.WaitGroup
@@ -143,7 +146,11 @@ type conn struct {
 
 	mu     sync.Mutex
 	opened bool
-	uri    string
+	// condemned: the connection broke the protocol and is closing; no
+	// call read after that point runs, though the reader may still hold
+	// it buffered.
+	condemned bool
+	uri       string
 	// openSerial is the serial of the CONNECT_OPEN relayed upstream.
 	openSerial int32
 	inflight   map[int32]bool
@@ -158,19 +165,38 @@ func (c *conn) serve() {
 		c.calls.Wait()
 	}()
 	r := bufio.NewReader(c.nc)
-	for {
+	for !c.isCondemned() {
 		p, err := ReadPacket(r)
 		if err != nil {
 			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
-				c.s.logf("closing connection: %v", err)
+				c.condemn(err)
 			}
 			return
 		}
 		if err := c.dispatch(p); err != nil {
-			c.s.logf("closing connection: %v", err)
+			c.condemn(err)
 			return
 		}
 	}
+}
+
+// condemn closes the connection for err, logging it once however many
+// of its calls fail on the way.
+func (c *conn) condemn(err error) {
+	c.mu.Lock()
+	first := !c.condemned
+	c.condemned = true
+	c.mu.Unlock()
+	if first {
+		c.s.logf("closing connection: %v", err)
+	}
+	c.nc.Close()
+}
+
+func (c *conn) isCondemned() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.condemned
 }
 
 // dispatch takes one packet; an error closes the connection.
@@ -220,21 +246,38 @@ func (c *conn) start(p *Packet) error {
 	if dup {
 		return c.refuse(p, fmt.Sprintf("call serial %d is already running", p.Serial))
 	}
+	// Arguments are decoded here, in the reading, so a call that does
+	// not decode condemns the connection before the next packet is
+	// taken.
+	h, known := handlers[p.Procedure]
+	var fn run
+	if known {
+		var err error
+		if fn, err = h.decode(p.Body); err != nil {
+			c.reply(p, nil, &Error{Code: codeRPC, Domain: fromRPC, Detail: "Unable to decode message payload"})
+			return err
+		}
+	}
 	// The connection's own calls (auth, open, close, features) run in
 	// order with the reading, so a call read after CONNECT_OPEN always
 	// finds the connection open.
-	if h, ok := handlers[p.Procedure]; ok && (h.beforeOpen || p.Procedure == procConnectClose) {
-		return c.call(p)
+	if known && (h.beforeOpen || p.Procedure == procConnectClose) {
+		return c.call(p, h, fn)
 	}
 	c.slots <- struct{}{}
+	// A call that failed while this one waited for its slot may have
+	// condemned the connection.
+	if c.isCondemned() {
+		<-c.slots
+		return nil
+	}
 	c.calls.Add(1)
 	go func() {
 		defer c.calls.Done()
-		err := c.call(p)
+		err := c.call(p, h, fn)
 		<-c.slots
 		if err != nil {
-			c.s.logf("closing connection: %v", err)
-			c.nc.Close()
+			c.condemn(err)
 		}
 	}()
 	return nil
@@ -250,12 +293,11 @@ func (c *conn) refuse(p *Packet, msg string) error {
 	return fmt.Errorf("%w: %s", ErrMalformed, msg)
 }
 
-// call runs one call and sends its reply. An error is one that closes
-// the connection (arguments that do not decode, a reply that cannot be
-// sent).
-func (c *conn) call(p *Packet) error {
-	h, ok := handlers[p.Procedure]
-	if !ok {
+// call runs one call, fn of handler h (nil for a procedure without
+// one), and sends its reply. An error is one that closes the connection
+// (a reply that cannot be sent).
+func (c *conn) call(p *Packet, h handler, fn run) error {
+	if fn == nil {
 		// libvirt's dispatcher (virnetserverprogram.c) for a procedure
 		// it has no handler for.
 		return c.reply(p, nil, &Error{Code: codeRPC, Domain: fromRPC, Detail: fmt.Sprintf("unknown procedure: %d", p.Procedure)})
@@ -269,11 +311,7 @@ func (c *conn) call(p *Packet) error {
 	if h.changes != "" && c.isReadOnly() {
 		return c.reply(p, nil, errReadOnly(h.changes))
 	}
-	ret, err := h.fn(c.s.ctx, c, p.Body)
-	if errors.Is(err, ErrMalformed) {
-		c.reply(p, nil, &Error{Code: codeRPC, Domain: fromRPC, Detail: "Unable to decode message payload"})
-		return err
-	}
+	ret, err := fn(c.s.ctx, c)
 	return c.reply(p, ret, err)
 }
 

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -50,6 +51,14 @@ func testServer(t testing.TB) (rw, ro string) {
 // for calls made directly beside those through the socket.
 func testServerDriver(t testing.TB) (rw, ro string, d *driver.Driver) {
 	t.Helper()
+	rw, ro, d, _ = testServerLogf(t, t.Logf)
+	return rw, ro, d
+}
+
+// testServerLogf is testServerDriver with the server's log going to
+// logf; it also returns the server.
+func testServerLogf(t testing.TB, logf func(string, ...any)) (rw, ro string, d *driver.Driver, srv *Server) {
+	t.Helper()
 	dir := t.TempDir()
 	img := filepath.Join(dir, "web.qcow2")
 	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", img, "1M").CombinedOutput(); err != nil {
@@ -66,7 +75,7 @@ func testServerDriver(t testing.TB) (rw, ro string, d *driver.Driver) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := New(Config{Driver: d, Source: src, Logf: t.Logf})
+	srv = New(Config{Driver: d, Source: src, Logf: logf})
 	sockets := t.TempDir()
 	rw, ro = filepath.Join(sockets, "rw.sock"), filepath.Join(sockets, "ro.sock")
 	for _, s := range []struct {
@@ -81,7 +90,7 @@ func testServerDriver(t testing.TB) (rw, ro string, d *driver.Driver) {
 		t.Cleanup(func() { l.Close() })
 	}
 	t.Cleanup(func() { srv.Close(); d.Close() })
-	return rw, ro, d
+	return rw, ro, d, srv
 }
 
 // goClient is go-libvirt's own client on path, opened.
@@ -332,5 +341,81 @@ func TestListenPermissions(t *testing.T) {
 	}()
 	if _, err := Listen(p, OwnerOnly()); !errors.Is(err, ErrSocketInUse) {
 		t.Fatalf("second Listen: %v", err)
+	}
+}
+
+// TestCondemnedConnection: once a packet condemns a connection, nothing
+// it sent after runs, though it came in the same write, and the close is
+// logged once.
+func TestCondemnedConnection(t *testing.T) {
+	var mu sync.Mutex
+	var logs []string
+	rw, _, d, srv := testServerLogf(t, func(format string, args ...any) {
+		mu.Lock()
+		logs = append(logs, fmt.Sprintf(format, args...))
+		mu.Unlock()
+	})
+	bad := dialRaw(t, rw)
+	bad.open()
+	var burst []byte
+	packet := func(proc uint32, serial int32, args any) {
+		body, err := encodeRet(args)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := &Packet{Header: socket.Header{Program: ProgramRemote, Version: 1, Procedure: proc, Type: socket.Call, Serial: serial}, Body: body}
+		burst = append(burst, p.Encode()...)
+	}
+	garbled := &struct{ N uint32 }{1 << 30}
+	packet(procDomainLookupByName, 2, garbled)
+	packet(procDomainLookupByName, 3, garbled)
+	packet(procDomainSnapshotCreateXML, 4, &libvirt.DomainSnapshotCreateXMLArgs{Dom: libvirt.Domain{Name: "web"},
+		XMLDesc: "<domainsnapshot><name>after</name></domainsnapshot>", Flags: uint32(driver.CreateDiskOnly)})
+	if _, err := bad.c.Write(burst); err != nil {
+		t.Fatal(err)
+	}
+	if e := bad.recvError(); e.Code != int32(codeRPC) || e.Message[0] != "Unable to decode message payload" {
+		t.Fatalf("garbled call: %+v", e)
+	}
+	if p, err := bad.recv(); err == nil {
+		t.Fatalf("the condemned connection answered %+v", p)
+	}
+	// Close waits for every call the server started.
+	srv.Close()
+	l, err := d.ListAllSnapshots(context.Background(), "web", 0)
+	if err != nil || len(l) != 0 {
+		t.Fatalf("snapshots after a condemned burst: %v %v", l, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	n := 0
+	for _, line := range logs {
+		if strings.HasPrefix(line, "closing connection") {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Fatalf("%d close lines for one connection: %q", n, logs)
+	}
+}
+
+// TestSnapshotExists: a second snapshot of one name is refused in
+// libvirt's words, as the CLI words it.
+func TestSnapshotExists(t *testing.T) {
+	rw, _ := testServer(t)
+	l := goClient(t, rw)
+	dom, err := l.DomainLookupByName("web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2 {
+		_, err = l.DomainSnapshotCreateXML(dom, "<domainsnapshot><name>p1</name></domainsnapshot>", uint32(driver.CreateDiskOnly))
+		if i == 0 && err != nil {
+			t.Fatal(err)
+		}
+	}
+	var le libvirt.Error
+	if !errors.As(err, &le) || le.Code != uint32(errdefs.CodeOperationFailed) || le.Message != "operation failed: domain moment p1 already exists" {
+		t.Fatalf("second p1: %#v", err)
 	}
 }

@@ -16,28 +16,33 @@ import (
 // driver checks them as libvirt does.
 func snapshotHandlers() map[uint32]handler {
 	return map[uint32]handler{
-		procDomainSnapshotCreateXML: {changes: "virDomainSnapshotCreateXML", fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotCreateXMLArgs) (any, error) {
+		procDomainSnapshotCreateXML: {changes: "virDomainSnapshotCreateXML", decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotCreateXMLArgs) (any, error) {
 			s, err := c.s.cfg.Driver.SnapshotCreateXML(ctx, a.Dom.Name, a.XMLDesc, driver.CreateFlags(a.Flags))
 			if err != nil {
 				return nil, lookupError(err, a.Dom.Name, "")
 			}
 			return &libvirt.DomainSnapshotCreateXMLRet{Snap: libvirt.DomainSnapshot{Name: s.Name, Dom: a.Dom}}, nil
 		})},
-		procDomainSnapshotGetXMLDesc: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotGetXMLDescArgs) (any, error) {
+		procDomainSnapshotGetXMLDesc: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotGetXMLDescArgs) (any, error) {
+			// The driver leaves secrets out unless asked; a read-only
+			// connection may not ask (virDomainSnapshotGetXMLDesc).
+			if driver.XMLFlags(a.Flags)&driver.XMLSecure != 0 && c.isReadOnly() {
+				return nil, &Error{Code: errdefs.CodeOperationDenied, Domain: fromDomainSnapshot, Detail: "virDomainSnapshotGetXMLDesc with secure flag"}
+			}
 			x, err := c.s.cfg.Driver.SnapshotGetXMLDesc(ctx, a.Snap.Dom.Name, a.Snap.Name, driver.XMLFlags(a.Flags))
 			if err != nil {
 				return nil, lookupError(err, a.Snap.Dom.Name, a.Snap.Name)
 			}
 			return &libvirt.DomainSnapshotGetXMLDescRet{XML: x}, nil
 		})},
-		procDomainSnapshotNum: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotNumArgs) (any, error) {
+		procDomainSnapshotNum: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotNumArgs) (any, error) {
 			l, err := c.s.cfg.Driver.ListAllSnapshots(ctx, a.Dom.Name, driver.ListFlags(a.Flags))
 			if err != nil {
 				return nil, lookupError(err, a.Dom.Name, "")
 			}
 			return &libvirt.DomainSnapshotNumRet{Num: int32(len(l))}, nil
 		})},
-		procDomainSnapshotListNames: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotListNamesArgs) (any, error) {
+		procDomainSnapshotListNames: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotListNamesArgs) (any, error) {
 			if err := checkMaxNames(a.Maxnames); err != nil {
 				return nil, err
 			}
@@ -47,14 +52,14 @@ func snapshotHandlers() map[uint32]handler {
 			}
 			return &libvirt.DomainSnapshotListNamesRet{Names: names(l, a.Maxnames)}, nil
 		})},
-		procDomainSnapshotLookupByName: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotLookupByNameArgs) (any, error) {
+		procDomainSnapshotLookupByName: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotLookupByNameArgs) (any, error) {
 			s, err := c.s.cfg.Driver.SnapshotLookupByName(ctx, a.Dom.Name, a.Name, driver.LookupFlags(a.Flags))
 			if err != nil {
 				return nil, lookupError(err, a.Dom.Name, a.Name)
 			}
 			return &libvirt.DomainSnapshotLookupByNameRet{Snap: libvirt.DomainSnapshot{Name: s.Name, Dom: a.Dom}}, nil
 		})},
-		procDomainHasCurrentSnapshot: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainHasCurrentSnapshotArgs) (any, error) {
+		procDomainHasCurrentSnapshot: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainHasCurrentSnapshotArgs) (any, error) {
 			_, err := c.s.cfg.Driver.SnapshotCurrent(ctx, a.Dom.Name, driver.LookupFlags(a.Flags))
 			switch {
 			case errors.Is(err, errdefs.ErrNoSnapshot):
@@ -64,7 +69,7 @@ func snapshotHandlers() map[uint32]handler {
 			}
 			return &libvirt.DomainHasCurrentSnapshotRet{Result: 1}, nil
 		})},
-		procDomainSnapshotCurrent: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotCurrentArgs) (any, error) {
+		procDomainSnapshotCurrent: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotCurrentArgs) (any, error) {
 			s, err := c.s.cfg.Driver.SnapshotCurrent(ctx, a.Dom.Name, driver.LookupFlags(a.Flags))
 			if errors.Is(err, errdefs.ErrNoSnapshot) {
 				return nil, &Error{Code: errdefs.CodeNoDomainSnapshot, Domain: fromDomainSnapshot, Detail: "the domain does not have a current snapshot"}
@@ -74,15 +79,15 @@ func snapshotHandlers() map[uint32]handler {
 			}
 			return &libvirt.DomainSnapshotCurrentRet{Snap: libvirt.DomainSnapshot{Name: s.Name, Dom: a.Dom}}, nil
 		})},
-		procDomainRevertToSnapshot: {changes: "virDomainRevertToSnapshot", fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainRevertToSnapshotArgs) (any, error) {
+		procDomainRevertToSnapshot: {changes: "virDomainRevertToSnapshot", decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainRevertToSnapshotArgs) (any, error) {
 			err := c.s.cfg.Driver.RevertToSnapshot(ctx, a.Snap.Dom.Name, a.Snap.Name, driver.RevertFlags(a.Flags))
 			return nil, lookupError(err, a.Snap.Dom.Name, a.Snap.Name)
 		})},
-		procDomainSnapshotDelete: {changes: "virDomainSnapshotDelete", fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotDeleteArgs) (any, error) {
+		procDomainSnapshotDelete: {changes: "virDomainSnapshotDelete", decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotDeleteArgs) (any, error) {
 			_, err := c.s.cfg.Driver.SnapshotDelete(ctx, a.Snap.Dom.Name, a.Snap.Name, driver.DeleteFlags(a.Flags))
 			return nil, lookupError(err, a.Snap.Dom.Name, a.Snap.Name)
 		})},
-		procDomainSnapshotGetParent: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotGetParentArgs) (any, error) {
+		procDomainSnapshotGetParent: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotGetParentArgs) (any, error) {
 			d := c.s.cfg.Driver
 			p, err := d.SnapshotGetParent(ctx, a.Snap.Dom.Name, a.Snap.Name, driver.LookupFlags(a.Flags))
 			if errors.Is(err, errdefs.ErrNoSnapshot) {
@@ -98,14 +103,14 @@ func snapshotHandlers() map[uint32]handler {
 			}
 			return &libvirt.DomainSnapshotGetParentRet{Snap: libvirt.DomainSnapshot{Name: p.Name, Dom: a.Snap.Dom}}, nil
 		})},
-		procDomainSnapshotNumChildren: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotNumChildrenArgs) (any, error) {
+		procDomainSnapshotNumChildren: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotNumChildrenArgs) (any, error) {
 			n, err := c.s.cfg.Driver.SnapshotNumChildren(ctx, a.Snap.Dom.Name, a.Snap.Name, driver.ListFlags(a.Flags))
 			if err != nil {
 				return nil, lookupError(err, a.Snap.Dom.Name, a.Snap.Name)
 			}
 			return &libvirt.DomainSnapshotNumChildrenRet{Num: int32(n)}, nil
 		})},
-		procDomainSnapshotListChildrenNames: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotListChildrenNamesArgs) (any, error) {
+		procDomainSnapshotListChildrenNames: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotListChildrenNamesArgs) (any, error) {
 			if err := checkMaxNames(a.Maxnames); err != nil {
 				return nil, err
 			}
@@ -115,21 +120,21 @@ func snapshotHandlers() map[uint32]handler {
 			}
 			return &libvirt.DomainSnapshotListChildrenNamesRet{Names: names(l, a.Maxnames)}, nil
 		})},
-		procDomainSnapshotIsCurrent: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotIsCurrentArgs) (any, error) {
+		procDomainSnapshotIsCurrent: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotIsCurrentArgs) (any, error) {
 			cur, err := c.s.cfg.Driver.SnapshotIsCurrent(ctx, a.Snap.Dom.Name, a.Snap.Name, driver.LookupFlags(a.Flags))
 			if err != nil {
 				return nil, lookupError(err, a.Snap.Dom.Name, a.Snap.Name)
 			}
 			return &libvirt.DomainSnapshotIsCurrentRet{Current: boolInt(cur)}, nil
 		})},
-		procDomainSnapshotHasMetadata: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotHasMetadataArgs) (any, error) {
+		procDomainSnapshotHasMetadata: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotHasMetadataArgs) (any, error) {
 			m, err := c.s.cfg.Driver.SnapshotHasMetadata(ctx, a.Snap.Dom.Name, a.Snap.Name, driver.LookupFlags(a.Flags))
 			if err != nil {
 				return nil, lookupError(err, a.Snap.Dom.Name, a.Snap.Name)
 			}
 			return &libvirt.DomainSnapshotHasMetadataRet{Metadata: boolInt(m)}, nil
 		})},
-		procDomainListAllSnapshots: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainListAllSnapshotsArgs) (any, error) {
+		procDomainListAllSnapshots: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainListAllSnapshotsArgs) (any, error) {
 			l, err := c.s.cfg.Driver.ListAllSnapshots(ctx, a.Dom.Name, driver.ListFlags(a.Flags))
 			if err != nil {
 				return nil, lookupError(err, a.Dom.Name, "")
@@ -140,7 +145,7 @@ func snapshotHandlers() map[uint32]handler {
 			}
 			return ret, nil
 		})},
-		procDomainSnapshotListAllChildren: {fn: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotListAllChildrenArgs) (any, error) {
+		procDomainSnapshotListAllChildren: {decode: with(func(ctx context.Context, c *conn, a *libvirt.DomainSnapshotListAllChildrenArgs) (any, error) {
 			l, err := c.s.cfg.Driver.SnapshotListAllChildren(ctx, a.Snapshot.Dom.Name, a.Snapshot.Name, driver.ListFlags(a.Flags))
 			if err != nil {
 				return nil, lookupError(err, a.Snapshot.Dom.Name, a.Snapshot.Name)

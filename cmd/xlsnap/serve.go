@@ -28,8 +28,8 @@ list, state, info, XML, define) are answered from the source.
 
 The socket is the service user's only (mode 0600), and each client's peer
 credentials (SO_PEERCRED) are checked against the same rule. --socket-ro is a
-read-only socket: every call that changes something is refused with
-VIR_ERR_OPERATION_DENIED.
+read-only socket anyone may use (mode 0777, as libvirtd's): every call that
+changes something is refused with VIR_ERR_OPERATION_DENIED.
 
 With --upstream (a libvirtd, virtxend or virtqemud socket) every other call,
 its replies, events and streams are relayed unchanged to that daemon, and the
@@ -56,10 +56,12 @@ Logs go to stderr; SIGINT or SIGTERM stops it.`,
 			defer d.Close()
 			logger := log.New(cmd.ErrOrStderr(), "xlsnap serve: ", log.LstdFlags)
 			cfg := serve.Config{Driver: d, Source: src, Hypervisor: h, Logf: logger.Printf}
-			// Over a folder the sockets are the service user's only; in
-			// front of a daemon each mirrors the daemon's socket it
-			// relays to (libvirt names the read-only one PATH-ro).
-			access, accessRO := serve.OwnerOnly(), serve.OwnerOnly()
+			// Over a folder the read-write socket is the service user's
+			// only and the read-only one anyone's, as libvirtd's
+			// defaults; in front of a daemon each mirrors the daemon's
+			// socket it relays to (libvirt names the read-only one
+			// PATH-ro).
+			access, accessRO := serve.OwnerOnly(), serve.Everyone()
 			if upstream != "" {
 				cfg.Upstream = upstream
 				if access, err = serve.AccessOf(upstream); err != nil {

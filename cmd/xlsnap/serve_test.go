@@ -325,3 +325,139 @@ func TestServeConcurrentClients(t *testing.T) {
 	s.ok("snapshot-list", "web", "--tree")
 	serveQemuIO(t, s.activeImage(), "read -P 0x11 0 64k")
 }
+
+// TestServeSecrets: dumpxml and snapshot-dumpxml print a VNC password
+// only with --security-info, as libvirt does, and a read-only
+// connection asking for it is refused as libvirt refuses it.
+func TestServeSecrets(t *testing.T) {
+	s := startServe(t)
+	img := filepath.Join(s.dir, "vnc.qcow2")
+	qemuImg(t, "create", "-q", "-f", "qcow2", img, "16M")
+	def := fmt.Sprintf(`<domain type='xen'><name>vnc</name><uuid>5dea22b3-1d52-d8f3-2516-782e98ab3fa0</uuid><memory>262144</memory><os><type>linux</type></os><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='%s'/><target dev='xvda'/></disk>
+<graphics type='vnc' port='-1' passwd='sesame'/>
+</devices></domain>`, img)
+	if err := os.WriteFile(filepath.Join(s.dir, "vnc.xml"), []byte(def), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s.ok("snapshot-create-as", "vnc", "v1", "--disk-only")
+	for _, cmd := range [][]string{{"dumpxml", "vnc"}, {"snapshot-dumpxml", "vnc", "v1"}} {
+		for _, sock := range []string{s.rw, s.ro} {
+			out, errs, failed := s.virsh(sock, cmd...)
+			if failed || !strings.Contains(out, "<graphics type='vnc'") || strings.Contains(out, "sesame") {
+				t.Errorf("%v on %s: failed %v, %s%s", cmd, filepath.Base(sock), failed, out, errs)
+			}
+		}
+		secure := append(cmd, "--security-info")
+		if out := s.ok(secure...); !strings.Contains(out, "sesame") {
+			t.Errorf("%v: no password:\n%s", secure, out)
+		}
+		api := map[string]string{"dumpxml": "virDomainGetXMLDesc", "snapshot-dumpxml": "virDomainSnapshotGetXMLDesc"}[cmd[0]]
+		want := "error: operation forbidden: " + api + " with secure flag\n"
+		if out, errs, failed := s.virsh(s.ro, secure...); !failed || !strings.HasSuffix(errs, want) || strings.Contains(out, "sesame") {
+			t.Errorf("%v on the read-only socket: failed %v, %q %q", secure, failed, out, errs)
+		}
+	}
+}
+
+// TestServeDefineConflicts: virsh define of a document whose UUID another
+// domain has, or whose name a domain of another UUID has, is refused with
+// libvirt's words and changes nothing; a new domain's file takes the
+// mode of the folder's other definitions.
+func TestServeDefineConflicts(t *testing.T) {
+	s := startServe(t)
+	s.ok("snapshot-create-as", "web", "s1", "--disk-only")
+	webXML, err := os.ReadFile(filepath.Join(s.dir, "web.xml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	define := func(name, uuid string) (string, bool) {
+		doc := filepath.Join(t.TempDir(), name+".xml")
+		x := fmt.Sprintf("<domain type='xen'><name>%s</name><uuid>%s</uuid><memory>262144</memory><os><type>linux</type></os></domain>", name, uuid)
+		if err := os.WriteFile(doc, []byte(x), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		_, errs, failed := s.virsh(s.rw, "define", doc)
+		return errs, failed
+	}
+	const webUUID = "4dea22b3-1d52-d8f3-2516-782e98ab3fa0"
+	for _, tc := range []struct{ name, uuid, want string }{
+		{"copy", webUUID, "error: operation failed: domain 'web' is already defined with uuid " + webUUID + "\n"},
+		{"web", "6dea22b3-1d52-d8f3-2516-782e98ab3fa0", "error: operation failed: domain 'web' already exists with uuid " + webUUID + "\n"},
+	} {
+		if errs, failed := define(tc.name, tc.uuid); !failed || !strings.HasSuffix(errs, tc.want) {
+			t.Errorf("define %s %s: failed %v, %q", tc.name, tc.uuid, failed, errs)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(s.dir, "copy.xml")); !os.IsNotExist(err) {
+		t.Errorf("a refused define left copy.xml: %v", err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(s.dir, "web.xml")); !bytes.Equal(b, webXML) {
+		t.Errorf("a refused define changed web.xml:\n%s", b)
+	}
+	if out := s.ok("snapshot-list", "web", "--name"); out != "s1\n\n" {
+		t.Errorf("web's snapshots after the refused defines: %q", out)
+	}
+	if errs, failed := define("fresh", "7dea22b3-1d52-d8f3-2516-782e98ab3fa0"); failed {
+		t.Fatalf("define fresh: %s", errs)
+	}
+	if fi, err := os.Stat(filepath.Join(s.dir, "fresh.xml")); err != nil || fi.Mode().Perm() != 0o644 {
+		t.Errorf("fresh.xml: %v %v, want the mode of web.xml, 0644", fi.Mode(), err)
+	}
+	if out := s.ok("list", "--all", "--name"); out != "fresh\nweb\n\n" {
+		t.Errorf("list after the defines: %q", out)
+	}
+}
+
+// TestServeReadOnlySocketForEveryone: over a folder the read-only socket
+// is libvirtd's 0777 and another user lists snapshots on it but changes
+// nothing; the read-write socket stays the service user's.
+func TestServeReadOnlySocketForEveryone(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("running virsh as another user needs root")
+	}
+	s := startServe(t)
+	s.ok("snapshot-create-as", "web", "s1", "--disk-only")
+	for sock, want := range map[string]os.FileMode{s.rw: 0o600, s.ro: 0o777} {
+		if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != want {
+			t.Errorf("%s: %v %v, want %#o", filepath.Base(sock), fi.Mode(), err, want)
+		}
+	}
+	// nobody must reach the sockets' folder (the temporary folders are
+	// 0700); the system's temporary folder is left as it is.
+	tmp, err := filepath.EvalSymlinks(os.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for d := s.dir; d != tmp && d != filepath.Dir(d); d = filepath.Dir(d) {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	home := t.TempDir()
+	os.Chmod(home, 0o777)
+	nobody := func(sock string, args ...string) (string, string, bool) {
+		cmd := exec.Command("virsh", append([]string{"-c", "xen+unix:///system?socket=" + sock}, args...)...)
+		cmd.Env = append(os.Environ(), "LC_ALL=C", "LIBVIRT_DEFAULT_URI=", "HOME="+home, "XDG_CACHE_HOME="+home, "XDG_CONFIG_HOME="+home, "XDG_RUNTIME_DIR="+home)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+		var stdout, stderr bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		err := cmd.Run()
+		if _, ok := err.(*exec.ExitError); err != nil && !ok {
+			t.Fatal(err)
+		}
+		return stdout.String(), stderr.String(), err != nil
+	}
+	if out, errs, failed := nobody(s.ro, "snapshot-list", "web", "--name"); failed || out != "s1\n\n" {
+		t.Errorf("nobody's list on the read-only socket: %q %q", out, errs)
+	}
+	if _, errs, failed := nobody(s.ro, "snapshot-delete", "web", "s1"); !failed || !strings.Contains(errs, "operation forbidden: read only access prevents virDomainSnapshotDelete") {
+		t.Errorf("nobody's delete on the read-only socket: failed %v, %q", failed, errs)
+	}
+	if out, errs, failed := nobody(s.rw, "snapshot-list", "web", "--name"); !failed {
+		t.Errorf("nobody used the read-write socket: %q %q", out, errs)
+	}
+	if out := s.ok("snapshot-list", "web", "--name"); out != "s1\n\n" {
+		t.Errorf("list after nobody's calls: %q", out)
+	}
+}
