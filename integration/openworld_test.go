@@ -702,8 +702,8 @@ func TestOpenWorldMovedFolder(t *testing.T) {
 	w.snap("vm", "s1")
 	w.write("old/a.s1", 0x62, 0, 64)
 	if _, err := w.d.SnapshotCreateXML(w.ctx, "vm", snapXML("s1"), driver.CreateDiskOnly); !errors.Is(err, driver.ErrSnapshotExists) ||
-		strings.Contains(err.Error(), "@") || !strings.Contains(err.Error(), "domain vm") {
-		t.Fatalf("error names %v, want domain vm", err)
+		strings.Contains(err.Error(), "@") || !strings.Contains(err.Error(), "domain moment s1 already exists") {
+		t.Fatalf("error names %v, want libvirt's words and no domain key", err)
 	}
 	// Copied (the old folder stays for now), backing fixed, definition fixed.
 	run(t, "cp", "-a", w.path("old"), w.path("new"))
