@@ -4,7 +4,7 @@
 # libxen-dev 4.17, boots Xen 4.17 + dom0 under QEMU TCG from a throw-away
 # overlay, runs the tests there, and reads the results back through a 9p
 # share. Fails with the serial log's tail on any timeout.
-#   XEN_TIMEOUT  seconds for the whole QEMU run (default 1200)
+#   XEN_TIMEOUT  seconds for the whole QEMU run (default 2400)
 #   XEN_RUN      -test.run pattern (default: all)
 #   XEN_KEEP=1   keep the run folder
 #   XEN_CPU      QEMU -cpu (default max,-smap,-smep,-xsave: see README.md)
@@ -13,7 +13,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-timeout_s=${XEN_TIMEOUT:-1200}
+timeout_s=${XEN_TIMEOUT:-2400}
 GO=${GO:-go}
 t_start=$(date +%s.%N)
 since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
