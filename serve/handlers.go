@@ -429,8 +429,8 @@ func (s *Server) listDomains(ctx context.Context, flags uint32) ([]*domInfo, err
 	var out []*domInfo
 	for _, n := range names {
 		d, err := s.domain(ctx, n)
-		if errors.Is(err, errdefs.ErrNoDomain) {
-			continue // removed since it was listed
+		if errdefs.CodeOf(err) == errdefs.CodeNoDomain {
+			continue // removed since it was listed (s.domain words it as libvirt)
 		}
 		if err != nil {
 			return nil, err
