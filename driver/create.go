@@ -100,15 +100,7 @@ func (d *Driver) CreateSnapshot(ctx context.Context, domain string, req Snapshot
 		}
 	}
 	rec, err := d.create(ctx, domain, doc, flags)
-	if errors.Is(err, ErrSnapshotExists) && doc.Name != "" {
-		// libvirt's words (virDomainMomentAssignDef) when the domain
-		// has a snapshot of that name, for every front to print; an
-		// image's own internal snapshot of the name keeps its detail.
-		if _, lerr := d.SnapshotLookupByName(ctx, domain, doc.Name, 0); lerr == nil {
-			err = fmt.Errorf("%w: domain moment %s already exists", ErrSnapshotExists, doc.Name)
-		}
-	}
-	return d.created(ctx, domain, rec, flags, err)
+	return d.created(ctx, domain, rec, flags, d.momentExists(ctx, domain, doc.Name, err))
 }
 
 // SnapshotCreateXML is virDomainSnapshotCreateXML: it takes a snapshot
@@ -160,15 +152,7 @@ func (d *Driver) SnapshotCreateXML(ctx context.Context, domain, xmlDesc string, 
 		return nil, err
 	}
 	rec, err := d.create(ctx, domain, doc, flags)
-	if errors.Is(err, ErrSnapshotExists) && doc.Name != "" {
-		// libvirt's words (virDomainMomentAssignDef) when the domain
-		// has a snapshot of that name, for every front to print; an
-		// image's own internal snapshot of the name keeps its detail.
-		if _, lerr := d.SnapshotLookupByName(ctx, domain, doc.Name, 0); lerr == nil {
-			err = fmt.Errorf("%w: domain moment %s already exists", ErrSnapshotExists, doc.Name)
-		}
-	}
-	return d.created(ctx, domain, rec, flags, err)
+	return d.created(ctx, domain, rec, flags, d.momentExists(ctx, domain, doc.Name, err))
 }
 
 // created is the view of a snapshot create or redefine recorded (rec nil
@@ -831,4 +815,18 @@ func sameKind(old, redefined *storage.Snapshot) error {
 		return fmt.Errorf("%w: cannot change between disk only and full system in snapshot %s", errdefs.ErrInvalidArg, old.Name)
 	}
 	return nil
+}
+
+// momentExists words a create's ErrSnapshotExists as libvirt does
+// (virDomainMomentAssignDef) when the domain has a snapshot of that name,
+// for every front to print; an image's own internal snapshot of the name
+// keeps its detail.
+func (d *Driver) momentExists(ctx context.Context, domain, name string, err error) error {
+	if !errors.Is(err, ErrSnapshotExists) || name == "" {
+		return err
+	}
+	if _, lerr := d.SnapshotLookupByName(ctx, domain, name, 0); lerr != nil {
+		return err
+	}
+	return fmt.Errorf("%w: domain moment %s already exists", ErrSnapshotExists, name)
 }

@@ -73,7 +73,7 @@ var (
 	ErrNoSnapshot = def(CodeNoDomainSnapshot, "Domain snapshot not found")
 	// ErrSnapshotExists: a snapshot of that name exists; libvirt says
 	// "operation failed" (9).
-	ErrSnapshotExists = def(CodeOperationFailed, "domain snapshot exists")
+	ErrSnapshotExists = def(CodeOperationFailed, "operation failed")
 	// ErrRevertRisky: a revert that could lose what the domain holds and
 	// is refused without FORCE, such as to a snapshot that records no
 	// domain definition to roll back to (77).

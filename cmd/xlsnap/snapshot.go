@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -10,7 +9,6 @@ import (
 
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
-	"libvirt.org/go/libvirtxml"
 
 	"github.com/xlsnap/xlsnap/driver"
 	"github.com/xlsnap/xlsnap/errdefs"
@@ -63,18 +61,6 @@ func (o *createOpts) flags() driver.CreateFlags {
 		}
 	}
 	return f
-}
-
-// existsError words a create's failure as libvirt does when the domain
-// already has a snapshot of that name.
-func existsError(ctx context.Context, d *driver.Driver, domain, name string, err error) error {
-	if name == "" || !errors.Is(err, driver.ErrSnapshotExists) {
-		return err
-	}
-	if _, lerr := d.SnapshotLookupByName(ctx, domain, name, 0); lerr != nil {
-		return err // an image's internal snapshot of that name, not the domain's
-	}
-	return &cliError{msg: fmt.Sprintf("operation failed: domain moment %s already exists", name), err: err}
 }
 
 // reportCreated prints virsh's line (naming the XML file it came from,
@@ -139,7 +125,7 @@ func (a *app) createAsCmd() *cobra.Command {
 		}
 		s, err := d.SnapshotCreateXML(ctx, domain, xmlDesc, o.flags())
 		if err != nil {
-			return existsError(ctx, d, domain, name, err)
+			return err
 		}
 		return a.reportCreated(ctx, w, d, domain, s, o.noMetadata, "")
 	})
@@ -173,10 +159,6 @@ func (a *app) createCmd() *cobra.Command {
 		}
 		s, err := d.SnapshotCreateXML(ctx, domain, xmlDesc, o.flags())
 		if err != nil {
-			var doc libvirtxml.DomainSnapshot
-			if doc.Unmarshal(xmlDesc) == nil {
-				err = existsError(ctx, d, domain, doc.Name, err)
-			}
 			return err
 		}
 		return a.reportCreated(ctx, cmd.OutOrStdout(), d, domain, s, o.noMetadata, xmlFile)
