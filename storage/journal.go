@@ -232,6 +232,10 @@ func (m *Manager) freeLeaks(ctx context.Context, in *intent) error {
 		targets := [][2]string{{st.Path, st.Format}}
 		switch st.Kind {
 		case metastore.StepCommit:
+			if st.Backing != "" { // a commit into a named base (blockjob.go)
+				targets = append(targets, [2]string{st.Backing, st.BackingFormat})
+				break
+			}
 			// A commit writes into the image's backing file, as its
 			// header names it (recorded formats only: never probed).
 			h, err := readHeader(st.Path)
@@ -380,6 +384,9 @@ func (m *Manager) redo(ctx context.Context, st step, live Live) error {
 		// its data is not in the image below. Stop; never take it as done.
 		if !exists(st.Path) {
 			return fmt.Errorf("%w: %s, which this operation commits into its backing image, is gone (moved?)", ErrChainBroken, st.Path)
+		}
+		if st.Backing != "" {
+			return m.commitInto(ctx, b, st)
 		}
 		return b.Commit(ctx, st.Path, st.Format, progressFor(ctx, "commit", st))
 	case metastore.StepRebase:
