@@ -373,7 +373,7 @@ func (m *Manager) commitConflicts(d *Domain, snaps map[string]*Snapshot, u *user
 			}
 			for _, p := range d.Chain(sd.Image) {
 				if slices.Contains(changed, p) {
-					add(p, fmt.Sprintf("snapshot %s (disk %s) reads it", s.Name, sd.Target),
+					add(p, "a snapshot reads it",
 						User{Kind: UserSnapshot, Domain: d.Name, DomainName: domainName(d), Snapshot: s.Name, Disk: sd.Target})
 					break
 				}
