@@ -72,6 +72,7 @@ func newRoot() (*cobra.Command, *app) {
 	root.AddCommand(a.chainCmd())
 	root.AddCommand(a.snapshotCommands()...)
 	root.AddCommand(a.domblklistCmd(), a.checkCmd(), a.rescanCmd())
+	root.AddCommand(a.blockCommitCmd(), a.blockPullCmd())
 	root.AddCommand(a.serveCmd())
 	for _, c := range root.Commands() {
 		c.SetUsageTemplate(c.UsageTemplate() + "\n" + exitCodesHelp)
