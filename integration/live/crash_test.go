@@ -44,6 +44,10 @@ func liveHelper() int {
 		_, err = d.SnapshotCreateXML(ctx, "vm", "<domainsnapshot><name>s1</name></domainsnapshot>", driver.CreateDiskOnly)
 	case "delete":
 		_, err = d.SnapshotDelete(ctx, "vm", "s1", 0)
+	case "blockcommit":
+		_, err = d.BlockCommit(ctx, "vm", "xvda", "", "", 0, driver.BlockCommitActive)
+	case "blockpull":
+		_, err = d.BlockPull(ctx, "vm", "xvda", 0, 0)
 	}
 	if err != nil {
 		return 4
