@@ -192,6 +192,8 @@ func (d *Driver) blockJob(ctx context.Context, domain, what string, job func(v *
 		if err != nil {
 			return nil, err
 		}
+		// The job and the queries that check it share one connection.
+		defer l.Hold()()
 		live = l
 	}
 	r, err := job(v, live)

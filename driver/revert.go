@@ -185,10 +185,14 @@ func (d *Driver) SnapshotDelete(ctx context.Context, domain, name string, flags 
 		MetadataOnly: flags&DeleteMetadataOnly != 0,
 	}
 	if v.src.State.Active() {
-		// Merges of images the device model reads run as its block jobs.
-		if opts.Live, err = d.live(v, "a delete"); err != nil {
+		// Merges of images the device model reads run as its block jobs,
+		// on one QMP connection with the queries that plan them.
+		live, err := d.live(v, "a delete")
+		if err != nil {
 			return nil, err
 		}
+		defer live.Hold()()
+		opts.Live = live
 	}
 	report, err := d.st.DeleteSnapshot(ctx, v.key, name, opts)
 	if err != nil {

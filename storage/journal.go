@@ -143,12 +143,17 @@ func (m *Manager) commit(ctx context.Context, in *intent) error {
 	if err != nil {
 		return err
 	}
-	backupErr := m.backup(ctx)
+	// The store's copy (of the state just committed) and the cleanup
+	// write different files: side by side, the call waits for the
+	// slower, not for both (a live merge's last milliseconds).
+	backupErr := make(chan error, 1)
+	go func() { backupErr <- m.backup(ctx) }()
 	crashpoint.Hit(in.Op + "/committed")
 	if before != nil {
 		m.publishChanges(before, c.Domain, in.Op, opSnapshot(in.Op, c))
 	}
-	return errors.Join(m.cleanup(ctx, in), backupErr)
+	err = m.cleanup(ctx, in)
+	return errors.Join(err, <-backupErr)
 }
 
 // cleanup runs a committed intent's definition step, then removes what

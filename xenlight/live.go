@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"sync/atomic"
 
 	"github.com/xlsnap/xlsnap/chain"
@@ -16,10 +17,21 @@ import (
 )
 
 // Live carries out storage's chain changes for one active domain through
-// its device model's QMP; it connects for each call and lets go.
+// its device model's QMP. It connects for each call and lets go, unless
+// held (Hold): then the calls of one operation share a connection.
 type Live struct {
 	h      Hypervisor
 	domain string
+
+	// mu serialises the calls; the rest is the held connection's.
+	mu    sync.Mutex
+	holds int
+	m     *qmp.Monitor
+	// kept is query-block's answer on m, kept while nothing changed:
+	// no command of ours changed a chain and QEMU sent no event since
+	// (seen is the event count it was read at).
+	kept []DiskChain
+	seen uint64
 }
 
 var _ storage.Live = (*Live)(nil)
@@ -27,7 +39,59 @@ var _ storage.Live = (*Live)(nil)
 // NewLive returns the storage.Live of an active domain.
 func NewLive(h Hypervisor, domain string) *Live { return &Live{h: h, domain: domain} }
 
+// Hold makes the calls until release share one QMP connection, opened at
+// the first of them: an operation's queries and its block job pay for
+// one connection, and a query-block answered on it serves the next call
+// too while QEMU reports nothing (no event) and no call changed a chain.
+// A device model serves one client at a time, so the holder releases it
+// as soon as the operation ends; release may be called more than once.
+func (l *Live) Hold() (release func()) {
+	l.mu.Lock()
+	l.holds++
+	l.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			l.mu.Lock()
+			defer l.mu.Unlock()
+			if l.holds--; l.holds == 0 {
+				l.drop()
+			}
+		})
+	}
+}
+
+// drop lets the held connection go. Callers hold l.mu.
+func (l *Live) drop() {
+	if l.m != nil {
+		l.m.Disconnect()
+	}
+	l.m, l.kept = nil, nil
+}
+
+// with runs fn on a connection: the held one (dialled if need be), or
+// one of its own. A failure drops what was kept: the connection may be
+// cut, the chains changed.
 func (l *Live) with(ctx context.Context, fn func(m *qmp.Monitor) error) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.holds > 0 {
+		if l.m != nil && l.m.Closed() {
+			l.drop()
+		}
+		if l.m == nil {
+			m, err := l.h.DeviceModel(ctx, l.domain)
+			if err != nil {
+				return err
+			}
+			l.m = m
+		}
+		err := fn(l.m)
+		if err != nil {
+			l.drop()
+		}
+		return err
+	}
 	m, err := l.h.DeviceModel(ctx, l.domain)
 	if err != nil {
 		return err
@@ -77,11 +141,29 @@ func (l *Live) chains(ctx context.Context) ([]DiskChain, error) {
 	var out []DiskChain
 	err := l.with(ctx, func(m *qmp.Monitor) error {
 		var err error
-		out, err = Chains(ctx, m)
+		out, err = l.chainsOn(ctx, m)
 		return err
 	})
 	return out, err
 }
+
+// chainsOn is Chains on m, answered from the held connection's last
+// query-block while it still holds (see Hold). Callers hold l.mu.
+func (l *Live) chainsOn(ctx context.Context, m *qmp.Monitor) ([]DiskChain, error) {
+	if m == l.m && l.kept != nil && m.EventCount() == l.seen {
+		return l.kept, nil
+	}
+	seen := m.EventCount()
+	c, err := Chains(ctx, m)
+	if err == nil && m == l.m {
+		l.kept, l.seen = c, seen
+	}
+	return c, err
+}
+
+// changed forgets the kept chains: a command that changes them was sent.
+// Callers hold l.mu.
+func (l *Live) changed() { l.kept = nil }
 
 // Writes reports whether a disk writes to image.
 func (l *Live) Writes(ctx context.Context, image string) (bool, error) {
@@ -126,7 +208,7 @@ func nodeName(path string) string {
 // that succeeded: those are removed here.
 func (l *Live) Snapshot(ctx context.Context, disks []storage.LiveOverlay) error {
 	return l.with(ctx, func(m *qmp.Monitor) error {
-		chains, err := Chains(ctx, m)
+		chains, err := l.chainsOn(ctx, m)
 		if err != nil {
 			return err
 		}
@@ -150,6 +232,7 @@ func (l *Live) Snapshot(ctx context.Context, disks []storage.LiveOverlay) error 
 				"data": map[string]any{"node-name": c.Node, "snapshot-file": d.Overlay,
 					"snapshot-node-name": nodeName(d.Overlay), "format": d.Format, "mode": "absolute-paths"}})
 		}
+		l.changed()
 		err = m.Execute(ctx, "transaction", map[string]any{"actions": actions}, nil)
 		if err != nil {
 			for _, p := range created {
@@ -164,17 +247,19 @@ func (l *Live) Snapshot(ctx context.Context, disks []storage.LiveOverlay) error 
 // InternalDelete deletes an internal snapshot of an image a disk uses.
 func (l *Live) InternalDelete(ctx context.Context, image, name string) error {
 	return l.with(ctx, func(m *qmp.Monitor) error {
-		node, err := nodeOf(ctx, m, image)
+		node, err := l.nodeOf(ctx, m, image)
 		if err != nil {
 			return err
 		}
+		l.changed()
 		return m.Execute(ctx, "blockdev-snapshot-delete-internal-sync", map[string]any{"device": node, "name": name}, nil)
 	})
 }
 
-// nodeOf finds the format node of an image in a disk's chain.
-func nodeOf(ctx context.Context, m *qmp.Monitor, image string) (string, error) {
-	chains, err := Chains(ctx, m)
+// nodeOf finds the format node of an image in a disk's chain. Callers
+// hold l.mu.
+func (l *Live) nodeOf(ctx context.Context, m *qmp.Monitor, image string) (string, error) {
+	chains, err := l.chainsOn(ctx, m)
 	if err != nil {
 		return "", err
 	}
@@ -208,12 +293,13 @@ func nodeOf(ctx context.Context, m *qmp.Monitor, image string) (string, error) {
 	return "", fmt.Errorf("%w: no node for %s", errNotInUse, image)
 }
 
-// Commit runs block-commit of top into base: an active commit (completed
-// and pivoted) when a disk writes to top, else an intermediate one, after
-// which QEMU repoints top's overlay at base itself.
+// Commit runs block-commit of top into base (with every image between):
+// an active commit (completed and pivoted) when a disk writes to top, else
+// an intermediate one, after which QEMU repoints top's overlay at base
+// itself. Either way base's data is on disk when it returns.
 func (l *Live) Commit(ctx context.Context, top, base string, progress func(float64)) error {
 	return l.with(ctx, func(m *qmp.Monitor) error {
-		chains, err := Chains(ctx, m)
+		chains, err := l.chainsOn(ctx, m)
 		if err != nil {
 			return err
 		}
@@ -221,21 +307,30 @@ func (l *Live) Commit(ctx context.Context, top, base string, progress func(float
 		if err != nil {
 			return err
 		}
+		l.changed()
 		job := qmp.Job{ID: nodeName("commit" + top), Progress: percent(progress)}
 		if err := m.RunJob(ctx, job, "block-commit", map[string]any{"job-id": job.ID, "device": c.Node, "top": top, "base": base}); err != nil {
 			return err
 		}
-		return flush(ctx, m, base)
+		if c.Files[0] == top {
+			// An active commit is QEMU's mirror job, which flushes its
+			// target, base, under drain before it completes (block/mirror.c,
+			// mirror_run: mirror_flush): no flush of ours is needed.
+			return nil
+		}
+		return l.flush(ctx, m, base)
 	})
 }
 
 // flush makes what a block job wrote durable on disk before storage
 // records the merge and removes the image the data came from: QEMU keeps
-// qcow2 metadata in its caches until a flush. QMP has no flush command;
+// qcow2 metadata in its caches until a flush, and neither block-commit's
+// intermediate job nor block-stream flushes. QMP has no flush command;
 // HMP's qemu-io flush on the node is the one way short of pausing the
 // guest (stop flushes everything, but the guest would feel it).
-func flush(ctx context.Context, m *qmp.Monitor, image string) error {
-	node, err := nodeOf(ctx, m, image)
+// Callers hold l.mu.
+func (l *Live) flush(ctx context.Context, m *qmp.Monitor, image string) error {
+	node, err := l.nodeOf(ctx, m, image)
 	if err != nil {
 		return err
 	}
@@ -259,10 +354,11 @@ func flushNode(ctx context.Context, m *qmp.Monitor, node, image string) error {
 // all of it); QEMU then makes base image's backing.
 func (l *Live) Stream(ctx context.Context, image, base, baseFormat string, progress func(float64)) error {
 	return l.with(ctx, func(m *qmp.Monitor) error {
-		node, err := nodeOf(ctx, m, image)
+		node, err := l.nodeOf(ctx, m, image)
 		if err != nil {
 			return err
 		}
+		l.changed()
 		job := qmp.Job{ID: nodeName("stream" + image), Progress: percent(progress)}
 		args := map[string]any{"job-id": job.ID, "device": node}
 		if base != "" {

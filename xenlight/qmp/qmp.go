@@ -18,6 +18,7 @@ import (
 	"net"
 	"strconv"
 	"sync"
+	"sync/atomic"
 
 	goqmp "github.com/digitalocean/go-qemu/qmp"
 
@@ -70,6 +71,8 @@ type Monitor struct {
 	subs    map[*subscriber]bool
 	closed  chan struct{}
 	err     error
+	// events counts the events read so far, as they are read.
+	events atomic.Uint64
 }
 
 // maxLine bounds one QMP message: query-block of a deep chain is tens of
@@ -172,6 +175,7 @@ func (m *Monitor) read(r *bufio.Reader) {
 			continue
 		}
 		if probe.Event != "" {
+			m.events.Add(1)
 			var ev goqmp.Event
 			if json.Unmarshal(line, &ev) == nil {
 				m.publish(ev)
@@ -200,6 +204,26 @@ func (m *Monitor) read(r *bufio.Reader) {
 	m.subs = nil
 	m.mu.Unlock()
 	close(m.closed)
+}
+
+// EventCount is how many events QEMU has sent on this connection that
+// have been read: a caller keeping an answer (a query-block) across
+// commands compares it to tell whether anything happened since (a job
+// ended, a device went) that the answer may no longer show.
+func (m *Monitor) EventCount() uint64 { return m.events.Load() }
+
+// Closed reports whether the connection is gone (QEMU exited, or
+// Disconnect).
+func (m *Monitor) Closed() bool {
+	if m.closed == nil {
+		return true
+	}
+	select {
+	case <-m.closed:
+		return true
+	default:
+		return false
+	}
 }
 
 // Disconnect closes the connection.
