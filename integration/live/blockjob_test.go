@@ -3,16 +3,21 @@ package live
 import (
 	"encoding/json"
 	"errors"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"sync/atomic"
 	"testing"
 
 	"github.com/xlsnap/xlsnap/driver"
 	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/storage/storagetest"
 	"github.com/xlsnap/xlsnap/xenlight"
+	"github.com/xlsnap/xlsnap/xenlight/qemu"
+	"github.com/xlsnap/xlsnap/xenlight/qemutest"
 )
 
 // layer takes a disk-only snapshot of both disks that records nothing
@@ -248,4 +253,81 @@ func TestLiveCrashBlockJobs(t *testing.T) {
 			})
 		}
 	}
+}
+
+// countingProxy passes a device model's QMP socket through and counts
+// the connections made to it.
+type countingProxy struct {
+	sock  string
+	conns atomic.Int32
+}
+
+func newCountingProxy(t *testing.T, upstream string) *countingProxy {
+	t.Helper()
+	p := &countingProxy{sock: qemutest.SocketPath(t, "proxy.qmp")}
+	l, err := net.Listen("unix", p.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			p.conns.Add(1)
+			up, err := net.Dial("unix", upstream)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			go func() { io.Copy(up, c); up.Close() }()
+			go func() { io.Copy(c, up); c.Close() }()
+		}
+	}()
+	return p
+}
+
+// TestLiveMergeConnections: a live delete and a live blockcommit each
+// open two QMP connections: the domain's state, then one held for the
+// planning queries and the block job (xenlight.Live.Hold), where each
+// call used to open its own.
+func TestLiveMergeConnections(t *testing.T) {
+	e := newEnv(t)
+	proxy := newCountingProxy(t, e.path("vm.qmp"))
+	e.h = qemu.New(func(string) string { return proxy.sock })
+	e.openState(t.TempDir())
+	d := e.d
+	e.write("xvda", 0x11, 0)
+	if _, err := d.SnapshotCreateXML(e.ctx, "vm", "<domainsnapshot><name>s1</name></domainsnapshot>", driver.CreateDiskOnly); err != nil {
+		t.Fatal(err)
+	}
+	e.write("xvda", 0x12, mib)
+	if _, err := d.SnapshotCreateXML(e.ctx, "vm", "<domainsnapshot><name>x</name></domainsnapshot>", driver.CreateDiskOnly|driver.CreateNoMetadata); err != nil {
+		t.Fatal(err)
+	}
+	for _, op := range []struct {
+		name string
+		do   func() error
+	}{
+		{"blockcommit", func() error {
+			_, err := d.BlockCommit(e.ctx, "vm", "xvda", "", "", 0, driver.BlockCommitActive|driver.BlockCommitShallow)
+			return err
+		}},
+		{"delete", func() error { _, err := d.SnapshotDelete(e.ctx, "vm", "s1", 0); return err }},
+	} {
+		proxy.conns.Store(0)
+		if err := op.do(); err != nil {
+			t.Fatalf("%s: %v\n%s", op.name, err, e.qemu.Stderr())
+		}
+		if n := proxy.conns.Load(); n != 2 {
+			t.Errorf("%s opened %d QMP connections, want 2 (the state, then one held)", op.name, n)
+		}
+	}
+	if got := e.disk("xvda").Chain; len(got) != 1 {
+		t.Fatalf("xvda after the commit and the delete: %v", got)
+	}
+	e.expect("xvda", 0x11, 0)
+	e.expect("xvda", 0x12, mib)
 }
