@@ -1,0 +1,147 @@
+//go:build xen && libxl
+
+package xen
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/xlsnap/xlsnap/driver"
+	"github.com/xlsnap/xlsnap/xenlight"
+)
+
+// stoppedTime polls the domain's state on its own libxl context (so a
+// suspend in progress on the driver's does not hold it up) until stop is
+// called, and returns how long the domain was seen not running: the
+// guest's paused time, to the poll's resolution.
+func stoppedTime(t *testing.T, name string) (stop func() time.Duration) {
+	t.Helper()
+	h := newLibxl(t)
+	var (
+		mu      sync.Mutex
+		stopped time.Duration
+		polls   int
+	)
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		last := time.Now()
+		for {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			st, err := h.State(context.Background(), name)
+			now := time.Now()
+			mu.Lock()
+			polls++
+			if err == nil && st != xenlight.Running {
+				stopped += now.Sub(last)
+			}
+			mu.Unlock()
+			last = now
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	return func() time.Duration {
+		close(done)
+		<-finished
+		mu.Lock()
+		defer mu.Unlock()
+		t.Logf("%d state polls", polls)
+		return stopped
+	}
+}
+
+// TestLiveMemorySnapshot (case 11): a memory snapshot with LIVE copies
+// the memory while the guest runs and stops it only for the last pages
+// and the disks' snapshot, so memory and disks are of one instant: after
+// a revert to it the guest's records go on from exactly where its disks
+// stand (the guest checks each round; a disk ahead of its memory, as when
+// the disks were taken after the guest went on, is printed on its
+// console). The guest's paused time is measured for a non-live and a
+// live memory snapshot of the same guest; live must be the shorter.
+func TestLiveMemorySnapshot(t *testing.T) {
+	ctx := context.Background()
+	g := newGuest(t, "g7")
+	g.start(nil)
+	h := newLibxl(t)
+	d := g.openDriver(h)
+
+	take := func(name string, flags driver.CreateFlags) (time.Duration, map[string]string) {
+		t.Helper()
+		req, overlays := g.externalRequest(name)
+		req.Memory, req.MemoryPath = true, filepath.Join(workDir, g.name, name+".mem")
+		stop := stoppedTime(t, g.name)
+		t0 := time.Now()
+		if _, err := d.CreateSnapshot(ctx, g.name, req, flags); err != nil {
+			stop()
+			t.Fatalf("memory snapshot %s: %v\n%s", name, err, g.console())
+		}
+		timing(t, "case 11: memory snapshot "+name, t0)
+		paused := stop()
+		if st, _ := h.State(ctx, g.name); st != xenlight.Running {
+			t.Fatalf("after %s the domain is %s, want running", name, st)
+		}
+		return paused, overlays
+	}
+	pausedFull, _ := take("full1", 0)
+	pausedLive, overlays := take("live1", driver.CreateLive)
+	t.Logf("TIMING case 11: guest paused, non-live memory snapshot %.3fs", pausedFull.Seconds())
+	t.Logf("TIMING case 11: guest paused, live memory snapshot %.3fs", pausedLive.Seconds())
+	record(t, "case 11: paused, non-live", pausedFull)
+	record(t, "case 11: paused, live", pausedLive)
+	if pausedLive >= pausedFull {
+		t.Errorf("the live memory snapshot paused the guest %v, the non-live one %v: live must be the shorter", pausedLive, pausedFull)
+	}
+	// The guest writes on into live1's overlays.
+	for _, disk := range disks {
+		last, _ := records(t, g.base[disk], disk, true)
+		g.waitSeq(overlays[disk], disk, last+3)
+	}
+
+	logPath := "/var/log/xen/console/guest-" + g.name + ".log"
+	var from int64
+	if st, err := os.Stat(logPath); err == nil {
+		from = st.Size()
+	}
+	if err := d.RevertToSnapshot(ctx, g.name, "live1", driver.RevertRunning); err != nil {
+		t.Fatalf("revert to live1: %v\n%s", err, g.console())
+	}
+	active := map[string]string{}
+	for disk, di := range g.diskList(d) {
+		active[disk] = di.Source
+	}
+	frozen := map[string]int{}
+	for _, disk := range disks {
+		// live1's state image is full1's overlay: the disk as it stood.
+		frozen[disk], _ = records(t, filepath.Join(g.dir, disk+".full1.qcow2"), disk, false)
+		g.waitSeq(active[disk], disk, frozen[disk]+3)
+	}
+	g.stop()
+	data, err := os.ReadFile(logPath)
+	if err != nil {
+		t.Fatalf("the guest's console log: %v", err)
+	}
+	if int64(len(data)) < from {
+		from = 0
+	}
+	if bad := regexp.MustCompile(`guest: xvd[a-z] disk at .*`).FindAll(data[from:], -1); len(bad) > 0 {
+		t.Fatalf("after the revert to the live memory snapshot the guest's memory and disks differ:\n%s", bad)
+	}
+	for _, disk := range disks {
+		expectRecords(t, active[disk], disk, frozen[disk]+3)
+	}
+}
+
+// record writes a measured duration to the bed's timing table.
+func record(t *testing.T, what string, d time.Duration) {
+	timing(t, what, time.Now().Add(-d))
+}
