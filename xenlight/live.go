@@ -9,7 +9,6 @@ import (
 	"slices"
 	"sync/atomic"
 
-	"github.com/xlsnap/xlsnap/chain"
 	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/xenlight/qmp"
@@ -303,30 +302,6 @@ func (e *MismatchError) Error() string {
 	return fmt.Sprintf("disk %s: device model reads %v, the chain on disk is %v", e.Disk, e.DeviceModel, e.OnDisk)
 }
 func (e *MismatchError) Unwrap() error { return ErrChainMismatch }
-
-// CompareChain is the rescan hook's check for one disk of an active
-// domain: the chain on disk, as storage's rescan just walked it, against
-// what the device model has open. It returns a *MismatchError on a
-// difference.
-func (l *Live) CompareChain(ctx context.Context, disk string, onDisk *chain.Chain) error {
-	active := onDisk.Top().Path
-	var files []string
-	for _, layer := range onDisk.Layers {
-		files = append(files, layer.Path)
-	}
-	chains, err := l.chains(ctx)
-	if err != nil {
-		return err
-	}
-	c, err := chainOf(chains, active)
-	if err != nil {
-		return &MismatchError{Disk: disk, OnDisk: files}
-	}
-	if !slices.Equal(cleanAll(c.Files), cleanAll(files)) {
-		return &MismatchError{Disk: disk, DeviceModel: c.Files, OnDisk: files}
-	}
-	return nil
-}
 
 func cleanAll(paths []string) []string {
 	out := make([]string, len(paths))

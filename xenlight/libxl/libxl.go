@@ -155,6 +155,33 @@ static int xls_state(libxl_ctx *ctx, uint32_t domid, int *state)
 	return rc;
 }
 
+// xls_can_log_dirty says whether Xen can track the pages a domain
+// dirties while it runs (log-dirty), which a live save needs: shadow
+// paging for a PV domain, HAP or shadow paging for HVM and PVH ones
+// (libxl_physinfo's cap_shadow and cap_hap: a Xen built without
+// CONFIG_SHADOW_PAGING cannot save a PV domain live at all).
+static int xls_can_log_dirty(libxl_ctx *ctx, uint32_t domid, int *ok, int *pv)
+{
+	libxl_physinfo pi;
+	libxl_dominfo info;
+	int rc;
+
+	*ok = 0;
+	*pv = 0;
+	libxl_physinfo_init(&pi);
+	libxl_dominfo_init(&info);
+	rc = libxl_get_physinfo(ctx, &pi);
+	if (!rc)
+		rc = libxl_domain_info(ctx, &info, domid);
+	if (!rc) {
+		*pv = info.domain_type == LIBXL_DOMAIN_TYPE_PV;
+		*ok = *pv ? pi.cap_shadow : (pi.cap_hap || pi.cap_shadow);
+	}
+	libxl_dominfo_dispose(&info);
+	libxl_physinfo_dispose(&pi);
+	return rc;
+}
+
 // xls_config_json is the domain's configuration as libxl's JSON; the
 // caller frees *json.
 static int xls_config_json(libxl_ctx *ctx, uint32_t domid, char **json)
@@ -517,10 +544,24 @@ func (h *Hypervisor) SaveMemory(ctx context.Context, domain, path string, checkp
 // as xl save -c), paused again first if it was paused. Until resume is
 // called, State reports the domain Paused and Resume ends the suspend
 // too, so a crash in the window is recovered by a plain Resume. Errors
-// are those of SaveMemory; on one the guest has already gone on.
+// are those of SaveMemory; on one the guest has already gone on. A Xen
+// that cannot track the pages the guest dirties (log-dirty: shadow
+// paging for PV, HAP or shadow for HVM and PVH, as libxl_physinfo
+// reports) is xenlight.ErrLiveUnsupported before anything is written.
 func (h *Hypervisor) SaveMemoryLive(ctx context.Context, domain, path string) (resume func(context.Context) error, err error) {
 	var paused bool
 	err = h.onGuest(ctx, "saving the memory of "+domain+" live", domain, func(op string, id C.uint32_t) error {
+		var ok, pv C.int
+		if err := h.call(op, func(c *C.libxl_ctx) C.int { return C.xls_can_log_dirty(c, id, &ok, &pv) }); err != nil {
+			return err
+		}
+		if ok == 0 {
+			need := "hardware-assisted paging or shadow paging"
+			if pv != 0 {
+				need = "shadow paging (CONFIG_SHADOW_PAGING) for a PV domain"
+			}
+			return fmt.Errorf("%s: %w: this Xen cannot track the pages the guest writes while its memory is copied (log-dirty needs %s)", op, xenlight.ErrLiveUnsupported, need)
+		}
 		var err error
 		paused, err = h.save(ctx, op, id, path, C.LIBXL_SUSPEND_LIVE, stayStopped)
 		return err
