@@ -3,7 +3,6 @@ package xenlight
 import (
 	"context"
 	"fmt"
-	"hash/fnv"
 	"os"
 	"path/filepath"
 	"slices"
@@ -110,12 +109,10 @@ func chainOf(chains []DiskChain, image string) (DiskChain, error) {
 
 var nodeSeq atomic.Uint32
 
-// nodeName names a new overlay's node: QMP node names are short
-// identifiers, so a hash of the path plus a counter.
+// nodeName names a new overlay's node or a job: QMP names are short
+// identifiers, so a hash of the path (jobPrefix) plus a counter.
 func nodeName(path string) string {
-	h := fnv.New32a()
-	h.Write([]byte(path))
-	return fmt.Sprintf("xl%08x%d", h.Sum32(), nodeSeq.Add(1))
+	return fmt.Sprintf("%s%d", jobPrefix(path), nodeSeq.Add(1))
 }
 
 // Snapshot runs one QMP transaction over every disk: blockdev-snapshot-sync
@@ -212,6 +209,15 @@ func nodeOf(ctx context.Context, m *qmp.Monitor, image string) (string, error) {
 // which QEMU repoints top's overlay at base itself.
 func (l *Live) Commit(ctx context.Context, top, base string, progress func(float64)) error {
 	return l.with(ctx, func(m *qmp.Monitor) error {
+		if done, err := adopt(ctx, m, "commit"+top, progress, func(chains []DiskChain) bool {
+			_, err := chainOf(chains, top)
+			return err != nil
+		}); err != nil || done {
+			if err == nil {
+				err = flush(ctx, m, base)
+			}
+			return err
+		}
 		chains, err := Chains(ctx, m)
 		if err != nil {
 			return err
@@ -258,6 +264,16 @@ func flushNode(ctx context.Context, m *qmp.Monitor, node, image string) error {
 // all of it); QEMU then makes base image's backing.
 func (l *Live) Stream(ctx context.Context, image, base, baseFormat string, progress func(float64)) error {
 	return l.with(ctx, func(m *qmp.Monitor) error {
+		if done, err := adopt(ctx, m, "stream"+image, progress, func(chains []DiskChain) bool {
+			c, err := chainOf(chains, image)
+			i := slices.Index(c.Files, image)
+			return err == nil && (base == "" && i == len(c.Files)-1 || i+1 < len(c.Files) && c.Files[i+1] == base)
+		}); err != nil || done {
+			if err == nil {
+				err = flush(ctx, m, image)
+			}
+			return err
+		}
 		node, err := nodeOf(ctx, m, image)
 		if err != nil {
 			return err

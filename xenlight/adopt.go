@@ -1,0 +1,33 @@
+package xenlight
+
+import (
+	"context"
+	"fmt"
+	"hash/fnv"
+
+	"github.com/xlsnap/xlsnap/xenlight/qmp"
+)
+
+// jobPrefix begins the ID of every job nodeName names for what: the
+// same in every process, so a later call finds an earlier one's job.
+func jobPrefix(what string) string {
+	h := fnv.New32a()
+	h.Write([]byte(what))
+	return fmt.Sprintf("xl%08x", h.Sum32())
+}
+
+// adopt lets a job an earlier call started on what and lost (its QMP
+// connection dropped; QEMU ran on) finish first, and reports whether
+// the chains then show its work done (isDone), so that no second job is
+// started on a node the first still holds, nor on work already done.
+func adopt(ctx context.Context, m *qmp.Monitor, what string, progress func(float64), isDone func([]DiskChain) bool) (bool, error) {
+	found, err := m.AdoptJob(ctx, jobPrefix(what), percent(progress))
+	if err != nil || !found {
+		return false, err
+	}
+	chains, err := Chains(ctx, m)
+	if err != nil {
+		return false, err
+	}
+	return isDone(chains), nil
+}
