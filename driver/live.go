@@ -43,6 +43,12 @@ func (d *Driver) createActive(ctx context.Context, v *domainView, doc *libvirtxm
 		if err != nil {
 			return nil, err
 		}
+		if flags&CreateHalt == 0 {
+			if err := d.afterChange(ctx, v); err != nil {
+				return nil, err
+			}
+			return snap, d.verifyLive(ctx, v)
+		}
 		return snap, d.finishCreate(ctx, v, flags)
 	}
 	if doc.Memory.Snapshot == "internal" {
@@ -176,6 +182,12 @@ func (d *Driver) createLiveMemory(ctx context.Context, v *domainView, flags Crea
 	}
 	if err := d.st.GuestEnd(uctx, gid); err != nil {
 		return nil, err
+	}
+	if flags&CreateHalt == 0 {
+		if err := d.afterChange(ctx, v); err != nil {
+			return nil, err
+		}
+		return snap, d.verifyLive(ctx, v)
 	}
 	return snap, d.finishCreate(ctx, v, flags)
 }

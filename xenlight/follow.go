@@ -219,3 +219,34 @@ func changeBacking(ctx context.Context, m *qmp.Monitor, device, node string, lay
 	}
 	return nil
 }
+
+// Verify checks that the device model reads, for each disk, exactly the
+// chain given (top to base, keyed by the disk's target): what every live
+// operation ends with, so a chain the device model and storage's record
+// disagree on is loud at once. Errors: a *MismatchError (9) naming the
+// first disk that differs; QMP's own.
+func (l *Live) Verify(ctx context.Context, want map[string][]string) error {
+	chains, err := l.chains(ctx)
+	if err != nil {
+		return err
+	}
+	targets := make([]string, 0, len(want))
+	for t := range want {
+		targets = append(targets, t)
+	}
+	slices.Sort(targets)
+	for _, t := range targets {
+		files := want[t]
+		if len(files) == 0 {
+			continue
+		}
+		c, err := chainOf(chains, files[0])
+		if err != nil {
+			return fmt.Errorf("%w: no disk of the device model reads %s", &MismatchError{Disk: t, OnDisk: files}, files[0])
+		}
+		if !slices.Equal(cleanAll(c.Files), cleanAll(files)) {
+			return &MismatchError{Disk: t, DeviceModel: c.Files, OnDisk: files}
+		}
+	}
+	return nil
+}

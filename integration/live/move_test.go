@@ -10,6 +10,7 @@ import (
 	"github.com/xlsnap/xlsnap/driver"
 	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/storage/storagetest"
+	"github.com/xlsnap/xlsnap/xenlight"
 )
 
 // TestMoveBackingFilesLive is the storage admin's case of the rescan
@@ -188,4 +189,20 @@ func TestMoveBaseLiveAndRefusals(t *testing.T) {
 	}
 	e.expect("xvda", 0x21, 0)
 	e.expect("xvda", 0x00, mib)
+}
+
+// TestVerifyLive: the check every live operation ends with passes on the
+// recorded chains and names the disk that differs otherwise.
+func TestVerifyLive(t *testing.T) {
+	e := newEnv(t)
+	live := xenlight.NewLive(e.h, "vm")
+	want := map[string][]string{"xvda": e.disk("xvda").Chain, "xvdb": e.disk("xvdb").Chain}
+	if err := live.Verify(e.ctx, want); err != nil {
+		t.Fatalf("the recorded chains: %v", err)
+	}
+	want["xvdb"] = []string{e.path("vm-xvdb.qcow2"), e.path("elsewhere.qcow2")}
+	var me *xenlight.MismatchError
+	if err := live.Verify(e.ctx, want); !errors.As(err, &me) || me.Disk != "xvdb" || !slices.Equal(me.DeviceModel, []string{e.path("vm-xvdb.qcow2")}) {
+		t.Fatalf("a chain the device model does not read: %v, want a MismatchError on xvdb", err)
+	}
 }
