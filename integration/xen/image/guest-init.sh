@@ -3,7 +3,8 @@
 # per second to every disk: sector N holds "xlsnap <disk> seq=N", sector 0
 # the last N. The host side reads the records back from the images. From
 # its second round on it checks each disk's last record against its own
-# count and prints "guest: xvdN disk at D, memory at M" where they differ.
+# count and prints "guest: xvdN disk at D, memory at M" where they differ,
+# also into sector 4000 of the disk.
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -23,7 +24,12 @@ while :; do
 		echo 1 >/proc/sys/vm/drop_caches
 		for d in $disks; do
 			last=$(dd if=/dev/$d bs=512 count=1 2>/dev/null | sed -n 's/^xlsnap [a-z]* seq=\([0-9]*\)$/\1/p')
-			[ "$last" = "$((seq-1))" ] || echo "guest: $d disk at ${last:-none}, memory at $((seq-1))"
+			if [ "$last" != "$((seq-1))" ]; then
+				# On the console and in sector 4000, for guests whose
+				# console is not logged.
+				echo "guest: $d disk at ${last:-none}, memory at $((seq-1))" | tee /tmp/bad
+				dd if=/tmp/bad of=/dev/$d bs=512 seek=4000 count=1 conv=sync,fsync 2>/dev/null
+			fi
 		done
 	fi
 	first=0
