@@ -130,6 +130,9 @@ func TestLiveMemorySnapshot(t *testing.T) {
 		}
 		return paused, overlays
 	}
+	// A guest that crashed and was restarted (a new domain id) would
+	// write its records again from the start: the id must stay.
+	domid := strings.TrimSpace(run(t, "xl", "domid", g.name))
 	pausedFull, _ := take("full1", 0)
 	pausedLive, overlays := take("live1", driver.CreateLive)
 	t.Logf("TIMING case 11: guest paused, non-live memory snapshot %.3fs", pausedFull.Seconds())
@@ -147,6 +150,9 @@ func TestLiveMemorySnapshot(t *testing.T) {
 	}
 	if st, _ := h.State(ctx, g.name); st != xenlight.Running {
 		t.Fatalf("after writing on from the live snapshot the guest is %s, want running\n%s", st, g.console())
+	}
+	if now := strings.TrimSpace(run(t, "xl", "domid", g.name)); now != domid {
+		t.Fatalf("the guest was restarted after the live snapshot (domain %s, was %s)\n%s", now, domid, g.console())
 	}
 
 	if err := d.RevertToSnapshot(ctx, g.name, "live1", driver.RevertRunning); err != nil {
