@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/xlsnap/xlsnap/driver"
-	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/xenlight"
 )
 
