@@ -294,64 +294,6 @@ func (d *Driver) live(v *domainView, what string) (*xenlight.Live, error) {
 	return xenlight.NewLive(d.h, v.src.Name), nil
 }
 
-// Move says an image was moved from one path to another (a folder
-// renamed, a base copied to other storage).
-type Move struct{ From, To string }
-
-// ChainChanged is the public "a chain changed, rescan" call: rescan a
-// disk's chain after someone else edited it, update metadata and every
-// snapshot record that names a moved image (moves, and any recorded
-// layer that is gone where the chain on disk has a new one), tell
-// subscribers (Subscribe), and rewrite the definition if the active layer
-// moved. libvirt has no such call: its drivers trust the chain they
-// built.
-//
-// Errors: ErrInvalidArg (VIR_ERR_INVALID_ARG, 8) for no such disk and a
-// move of an image the domain never had or that is not the old one
-// moved; the chain's own (ErrUnsafeBacking, VIR_ERR_CONFIG_UNSUPPORTED
-// 67; ErrChainBroken and ErrInvalidImage, VIR_ERR_OPERATION_FAILED 9);
-// for an active domain, xenlight's MismatchError (ErrHypervisor, 9) when
-// the device model reads another chain; and those of every call that
-// changes something (see the package documentation).
-func (d *Driver) ChainChanged(ctx context.Context, domain, disk string, moves ...Move) error {
-	unlock, err := d.lock(ctx, domain)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	v, err := d.sync(ctx, domain)
-	if err != nil {
-		return err
-	}
-	mv := map[string]string{}
-	for _, m := range moves {
-		from, err1 := filepath.Abs(m.From)
-		to, err2 := filepath.Abs(m.To)
-		if err1 != nil || err2 != nil {
-			return invalidf("move %s=%s", m.From, m.To)
-		}
-		mv[from] = to
-	}
-	c, err := d.st.ChainChanged(ctx, v.key, disk, mv)
-	if err != nil {
-		return err
-	}
-	if err := d.afterChange(ctx, v); err != nil {
-		return err
-	}
-	if !v.src.State.Active() {
-		return nil
-	}
-	// The device model must read what the disk now says; QEMU cannot be
-	// made to reopen a running disk's whole chain, so a difference is
-	// reported exactly (xenlight.MismatchError) rather than papered over.
-	live, err := d.live(v, "a rescan")
-	if err != nil {
-		return err
-	}
-	return live.CompareChain(ctx, disk, c)
-}
-
 // DiskInfo is one disk as domblklist shows it, with its recorded chain.
 type DiskInfo struct {
 	Target string   `json:"target"`

@@ -20,11 +20,16 @@ import (
 // With memory: pause, checkpoint-save the memory, snapshot the disks,
 // resume; where the back end has no checkpoint save, the save stops the
 // domain, the disks are snapshotted offline, and the domain is restored
-// from the memory image onto the new overlays. With LIVE the pause is
-// skipped. Memory a back end cannot save (a bare device model holds no
-// Xen guest memory), or memory internal to the images (QEMU's savevm,
-// which holds no Xen guest's memory either), is errdefs.ErrLiveUnsupported
-// before anything changes.
+// from the memory image onto the new overlays. With LIVE the memory is
+// copied while the guest runs (xenlight.LiveSaver: libxl's live suspend,
+// iterative pre-copy as in migration), the guest is stopped only for the
+// last pages, and the disks are snapshotted in that stopped window, so
+// memory and disks are of one instant; a back end that cannot is
+// errdefs.ErrLiveUnsupported before anything changes, never a non-live
+// or an inconsistent snapshot. Memory a back end cannot save (a bare
+// device model holds no Xen guest memory), or memory internal to the
+// images (QEMU's savevm, which holds no Xen guest's memory either), is
+// errdefs.ErrLiveUnsupported before anything changes.
 func (d *Driver) createActive(ctx context.Context, v *domainView, doc *libvirtxml.DomainSnapshot, flags CreateFlags, spec storage.SnapshotSpec) (*storage.Snapshot, error) {
 	live, err := d.live(v, "a snapshot")
 	if err != nil {
@@ -38,6 +43,12 @@ func (d *Driver) createActive(ctx context.Context, v *domainView, doc *libvirtxm
 		if err != nil {
 			return nil, err
 		}
+		if flags&CreateHalt == 0 {
+			if err := d.afterChange(ctx, v); err != nil {
+				return nil, err
+			}
+			return snap, d.verifyLive(ctx, v)
+		}
 		return snap, d.finishCreate(ctx, v, flags)
 	}
 	if doc.Memory.Snapshot == "internal" {
@@ -48,13 +59,24 @@ func (d *Driver) createActive(ctx context.Context, v *domainView, doc *libvirtxm
 		return nil, fmt.Errorf("%w: the hypervisor back end of %s can neither save nor restore its memory: a snapshot of its disks alone needs DISK_ONLY",
 			errdefs.ErrLiveUnsupported, name)
 	}
+	var liveSaver xenlight.LiveSaver
+	if flags&CreateLive != 0 {
+		ls, ok := d.h.(xenlight.LiveSaver)
+		if !ok {
+			return nil, fmt.Errorf("%w: the hypervisor back end of %s cannot save memory live and snapshot the disks at the same instant: take the snapshot without LIVE (the guest is paused while its memory is saved)",
+				errdefs.ErrLiveUnsupported, name)
+		}
+		liveSaver = ls
+	}
 	spec.Memory, spec.State = doc.Memory.File, string(v.src.State)
 	pause := wasRunning && flags&CreateLive == 0
 	// The hypervisor steps are journaled before the first: a crash after
 	// it is put back by recoverGuest (resume, restore from the memory
 	// saved, the memory image removed if no snapshot holds it).
 	_, statErr := os.Lstat(doc.Memory.File)
-	g := storage.Guest{WasRunning: wasRunning, Pauses: pause, Stops: flags&CreateLive == 0,
+	// A live save stops the guest too, for its last round and the
+	// disks: recovery lets it go on (Pauses).
+	g := storage.Guest{WasRunning: wasRunning, Pauses: pause || liveSaver != nil, Stops: flags&CreateLive == 0,
 		Memory: doc.Memory.File, MemoryExisted: statErr == nil, Snapshot: spec.Name,
 		Restore: flags&CreateHalt == 0, RestorePaused: !wasRunning}
 	gid, err := d.st.GuestBegin(ctx, v.key, "snapshot", g)
@@ -79,6 +101,9 @@ func (d *Driver) createActive(ctx context.Context, v *domainView, doc *libvirtxm
 			return nil, errors.Join(cause, put)
 		}
 		return nil, errors.Join(cause, d.dropMemory(uctx, g), d.st.GuestEnd(uctx, gid))
+	}
+	if liveSaver != nil {
+		return d.createLiveMemory(ctx, v, flags, spec, live, liveSaver, doc.Memory.File, gid, fail)
 	}
 	if pause {
 		if err := d.h.Pause(ctx, name); err != nil {
@@ -128,6 +153,43 @@ func (d *Driver) createActive(ctx context.Context, v *domainView, doc *libvirtxm
 		}
 	}
 	return snap, d.st.GuestEnd(uctx, gid)
+}
+
+// createLiveMemory is createActive's LIVE path: the memory saved while
+// the guest runs, the disks snapshotted while the live save holds it
+// stopped, then the guest let go on. On a failure of the disks the guest
+// goes on as it was and the memory image goes (fail); fail itself
+// resumes nothing here, since the live save paused nothing.
+func (d *Driver) createLiveMemory(ctx context.Context, v *domainView, flags CreateFlags, spec storage.SnapshotSpec, live storage.Live,
+	ls xenlight.LiveSaver, memory, gid string, fail func(error, bool) (*storage.Snapshot, error)) (*storage.Snapshot, error) {
+	uctx := context.WithoutCancel(ctx)
+	resume, err := ls.SaveMemoryLive(ctx, v.src.Name, memory)
+	if err != nil {
+		return fail(err, false)
+	}
+	crashpoint.Hit("guest-snapshot/saved-live")
+	spec.Live = live
+	snap, err := d.st.CreateSnapshot(ctx, v.key, spec)
+	if err != nil {
+		if rerr := resume(uctx); rerr != nil {
+			return nil, errors.Join(err, rerr) // recoverGuest lets it go on
+		}
+		return fail(err, false)
+	}
+	crashpoint.Hit("guest-snapshot/disks-done")
+	if err := resume(uctx); err != nil {
+		return nil, err // recoverGuest lets it go on
+	}
+	if err := d.st.GuestEnd(uctx, gid); err != nil {
+		return nil, err
+	}
+	if flags&CreateHalt == 0 {
+		if err := d.afterChange(ctx, v); err != nil {
+			return nil, err
+		}
+		return snap, d.verifyLive(ctx, v)
+	}
+	return snap, d.finishCreate(ctx, v, flags)
 }
 
 // finishCreate rewrites the definition and honours HALT.

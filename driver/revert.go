@@ -198,5 +198,11 @@ func (d *Driver) SnapshotDelete(ctx context.Context, domain, name string, flags 
 	if err != nil {
 		return deleteReportOf(report), err
 	}
-	return deleteReportOf(report), d.afterChange(ctx, v)
+	if err := d.afterChange(ctx, v); err != nil {
+		return deleteReportOf(report), err
+	}
+	if opts.Live != nil {
+		return deleteReportOf(report), d.verifyLive(ctx, v)
+	}
+	return deleteReportOf(report), nil
 }

@@ -59,6 +59,20 @@ type RestoreLimiter interface {
 	CanRestore() bool
 }
 
+// LiveSaver is the optional ability of a back end to save a running
+// domain's memory live, as migration does, and to hold the guest stopped
+// at the saved point until the caller lets it go on: what must match the
+// memory (the disks' snapshot) is taken in that window. libxl has it
+// (LIBXL_SUSPEND_LIVE); libvirt's libxl driver has no checkpoint save at
+// all, and a bare device model holds no guest memory.
+type LiveSaver interface {
+	// SaveMemoryLive writes the memory to path while the guest runs and
+	// returns with it stopped at the saved point; resume lets it go on
+	// (paused if it was). A crash before resume leaves the domain
+	// Paused, and Resume lets it go on too.
+	SaveMemoryLive(ctx context.Context, domain, path string) (resume func(context.Context) error, err error)
+}
+
 // LibxlQMPSocket is where libxl puts the QMP socket of domain domid's
 // device model (QEMU's -qmp), whoever drives libxl: xl, the libxl back
 // end, or libvirt's libxl driver.

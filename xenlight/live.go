@@ -2,15 +2,14 @@ package xenlight
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"hash/fnv"
 	"os"
 	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
 
-	"github.com/xlsnap/xlsnap/chain"
 	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/xenlight/qmp"
@@ -193,12 +192,10 @@ func chainOf(chains []DiskChain, image string) (DiskChain, error) {
 
 var nodeSeq atomic.Uint32
 
-// nodeName names a new overlay's node: QMP node names are short
-// identifiers, so a hash of the path plus a counter.
+// nodeName names a new overlay's node or a job: QMP names are short
+// identifiers, so a hash of the path (jobPrefix) plus a counter.
 func nodeName(path string) string {
-	h := fnv.New32a()
-	h.Write([]byte(path))
-	return fmt.Sprintf("xl%08x%d", h.Sum32(), nodeSeq.Add(1))
+	return fmt.Sprintf("%s%d", jobPrefix(path), nodeSeq.Add(1))
 }
 
 // Snapshot runs one QMP transaction over every disk: blockdev-snapshot-sync
@@ -310,7 +307,13 @@ func (l *Live) Commit(ctx context.Context, top, base string, progress func(float
 		l.changed()
 		job := qmp.Job{ID: nodeName("commit" + top), Progress: percent(progress)}
 		if err := m.RunJob(ctx, job, "block-commit", map[string]any{"job-id": job.ID, "device": c.Node, "top": top, "base": base}); err != nil {
-			return err
+			// A job an earlier call started and lost may hold the node.
+			if done, aerr := adopt(ctx, m, "commit"+top, progress, func(chains []DiskChain) bool {
+				_, err := chainOf(chains, top)
+				return err != nil
+			}); aerr != nil || !done {
+				return errors.Join(err, aerr)
+			}
 		}
 		if c.Files[0] == top {
 			// An active commit is QEMU's mirror job, which flushes its
@@ -365,7 +368,14 @@ func (l *Live) Stream(ctx context.Context, image, base, baseFormat string, progr
 			args["base"] = base
 		}
 		if err := m.RunJob(ctx, job, "block-stream", args); err != nil {
-			return err
+			// A job an earlier call started and lost may hold the node.
+			if done, aerr := adopt(ctx, m, "stream"+image, progress, func(chains []DiskChain) bool {
+				c, err := chainOf(chains, image)
+				i := slices.Index(c.Files, image)
+				return err == nil && (base == "" && i == len(c.Files)-1 || i+1 < len(c.Files) && c.Files[i+1] == base)
+			}); aerr != nil || !done {
+				return errors.Join(err, aerr)
+			}
 		}
 		// The node keeps its name through the stream.
 		return flushNode(ctx, m, node, image)
@@ -399,30 +409,6 @@ func (e *MismatchError) Error() string {
 	return fmt.Sprintf("disk %s: device model reads %v, the chain on disk is %v", e.Disk, e.DeviceModel, e.OnDisk)
 }
 func (e *MismatchError) Unwrap() error { return ErrChainMismatch }
-
-// CompareChain is the rescan hook's check for one disk of an active
-// domain: the chain on disk, as storage's rescan just walked it, against
-// what the device model has open. It returns a *MismatchError on a
-// difference.
-func (l *Live) CompareChain(ctx context.Context, disk string, onDisk *chain.Chain) error {
-	active := onDisk.Top().Path
-	var files []string
-	for _, layer := range onDisk.Layers {
-		files = append(files, layer.Path)
-	}
-	chains, err := l.chains(ctx)
-	if err != nil {
-		return err
-	}
-	c, err := chainOf(chains, active)
-	if err != nil {
-		return &MismatchError{Disk: disk, OnDisk: files}
-	}
-	if !slices.Equal(cleanAll(c.Files), cleanAll(files)) {
-		return &MismatchError{Disk: disk, DeviceModel: c.Files, OnDisk: files}
-	}
-	return nil
-}
 
 func cleanAll(paths []string) []string {
 	out := make([]string, len(paths))

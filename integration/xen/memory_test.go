@@ -4,11 +4,14 @@ package xen
 
 import (
 	"context"
+	"errors"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/xlsnap/xlsnap/driver"
+	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/xenlight"
 )
 
@@ -24,6 +27,33 @@ func TestMemorySnapshotAndRevert(t *testing.T) {
 	// The driver hands libxl's Restore the domain's libvirt XML; the
 	// back end repoints the configuration saved in the image.
 	d := g.openDriver(h)
+
+	// Case 11 (PV): Debian's Xen 4.17 has no shadow paging (xl info:
+	// virt_caps pv hvm hap), so it cannot track a PV guest's writes
+	// while its memory is copied: LIVE with memory is refused before
+	// anything changes.
+	req0, _ := g.externalRequest("live0")
+	mem0 := filepath.Join(workDir, g.name, "live0.mem")
+	req0.Memory, req0.MemoryPath = true, mem0
+	_, err := d.CreateSnapshot(ctx, g.name, req0, driver.CreateLive)
+	if !errors.Is(err, errdefs.ErrLiveUnsupported) {
+		t.Fatalf("LIVE with memory of a PV guest on a Xen without shadow paging: %v, want ErrLiveUnsupported", err)
+	}
+	t.Logf("case 11, PV guest: %v", err)
+	if _, err := os.Lstat(mem0); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the refusal left a memory image: %v", err)
+	}
+	if list, err := d.ListAllSnapshots(ctx, g.name, 0); err != nil || len(list) != 0 {
+		t.Fatalf("snapshots after the refusal: %v, %v", list, err)
+	}
+	for disk, di := range g.diskList(d) {
+		if di.Source != g.base[disk] {
+			t.Fatalf("%s after the refusal: %s, want %s", disk, di.Source, g.base[disk])
+		}
+	}
+	if st, _ := h.State(ctx, g.name); st != xenlight.Running {
+		t.Fatalf("the guest after the refusal is %s, want running", st)
+	}
 
 	mem := filepath.Join(workDir, g.name, "m1.mem")
 	req, overlays := g.externalRequest("m1")

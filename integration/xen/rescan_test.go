@@ -7,6 +7,7 @@ import (
 	"errors"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -15,7 +16,8 @@ import (
 	"github.com/xlsnap/xlsnap/xenlight/qmp"
 )
 
-// TestRescanHook: a running guest's chain edited from outside xlsnap,
+// TestRescanHook: a running guest's base moved to other storage (case
+// 12), then its chain edited from outside xlsnap,
 // straight on libxl's QMP socket, then ChainChanged. A change the device
 // model made itself (block-stream) is taken in and both views agree; an
 // overlay xlsnap never heard of is reported as a *MismatchError.
@@ -33,6 +35,29 @@ func TestRescanHook(t *testing.T) {
 	if _, err := d.CreateSnapshot(ctx, g.name, req, driver.CreateDiskOnly); err != nil {
 		t.Fatal(err)
 	}
+	// Case 12, the storage admin's move: the running guest's base is
+	// copied to another folder and the hook told; the device model
+	// switches to the copy (blockdev-reopen under xen-block), the old
+	// file goes at once, and the guest writes on through the copy, whose
+	// name the overlay's header now holds.
+	moved := filepath.Join(g.dir, "moved")
+	run(t, "mkdir", "-p", moved)
+	newBase := filepath.Join(moved, filepath.Base(g.base["xvda"]))
+	run(t, "cp", "--sparse=always", g.base["xvda"], newBase)
+	t0 := time.Now()
+	if err := d.ChainChanged(ctx, g.name, "xvda", driver.Move{From: g.base["xvda"], To: newBase}); err != nil {
+		t.Fatalf("rescan with the base moved: %v\n%s", err, g.console())
+	}
+	timing(t, "case 12: rescan with a move", t0)
+	g.expectChain(g.chains(h), overlay, newBase)
+	run(t, "rm", g.base["xvda"])
+	if out := run(t, "qemu-img", "info", "-U", "-f", "qcow2", overlay); !strings.Contains(out, "backing file: "+newBase+"\n") {
+		t.Fatalf("%s after the move:\n%s", overlay, out)
+	}
+	last, _ := records(t, overlay, "xvda", true)
+	g.waitSeq(overlay, "xvda", last+2)
+	run(t, "qemu-img", "check", "-U", "-q", "-f", "qcow2", newBase)
+
 	outside := func(fn func(m *qmp.Monitor, node string) error) {
 		t.Helper()
 		m, err := h.DeviceModel(ctx, g.name)
@@ -57,7 +82,7 @@ func TestRescanHook(t *testing.T) {
 		return m.RunJob(ctx, qmp.Job{ID: "outside"}, "block-stream", map[string]any{"job-id": "outside", "device": node})
 	})
 	t.Logf("before the rescan xlsnap's record of xvda: %v", g.diskList(d)["xvda"].Chain)
-	t0 := time.Now()
+	t0 = time.Now()
 	if err := d.ChainChanged(ctx, g.name, "xvda"); err != nil {
 		t.Fatalf("ChainChanged after a change the device model made: %v", err)
 	}
@@ -84,7 +109,7 @@ func TestRescanHook(t *testing.T) {
 	if !slices.Equal(me.DeviceModel, []string{ext, overlay}) || !slices.Equal(me.OnDisk, []string{overlay}) {
 		t.Fatalf("mismatch %+v, want device model [%s %s], on disk [%s]", me, ext, overlay, overlay)
 	}
-	last := g.waitSeq(ext, "xvda", 3)
+	last = g.waitSeq(ext, "xvda", 3)
 	g.stop()
 	expectRecords(t, ext, "xvda", last)
 	expectRecords(t, g.base["xvdb"], "xvdb", last)

@@ -640,3 +640,57 @@ func TestContextCancel(t *testing.T) {
 		t.Fatalf("cancel took %v", d)
 	}
 }
+
+// TestSameLayer: a layer and its copy match; a copy written to differs;
+// the backing files are left out (a copy whose header names another
+// backing file still matches its layer).
+func TestSameLayer(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	run := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v\n%s", args, err, out)
+		}
+	}
+	base, other := filepath.Join(dir, "base,1.qcow2"), filepath.Join(dir, "other.qcow2")
+	run("qemu-img", "create", "-q", "-f", "qcow2", base, "4M")
+	run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 1M", base)
+	run("qemu-img", "create", "-q", "-f", "qcow2", other, "4M")
+	run("qemu-io", "-f", "qcow2", "-c", "write -P 0x22 0 1M", other)
+	top := filepath.Join(dir, "top.qcow2")
+	run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+	run("qemu-io", "-f", "qcow2", "-c", "write -P 0x33 1M 1M", top)
+	cp := filepath.Join(dir, "copy.qcow2")
+	run("cp", top, cp)
+	pre := filepath.Join(dir, "pre.qcow2")
+	run("cp", top, pre)
+	run("qemu-img", "rebase", "-u", "-f", "qcow2", "-b", other, "-F", "qcow2", cp)
+	var r Runner
+	if err := r.SameLayer(ctx, top, cp, "qcow2"); err != nil {
+		t.Fatalf("a layer and its copy on another backing file: %v", err)
+	}
+	// A sparse copy (zero data clusters become holes in the file) is a
+	// copy still.
+	run("qemu-io", "-f", "qcow2", "-c", "write -P 0 2M 1M", top)
+	sparse := filepath.Join(dir, "sparse.qcow2")
+	run("cp", "--sparse=always", top, sparse)
+	if err := r.SameLayer(ctx, top, sparse, "qcow2"); err != nil {
+		t.Fatalf("a sparse copy: %v", err)
+	}
+	run("qemu-io", "-f", "qcow2", "-c", "write -P 0x44 2M 512", cp)
+	if err := r.SameLayer(ctx, top, cp, "qcow2"); !errors.Is(err, ErrDiffer) {
+		t.Fatalf("a copy written to: %v, want ErrDiffer", err)
+	}
+	// A copy that lost a cluster of zeros would read its backing file
+	// there: the data alone (zeros either way) cannot tell.
+	if err := r.SameLayer(ctx, top, pre, "qcow2"); !errors.Is(err, ErrDiffer) {
+		t.Fatalf("a copy without a cluster the layer holds: %v, want ErrDiffer", err)
+	}
+	if err := r.SameLayer(ctx, top, filepath.Join(dir, "gone.qcow2"), "qcow2"); err == nil || errors.Is(err, ErrDiffer) {
+		t.Fatalf("a missing copy: %v, want qemu-img's error", err)
+	}
+	if err := r.SameLayer(ctx, top, cp, ""); !errors.Is(err, ErrInvalidArg) {
+		t.Fatalf("no format: %v, want ErrInvalidArg", err)
+	}
+}

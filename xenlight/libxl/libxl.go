@@ -127,7 +127,9 @@ static int xls_ctx_alloc(xls_logger *l, libxl_ctx **ctx)
 	return 0;
 }
 
-enum { XLS_RUNNING, XLS_PAUSED, XLS_SHUTDOWN, XLS_DYING };
+// XLS_SUSPENDED is a domain stopped by a suspend it can go on from
+// (libxl_domain_resume with suspend_cancel=1), as a checkpoint leaves it.
+enum { XLS_RUNNING, XLS_PAUSED, XLS_SHUTDOWN, XLS_DYING, XLS_SUSPENDED };
 
 static int xls_state(libxl_ctx *ctx, uint32_t domid, int *state)
 {
@@ -139,6 +141,9 @@ static int xls_state(libxl_ctx *ctx, uint32_t domid, int *state)
 	if (!rc) {
 		if (info.dying)
 			*state = XLS_DYING;
+		else if (info.shutdown &&
+			 info.shutdown_reason == LIBXL_SHUTDOWN_REASON_SUSPEND)
+			*state = XLS_SUSPENDED;
 		else if (info.shutdown)
 			*state = XLS_SHUTDOWN;
 		else if (info.paused)
@@ -147,6 +152,33 @@ static int xls_state(libxl_ctx *ctx, uint32_t domid, int *state)
 			*state = XLS_RUNNING;
 	}
 	libxl_dominfo_dispose(&info);
+	return rc;
+}
+
+// xls_can_log_dirty says whether Xen can track the pages a domain
+// dirties while it runs (log-dirty), which a live save needs: shadow
+// paging for a PV domain, HAP or shadow paging for HVM and PVH ones
+// (libxl_physinfo's cap_shadow and cap_hap: a Xen built without
+// CONFIG_SHADOW_PAGING cannot save a PV domain live at all).
+static int xls_can_log_dirty(libxl_ctx *ctx, uint32_t domid, int *ok, int *pv)
+{
+	libxl_physinfo pi;
+	libxl_dominfo info;
+	int rc;
+
+	*ok = 0;
+	*pv = 0;
+	libxl_physinfo_init(&pi);
+	libxl_dominfo_init(&info);
+	rc = libxl_get_physinfo(ctx, &pi);
+	if (!rc)
+		rc = libxl_domain_info(ctx, &info, domid);
+	if (!rc) {
+		*pv = info.domain_type == LIBXL_DOMAIN_TYPE_PV;
+		*ok = *pv ? pi.cap_shadow : (pi.cap_hap || pi.cap_shadow);
+	}
+	libxl_dominfo_dispose(&info);
+	libxl_physinfo_dispose(&pi);
 	return rc;
 }
 
@@ -236,7 +268,10 @@ type Hypervisor struct {
 	stop, done chan struct{} // the SIGCHLD relay
 }
 
-var _ xenlight.Hypervisor = (*Hypervisor)(nil)
+var (
+	_ xenlight.Hypervisor = (*Hypervisor)(nil)
+	_ xenlight.LiveSaver  = (*Hypervisor)(nil)
+)
 
 // New opens a libxl context. Without Xen (or without the privilege to
 // use it) the error wraps ErrNoXen.
@@ -373,7 +408,8 @@ func (h *Hypervisor) state(op string, id C.uint32_t) (C.int, error) {
 
 // State reports the domain's state (libxl_domain_info). A domain libxl
 // does not know, or that is dying, is Shutoff; one shut down but not yet
-// destroyed is Paused (see Hypervisor).
+// destroyed, or stopped by a suspend (SaveMemoryLive), is Paused (see
+// Hypervisor).
 func (h *Hypervisor) State(ctx context.Context, domain string) (xenlight.State, error) {
 	op := "reading the state of " + domain
 	if err := h.begin(ctx, op); err != nil {
@@ -388,7 +424,7 @@ func (h *Hypervisor) State(ctx context.Context, domain string) (xenlight.State, 
 			switch st {
 			case C.XLS_RUNNING:
 				return xenlight.Running, nil
-			case C.XLS_PAUSED, C.XLS_SHUTDOWN:
+			case C.XLS_PAUSED, C.XLS_SHUTDOWN, C.XLS_SUSPENDED:
 				return xenlight.Paused, nil
 			}
 			return xenlight.Shutoff, nil
@@ -436,9 +472,20 @@ func (h *Hypervisor) Pause(ctx context.Context, domain string) error {
 	return h.onGuest(ctx, "pausing "+domain, domain, h.pause)
 }
 
-// Resume unpauses the domain (libxl_domain_unpause).
+// Resume unpauses the domain (libxl_domain_unpause); one a suspend
+// stopped (an interrupted SaveMemoryLive) goes on from it instead
+// (libxl_domain_resume, suspend_cancel=1): unpausing does not wake it.
 func (h *Hypervisor) Resume(ctx context.Context, domain string) error {
-	return h.onGuest(ctx, "resuming "+domain, domain, h.unpause)
+	return h.onGuest(ctx, "resuming "+domain, domain, func(op string, id C.uint32_t) error {
+		st, err := h.state(op, id)
+		if err != nil {
+			return err
+		}
+		if st == C.XLS_SUSPENDED {
+			return h.resumeCancel(op, id)
+		}
+		return h.unpause(op, id)
+	})
 }
 
 // Destroy destroys the domain (libxl_domain_destroy).
@@ -477,28 +524,86 @@ func (h *Hypervisor) configJSON(op string, id C.uint32_t) (string, error) {
 // paused again before its resume: it then stands at the saved point.
 // The image is synced before the domain is destroyed or resumed.
 func (h *Hypervisor) SaveMemory(ctx context.Context, domain, path string, checkpoint bool) error {
+	end := afterDestroy
+	if checkpoint {
+		end = afterGoOn
+	}
 	return h.onGuest(ctx, "saving the memory of "+domain, domain, func(op string, id C.uint32_t) error {
-		return h.save(ctx, op, id, path, checkpoint)
+		_, err := h.save(ctx, op, id, path, 0, end)
+		return err
 	})
 }
 
-func (h *Hypervisor) save(ctx context.Context, op string, id C.uint32_t, path string, checkpoint bool) error {
+// SaveMemoryLive saves the domain's memory as live migration sends it
+// (libxl_domain_suspend with LIBXL_SUSPEND_LIVE): the guest runs while
+// its memory is copied in rounds, each sending the pages the last one
+// dirtied, and is stopped by a suspend only for the last. It returns
+// with the guest still stopped at the saved point, so what must match
+// the memory (the disks) can be taken in that window; resume lets the
+// guest go on from the suspend (libxl_domain_resume, suspend_cancel=1,
+// as xl save -c), paused again first if it was paused. Until resume is
+// called, State reports the domain Paused and Resume ends the suspend
+// too, so a crash in the window is recovered by a plain Resume. Errors
+// are those of SaveMemory; on one the guest has already gone on. A Xen
+// that cannot track the pages the guest dirties (log-dirty: shadow
+// paging for PV, HAP or shadow for HVM and PVH, as libxl_physinfo
+// reports) is xenlight.ErrLiveUnsupported before anything is written.
+func (h *Hypervisor) SaveMemoryLive(ctx context.Context, domain, path string) (resume func(context.Context) error, err error) {
+	var paused bool
+	err = h.onGuest(ctx, "saving the memory of "+domain+" live", domain, func(op string, id C.uint32_t) error {
+		var ok, pv C.int
+		if err := h.call(op, func(c *C.libxl_ctx) C.int { return C.xls_can_log_dirty(c, id, &ok, &pv) }); err != nil {
+			return err
+		}
+		if ok == 0 {
+			need := "hardware-assisted paging or shadow paging"
+			if pv != 0 {
+				need = "shadow paging (CONFIG_SHADOW_PAGING) for a PV domain"
+			}
+			return fmt.Errorf("%s: %w: this Xen cannot track the pages the guest writes while its memory is copied (log-dirty needs %s)", op, xenlight.ErrLiveUnsupported, need)
+		}
+		var err error
+		paused, err = h.save(ctx, op, id, path, C.LIBXL_SUSPEND_LIVE, stayStopped)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return func(ctx context.Context) error {
+		return h.onGuest(ctx, "resuming "+domain+" after its live save", domain, func(op string, id C.uint32_t) error {
+			return h.goOn(op, id, paused)
+		})
+	}, nil
+}
+
+// saveEnd is what save does with the domain once its memory is saved.
+type saveEnd int
+
+const (
+	afterDestroy saveEnd = iota // xl save
+	afterGoOn                   // xl save -c
+	stayStopped                 // the caller ends the suspend
+)
+
+// save writes the xl save file; it reports whether the domain was
+// paused before (and so is to be paused again when it goes on).
+func (h *Hypervisor) save(ctx context.Context, op string, id C.uint32_t, path string, flags C.int, end saveEnd) (bool, error) {
 	st, err := h.state(op, id)
 	if err != nil {
-		return err
+		return false, err
 	}
 	if st != C.XLS_RUNNING && st != C.XLS_PAUSED {
-		return fmt.Errorf("%s: %w: the domain is shut down", op, errdefs.ErrOperationInvalid)
+		return false, fmt.Errorf("%s: %w: the domain is shut down", op, errdefs.ErrOperationInvalid)
 	}
 	paused := st == C.XLS_PAUSED
 	config, err := h.configJSON(op, id)
 	if err != nil {
-		return err
+		return paused, err
 	}
 
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
-		return fmt.Errorf("%s: %w", op, err)
+		return paused, fmt.Errorf("%s: %w", op, err)
 	}
 	complete := false
 	defer func() {
@@ -510,18 +615,21 @@ func (h *Hypervisor) save(ctx context.Context, op string, id C.uint32_t, path st
 		}
 	}()
 	if err := writeXLHeader(f, config); err != nil {
-		return fmt.Errorf("%s: %w", op, err)
+		return paused, fmt.Errorf("%s: %w", op, err)
 	}
 	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("%s: %w", op, err)
+		return paused, fmt.Errorf("%s: %w", op, err)
 	}
 	if paused {
+		// A paused guest must not run through pre-copy rounds: it runs
+		// only until it acknowledges the suspend, as in a plain save.
+		flags &^= C.LIBXL_SUSPEND_LIVE
 		if err := h.unpause(op, id); err != nil {
-			return err
+			return paused, err
 		}
 	}
 	fd := C.int(f.Fd())
-	err = h.call(op, func(c *C.libxl_ctx) C.int { return C.libxl_domain_suspend(c, id, fd, 0, nil) })
+	err = h.call(op, func(c *C.libxl_ctx) C.int { return C.libxl_domain_suspend(c, id, fd, flags, nil) })
 	runtime.KeepAlive(f)
 	if err == nil {
 		if err = syncFile(f); err != nil {
@@ -531,13 +639,16 @@ func (h *Hypervisor) save(ctx context.Context, op string, id C.uint32_t, path st
 	if err != nil {
 		// As xl: cancel the suspend and the guest goes on where it
 		// was, paused again if it was.
-		return errors.Join(err, h.goOn(op, id, paused))
+		return paused, errors.Join(err, h.goOn(op, id, paused))
 	}
 	complete = true
-	if checkpoint {
-		return h.goOn(op, id, paused)
+	switch end {
+	case afterGoOn:
+		return paused, h.goOn(op, id, paused)
+	case stayStopped:
+		return paused, nil
 	}
-	return h.destroy(op, id)
+	return paused, h.destroy(op, id)
 }
 
 // goOn ends a suspend: the domain resumes where it was suspended, paused

@@ -119,7 +119,12 @@ func (m *Monitor) connect(ctx context.Context) error {
 	}
 	if err != nil || greeting.QMP == nil {
 		conn.Close()
-		return fmt.Errorf("%w: greeting from %s: %q %v", ErrProtocol, m.addr, line, ctxErr(ctx, err))
+		if ctx.Err() != nil {
+			// A device model that does not greet in time: the caller's
+			// deadline, which its code (68) says, not a protocol fault.
+			return fmt.Errorf("%w: QMP %s sent no greeting: %w", errdefs.ErrHypervisor, m.addr, ctx.Err())
+		}
+		return fmt.Errorf("%w: greeting from %s: %q %v", ErrProtocol, m.addr, line, err)
 	}
 	m.Version = &greeting.QMP.Version
 	m.conn = conn
@@ -132,13 +137,6 @@ func (m *Monitor) connect(ctx context.Context) error {
 		return err
 	}
 	return nil
-}
-
-func ctxErr(ctx context.Context, err error) error {
-	if ctx.Err() != nil {
-		return ctx.Err()
-	}
-	return err
 }
 
 // readLine reads one message, at most maxLine bytes.

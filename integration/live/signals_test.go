@@ -1,0 +1,5 @@
+package live
+
+import "syscall"
+
+var sigStop, sigCont = syscall.SIGSTOP, syscall.SIGCONT
