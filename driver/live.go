@@ -47,7 +47,7 @@ func (d *Driver) createActive(ctx context.Context, v *domainView, doc *libvirtxm
 			if err := d.afterChange(ctx, v); err != nil {
 				return nil, err
 			}
-			return snap, d.verifyLive(ctx, v)
+			return snap, d.verifyLive(ctx, v, live)
 		}
 		return snap, d.finishCreate(ctx, v, flags)
 	}
@@ -187,7 +187,7 @@ func (d *Driver) createLiveMemory(ctx context.Context, v *domainView, flags Crea
 		if err := d.afterChange(ctx, v); err != nil {
 			return nil, err
 		}
-		return snap, d.verifyLive(ctx, v)
+		return snap, d.verifyLive(ctx, v, xenlight.NewLive(d.h, v.src.Name))
 	}
 	return snap, d.finishCreate(ctx, v, flags)
 }

@@ -188,11 +188,13 @@ func movedTo(p string, moves map[string]string) string {
 	return p
 }
 
-// verifyLive ends a live operation: the device model must read exactly
+// verifyLive ends a live operation, on its Live (whose held connection
+// a new one would wait behind: QEMU serves one monitor client at a
+// time): the device model must read exactly
 // the chains storage recorded for every disk (xenlight.Live.Verify);
 // where it does not, the *MismatchError says how, rather than a success
 // over a guest that reads something else.
-func (d *Driver) verifyLive(ctx context.Context, v *domainView) error {
+func (d *Driver) verifyLive(ctx context.Context, v *domainView, live *xenlight.Live) error {
 	rec, err := d.st.Domain(ctx, v.key)
 	if err != nil {
 		return err
@@ -201,7 +203,7 @@ func (d *Driver) verifyLive(ctx context.Context, v *domainView) error {
 	for _, dk := range rec.Disks {
 		want[dk.Target] = rec.Chain(dk.Active)
 	}
-	if err := xenlight.NewLive(d.h, v.src.Name).Verify(ctx, want); err != nil {
+	if err := live.Verify(ctx, want); err != nil {
 		return fmt.Errorf("after the change of %s: %w", v.src.Name, err)
 	}
 	return nil

@@ -184,11 +184,11 @@ func (d *Driver) SnapshotDelete(ctx context.Context, domain, name string, flags 
 		ChildrenOnly: flags&DeleteChildrenOnly != 0,
 		MetadataOnly: flags&DeleteMetadataOnly != 0,
 	}
+	var live *xenlight.Live
 	if v.src.State.Active() {
 		// Merges of images the device model reads run as its block jobs,
 		// on one QMP connection with the queries that plan them.
-		live, err := d.live(v, "a delete")
-		if err != nil {
+		if live, err = d.live(v, "a delete"); err != nil {
 			return nil, err
 		}
 		defer live.Hold()()
@@ -201,8 +201,8 @@ func (d *Driver) SnapshotDelete(ctx context.Context, domain, name string, flags 
 	if err := d.afterChange(ctx, v); err != nil {
 		return deleteReportOf(report), err
 	}
-	if opts.Live != nil {
-		return deleteReportOf(report), d.verifyLive(ctx, v)
+	if live != nil {
+		return deleteReportOf(report), d.verifyLive(ctx, v, live)
 	}
 	return deleteReportOf(report), nil
 }

@@ -128,6 +128,7 @@ func (l *Live) Follow(ctx context.Context, disk string, layers []Layer) error {
 			reopen["detect-zeroes"] = top.DetectZeroes
 		}
 		addCache(reopen, top)
+		l.changed() // no event tells a kept query-block of a reopen
 		if err := m.Execute(ctx, "blockdev-reopen", map[string]any{"options": []any{reopen}}, nil); err != nil {
 			// The new nodes hold nothing; the disk reads its old chain.
 			for _, n := range names[1:] {
@@ -226,7 +227,12 @@ func changeBacking(ctx context.Context, m *qmp.Monitor, device, node string, lay
 // disagree on is loud at once. Errors: a *MismatchError (9) naming the
 // first disk that differs; QMP's own.
 func (l *Live) Verify(ctx context.Context, want map[string][]string) error {
-	chains, err := l.chains(ctx)
+	var chains []DiskChain
+	err := l.with(ctx, func(m *qmp.Monitor) error {
+		var err error
+		chains, err = Chains(ctx, m) // asked afresh, never the kept answer
+		return err
+	})
 	if err != nil {
 		return err
 	}
