@@ -128,12 +128,14 @@ const (
 )
 
 // DeleteReport is what SnapshotDelete did: the snapshots deleted (leaves
-// first), each disk's outcome, and the images removed because nothing
-// needed them any more.
+// first), each disk's outcome, the images removed because nothing
+// needed them any more, and the layers the delete freed and merged away
+// (see Coalesce).
 type DeleteReport struct {
 	Deleted   []string
 	Disks     []DiskReport
 	Collected []string
+	Coalesced []Merge
 }
 
 // DiskReport is one disk's outcome in a delete.
@@ -229,7 +231,7 @@ func deleteReportOf(r *storage.DeleteReport) *DeleteReport {
 	if r == nil {
 		return nil
 	}
-	out := &DeleteReport{Deleted: r.Deleted, Collected: r.Collected}
+	out := &DeleteReport{Deleted: r.Deleted, Collected: r.Collected, Coalesced: mergesOf(r.Coalesced)}
 	for _, dr := range r.Disks {
 		rep := DiskReport{Snapshot: dr.Snapshot, Disk: dr.Disk, Action: DiskAction(dr.Action), Kept: dr.Kept, Removed: dr.Removed}
 		for _, u := range dr.Users {
