@@ -205,10 +205,12 @@ const (
 	ProblemUsersUnknown    = ProblemKind(storage.ProblemUsersUnknown)    // an image's users could not all be read
 	ProblemSetAside        = ProblemKind(storage.ProblemSetAside)        // an operation Repair set aside, awaiting a person
 	ProblemDamagedSnapshot = ProblemKind(storage.ProblemDamagedSnapshot) // a snapshot a set-aside operation may have changed
+	ProblemCoalescible     = ProblemKind(storage.ProblemCoalescible)     // a chain with layers nothing needs: Coalesce merges them (informational)
 )
 
 // Informational reports a finding that is no fault (a shared base, an
-// orphan, a detached disk's data): reported so its owner is known.
+// orphan, a detached disk's data, a chain that could be shorter):
+// reported so its owner is known.
 func (k ProblemKind) Informational() bool { return storage.ProblemKind(k).Informational() }
 
 // Problem is one finding of Check; Fixed says Repair mended it, Note why
