@@ -22,6 +22,11 @@ const (
 
 const coalesceKnown = CoalesceDryRun
 
+// ReasonCoalesce: a layer nothing needed was merged out of the chain, by
+// Coalesce or after the delete or revert that freed it (a ChainEvent of
+// its own, after that operation's).
+const ReasonCoalesce ChainReason = "coalesce"
+
 // Merge is one layer Coalesce merged away (or, with CoalesceDryRun,
 // would): Layer is the image nothing needed for its own view, merged
 // with its only child (Action merged-down: the child was committed into

@@ -84,9 +84,21 @@ func TestCoalesceEveryDomain(t *testing.T) {
 	if _, err := d.Coalesce(ctx, "", 1<<5); !errors.Is(err, driver.ErrInvalidArg) {
 		t.Fatalf("an unknown flag: %v", err)
 	}
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	events, err := d.Subscribe(sctx)
+	if err != nil {
+		t.Fatal(err)
+	}
 	rep, err := d.Coalesce(ctx, "", 0)
 	if err != nil {
 		t.Fatal(err)
+	}
+	for _, n := range []string{"a", "b"} {
+		ev := <-events
+		if ev.Domain != n || ev.Reason != driver.ReasonCoalesce || len(ev.Before) != 2 || len(ev.After) != 1 {
+			t.Fatalf("event %+v, want %s's chain shortened by a coalesce", ev, n)
+		}
 	}
 	if rep.DryRun || len(rep.Merges) != 2 || rep.Merges[0].Domain != "a" || rep.Merges[1].Domain != "b" {
 		t.Fatalf("coalesce: %+v", rep)
