@@ -470,3 +470,38 @@ func TestMaxDepth(t *testing.T) {
 	expectView(t, s.Disks[0].Image, "", s4)
 	w.e.CheckClean("vm")
 }
+
+// TestDeleteRemovesAbandonedChain: an abandoned overlay kept only for its
+// internal snapshot, over a layer nothing needs either: deleting the
+// internal snapshot removes both, the upper one first (the lower one was
+// left behind as an orphan file, its overlay counting as its user).
+func TestDeleteRemovesAbandonedChain(t *testing.T) {
+	t.Parallel()
+	w := newCoWorld(t, storage.PoolConfig{})
+	w.write(0x91, 0, 1)
+	s1 := w.snap("s1", storage.DiskExternal)
+	w.write(0x92, 1, 1)
+	w.snap("s2", storage.DiskExternal)
+	w.write(0x93, 2, 1)
+	w.snap("i1", storage.DiskInternal)
+	if _, err := w.e.M.Revert(w.e.Ctx, "vm", "s1", storage.RevertOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	w.cur = s1
+	if r := w.del("s2"); r.Disks[0].Action != storage.ActionInternalAbove {
+		t.Fatalf("delete s2: %+v", r.Disks)
+	}
+	if got := w.e.PoolFiles(); !slices.Equal(got, []string{"vm-vda.qcow2", "vm-vda.s1", "vm-vda.s1-1", "vm-vda.s2"}) {
+		t.Fatalf("pool %v", got)
+	}
+	r := w.del("i1")
+	if !slices.Equal(r.Collected, []string{w.path("vm-vda.s2"), w.path("vm-vda.s1")}) {
+		t.Fatalf("delete i1 collected %v, want vm-vda.s2 then vm-vda.s1", r.Collected)
+	}
+	if got := w.e.PoolFiles(); !slices.Equal(got, []string{"vm-vda.qcow2", "vm-vda.s1-1"}) {
+		t.Fatalf("pool %v", got)
+	}
+	active, _ := w.e.Active("vm", "vda")
+	expectView(t, active, "", s1)
+	w.e.CheckClean("vm")
+}

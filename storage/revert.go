@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 
@@ -255,10 +256,12 @@ func (m *Manager) freeOverlayPath(d *Domain, image, snapshot string) string {
 // a snapshot needs (directly or as a backing image), and returns the
 // steps that remove those xlsnap created and nothing else uses (u, with
 // tree the domain's tree before the operation). An image holding
-// internal snapshots, or whose header cannot be read, is kept, recorded
-// or not, except for the internal snapshot the operation itself deletes
-// (deleting: image to snapshot name), which goes before the cleanup
-// runs. The removal itself looks for users again.
+// internal snapshots, or whose header cannot be read, is kept with what
+// it reads through, recorded or not, except for the internal snapshot
+// the operation itself deletes (deleting: image to snapshot name), which
+// goes before the cleanup runs. An image whose only users are images
+// this cleanup removes goes too, after them: the removal itself looks
+// for users again.
 func (m *Manager) collect(d *Domain, snaps map[string]*Snapshot, u *users, tree map[string]*Image, deleting map[string]string) ([]step, error) {
 	needed := map[string]bool{}
 	mark := func(top string) {
@@ -277,37 +280,52 @@ func (m *Manager) collect(d *Domain, snaps map[string]*Snapshot, u *users, tree 
 		}
 	}
 	for p, img := range d.Images {
-		if img.Detached && exists(p) {
+		if !exists(p) {
+			continue
+		}
+		if img.Detached {
+			mark(p)
+			continue
+		}
+		if needed[p] {
+			continue
+		}
+		h, err := readHeader(p)
+		if err != nil && img.Format == "qcow2" || err == nil && keptInternal(h, deleting[p]) {
 			mark(p)
 		}
 	}
 	var drop []string
-	for p, img := range d.Images {
-		// A detached disk's data stays recorded while it is there: it
-		// keeps its backing images, and it is no orphan.
-		if !needed[p] && !(img.Detached && exists(p)) {
+	depth := map[string]int{}
+	for p := range d.Images {
+		if !needed[p] {
 			drop = append(drop, p)
+			depth[p] = len(d.Chain(p))
 		}
 	}
-	sort.Strings(drop)
+	// Overlays before their backing images: a removal looks for users
+	// again, and an overlay still there is one.
+	sort.Slice(drop, func(i, j int) bool {
+		if depth[drop[i]] != depth[drop[j]] {
+			return depth[drop[i]] > depth[drop[j]]
+		}
+		return drop[i] < drop[j]
+	})
+	gone := map[string]bool{}
 	var steps []step
 	for _, p := range drop {
 		img := d.Images[p]
-		if exists(p) {
-			h, err := readHeader(p)
-			if err != nil && img.Format == "qcow2" || err == nil && keptInternal(h, deleting[p]) {
-				continue
-			}
-		}
 		delete(d.Images, p)
 		if !img.Removable() || !exists(p) {
 			continue
 		}
 		// Its own domain's definition and snapshots are rewritten by this
-		// operation; anything else keeps it.
-		if len(u.foreign(p, d.Name, tree)) > 0 || len(u.children(p, tree)) > 0 {
+		// operation; anything else keeps it, and so does an overlay this
+		// cleanup does not remove.
+		if len(u.foreign(p, d.Name, tree)) > 0 || slices.ContainsFunc(u.children(p, tree), func(c string) bool { return !gone[c] }) {
 			continue
 		}
+		gone[p] = true
 		steps = append(steps, step{Kind: metastore.StepRemove, Path: p})
 	}
 	return steps, nil
