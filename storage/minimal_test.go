@@ -32,10 +32,10 @@ import (
 // holds an internal snapshot (a merge would change what that sees).
 //
 // The sequence is random: XLSNAP_MINIMAL_SEED replays one (the seed is
-// logged), XLSNAP_MINIMAL_OPS sets its length (default 40).
+// logged), XLSNAP_MINIMAL_OPS sets its length (default 80, some 15-30 s).
 func TestMinimalChains(t *testing.T) {
 	t.Parallel()
-	ops := 40
+	ops := 80
 	if s := os.Getenv("XLSNAP_MINIMAL_OPS"); s != "" {
 		n, err := strconv.Atoi(s)
 		if err != nil || n < 1 {
