@@ -93,8 +93,8 @@ func (g *globals) open(ctx context.Context) (*driver.Driver, func(), error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	cfg := driver.Config{StateDir: g.stateDir, Source: src, Hypervisor: h}
-	if cfg.Pools, cfg.PoolMaxDepth, err = parsePools(g.pools); err != nil {
+	cfg, err := g.driverConfig(src, h)
+	if err != nil {
 		closeSrc()
 		return nil, nil, err
 	}
@@ -140,6 +140,14 @@ func writeJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
+}
+
+// driverConfig is the driver's configuration the options give.
+func (g *globals) driverConfig(src driver.DomainSource, h xenlight.Hypervisor) (driver.Config, error) {
+	cfg := driver.Config{StateDir: g.stateDir, Source: src, Hypervisor: h}
+	var err error
+	cfg.Pools, cfg.PoolMaxDepth, err = parsePools(g.pools)
+	return cfg, err
 }
 
 // parsePools reads --pool values, DIR[,max-depth=N]: the folders, and
