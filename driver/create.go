@@ -111,7 +111,12 @@ func (d *Driver) CreateSnapshot(ctx context.Context, domain string, req Snapshot
 // image, named after the snapshot, in qcow2. The new snapshot becomes
 // current. A running or paused domain's snapshot without DISK_ONLY is a
 // full system checkpoint: its memory is saved too (see createActive).
-// With REDEFINE it records a snapshot from the XML snapshot-dumpxml
+// An external disk whose chain, new overlay included, would pass its
+// pool's depth limit (Config.MaxDepth, PoolMaxDepth; 30 by default)
+// first has the domain coalesced (see Coalesce; before the guest pauses,
+// for a checkpoint), else the snapshot is refused with a
+// *ChainTooLongError (ErrOperationInvalid, 55) naming the layers that
+// hold the chain long. With REDEFINE it records a snapshot from the XML snapshot-dumpxml
 // printed, touching no image; what libvirt requires of such a document
 // is required (a name, creationTime, state, an existing parent).
 //

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -23,6 +24,13 @@ type Config struct {
 	// Pools are the folders images may live in. Empty means the folders
 	// of every disk of every domain the source has now.
 	Pools []string
+	// MaxDepth is the most layers a disk's chain may have in every pool,
+	// a snapshot's new overlay included: a snapshot that would pass it
+	// first coalesces, else fails with ChainTooLongError. 0 means
+	// storage.DefaultMaxDepth (30, XAPI's limit). PoolMaxDepth sets it for
+	// one pool, by the folder as Pools names it.
+	MaxDepth     int
+	PoolMaxDepth map[string]int
 	// Hypervisor drives active domains; nil means every domain is treated
 	// as the source reports it and active ones are refused.
 	Hypervisor xenlight.Hypervisor
@@ -92,8 +100,17 @@ func Open(ctx context.Context, cfg Config) (*Driver, error) {
 	storage.Register("dir", dir.New)
 	defs := definitions{src: cfg.Source}
 	sc := storage.Config{StateDir: cfg.StateDir, Definitions: defs, Source: cfg.Source.URI()}
+	for p := range cfg.PoolMaxDepth {
+		if !slices.Contains(pools, p) {
+			return nil, invalidf("a depth limit for %s, which is none of the pools %v", p, pools)
+		}
+	}
 	for i, p := range pools {
-		sc.Pools = append(sc.Pools, storage.PoolConfig{Name: fmt.Sprintf("pool%d", i), Type: "dir", Path: p})
+		depth, ok := cfg.PoolMaxDepth[p]
+		if !ok {
+			depth = cfg.MaxDepth
+		}
+		sc.Pools = append(sc.Pools, storage.PoolConfig{Name: fmt.Sprintf("pool%d", i), Type: "dir", Path: p, MaxDepth: depth})
 	}
 	st, err := storage.Open(ctx, sc)
 	if err != nil {

@@ -69,6 +69,13 @@ func (d *Driver) createActive(ctx context.Context, v *domainView, doc *libvirtxm
 		liveSaver = ls
 	}
 	spec.Memory, spec.State = doc.Memory.File, string(v.src.State)
+	// A chain at its pool's depth limit is coalesced now, the guest
+	// running, not while it is paused for the memory.
+	room := spec
+	room.Live = live
+	if _, err := d.st.MakeRoom(ctx, v.key, room); err != nil {
+		return nil, err
+	}
 	pause := wasRunning && flags&CreateLive == 0
 	// The hypervisor steps are journaled before the first: a crash after
 	// it is put back by recoverGuest (resume, restore from the memory

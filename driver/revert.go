@@ -111,6 +111,23 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 		}
 	}
 	paused := flags&RevertPaused != 0 || snap.State == string(StatePaused) && flags&RevertRunning == 0
+	// A guest restored from memory runs again before the layers the revert
+	// frees are merged (through its device model): merges would lengthen
+	// its downtime. Only what the revert frees is merged, as storage's own
+	// revert does.
+	var before []string
+	if snap.Memory != "" {
+		var live storage.Live
+		if active {
+			if live, err = d.live(v, "a revert"); err != nil {
+				return err
+			}
+		}
+		if before, err = d.mergeableLayers(ctx, v, live); err != nil {
+			return err
+		}
+		opts.LeaveFreed = true
+	}
 	// Stopping the domain and restoring it are journaled before the first:
 	// after a crash, recoverGuest restores it once the revert is done, or
 	// reports it stopped when the revert was undone.
@@ -141,7 +158,12 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 		}
 	}
 	if gid != "" {
-		return d.st.GuestEnd(context.WithoutCancel(ctx), gid)
+		if err := d.st.GuestEnd(context.WithoutCancel(ctx), gid); err != nil {
+			return err
+		}
+	}
+	if opts.LeaveFreed {
+		return d.coalesceFreed(ctx, v, before, true)
 	}
 	return nil
 }

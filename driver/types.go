@@ -128,12 +128,14 @@ const (
 )
 
 // DeleteReport is what SnapshotDelete did: the snapshots deleted (leaves
-// first), each disk's outcome, and the images removed because nothing
-// needed them any more.
+// first), each disk's outcome, the images removed because nothing
+// needed them any more, and the layers the delete freed and merged away
+// (see Coalesce).
 type DeleteReport struct {
 	Deleted   []string
 	Disks     []DiskReport
 	Collected []string
+	Coalesced []Merge
 }
 
 // DiskReport is one disk's outcome in a delete.
@@ -203,10 +205,12 @@ const (
 	ProblemUsersUnknown    = ProblemKind(storage.ProblemUsersUnknown)    // an image's users could not all be read
 	ProblemSetAside        = ProblemKind(storage.ProblemSetAside)        // an operation Repair set aside, awaiting a person
 	ProblemDamagedSnapshot = ProblemKind(storage.ProblemDamagedSnapshot) // a snapshot a set-aside operation may have changed
+	ProblemCoalescible     = ProblemKind(storage.ProblemCoalescible)     // a chain with layers nothing needs: Coalesce merges them (informational)
 )
 
 // Informational reports a finding that is no fault (a shared base, an
-// orphan, a detached disk's data): reported so its owner is known.
+// orphan, a detached disk's data, a chain that could be shorter):
+// reported so its owner is known.
 func (k ProblemKind) Informational() bool { return storage.ProblemKind(k).Informational() }
 
 // Problem is one finding of Check; Fixed says Repair mended it, Note why
@@ -229,7 +233,7 @@ func deleteReportOf(r *storage.DeleteReport) *DeleteReport {
 	if r == nil {
 		return nil
 	}
-	out := &DeleteReport{Deleted: r.Deleted, Collected: r.Collected}
+	out := &DeleteReport{Deleted: r.Deleted, Collected: r.Collected, Coalesced: mergesOf(r.Coalesced)}
 	for _, dr := range r.Disks {
 		rep := DiskReport{Snapshot: dr.Snapshot, Disk: dr.Disk, Action: DiskAction(dr.Action), Kept: dr.Kept, Removed: dr.Removed}
 		for _, u := range dr.Users {

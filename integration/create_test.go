@@ -202,8 +202,27 @@ func TestNoMetadata(t *testing.T) {
 		e.expectSet(driver.ListNoMetadata)
 		e.write(3)
 
+		// The revert leaves vda.qcow2 unmerged: no metadata needs it, but it
+		// could be merged before the revert too (a backup may be reading
+		// it). check says so; coalesce merges it.
 		e.revert("s2", 0)
 		e.expectChain("vda", "vda.s2-1", "vda.nm1", "vda.qcow2")
+		problems, err := e.d.Check(e.ctx, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(problems) != 2 || problems[0].Kind != driver.ProblemCoalescible || problems[1].Kind != driver.ProblemCoalescible {
+			t.Fatalf("check: %+v, want vda and vdb coalescible", problems)
+		}
+		rep, err := e.d.Coalesce(e.ctx, e.dom, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(rep.Merges) != 2 {
+			t.Fatalf("coalesce: %+v", rep.Merges)
+		}
+		e.expectChain("vda", "vda.s2-1", "vda.qcow2")
+		e.expectChain("vdb", "vdb.s2-1", "vdb.qcow2")
 		e.finish()
 	})
 }

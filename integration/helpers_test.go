@@ -770,17 +770,6 @@ func (e *env) chainOf(disk string) []string {
 	return nil
 }
 
-// extra lists the names that are not the disks' base images.
-func extra(names ...string) []string {
-	var out []string
-	for _, n := range names {
-		if n != "vda.qcow2" && n != "vdb.qcow2" {
-			out = append(out, n)
-		}
-	}
-	return out
-}
-
 // key is the domain's key in storage.
 func (e *env) key() string {
 	e.t.Helper()

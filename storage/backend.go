@@ -53,6 +53,12 @@ type PoolConfig struct {
 	Name string `json:"name"`
 	Type string `json:"type"`
 	Path string `json:"path"`
+	// MaxDepth is the most layers a disk's chain may have once a new
+	// overlay in this pool is on it (the new one included): a snapshot
+	// that would pass it first coalesces what nothing needs, else is
+	// refused (ChainTooLongError). 0 means DefaultMaxDepth (30, XAPI's
+	// limit); at most 1000, the deepest chain xlsnap reads.
+	MaxDepth int `json:"max_depth,omitempty"`
 }
 
 // Factory opens a backend for a pool.
@@ -84,6 +90,9 @@ func Backends() []string {
 }
 
 func openBackend(pc PoolConfig) (Backend, error) {
+	if err := checkPoolConfig(pc); err != nil {
+		return nil, err
+	}
 	registryMu.RLock()
 	f, ok := registry[pc.Type]
 	registryMu.RUnlock()

@@ -34,14 +34,16 @@ const (
 	ProblemUsersUnknown    ProblemKind = "users-unknown"     // what finds an image\'s users could not be read (a definition, a pool file)
 	ProblemSetAside        ProblemKind = "set-aside"         // an operation Repair set aside, awaiting a person
 	ProblemDamagedSnapshot ProblemKind = "damaged-snapshot"  // a snapshot whose images a set-aside operation may have merged
+	ProblemCoalescible     ProblemKind = "coalescible"       // a disk's chain holds layers nothing needs: Coalesce would merge them
 )
 
 // Informational reports a finding that is no fault: a shared base is
 // how pools are used, reported so its users are known.
 // An orphan is one too: xlsnap makes new images under temporary names, so
-// an unrecorded overlay is someone's own (a clone not yet defined).
+// an unrecorded overlay is someone's own (a clone not yet defined). So is
+// a chain that could be shorter: its data is all there.
 func (k ProblemKind) Informational() bool {
-	return k == ProblemSharedBase || k == ProblemDetached || k == ProblemOrphan
+	return k == ProblemSharedBase || k == ProblemDetached || k == ProblemOrphan || k == ProblemCoalescible
 }
 
 // Problem is one finding; Fixed says Repair mended it, Note why not.
@@ -151,7 +153,53 @@ func (m *Manager) check(ctx context.Context, repair bool) ([]Problem, error) {
 		}
 	}
 	problems = append(problems, m.orphans(ctx, known)...)
+	for _, d := range domains {
+		if m.mine(d.Name) {
+			problems = append(problems, m.coalescible(ctx, d, snaps[d.Name])...)
+		}
+	}
 	return problems, nil
+}
+
+// coalescible reports, disk by disk, how many layers Coalesce would
+// merge away (each judged as if it were the only one, offline).
+func (m *Manager) coalescible(ctx context.Context, d *Domain, list []*Snapshot) []Problem {
+	snaps := map[string]*Snapshot{}
+	for _, s := range list {
+		snaps[s.Name] = s
+	}
+	merges, err := m.mergeable(ctx, d, snaps, nil, nil)
+	if err != nil {
+		return []Problem{{Kind: ProblemUsersUnknown, Domain: domainName(d), Detail: "looking for layers to coalesce: " + err.Error()}}
+	}
+	byDisk := map[string][]string{}
+	var order []string
+	for _, mg := range merges {
+		if byDisk[mg.Disk] == nil {
+			order = append(order, mg.Disk)
+		}
+		byDisk[mg.Disk] = append(byDisk[mg.Disk], mg.Layer)
+	}
+	var problems []Problem
+	for _, disk := range order {
+		layers := byDisk[disk]
+		pr := Problem{Kind: ProblemCoalescible, Domain: domainName(d), Disk: disk, Path: layers[0],
+			Detail: fmt.Sprintf("the chain could be %d layer%s shorter: nothing needs %s",
+				len(layers), plural(len(layers)), strings.Join(layers, ", ")),
+			Note: "xlsnap coalesce " + domainName(d) + " merges them"}
+		if dk := d.Disk(disk); dk != nil {
+			pr.Path = dk.Active
+		}
+		problems = append(problems, pr)
+	}
+	return problems
+}
+
+func plural(n int) string {
+	if n == 1 {
+		return ""
+	}
+	return "s"
 }
 
 func (m *Manager) checkDomain(ctx context.Context, d *Domain, snaps []*Snapshot, repair bool) []Problem {

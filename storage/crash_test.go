@@ -108,6 +108,16 @@ func (a crashAct) do(ctx context.Context, m *storage.Manager) error {
 	case "delete-children":
 		_, err := m.DeleteSnapshot(ctx, crashDomain, a.name, storage.DeleteOptions{Children: true})
 		return err
+	case "snapshot-nometa":
+		spec := storage.SnapshotSpec{Name: a.name, NoMetadata: true}
+		for i, d := range crashDisks {
+			spec.Disks = append(spec.Disks, storage.SnapshotDiskSpec{Target: d, Mode: a.modes[i]})
+		}
+		_, err := m.CreateSnapshot(ctx, crashDomain, spec)
+		return err
+	case "coalesce":
+		_, err := m.Coalesce(ctx, crashDomain, storage.CoalesceOptions{})
+		return err
 	}
 	return fmt.Errorf("crash helper: unknown operation %q", a.kind)
 }
@@ -119,6 +129,15 @@ func (a crashAct) apply(e *storagetest.Env) {
 		for i, d := range crashDisks {
 			e.Write(crashDomain, d, crashPattern(a.pattern, i), a.off*crashMiB, a.n*crashMiB)
 		}
+		return
+	}
+	if a.kind == "delete-uncoalesced" {
+		// The delete alone: a helper that dies where the merges of what
+		// it freed would begin.
+		e.M.Close()
+		runCrashHelper(e.T, e, crashDelete(a.name), "coalesce/begin", "")
+		e.M = nil
+		e.Reopen()
 		return
 	}
 	if err := a.do(e.Ctx, e.M); err != nil {
@@ -154,8 +173,10 @@ func (m crashModel) apply(a crashAct) crashModel {
 		n.snaps[a.name] = slices.Clone(n.cur)
 	case "revert":
 		n.cur = slices.Clone(n.snaps[a.name])
-	case "delete":
+	case "delete", "delete-uncoalesced":
 		delete(n.snaps, a.name)
+	case "snapshot-nometa", "coalesce":
+		// The data stays where it was.
 	default:
 		panic("crash model: cannot apply " + a.String())
 	}
@@ -173,6 +194,28 @@ type crashSubOp struct {
 	// than undo it: its point of no return ("intent-written" when its
 	// first step already cannot be undone), else "committed".
 	forwardFrom string
+	// prefix is the sub-operation's journal op name, when it is not the
+	// scenario's (a coalesce after a delete).
+	prefix string
+}
+
+// opPrefix is the journal op name of sub-operation s.
+func (sc *crashScenario) opPrefix(s crashSubOp) string {
+	if s.prefix != "" {
+		return s.prefix
+	}
+	return sc.prefix
+}
+
+// hasPrefix reports whether crash point p is of one of the scenario's
+// operations, and whether it is one's beginning.
+func (sc *crashScenario) hasPrefix(p string) (ok, begin bool) {
+	for _, s := range sc.subOps {
+		if pre := sc.opPrefix(s) + "/"; strings.HasPrefix(p, pre) {
+			return true, p == pre+"begin"
+		}
+	}
+	return false, false
 }
 
 type crashScenario struct {
@@ -510,10 +553,11 @@ func (r *crashRef) plan(t *testing.T) {
 	t.Helper()
 	sc := r.sc
 	for i, p := range r.points {
-		if !strings.HasPrefix(p, sc.prefix+"/") {
+		ok, begin := sc.hasPrefix(p)
+		if !ok {
 			t.Fatalf("crash point %q of %s lacks the prefix %s/ (trace %v)", p, sc.op, sc.prefix, r.points)
 		}
-		if p == sc.prefix+"/begin" {
+		if begin {
 			r.subStart = append(r.subStart, i)
 		}
 	}
@@ -526,7 +570,7 @@ func (r *crashRef) plan(t *testing.T) {
 			end = r.subStart[k+1]
 		}
 		seg := r.points[r.subStart[k]:end]
-		f := slices.Index(seg, sc.prefix+"/"+s.forwardFrom)
+		f := slices.Index(seg, sc.opPrefix(s)+"/"+s.forwardFrom)
 		if f < 0 {
 			t.Fatalf("%s: sub-operation %s passes no point %s: %v", sc.op, s.do, s.forwardFrom, seg)
 		}
@@ -589,6 +633,9 @@ func (r *crashRef) verify(t *testing.T, e *storagetest.Env, start map[string]boo
 	if err != nil {
 		t.Fatalf("Check: %v", err)
 	}
+	// A chain that could be shorter is no fault: a crash before a
+	// coalesce's point of no return leaves it so, for Coalesce.
+	problems = slices.DeleteFunc(problems, func(p storage.Problem) bool { return p.Kind == storage.ProblemCoalescible })
 	if len(problems) > 0 {
 		t.Errorf("Check after recovery found %+v", problems)
 	}

@@ -63,7 +63,12 @@ func DefaultOverlayPath(image, snapshot string) string {
 // CreateSnapshot takes a snapshot of an inactive domain's disks: external
 // disks get a new overlay on their active layer and switch to it,
 // internal ones get a qcow2 internal snapshot. The new snapshot becomes
-// the current one, a child of the previous current one.
+// the current one, a child of the previous current one. A new overlay
+// that would make a chain longer than its pool's MaxDepth first has the
+// domain coalesced (see Coalesce), through spec.Live for a running one;
+// if the chain is still too long, the snapshot is refused with a
+// *ChainTooLongError (ErrOperationInvalid) naming the layers that hold
+// it. Every input is checked before anything changes.
 func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec SnapshotSpec) (*Snapshot, error) {
 	if err := ValidName("snapshot", spec.Name); err != nil {
 		return nil, err
@@ -73,9 +78,74 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 		return nil, err
 	}
 	defer unlock()
+	in, snap, _, err := m.makeRoom(ctx, domain, spec)
+	if err != nil {
+		return nil, err
+	}
+	if err := m.run(ctx, in, spec.Live); err != nil {
+		return nil, err
+	}
+	return snap, nil
+}
 
+// MakeRoom readies a domain for the snapshot spec asks for, as
+// CreateSnapshot does before it takes it: where a new overlay would pass
+// its pool's depth limit, the domain is coalesced (through spec.Live for
+// a running one). It returns the merges made. Errors: those of
+// CreateSnapshot's checks, before anything changes; *ChainTooLongError
+// (ErrOperationInvalid) when coalescing cannot make room. The driver
+// calls it before it pauses a guest for a snapshot with memory, so the
+// merges never lengthen the pause.
+func (m *Manager) MakeRoom(ctx context.Context, domain string, spec SnapshotSpec) ([]Merge, error) {
+	if err := ValidName("snapshot", spec.Name); err != nil {
+		return nil, err
+	}
+	unlock, err := m.lockDomain(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	_, _, merges, err := m.makeRoom(ctx, domain, spec)
+	return merges, err
+}
+
+// makeRoom plans the snapshot, coalescing first where its chains would be
+// too long; the caller holds the domain's lock.
+func (m *Manager) makeRoom(ctx context.Context, domain string, spec SnapshotSpec) (*intent, *Snapshot, []Merge, error) {
+	in, snap, next, err := m.planSnapshot(ctx, domain, spec)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	if m.tooDeep(next, snap) == nil {
+		return in, snap, nil, nil
+	}
+	merges, err := m.coalesceLocked(ctx, domain, spec.Live, nil)
+	if err != nil {
+		return nil, nil, merges, err
+	}
+	if in, snap, next, err = m.planSnapshot(ctx, domain, spec); err != nil {
+		return nil, nil, merges, err
+	}
+	tooLong := m.tooDeep(next, snap)
+	if tooLong == nil {
+		return in, snap, merges, nil
+	}
+	d, snaps, err := m.load(ctx, domain)
+	if err == nil {
+		err = m.explainDepth(ctx, tooLong, d, snaps, spec.Live)
+	}
+	if err != nil {
+		return nil, nil, merges, err
+	}
+	return nil, nil, merges, tooLong
+}
+
+// planSnapshot checks spec against the domain and its images and plans
+// the snapshot: the intent, the record, and the domain after it.
+func (m *Manager) planSnapshot(ctx context.Context, domain string, spec SnapshotSpec) (*intent, *Snapshot, *Domain, error) {
 	var d *Domain
-	err = m.store.View(ctx, func(tx metastore.Tx) error {
+	err := m.store.View(ctx, func(tx metastore.Tx) error {
+		var err error
 		if d, err = m.domain(tx, domain); err != nil {
 			return err
 		}
@@ -87,7 +157,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 		return nil
 	})
 	if err != nil {
-		return nil, err
+		return nil, nil, nil, err
 	}
 	next := d.Clone()
 	snap := &Snapshot{
@@ -107,10 +177,10 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 	for _, ds := range spec.Disks {
 		disk := next.Disk(ds.Target)
 		if disk == nil {
-			return nil, fmt.Errorf("%w: domain %s has no disk %q", ErrInvalidArg, domainName(d), ds.Target)
+			return nil, nil, nil, fmt.Errorf("%w: domain %s has no disk %q", ErrInvalidArg, domainName(d), ds.Target)
 		}
 		if seen[ds.Target] {
-			return nil, fmt.Errorf("%w: disk %s named twice", ErrInvalidArg, ds.Target)
+			return nil, nil, nil, fmt.Errorf("%w: disk %s named twice", ErrInvalidArg, ds.Target)
 		}
 		seen[ds.Target] = true
 		rec := SnapshotDisk{Target: ds.Target, Mode: ds.Mode}
@@ -119,17 +189,17 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 		case DiskExternal:
 			overlay, fmtName, st, err := m.planOverlay(ctx, disk, ds, spec.Name)
 			if err != nil {
-				return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
+				return nil, nil, nil, fmt.Errorf("disk %s: %w", ds.Target, err)
 			}
 			// The active image becomes a backing file, which nothing may
 			// write; a reused overlay becomes this disk's: neither may be
 			// another domain's disk.
 			if err := m.checkSoleWriter(ctx, &defined, d, disk.Active); err != nil {
-				return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
+				return nil, nil, nil, fmt.Errorf("disk %s: %w", ds.Target, err)
 			}
 			if st == nil {
 				if err := m.checkSoleWriter(ctx, &defined, d, overlay); err != nil {
-					return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
+					return nil, nil, nil, fmt.Errorf("disk %s: %w", ds.Target, err)
 				}
 			}
 			switch {
@@ -138,20 +208,20 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 			case st != nil:
 				in.Steps = append(in.Steps, *st)
 			case spec.Live != nil:
-				return nil, fmt.Errorf("%w: disk %s: reusing an overlay on a running domain", ErrLiveUnsupported, ds.Target)
+				return nil, nil, nil, fmt.Errorf("%w: disk %s: reusing an overlay on a running domain", ErrLiveUnsupported, ds.Target)
 			}
 			rec.Image, rec.Format, rec.Overlay = disk.Active, disk.Format, overlay
 			next.Images[overlay] = &Image{Format: fmtName, Backing: disk.Active, BackingFormat: disk.Format, Owned: st != nil}
 			disk.Active, disk.Format = overlay, fmtName
 		case DiskInternal:
 			if err := m.checkInternalName(disk.Active, disk.Format, spec.Name, false); err != nil {
-				return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
+				return nil, nil, nil, fmt.Errorf("disk %s: %w", ds.Target, err)
 			}
 			if _, err := m.internal(disk.Active); err != nil {
-				return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
+				return nil, nil, nil, fmt.Errorf("disk %s: %w", ds.Target, err)
 			}
 			if err := m.checkSoleWriter(ctx, &defined, d, disk.Active); err != nil {
-				return nil, fmt.Errorf("disk %s: %w", ds.Target, err)
+				return nil, nil, nil, fmt.Errorf("disk %s: %w", ds.Target, err)
 			}
 			st := step{Kind: metastore.StepInternalCreate, Path: disk.Active, Format: disk.Format, Name: spec.Name, Disk: ds.Target}
 			if spec.Live != nil {
@@ -161,7 +231,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 			}
 			rec.Image, rec.Format = disk.Active, disk.Format
 		default:
-			return nil, fmt.Errorf("%w: disk %s: snapshot mode %q", ErrInvalidArg, ds.Target, ds.Mode)
+			return nil, nil, nil, fmt.Errorf("%w: disk %s: snapshot mode %q", ErrInvalidArg, ds.Target, ds.Mode)
 		}
 		snap.Disks = append(snap.Disks, rec)
 	}
@@ -172,7 +242,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 			continue
 		}
 		if other, dup := overlays[sd.Overlay]; dup {
-			return nil, fmt.Errorf("%w: disks %s and %s would both write %s", ErrInvalidArg, other, sd.Target, sd.Overlay)
+			return nil, nil, nil, fmt.Errorf("%w: disks %s and %s would both write %s", ErrInvalidArg, other, sd.Target, sd.Overlay)
 		}
 		overlays[sd.Overlay] = sd.Target
 	}
@@ -190,10 +260,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, domain string, spec Snapsh
 		next.Current = snap.Name
 		in.Commit.PutSnapshots = []*Snapshot{snap}
 	}
-	if err := m.run(ctx, in, spec.Live); err != nil {
-		return nil, err
-	}
-	return snap, nil
+	return in, snap, next, nil
 }
 
 // planOverlay checks an external disk's overlay and returns the step

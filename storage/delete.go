@@ -29,7 +29,7 @@ const (
 	ActionPulledUp        DiskAction = "pulled-up"         // state image pulled into its child
 	ActionInternalDeleted DiskAction = "internal-deleted"  // qcow2 internal snapshot removed
 	ActionSharedBase      DiskAction = "kept-shared-base"  // state image backs several images: kept
-	ActionInternalAbove   DiskAction = "kept-for-internal" // a merge would change what an internal snapshot sees
+	ActionInternalAbove   DiskAction = "kept-for-internal" // the child holds internal snapshots: a merge would change what they see
 	ActionUserImage       DiskAction = "kept-user-image"   // a merge would remove an image xlsnap did not create
 	ActionUnreferenced    DiskAction = "unreferenced"      // state image had no child: left to the collector
 	ActionMetadataOnly    DiskAction = "metadata-only"
@@ -48,17 +48,26 @@ type DiskReport struct {
 	Users []User `json:",omitempty"`
 }
 
-// DeleteReport lists what a delete did, disk by disk, and the images it
-// removed because nothing needed them any more.
+// DeleteReport lists what a delete did, disk by disk, the images it
+// removed because nothing needed them any more, and the layers it freed
+// and coalesced.
 type DeleteReport struct {
 	Deleted   []string
 	Disks     []DiskReport
 	Collected []string
+	Coalesced []Merge `json:",omitempty"`
 }
 
 // DeleteSnapshot removes a snapshot (and, with the options, its
 // descendants, leaves first). Each snapshot's delete is one journaled
 // operation: a crash leaves every snapshot either deleted or intact.
+// Then, unless MetadataOnly, the layers the deletes freed (idle ones
+// that could not be merged before: the state image of a snapshot now
+// gone whose child held an internal snapshot now gone, say) are
+// coalesced, each merge one more journaled operation (see Coalesce); a
+// layer that could be merged before the delete is left to Coalesce, as
+// something else (a NO_METADATA snapshot's user) may count on it. An
+// error while coalescing comes back with the report of the deletes done.
 func (m *Manager) DeleteSnapshot(ctx context.Context, domain, name string, opts DeleteOptions) (*DeleteReport, error) {
 	if opts.Children && opts.ChildrenOnly {
 		return nil, fmt.Errorf("%w: children and children-only together", ErrInvalidArg)
@@ -82,6 +91,12 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, domain, name string, opts 
 	if !opts.ChildrenOnly {
 		order = append(order, name)
 	}
+	var before map[string]bool
+	if !opts.MetadataOnly {
+		if before, err = m.mergeableSet(ctx, d, snaps, nil, opts.Live); err != nil {
+			return nil, err
+		}
+	}
 	report := &DeleteReport{}
 	for i, n := range order {
 		if i > 0 { // the previous delete committed new records
@@ -93,6 +108,12 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, domain, name string, opts 
 			return report, fmt.Errorf("deleting snapshot %s: %w", n, err)
 		}
 		report.Deleted = append(report.Deleted, n)
+	}
+	if opts.MetadataOnly {
+		return report, nil
+	}
+	if report.Coalesced, err = m.coalesceLocked(ctx, domain, opts.Live, before); err != nil {
+		return report, fmt.Errorf("%s deleted; merging the layers it freed: %w", strings.Join(report.Deleted, ", "), err)
 	}
 	return report, nil
 }
@@ -125,6 +146,7 @@ func (m *Manager) deleteOne(ctx context.Context, d *Domain, snaps map[string]*Sn
 	var forward []step // steps that cannot be undone: after NoReturn
 	var merged []step  // removal of images whose data a merge moved
 	movedTo := map[string]string{}
+	deleting := map[string]string{} // internal snapshots this delete removes, by image
 	var u *users
 	if s.Damaged != "" && !metadataOnly {
 		return fmt.Errorf("%w: snapshot %s: %s; delete it with metadata only", ErrChainBroken, name, s.Damaged)
@@ -166,6 +188,7 @@ func (m *Manager) deleteOne(ctx context.Context, d *Domain, snaps map[string]*Sn
 						return err
 					}
 					forward = append(forward, step{Kind: kind, Path: sd.Image, Format: sd.Format, Name: name, Disk: sd.Target})
+					deleting[sd.Image] = name
 				}
 				r.Action, r.Kept = ActionInternalDeleted, sd.Image
 			case DiskExternal:
@@ -210,7 +233,7 @@ func (m *Manager) deleteOne(ctx context.Context, d *Domain, snaps map[string]*Sn
 	}
 	put = append(put, repointSnapshots(snaps, movedTo, next)...)
 	if !metadataOnly {
-		collected, err := m.collect(next, snaps, u, d.Images)
+		collected, err := m.collect(next, snaps, u, d.Images, deleting)
 		if err != nil {
 			return err
 		}
@@ -278,21 +301,26 @@ func (m *Manager) planMerge(ctx context.Context, next *Domain, sd SnapshotDisk, 
 		}
 		return nil, nil, nil
 	}
-	// Internal snapshots in C or above see through to X: neither X nor C
-	// may change while they exist. A header that cannot be read might
-	// hold one: the merge stops.
-	for _, p := range subtree(next, c) {
-		if !exists(p) {
-			continue
-		}
-		h, err := readHeader(p)
-		if err != nil {
-			return nil, nil, fmt.Errorf("reading %s for internal snapshots: %w", p, err)
-		}
-		if len(h.Snapshots) > 0 {
-			r.Action, r.Kept = ActionInternalAbove, x
-			return nil, nil, nil
-		}
+	// A merge is refused only where it would change what an internal
+	// snapshot sees (each claim tried with qemu-img and qemu-io, see
+	// docs/chains.md):
+	//   - one in C is lost with C when a commit down removes it, and a
+	//     pull-up rebases C onto X's backing, copying X's data into C's
+	//     active tables only: what C's internal snapshot reads through
+	//     its backing changes. C's forbid both directions.
+	//   - one in X has its own L1 table: a commit into X writes X's
+	//     active tables (copy-on-write), the snapshot reads as before;
+	//     a pull-up removes X. X's forbid the pull-up only.
+	//   - one above C reads the pair as C read it, merged either way,
+	//     and nothing below X is written: neither forbids anything.
+	// A header that cannot be read might hold one: the merge stops.
+	ch, err := readHeader(c)
+	if err != nil {
+		return nil, nil, fmt.Errorf("reading %s for internal snapshots: %w", c, err)
+	}
+	if len(ch.Snapshots) > 0 {
+		r.Action, r.Kept = ActionInternalAbove, x
+		return nil, nil, nil
 	}
 	xh, err := readHeader(x)
 	if err != nil && ximg.Format == "qcow2" {
@@ -470,15 +498,6 @@ func repointSnapshots(snaps map[string]*Snapshot, movedTo map[string]string, aft
 		}
 	}
 	return changed
-}
-
-// subtree lists path and every image above it.
-func subtree(d *Domain, path string) []string {
-	out := []string{path}
-	for i := 0; i < len(out); i++ {
-		out = append(out, d.Children(out[i])...)
-	}
-	return out
 }
 
 func uniqueSnapshots(in []*Snapshot) []*Snapshot {

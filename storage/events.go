@@ -8,7 +8,8 @@ import (
 )
 
 // ChainChanged tells that a disk's chain changed: the images top to base
-// before and after, and why ("snapshot", "revert", "delete", "rescan").
+// before and after, and why ("snapshot", "revert", "delete", "rescan",
+// "coalesce").
 // Snapshot is the snapshot the operation took, reverted to or deleted
 // ("" for a rescan, and for a snapshot taken without metadata).
 type ChainChanged struct {

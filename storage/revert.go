@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 
@@ -23,6 +24,11 @@ type RevertOptions struct {
 	// listed leaves the definition; its images are the user's and stay.
 	// Nil means the domain's current disks.
 	Disks []DiskSpec
+	// LeaveFreed leaves the layers the revert frees unmerged, for a
+	// caller that must first start the domain again (the driver restoring
+	// a guest's memory: merges would lengthen the guest's downtime); it
+	// coalesces them afterwards, live (CoalesceOptions.Except).
+	LeaveFreed bool
 }
 
 // Revert brings an inactive domain's disks back to a snapshot: external
@@ -31,9 +37,11 @@ type RevertOptions struct {
 // anything else reads the image). The definition is rewritten to
 // opts.Definition with the new active layers once the metadata is
 // durable; only then are abandoned layers removed, and only those xlsnap
-// made and nothing uses. It returns the domain with its new active
-// layers. Errors: ErrNoSnapshot, ErrChainBroken (an image the revert
-// needs is gone; all of them are listed), ErrPending.
+// made and nothing uses. Layers those removals freed (a base left with
+// one child) are then coalesced, as a delete does (see DeleteSnapshot).
+// It returns the domain with its new active layers. Errors:
+// ErrNoSnapshot, ErrChainBroken (an image the revert needs is gone; all
+// of them are listed), ErrPending.
 func (m *Manager) Revert(ctx context.Context, domain, name string, opts RevertOptions) (*Domain, error) {
 	unlock, err := m.lockDomain(ctx, domain)
 	if err != nil {
@@ -62,6 +70,10 @@ func (m *Manager) Revert(ctx context.Context, domain, name string, opts RevertOp
 			ErrChainBroken, name, strings.Join(missing, ", "))
 	}
 	u, err := m.scanUsers(ctx)
+	if err != nil {
+		return nil, err
+	}
+	before, err := m.mergeableSet(ctx, d, snaps, u, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -140,13 +152,23 @@ func (m *Manager) Revert(ctx context.Context, domain, name string, opts RevertOp
 	in.NoReturn = len(in.Steps)
 	in.Steps = append(in.Steps, applies...)
 	next.Current = name
-	if in.Cleanup, err = m.collect(next, snaps, u, d.Images); err != nil {
+	if in.Cleanup, err = m.collect(next, snaps, u, d.Images, nil); err != nil {
 		return nil, err
 	}
 	in.Commit = &metastore.Commit{Domain: next}
 	in.Definition = &metastore.Definition{Name: domainName(next), Base: opts.Definition, Disks: next.Disks}
 	if err := m.run(ctx, in, nil); err != nil {
 		return nil, err
+	}
+	// The abandoned layers may have been what kept a layer below from
+	// merging (a second child, say): coalesce what the revert freed.
+	if opts.LeaveFreed {
+		return next, nil
+	}
+	if merges, err := m.coalesceLocked(ctx, domain, nil, before); err != nil {
+		return nil, fmt.Errorf("reverted to %s; merging the layers it freed: %w", name, err)
+	} else if len(merges) > 0 {
+		return m.Domain(ctx, domain)
 	}
 	return next, nil
 }
@@ -234,9 +256,13 @@ func (m *Manager) freeOverlayPath(d *Domain, image, snapshot string) string {
 // a snapshot needs (directly or as a backing image), and returns the
 // steps that remove those xlsnap created and nothing else uses (u, with
 // tree the domain's tree before the operation). An image holding
-// internal snapshots, or whose header cannot be read, is kept, recorded
-// or not. The removal itself looks for users again.
-func (m *Manager) collect(d *Domain, snaps map[string]*Snapshot, u *users, tree map[string]*Image) ([]step, error) {
+// internal snapshots, or whose header cannot be read, is kept with what
+// it reads through, recorded or not, except for the internal snapshot
+// the operation itself deletes (deleting: image to snapshot name), which
+// goes before the cleanup runs. An image whose only users are images
+// this cleanup removes goes too, after them: the removal itself looks
+// for users again.
+func (m *Manager) collect(d *Domain, snaps map[string]*Snapshot, u *users, tree map[string]*Image, deleting map[string]string) ([]step, error) {
 	needed := map[string]bool{}
 	mark := func(top string) {
 		for _, p := range d.Chain(top) {
@@ -254,38 +280,67 @@ func (m *Manager) collect(d *Domain, snaps map[string]*Snapshot, u *users, tree 
 		}
 	}
 	for p, img := range d.Images {
-		if img.Detached && exists(p) {
+		if !exists(p) {
+			continue
+		}
+		if img.Detached {
+			mark(p)
+			continue
+		}
+		if needed[p] {
+			continue
+		}
+		h, err := readHeader(p)
+		if err != nil && img.Format == "qcow2" || err == nil && keptInternal(h, deleting[p]) {
 			mark(p)
 		}
 	}
 	var drop []string
-	for p, img := range d.Images {
-		// A detached disk's data stays recorded while it is there: it
-		// keeps its backing images, and it is no orphan.
-		if !needed[p] && !(img.Detached && exists(p)) {
+	depth := map[string]int{}
+	for p := range d.Images {
+		if !needed[p] {
 			drop = append(drop, p)
+			depth[p] = len(d.Chain(p))
 		}
 	}
-	sort.Strings(drop)
+	// Overlays before their backing images: a removal looks for users
+	// again, and an overlay still there is one.
+	sort.Slice(drop, func(i, j int) bool {
+		if depth[drop[i]] != depth[drop[j]] {
+			return depth[drop[i]] > depth[drop[j]]
+		}
+		return drop[i] < drop[j]
+	})
+	gone := map[string]bool{}
 	var steps []step
 	for _, p := range drop {
 		img := d.Images[p]
-		if exists(p) {
-			h, err := readHeader(p)
-			if err != nil && img.Format == "qcow2" || err == nil && len(h.Snapshots) > 0 {
-				continue
-			}
-		}
 		delete(d.Images, p)
 		if !img.Removable() || !exists(p) {
 			continue
 		}
 		// Its own domain's definition and snapshots are rewritten by this
-		// operation; anything else keeps it.
-		if len(u.foreign(p, d.Name, tree)) > 0 || len(u.children(p, tree)) > 0 {
+		// operation; anything else keeps it, and so does an overlay this
+		// cleanup does not remove.
+		if len(u.foreign(p, d.Name, tree)) > 0 || slices.ContainsFunc(u.children(p, tree), func(c string) bool { return !gone[c] }) {
 			continue
 		}
+		gone[p] = true
 		steps = append(steps, step{Kind: metastore.StepRemove, Path: p})
 	}
 	return steps, nil
+}
+
+// keptInternal reports whether an image holds an internal snapshot
+// besides gone (the one its operation deletes; "" for none): a second
+// of the same name stays, as qemu-img snapshot -d removes one.
+func keptInternal(h *chain.Header, gone string) bool {
+	skip := gone != ""
+	for _, s := range h.Snapshots {
+		if !skip || s.Name != gone {
+			return true
+		}
+		skip = false // only the first goes
+	}
+	return false
 }

@@ -9,6 +9,8 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -35,7 +37,7 @@ func (g *globals) register(root *cobra.Command) {
 	f.StringVarP(&g.connect, "connect", "c", os.Getenv("XLSNAP_DEFAULT_URI"),
 		"domain source: file:///DIR (a folder of NAME.xml) or a libvirt URI such as test:///default (default: file:// of the working folder)")
 	f.StringVar(&g.stateDir, "state-dir", defaultStateDir(), "folder of xlsnap's metadata and locks")
-	f.StringArrayVar(&g.pools, "pool", nil, "folder images may live in (repeatable; default: the folders of the domains' disks)")
+	f.StringArrayVar(&g.pools, "pool", nil, "folder images may live in, DIR[,max-depth=N] (repeatable; default: the folders of the domains' disks); max-depth is the most layers a disk's chain may have there (default 30)")
 	f.BoolVar(&g.json, "json", false, "print data as JSON")
 }
 
@@ -91,7 +93,12 @@ func (g *globals) open(ctx context.Context) (*driver.Driver, func(), error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	d, err := driver.Open(ctx, driver.Config{StateDir: g.stateDir, Source: src, Pools: g.pools, Hypervisor: h})
+	cfg, err := g.driverConfig(src, h)
+	if err != nil {
+		closeSrc()
+		return nil, nil, err
+	}
+	d, err := driver.Open(ctx, cfg)
 	if err != nil {
 		closeSrc()
 		if errors.Is(err, driver.ErrDamaged) {
@@ -133,4 +140,37 @@ func writeJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
+}
+
+// driverConfig is the driver's configuration the options give.
+func (g *globals) driverConfig(src driver.DomainSource, h xenlight.Hypervisor) (driver.Config, error) {
+	cfg := driver.Config{StateDir: g.stateDir, Source: src, Hypervisor: h}
+	var err error
+	cfg.Pools, cfg.PoolMaxDepth, err = parsePools(g.pools)
+	return cfg, err
+}
+
+// parsePools reads --pool values, DIR[,max-depth=N]: the folders, and
+// the depth limits set (by folder). Only a trailing ",max-depth=N" is an
+// option: a folder's name may hold commas.
+func parsePools(specs []string) ([]string, map[string]int, error) {
+	var pools []string
+	depths := map[string]int{}
+	const opt = ",max-depth="
+	for _, spec := range specs {
+		dir := spec
+		if i := strings.LastIndex(spec, opt); i >= 0 {
+			dir = spec[:i]
+			n, err := strconv.Atoi(spec[i+len(opt):])
+			if err != nil || n < 1 {
+				return nil, nil, usagef("--pool %q: max-depth wants a number of layers, at least 1", spec)
+			}
+			depths[dir] = n
+		}
+		if dir == "" {
+			return nil, nil, usagef("--pool %q: no folder", spec)
+		}
+		pools = append(pools, dir)
+	}
+	return pools, depths, nil
 }

@@ -76,6 +76,7 @@ type deleteJSON struct {
 	Deleted   []string         `json:"deleted"`
 	Disks     []diskReportJSON `json:"disks"`
 	Collected []string         `json:"collected"`
+	Coalesced []mergeJSON      `json:"coalesced"`
 }
 
 type diskReportJSON struct {
@@ -176,7 +177,8 @@ func toJSON(domain string, s *driver.Snapshot, current string) snapshotJSON {
 }
 
 func deleteToJSON(domain, name string, r *driver.DeleteReport) deleteJSON {
-	j := deleteJSON{Domain: domain, Snapshot: name, Deleted: orEmpty(r.Deleted), Disks: []diskReportJSON{}, Collected: orEmpty(r.Collected)}
+	j := deleteJSON{Domain: domain, Snapshot: name, Deleted: orEmpty(r.Deleted), Disks: []diskReportJSON{}, Collected: orEmpty(r.Collected),
+		Coalesced: mergesToJSON(r.Coalesced)}
 	for _, d := range r.Disks {
 		dj := diskReportJSON{Snapshot: d.Snapshot, Disk: d.Disk, Action: string(d.Action), Kept: d.Kept, Removed: d.Removed, Users: []userJSON{}}
 		for _, u := range d.Users {

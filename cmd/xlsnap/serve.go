@@ -49,7 +49,11 @@ Logs go to stderr; SIGINT or SIGTERM stops it.`,
 				return err
 			}
 			defer closeSrc()
-			d, err := driver.Open(ctx, driver.Config{StateDir: a.stateDir, Source: src, Pools: a.pools, Hypervisor: h})
+			dcfg, err := a.driverConfig(src, h)
+			if err != nil {
+				return err
+			}
+			d, err := driver.Open(ctx, dcfg)
 			if err != nil {
 				return err
 			}

@@ -437,6 +437,9 @@ func (a *app) deleteCmd() *cobra.Command {
 		for _, p := range report.Collected {
 			fmt.Fprintf(w, "  removed unused image %s\n", p)
 		}
+		for _, m := range report.Coalesced {
+			fmt.Fprintf(w, "  %s: freed layer %s merged away (%s, %s into %s)\n", m.Disk, m.Layer, m.Action, m.Removed, m.Kept)
+		}
 		_, err = fmt.Fprintln(w)
 		return err
 	})

@@ -1,6 +1,10 @@
 // Command lifecycle is what a toolstack author copies: open xlsnap's
 // driver on a folder of libvirt domain XML files, then snapshot, list,
-// revert and delete a shut-off domain's disks.
+// revert and delete a shut-off domain's disks. Each run ends with every
+// disk on one layer again, however often it runs: the delete merges the
+// snapshot's images, and the layer the internal snapshot kept goes with
+// it. A run cut short leaves its snapshots; the next run deletes them
+// first.
 //
 //	go run ./examples/lifecycle -domains /path/to/xml/folder -state /tmp/xlsnap-state DOMAIN
 package main
@@ -40,11 +44,18 @@ func run(ctx context.Context, domains, state, domain string) error {
 	}
 	defer d.Close()
 
+	// A run cut short left its snapshot (and its child): delete them
+	// first. A toolstack tells "not there" from a failure by the error.
+	report, err := d.SnapshotDelete(ctx, domain, "before-upgrade", driver.DeleteChildren)
+	switch {
+	case err == nil:
+		fmt.Printf("deleted %v, left by an earlier run\n", report.Deleted)
+	case !errors.Is(err, driver.ErrNoSnapshot):
+		return err
+	}
+
 	// A disk-only snapshot: an overlay on every disk, disks switched to it.
 	snap, err := d.CreateSnapshot(ctx, domain, driver.SnapshotRequest{Name: "before-upgrade"}, driver.CreateDiskOnly)
-	if errors.Is(err, driver.ErrSnapshotExists) {
-		return fmt.Errorf("run the example on a fresh state folder: %w", err)
-	}
 	if err != nil {
 		return err
 	}
@@ -68,12 +79,17 @@ func run(ctx context.Context, domains, state, domain string) error {
 	}
 	fmt.Println("reverted to before-upgrade")
 
-	report, err := d.SnapshotDelete(ctx, domain, "before-upgrade", driver.DeleteChildren)
+	// Deleting it with its child merges the overlays away: the internal
+	// snapshot goes first, then the external one's images merge.
+	report, err = d.SnapshotDelete(ctx, domain, "before-upgrade", driver.DeleteChildren)
 	if err != nil {
 		return err
 	}
 	for _, r := range report.Disks {
 		fmt.Printf("deleted %s on %s: %s\n", r.Snapshot, r.Disk, r.Action)
+	}
+	for _, m := range report.Coalesced {
+		fmt.Printf("merged the freed layer %s on %s\n", m.Layer, m.Disk)
 	}
 	disks, err := d.DiskList(ctx, domain)
 	if err != nil {

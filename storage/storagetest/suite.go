@@ -408,6 +408,19 @@ func testNoMetadata(t *testing.T, e *Env) {
 	e.expectSnapshots("vm")
 	e.ExpectChain("vm", "vda", "vm-vda.ghost", "vm-vda.qcow2")
 	e.Expect("vm", "vda", 0xc1, 0, mib)
+	// No snapshot needs the base under the overlay: check says the chain
+	// could be shorter, and only Coalesce merges it.
+	problems, err := e.M.Check(e.Ctx)
+	if err != nil || len(problems) != 1 || problems[0].Kind != storage.ProblemCoalescible {
+		t.Fatalf("Check: %+v, %v; want one coalescible", problems, err)
+	}
+	if _, err := e.M.Coalesce(e.Ctx, "vm", storage.CoalesceOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if c := e.Chain("vm", "vda"); len(c) != 1 {
+		t.Fatalf("chain after coalescing: %v", c)
+	}
+	e.Expect("vm", "vda", 0xc1, 0, mib)
 	e.CheckClean("vm")
 }
 
