@@ -67,6 +67,28 @@ func (d *Driver) lock(ctx context.Context, domain string) (func(), error) {
 	}
 }
 
+// lockCall serialises a call on one domain for its whole length, across
+// processes and hosts too: the driver's own slot, then storage's lock of
+// the domain's key, which the returned context carries so that storage
+// takes it no second time (once per call, not once per storage step). A
+// definition that cannot be read is left to the call's sync to report.
+func (d *Driver) lockCall(ctx context.Context, domain string) (context.Context, func(), error) {
+	unlock, err := d.lock(ctx, domain)
+	if err != nil {
+		return nil, nil, err
+	}
+	_, _, key, err := d.readDefinition(ctx, domain)
+	if err != nil || storage.ValidName("domain", domain) != nil {
+		return ctx, unlock, nil
+	}
+	sctx, unlockKey, err := d.st.Lock(ctx, key)
+	if err != nil {
+		unlock()
+		return nil, nil, err
+	}
+	return sctx, func() { unlockKey(); unlock() }, nil
+}
+
 // Open opens the storage layer over the pools (the folders of every disk
 // the source defines when cfg.Pools is empty) and finishes or undoes what
 // a crash left in its journal; an operation it cannot finish yet stays
@@ -314,7 +336,7 @@ type Move struct{ From, To string }
 // the device model reads another chain; and those of every call that
 // changes something (see the package documentation).
 func (d *Driver) ChainChanged(ctx context.Context, domain, disk string, moves ...Move) error {
-	unlock, err := d.lock(ctx, domain)
+	ctx, unlock, err := d.lockCall(ctx, domain)
 	if err != nil {
 		return err
 	}
@@ -371,7 +393,7 @@ type DiskInfo struct {
 // Errors: those every call that reads a domain returns (see the package
 // documentation).
 func (d *Driver) DiskList(ctx context.Context, domain string) ([]DiskInfo, error) {
-	unlock, err := d.lock(ctx, domain)
+	ctx, unlock, err := d.lockCall(ctx, domain)
 	if err != nil {
 		return nil, err
 	}

@@ -39,6 +39,16 @@ func newIntent(domain, op string) *intent {
 func (m *Manager) run(ctx context.Context, in *intent, live Live) error {
 	crash := func(point string) { crashpoint.Hit(in.Op + "/" + point) }
 	crash("begin")
+	// A lock lost (its lease expired) stops the operation before its
+	// next step, and cancels the step running: another host may now
+	// finish or undo it, so this one neither goes on nor undoes.
+	lk := m.locks.holding(in.Domain)
+	ctx, stop := whileHeld(ctx, lk)
+	defer stop()
+	in.Owner = m.host
+	if lk != nil {
+		in.Holder = lk.Holder()
+	}
 	// An operation that cannot be undone from its first step says so in
 	// the intent itself: one journal write fewer.
 	in.PassedNoReturn = in.NoReturn == 0 && len(in.Steps) > 0
@@ -50,6 +60,9 @@ func (m *Manager) run(ctx context.Context, in *intent, live Live) error {
 	}
 	crash("intent-written")
 	for i, st := range in.Steps {
+		if err := lockErr(ctx); err != nil {
+			return fmt.Errorf("%s %s of domain %s stopped before step %d (%s): %w", in.Op, in.ID, in.Domain, i, st.Kind, err)
+		}
 		if i == in.NoReturn && !in.PassedNoReturn {
 			in.PassedNoReturn = true
 			if err := m.store.Update(ctx, func(tx metastore.Tx) error { return tx.PutIntent(in) }); err != nil {
@@ -60,6 +73,9 @@ func (m *Manager) run(ctx context.Context, in *intent, live Live) error {
 		crash(point)
 		// A backend marks its own points inside the step (see crashpoint.Within).
 		if err := m.forward(crashpoint.WithOp(ctx, in.Op+"/"+point), st, live); err != nil {
+			if lerr := lockErr(ctx); lerr != nil {
+				return fmt.Errorf("%s %s of domain %s stopped in step %d (%s), left to the lock's next holder: %w", in.Op, in.ID, in.Domain, i, st.Kind, lerr)
+			}
 			if i < in.NoReturn {
 				return m.abandon(ctx, in, i, err, live)
 			}
@@ -68,6 +84,32 @@ func (m *Manager) run(ctx context.Context, in *intent, live Live) error {
 	}
 	crash("steps-done")
 	return m.commit(ctx, in)
+}
+
+// whileHeld returns ctx cancelled, with ErrLockLost as its cause, once
+// lk is lost; nil lk (storage used without a held lock) changes nothing.
+func whileHeld(ctx context.Context, lk metastore.Lock) (context.Context, func()) {
+	if lk == nil {
+		return ctx, func() {}
+	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	done := make(chan struct{})
+	go func() {
+		select {
+		case <-lk.Lost():
+			cancel(metastore.ErrLockLost)
+		case <-done:
+		}
+	}()
+	return ctx, func() { close(done); cancel(nil) }
+}
+
+// lockErr is ErrLockLost once whileHeld saw the lock lost.
+func lockErr(ctx context.Context) error {
+	if errors.Is(context.Cause(ctx), metastore.ErrLockLost) {
+		return context.Cause(ctx)
+	}
+	return nil
 }
 
 // forward runs a step for the first time; see redoLive.
@@ -81,6 +123,9 @@ func (m *Manager) forward(ctx context.Context, st step, live Live) error {
 // abandon undoes steps[0..last] in reverse, drops the intent and returns
 // the cause of the failure.
 func (m *Manager) abandon(ctx context.Context, in *intent, last int, cause error, live Live) error {
+	if err := lockErr(ctx); err != nil {
+		return fmt.Errorf("%s %s of domain %s stopped, left to the lock's next holder: %w (%w)", in.Op, in.ID, in.Domain, err, cause)
+	}
 	if err := m.rollBack(ctx, in, last, live); err != nil {
 		return fmt.Errorf("%w; undoing it failed too, the journal keeps it for Repair: %w", cause, err)
 	}

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"reflect"
 	"slices"
@@ -48,6 +49,9 @@ type Config struct {
 	// source's wait for that source (their images need not be in these
 	// pools).
 	Source string
+	// Host names this host to the other hosts of a shared store (intents
+	// and published image users carry it); "" is the system's host name.
+	Host string
 }
 
 // Manager owns the chains and snapshot metadata of every domain in its
@@ -64,6 +68,9 @@ type Manager struct {
 	// sourceTag ends the keys of this source's domains ("" when used
 	// alone: every domain is this Manager's).
 	sourceTag string
+	// host is this host's name; origin this Manager's own id, which its
+	// events carry so that it skips them when they come back.
+	host, origin string
 }
 
 type pool struct {
@@ -77,11 +84,13 @@ func Open(ctx context.Context, cfg Config) (*Manager, error) {
 	if cfg.StateDir == "" {
 		return nil, fmt.Errorf("%w: no state folder", ErrInvalidArg)
 	}
-	m := &Manager{stateDir: cfg.StateDir, store: cfg.Store, events: newBroker(), defs: cfg.Definitions}
+	m := &Manager{stateDir: cfg.StateDir, store: cfg.Store, defs: cfg.Definitions, host: cfg.Host, origin: newOrigin()}
+	if m.host == "" {
+		m.host, _ = os.Hostname()
+	}
 	if cfg.Source != "" {
 		m.sourceTag = sourceTag(cfg.Source)
 	}
-	m.locks = newLockTable(filepath.Join(cfg.StateDir, "locks"))
 	if m.store == nil {
 		s, err := metastore.OpenBolt(ctx, StoreFile(cfg.StateDir))
 		if err != nil {
@@ -89,9 +98,12 @@ func Open(ctx context.Context, cfg Config) (*Manager, error) {
 		}
 		m.store = s
 	}
+	m.locks = newLockTable(m.store)
+	m.events = newBroker(m.store, m.origin, m.host)
 	for _, pc := range cfg.Pools {
 		b, err := openBackend(pc)
 		if err != nil {
+			m.store.Close()
 			return nil, err
 		}
 		m.pools = append(m.pools, &pool{PoolConfig: pc, backend: b})
@@ -436,53 +448,83 @@ func (m *Manager) snapshot(tx metastore.Tx, domain, name string) (*Snapshot, err
 	return s, err
 }
 
-// lockTable serialises operations per domain: a channel per domain inside
-// the process, a lock file for other processes.
+// lockTable takes domain locks from the store and remembers those this
+// Manager holds: a call whose context carries one (Lock) takes it no
+// second time, and an operation sees its lock lost.
 type lockTable struct {
-	dir string
-	mu  sync.Mutex
-	sem map[string]chan struct{}
+	store metastore.Store
+	mu    sync.Mutex
+	held  map[string]metastore.Lock
 }
 
-func newLockTable(dir string) *lockTable {
-	return &lockTable{dir: dir, sem: map[string]chan struct{}{}}
+func newLockTable(store metastore.Store) *lockTable {
+	return &lockTable{store: store, held: map[string]metastore.Lock{}}
 }
 
-// lock takes the domain's lock; with wait false it fails with ErrBusy at
-// once instead of waiting for ctx. A wait that ctx ends fails with ctx's
-// error, not ErrBusy: the caller gave up, and one that retries on busy
-// must not retry a cancelled call.
+// lock takes the domain's lock unless ctx carries it (Lock); with wait
+// false it fails with ErrBusy at once instead of waiting for ctx. A wait
+// that ctx ends fails with ctx's error, not ErrBusy: the caller gave up,
+// and one that retries on busy must not retry a cancelled call.
 func (l *lockTable) lock(ctx context.Context, domain string, wait bool) (func(), error) {
-	l.mu.Lock()
-	ch, ok := l.sem[domain]
-	if !ok {
-		ch = make(chan struct{}, 1)
-		l.sem[domain] = ch
+	if l.carried(ctx, domain) != nil {
+		return func() {}, nil
 	}
-	l.mu.Unlock()
-	if wait {
-		select {
-		case ch <- struct{}{}:
-		case <-ctx.Done():
-			return nil, fmt.Errorf("waiting for domain %s, busy with another operation: %w", domain, ctx.Err())
-		}
-	} else {
-		select {
-		case ch <- struct{}{}:
-		default:
-			return nil, fmt.Errorf("%w: %s", ErrBusy, domain)
-		}
-	}
-	unlockFile, err := lockFile(ctx, filepath.Join(l.dir, domain+".lock"), wait)
+	lk, err := l.store.Lock(ctx, domain, wait)
 	if err != nil {
-		<-ch
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("waiting for domain %s, busy in another process: %w", domain, ctx.Err())
-		}
-		return nil, fmt.Errorf("%w: %s: %w", ErrBusy, domain, err)
+		return nil, err
 	}
+	l.mu.Lock()
+	l.held[domain] = lk
+	l.mu.Unlock()
 	return func() {
-		unlockFile()
-		<-ch
+		l.mu.Lock()
+		if l.held[domain] == lk {
+			delete(l.held, domain)
+		}
+		l.mu.Unlock()
+		// A release must happen even for a caller that gave up.
+		lk.Unlock(context.WithoutCancel(ctx))
 	}, nil
+}
+
+// carried returns the lock ctx carries for domain when this Manager
+// took it and holds it still.
+func (l *lockTable) carried(ctx context.Context, domain string) metastore.Lock {
+	lk := metastore.HeldLock(ctx, domain)
+	if lk == nil {
+		return nil
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.held[domain] != lk {
+		return nil
+	}
+	return lk
+}
+
+// holding returns the lock this Manager holds on domain, or nil.
+func (l *lockTable) holding(domain string) metastore.Lock {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.held[domain]
+}
+
+// Lock takes a domain's lock for a whole call of several operations
+// (the driver's: a sync, then a snapshot, then a rewrite of the
+// definition), waiting as long as ctx lets: every storage call made with
+// the returned context takes it no second time. The function releases
+// it. Errors: ErrBusy from the store, or ctx's error when it ends while
+// waiting.
+func (m *Manager) Lock(ctx context.Context, domain string) (context.Context, func(), error) {
+	if err := ValidName("domain", domain); err != nil {
+		return nil, nil, err
+	}
+	if m.locks.carried(ctx, domain) != nil {
+		return ctx, func() {}, nil
+	}
+	unlock, err := m.locks.lock(ctx, domain, true)
+	if err != nil {
+		return nil, nil, err
+	}
+	return metastore.WithLock(ctx, m.locks.holding(domain)), unlock, nil
 }

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -93,5 +94,38 @@ func BenchmarkUpdate(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// writes20 is the unit the issue measures: 20 small write transactions,
+// each putting one intent (one fsync each).
+func writes20(b *testing.B, store metastore.Store, who int) {
+	ctx := context.Background()
+	for i := range 20 {
+		in := &metastore.Intent{ID: fmt.Sprintf("w%d-%02d", who, i), Domain: "vm", Op: "snapshot"}
+		if err := store.Update(ctx, func(tx metastore.Tx) error { return tx.PutIntent(in) }); err != nil {
+			b.Error(err)
+			return
+		}
+	}
+}
+
+// BenchmarkWrites20: 20 write transactions in a row.
+func BenchmarkWrites20(b *testing.B) {
+	store := benchStore(b, 10)
+	for b.Loop() {
+		writes20(b, store, 0)
+	}
+}
+
+// BenchmarkWrites4x20: 4 goroutines writing 20 transactions each.
+func BenchmarkWrites4x20(b *testing.B) {
+	store := benchStore(b, 10)
+	for b.Loop() {
+		var wg sync.WaitGroup
+		for g := range 4 {
+			wg.Go(func() { writes20(b, store, g) })
+		}
+		wg.Wait()
 	}
 }
