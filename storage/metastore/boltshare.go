@@ -81,8 +81,8 @@ func (b *Bolt) eventsPath() string { return b.f.path + ".events" }
 
 // Publish appends evs to the events file.
 func (b *Bolt) Publish(ctx context.Context, evs ...Event) error {
-	if len(evs) == 0 {
-		return nil
+	if err := ctx.Err(); err != nil || len(evs) == 0 {
+		return err
 	}
 	var buf []byte
 	for _, ev := range evs {
@@ -116,6 +116,9 @@ func (b *Bolt) Publish(ctx context.Context, evs ...Event) error {
 
 // Watch tails the events file from its present end.
 func (b *Bolt) Watch(ctx context.Context) (<-chan Event, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	path := b.eventsPath()
 	f, err := os.OpenFile(path, os.O_RDONLY|os.O_CREATE, 0o600)
 	if err != nil {
