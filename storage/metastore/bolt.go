@@ -122,7 +122,7 @@ func (b *Bolt) Update(ctx context.Context, fn func(Tx) error) error {
 // Lock takes the domain's lock: the process's own slot, then the lock
 // file locks/DOMAIN.lock beside the database for other processes.
 func (b *Bolt) Lock(ctx context.Context, domain string, wait bool) (Lock, error) {
-	release, err := b.f.locks.lock(ctx, domain, wait)
+	release, err := b.f.locks.Take(ctx, domain, wait)
 	if err != nil {
 		return nil, err
 	}
@@ -155,7 +155,7 @@ var (
 type boltFile struct {
 	path   string
 	shares int // open Bolt values; guarded by filesMu
-	locks  *lockTable
+	locks  *Slots
 
 	mu      sync.Mutex
 	db      *bolt.DB
@@ -177,7 +177,7 @@ func shareFile(path string) (*boltFile, error) {
 	defer filesMu.Unlock()
 	f := files[abs]
 	if f == nil {
-		f = &boltFile{path: path, locks: newLockTable()}
+		f = &boltFile{path: path, locks: NewSlots()}
 		files[abs] = f
 	}
 	f.shares++

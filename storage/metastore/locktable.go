@@ -8,21 +8,22 @@ import (
 	"github.com/xlsnap/xlsnap/errdefs"
 )
 
-// lockTable serialises one process's holders of a domain's lock: a
-// channel per domain, so a wait honours its context. Each store puts its
+// Slots serialises one process's holders of a domain's lock: a channel
+// per domain, so a wait honours its context. Each store puts its
 // cross-process lock (a lock file, an etcd mutex) behind it.
-type lockTable struct {
+type Slots struct {
 	mu  sync.Mutex
 	sem map[string]chan struct{}
 }
 
-func newLockTable() *lockTable { return &lockTable{sem: map[string]chan struct{}{}} }
+// NewSlots returns an empty table.
+func NewSlots() *Slots { return &Slots{sem: map[string]chan struct{}{}} }
 
-// lock takes domain's slot; with wait false it fails with ErrBusy at
-// once. A wait that ctx ends fails with ctx's error, not ErrBusy: the
-// caller gave up, and one that retries on busy must not retry a
-// cancelled call.
-func (l *lockTable) lock(ctx context.Context, domain string, wait bool) (func(), error) {
+// Take takes domain's slot and returns its release; with wait false it
+// fails with ErrBusy at once. A wait that ctx ends fails with ctx's
+// error, not ErrBusy: the caller gave up, and one that retries on busy
+// must not retry a cancelled call.
+func (l *Slots) Take(ctx context.Context, domain string, wait bool) (func(), error) {
 	l.mu.Lock()
 	ch, ok := l.sem[domain]
 	if !ok {
