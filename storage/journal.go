@@ -193,6 +193,13 @@ func (m *Manager) commit(ctx context.Context, in *intent) error {
 	if before != nil {
 		m.publishChanges(before, c.Domain, in.Op, opSnapshot(in.Op, c))
 	}
+	if !m.mine(in.Domain) {
+		// Another host's operation, finished here: its definition step,
+		// and the cleanup that must follow it, are for the host that
+		// serves the domain (its next call, or its Open, finds the
+		// intent committed).
+		return backupErr
+	}
 	return errors.Join(m.cleanup(ctx, in), backupErr)
 }
 
@@ -228,7 +235,7 @@ func (m *Manager) Recover(ctx context.Context) error {
 		if in.Live && !in.Committed || in.Guest != nil {
 			continue // needs the device model (RecoverLive) or the hypervisor (the driver)
 		}
-		if !m.mine(in.Domain) {
+		if !m.mine(in.Domain) && !m.adoptable(in) {
 			continue // another source's: its images, its definition
 		}
 		unlock, err := m.locks.lock(ctx, in.Domain, false)
@@ -238,12 +245,39 @@ func (m *Manager) Recover(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
+		if m.shared && in.Owner != "" && in.Owner != m.host {
+			select {
+			case <-time.After(m.adoptAfter):
+			case <-ctx.Done():
+				unlock()
+				return ctx.Err()
+			}
+		}
 		if err := m.recoverIntent(ctx, in, nil); err != nil {
 			errs = multierror.Append(errs, intentErr(in, err))
 		}
 		unlock()
 	}
 	return errs
+}
+
+// adoptable reports whether this Manager may finish or undo the disk
+// and metadata steps of another source's intent: one another host wrote
+// on a shared store, not yet committed, every image of whose steps is in
+// this Manager's pools. Recover takes its domain's lock first, which it
+// gets only once that host's lock (its lease) is gone.
+func (m *Manager) adoptable(in *intent) bool {
+	if !m.shared || in.Committed || in.Owner == "" || in.Owner == m.host {
+		return false
+	}
+	for _, st := range in.Steps {
+		for _, p := range []string{st.Path, st.Source} {
+			if _, err := m.poolOf(p); p != "" && err != nil {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 func (m *Manager) recoverIntent(ctx context.Context, in *intent, live Live) error {

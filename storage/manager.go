@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/xlsnap/xlsnap/chain"
 	"github.com/xlsnap/xlsnap/storage/metastore"
@@ -52,6 +53,11 @@ type Config struct {
 	// Host names this host to the other hosts of a shared store (intents
 	// and published image users carry it); "" is the system's host name.
 	Host string
+	// AdoptAfter is how long recovery waits, once it holds the lock of a
+	// domain another host's operation left pending, before it touches
+	// the disks: that host, cut off, may take this long to see its lease
+	// gone and stop its step (0 is 2 s).
+	AdoptAfter time.Duration
 }
 
 // Manager owns the chains and snapshot metadata of every domain in its
@@ -71,6 +77,11 @@ type Manager struct {
 	// host is this host's name; origin this Manager's own id, which its
 	// events carry so that it skips them when they come back.
 	host, origin string
+	adoptAfter   time.Duration
+	// shared: the store is shared with other hosts (not metastore.Local):
+	// this host publishes the images its definitions use, reads the
+	// others', and may finish another host's operations.
+	shared bool
 }
 
 type pool struct {
@@ -84,7 +95,10 @@ func Open(ctx context.Context, cfg Config) (*Manager, error) {
 	if cfg.StateDir == "" {
 		return nil, fmt.Errorf("%w: no state folder", ErrInvalidArg)
 	}
-	m := &Manager{stateDir: cfg.StateDir, store: cfg.Store, defs: cfg.Definitions, host: cfg.Host, origin: newOrigin()}
+	m := &Manager{stateDir: cfg.StateDir, store: cfg.Store, defs: cfg.Definitions, host: cfg.Host, origin: newOrigin(), adoptAfter: cfg.AdoptAfter}
+	if m.adoptAfter <= 0 {
+		m.adoptAfter = 2 * time.Second
+	}
 	if m.host == "" {
 		m.host, _ = os.Hostname()
 	}
@@ -99,6 +113,9 @@ func Open(ctx context.Context, cfg Config) (*Manager, error) {
 		m.store = s
 	}
 	m.locks = newLockTable(m.store)
+	if l, ok := m.store.(metastore.Local); !ok || !l.Local() {
+		m.shared = true
+	}
 	m.events = newBroker(m.store, m.origin, m.host)
 	for _, pc := range cfg.Pools {
 		b, err := openBackend(pc)
@@ -107,6 +124,11 @@ func Open(ctx context.Context, cfg Config) (*Manager, error) {
 			return nil, err
 		}
 		m.pools = append(m.pools, &pool{PoolConfig: pc, backend: b})
+	}
+	// Other hosts see this one's users of their images from now on.
+	if err := m.publishUses(ctx); err != nil {
+		m.store.Close()
+		return nil, err
 	}
 	// An operation recovery cannot finish yet stays in the journal: its
 	// domain's next operation says so (ErrPending), reads go on, Check

@@ -138,6 +138,9 @@ func (b *Bolt) Lock(ctx context.Context, domain string, wait bool) (Lock, error)
 		release: func(context.Context) error { unlockFile(); release(); return nil }}, nil
 }
 
+// Local: a bbolt file is one host's.
+func (b *Bolt) Local() bool { return true }
+
 // Close lets go of the file: the last Close in the process closes it.
 func (b *Bolt) Close() error {
 	var err error

@@ -61,6 +61,11 @@ type Store interface {
 	Close() error
 }
 
+// Local is the optional ability of a store only one host uses (Bolt):
+// every definition it serves is that host's, so no image-user index need
+// be kept, and no other host's operation is ever found in its journal.
+type Local interface{ Local() bool }
+
 // Lock is a held domain lock.
 type Lock interface {
 	Domain() string
