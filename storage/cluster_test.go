@@ -18,6 +18,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/storage/backend/dir"
 	"github.com/xlsnap/xlsnap/storage/metastore"
@@ -405,4 +406,70 @@ func TestClusterHelperHost(t *testing.T) {
 	}
 	_, err = m.DeleteSnapshot(ctx, "a", "s1", storage.DeleteOptions{})
 	t.Fatalf("the delete returned (%v) before the test killed this host", err)
+}
+
+// TestClusterMemberKilled: one member of three is killed while a host
+// runs the disk workers; the cluster keeps quorum, so every operation
+// completes (its client fails over) or fails typed (ErrUnavailable),
+// and the disks and records end as the operations that completed leave
+// them. The member then comes back.
+func TestClusterMemberKilled(t *testing.T) {
+	c := etcdtest.Start(t, 3)
+	pool, prefix := sharedPool(t), newPrefix()
+	h1 := clusterHost(t, c, prefix, "h1", pool, nil)
+	h1.NewDomain("vm", "vda", "vdb")
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		time.Sleep(150 * time.Millisecond)
+		c.Kill(0)
+	}()
+	for i, err := range concRun(2, func(i int) error {
+		return concDiskWorker(h1.Ctx, h1.M, "vm", []string{"vda", "vdb"}[i], i+1, 3)
+	}) {
+		if err != nil && !errors.Is(err, metastore.ErrUnavailable) {
+			t.Errorf("worker %d with a member killed: %v, want success or ErrUnavailable", i, err)
+		}
+		if err != nil {
+			t.Logf("worker %d: %v", i, err)
+		}
+	}
+	<-done
+	c.Restart()
+	if err := h1.M.Recover(h1.Ctx); err != nil {
+		t.Fatal(err)
+	}
+	h1.CheckClean("vm")
+}
+
+// TestClusterUnreachable: with no member answering, an operation fails
+// typed (ErrUnavailable, libvirt's 9) within the request timeout, before
+// any disk is touched (its intent could not be written); once the
+// cluster is back, the same operation succeeds and Check is clean.
+func TestClusterUnreachable(t *testing.T) {
+	c := etcdtest.Start(t, 3)
+	pool, prefix := sharedPool(t), newPrefix()
+	h1 := clusterHost(t, c, prefix, "h1", pool, nil)
+	h1.NewDomain("vm", "vda")
+	files := h1.PoolFiles()
+	c.Stop()
+	start := time.Now()
+	_, err := h1.M.CreateSnapshot(h1.Ctx, "vm", storage.SnapshotSpec{Name: "s1",
+		Disks: []storage.SnapshotDiskSpec{{Target: "vda", Mode: storage.DiskExternal}}})
+	if !errors.Is(err, metastore.ErrUnavailable) || errdefs.CodeOf(err) != errdefs.CodeOperationFailed {
+		t.Fatalf("a create with no member: %v (code %d), want ErrUnavailable", err, errdefs.CodeOf(err))
+	}
+	if d := time.Since(start); d > 20*time.Second {
+		t.Errorf("the create took %v to fail", d)
+	}
+	if got := h1.PoolFiles(); !slices.Equal(got, files) {
+		t.Fatalf("a failed create changed the pool: %v -> %v", files, got)
+	}
+	c.Restart()
+	if _, err := h1.M.CreateSnapshot(h1.Ctx, "vm", storage.SnapshotSpec{Name: "s1",
+		Disks: []storage.SnapshotDiskSpec{{Target: "vda", Mode: storage.DiskExternal}}}); err != nil {
+		t.Fatalf("the create once the cluster is back: %v", err)
+	}
+	h1.ExpectChain("vm", "vda", "vm-vda.s1", "vm-vda.qcow2")
+	h1.CheckClean("vm")
 }

@@ -170,18 +170,22 @@ func (c *Cluster) Kill(i int) {
 	m.cmd = nil
 }
 
-// Restart starts member i again on its data and waits until the cluster
-// answers through it.
-func (c *Cluster) Restart(i int) {
+// Restart starts every member Kill or Stop stopped again on its data,
+// and waits until the cluster answers through each.
+func (c *Cluster) Restart() {
 	c.tb.Helper()
-	m := c.members[i]
-	for j, a := range m.args {
-		if a == "new" {
-			m.args[j] = "existing"
+	for i, m := range c.members {
+		if m.cmd != nil {
+			continue
 		}
-	}
-	if err := c.run(i); err != nil {
-		c.tb.Fatal(err)
+		for j, a := range m.args {
+			if a == "new" {
+				m.args[j] = "existing"
+			}
+		}
+		if err := c.run(i); err != nil {
+			c.tb.Fatal(err)
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
