@@ -12,6 +12,7 @@ import (
 
 	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/storage/backend/dir"
+	"github.com/xlsnap/xlsnap/storage/metastore"
 	"github.com/xlsnap/xlsnap/xenlight"
 )
 
@@ -26,6 +27,14 @@ type Config struct {
 	// Hypervisor drives active domains; nil means every domain is treated
 	// as the source reports it and active ones are refused.
 	Hypervisor xenlight.Hypervisor
+	// Store is the metadata store: nil is the embedded bbolt file in
+	// StateDir (one host); a cluster store (etcdstore) shares records,
+	// locks, image users and events with the other hosts of a shared
+	// pool. The driver closes it.
+	Store metastore.Store
+	// Host names this host to the others of a cluster store; "" is the
+	// system's host name.
+	Host string
 }
 
 // Driver is libvirt's domain snapshot API over xlsnap's storage layer.
@@ -101,19 +110,25 @@ func (d *Driver) lockCall(ctx context.Context, domain string) (context.Context, 
 // written (VIR_ERR_INTERNAL_ERROR, 1, as nothing of errdefs describes it).
 func Open(ctx context.Context, cfg Config) (*Driver, error) {
 	if cfg.Source == nil {
+		if cfg.Store != nil {
+			cfg.Store.Close()
+		}
 		return nil, invalidf("no domain source")
 	}
 	pools := cfg.Pools
 	if len(pools) == 0 {
 		var err error
 		if pools, err = diskFolders(ctx, cfg.Source); err != nil {
+			if cfg.Store != nil {
+				cfg.Store.Close()
+			}
 			return nil, err
 		}
 	}
 	// Backends are registered by their consumer, explicitly.
 	storage.Register("dir", dir.New)
 	defs := definitions{src: cfg.Source}
-	sc := storage.Config{StateDir: cfg.StateDir, Definitions: defs, Source: cfg.Source.URI()}
+	sc := storage.Config{StateDir: cfg.StateDir, Definitions: defs, Source: cfg.Source.URI(), Store: cfg.Store, Host: cfg.Host}
 	for i, p := range pools {
 		sc.Pools = append(sc.Pools, storage.PoolConfig{Name: fmt.Sprintf("pool%d", i), Type: "dir", Path: p})
 	}

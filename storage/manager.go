@@ -40,6 +40,7 @@ type Config struct {
 	StateDir string
 	Pools    []PoolConfig
 	// Store replaces the embedded bbolt store (a cluster store, say).
+	// The Manager closes it, also when Open fails.
 	Store metastore.Store
 	// Definitions is the domain source's side: every definition's disks,
 	// and the definition step of each operation. Nil means storage is
@@ -93,6 +94,9 @@ type pool struct {
 // operation a crash left in the journal before it serves any call.
 func Open(ctx context.Context, cfg Config) (*Manager, error) {
 	if cfg.StateDir == "" {
+		if cfg.Store != nil {
+			cfg.Store.Close()
+		}
 		return nil, fmt.Errorf("%w: no state folder", ErrInvalidArg)
 	}
 	m := &Manager{stateDir: cfg.StateDir, store: cfg.Store, defs: cfg.Definitions, host: cfg.Host, origin: newOrigin(), adoptAfter: cfg.AdoptAfter}

@@ -28,6 +28,7 @@ type globals struct {
 	stateDir string
 	pools    []string
 	json     bool
+	meta     metadataOptions
 }
 
 func (g *globals) register(root *cobra.Command) {
@@ -37,6 +38,7 @@ func (g *globals) register(root *cobra.Command) {
 	f.StringVar(&g.stateDir, "state-dir", defaultStateDir(), "folder of xlsnap's metadata and locks")
 	f.StringArrayVar(&g.pools, "pool", nil, "folder images may live in (repeatable; default: the folders of the domains' disks)")
 	f.BoolVar(&g.json, "json", false, "print data as JSON")
+	g.registerMetadata(f)
 }
 
 // defaultStateDir follows the XDG base directory rules.
@@ -91,7 +93,12 @@ func (g *globals) open(ctx context.Context) (*driver.Driver, func(), error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	d, err := driver.Open(ctx, driver.Config{StateDir: g.stateDir, Source: src, Pools: g.pools, Hypervisor: h})
+	store, err := g.openStore(ctx)
+	if err != nil {
+		closeSrc()
+		return nil, nil, err
+	}
+	d, err := driver.Open(ctx, driver.Config{StateDir: g.stateDir, Source: src, Pools: g.pools, Hypervisor: h, Store: store, Host: g.meta.host})
 	if err != nil {
 		closeSrc()
 		if errors.Is(err, driver.ErrDamaged) {

@@ -73,6 +73,7 @@ func newRoot() (*cobra.Command, *app) {
 	root.AddCommand(a.snapshotCommands()...)
 	root.AddCommand(a.domblklistCmd(), a.checkCmd(), a.rescanCmd())
 	root.AddCommand(a.serveCmd())
+	root.AddCommand(a.eventsCmd())
 	for _, c := range root.Commands() {
 		c.SetUsageTemplate(c.UsageTemplate() + "\n" + exitCodesHelp)
 	}

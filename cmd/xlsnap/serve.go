@@ -49,7 +49,11 @@ Logs go to stderr; SIGINT or SIGTERM stops it.`,
 				return err
 			}
 			defer closeSrc()
-			d, err := driver.Open(ctx, driver.Config{StateDir: a.stateDir, Source: src, Pools: a.pools, Hypervisor: h})
+			store, err := a.openStore(ctx)
+			if err != nil {
+				return err
+			}
+			d, err := driver.Open(ctx, driver.Config{StateDir: a.stateDir, Source: src, Pools: a.pools, Hypervisor: h, Store: store, Host: a.meta.host})
 			if err != nil {
 				return err
 			}

@@ -61,6 +61,7 @@ type Store struct {
 	// ctx lives as long as the store: sessions' keepalives run on it.
 	ctx    context.Context
 	cancel context.CancelFunc
+	closed sync.Once
 
 	mu   sync.Mutex
 	sess *session
@@ -110,8 +111,15 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	return s, nil
 }
 
-// Close releases the locks this store holds and disconnects.
+// Close releases the locks this store holds and disconnects. Closing
+// again does nothing.
 func (s *Store) Close() error {
+	var err error
+	s.closed.Do(func() { err = s.close() })
+	return err
+}
+
+func (s *Store) close() error {
 	s.mu.Lock()
 	var held []*lock
 	for _, l := range s.held {
