@@ -40,7 +40,7 @@ func (a *app) eventsCmd() *cobra.Command {
 		Long: `Wait for a disk's chain to change, as virsh event waits for domain events:
 by a snapshot taken, reverted to or deleted, or a chain rescanned, made by any
 process using the same metadata: every process of this --state-dir, or, with
---metadata etcd://..., every host of the cluster. Without --loop it returns
+--metadata-store etcd://..., every host of the cluster. Without --loop it returns
 after the first event; --timeout stops waiting after SECONDS. It ends with
 "events received: N" (not under --json, which prints one object a line).`,
 		Args: cobra.NoArgs,

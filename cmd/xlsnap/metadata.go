@@ -18,7 +18,7 @@ import (
 )
 
 // metadataOptions say where the metadata lives: the embedded bbolt file
-// in --state-dir (the default), or a cluster's etcd (--metadata), for
+// in --state-dir (the default), or a cluster's etcd (--metadata-store), for
 // hosts that share pools.
 type metadataOptions struct {
 	flags                        *pflag.FlagSet
@@ -28,14 +28,16 @@ type metadataOptions struct {
 }
 
 // metadataKeys are the options a config file may set, by flag name.
-var metadataKeys = []string{"metadata", "metadata-cacert", "metadata-cert", "metadata-key", "metadata-host", "metadata-lease"}
+var metadataKeys = []string{"metadata-store", "metadata-cacert", "metadata-cert", "metadata-key", "metadata-host", "metadata-lease"}
 
 func (g *globals) registerMetadata(f *pflag.FlagSet) {
 	o := &g.meta
 	o.flags = f
 	f.StringVar(&o.config, "config", os.Getenv("XLSNAP_CONFIG"),
 		"file of \"option = value\" lines for the --metadata options (flags win over it)")
-	f.StringVar(&o.url, "metadata", "",
+	// Not --metadata: snapshot-delete and snapshot-list have virsh's
+	// --metadata, which a global option of that name would shadow.
+	f.StringVar(&o.url, "metadata-store", "",
 		"metadata store: etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (etcds:// for TLS) for hosts sharing pools; default the bbolt file in --state-dir")
 	f.StringVar(&o.cacert, "metadata-cacert", "", "CA certificate (PEM) the etcd members' certificates are checked against")
 	f.StringVar(&o.cert, "metadata-cert", "", "client certificate (PEM) for etcd")
@@ -62,7 +64,7 @@ func (g *globals) openStore(ctx context.Context) (metastore.Store, error) {
 	}
 	if o.url == "" {
 		if o.cacert != "" || o.cert != "" || o.key != "" {
-			return nil, usagef("--metadata-cacert, --metadata-cert and --metadata-key need --metadata etcd://...")
+			return nil, usagef("--metadata-cacert, --metadata-cert and --metadata-key need --metadata-store etcd://...")
 		}
 		return nil, nil
 	}
@@ -149,7 +151,7 @@ func isMetadataKey(k string) bool {
 // endpoint https.
 func parseMetadataURL(s string, withTLS bool) (etcdConfig, error) {
 	bad := func(why string) (etcdConfig, error) {
-		return etcdConfig{}, usagef("--metadata %q: %s (want etcd://HOST:PORT[,HOST:PORT...][/PREFIX])", s, why)
+		return etcdConfig{}, usagef("--metadata-store %q: %s (want etcd://HOST:PORT[,HOST:PORT...][/PREFIX])", s, why)
 	}
 	scheme, rest, ok := strings.Cut(s, "://")
 	switch {

@@ -33,6 +33,6 @@ func openEtcd(_ context.Context, cfg etcdConfig) (metastore.Store, error) {
 }
 
 func etcdCompanionErr(path string, err error) error {
-	return fmt.Errorf("%w: --metadata etcd:// needs the etcd client; this xlsnap is built without it, and its companion %s cannot run: %v (make build and make install put it beside xlsnap)",
+	return fmt.Errorf("%w: --metadata-store etcd:// needs the etcd client; this xlsnap is built without it, and its companion %s cannot run: %v (make build and make install put it beside xlsnap)",
 		driver.ErrUnsupported, path, err)
 }
