@@ -40,6 +40,12 @@ type broker struct {
 	closed bool
 	// unwatch ends the store watch, running while subs is not empty.
 	unwatch context.CancelFunc
+	// outbox holds events for the store, which forward publishes in
+	// order, all that wait in one call, off the operation's path; wake
+	// tells it there are some, flushed is closed when it has ended.
+	outbox  []metastore.Event
+	wake    chan struct{}
+	flushed chan struct{}
 }
 
 type subscriber struct {
@@ -49,7 +55,32 @@ type subscriber struct {
 }
 
 func newBroker(store metastore.Store, origin, host string) *broker {
-	return &broker{store: store, origin: origin, host: host, subs: map[*subscriber]bool{}}
+	b := &broker{store: store, origin: origin, host: host, subs: map[*subscriber]bool{},
+		wake: make(chan struct{}, 1), flushed: make(chan struct{})}
+	go b.forward()
+	return b
+}
+
+// forward publishes the outbox to the store until close, then what is
+// left. A publication that fails is dropped: an event another process
+// misses is no failure of the operation that made it.
+func (b *broker) forward() {
+	defer close(b.flushed)
+	for {
+		_, open := <-b.wake
+		b.mu.Lock()
+		evs := b.outbox
+		b.outbox = nil
+		b.mu.Unlock()
+		if len(evs) > 0 {
+			ctx, cancel := context.WithTimeout(context.Background(), publishTimeout)
+			_ = b.store.Publish(ctx, evs...)
+			cancel()
+		}
+		if !open {
+			return
+		}
+	}
 }
 
 // newOrigin is a Manager's own id in the events it publishes.
@@ -127,17 +158,24 @@ func (s *subscriber) run() {
 	s.queue.Drain(context.Background(), s.out, s.done)
 }
 
-// publishTimeout bounds the store's part of a publication: an event
-// another process misses is no failure of the operation that made it.
+// publishTimeout bounds one publication to the store.
 const publishTimeout = 5 * time.Second
 
-// publish tells this Manager's subscribers, then the store.
+// publish tells this Manager's subscribers, and queues the event for
+// the store.
 func (b *broker) publish(ev ChainChanged) {
 	b.local(ev)
-	ctx, cancel := context.WithTimeout(context.Background(), publishTimeout)
-	defer cancel()
-	_ = b.store.Publish(ctx, metastore.Event{Origin: b.origin, Host: b.host, Domain: ev.Domain, Disk: ev.Disk,
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return
+	}
+	b.outbox = append(b.outbox, metastore.Event{Origin: b.origin, Host: b.host, Domain: ev.Domain, Disk: ev.Disk,
 		Before: ev.Before, After: ev.After, Reason: ev.Reason, Snapshot: ev.Snapshot})
+	select {
+	case b.wake <- struct{}{}:
+	default:
+	}
 }
 
 func (b *broker) local(ev ChainChanged) {
@@ -148,9 +186,16 @@ func (b *broker) local(ev ChainChanged) {
 	}
 }
 
+// close ends every subscription and, once the events still queued for
+// the store are published, returns: a process that exits after its
+// operation still tells the others.
 func (b *broker) close() {
+	defer func() { <-b.flushed }()
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if !b.closed {
+		close(b.wake)
+	}
 	b.closed = true
 	if b.unwatch != nil {
 		b.unwatch()

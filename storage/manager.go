@@ -141,6 +141,10 @@ func Open(ctx context.Context, cfg Config) (*Manager, error) {
 	return m, nil
 }
 
+// Store is the metadata store under the Manager, for tools and tests
+// that read or write its records directly.
+func (m *Manager) Store() metastore.Store { return m.store }
+
 // Close releases the store.
 func (m *Manager) Close() error {
 	m.events.close()
