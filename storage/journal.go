@@ -207,6 +207,9 @@ func (m *Manager) commit(ctx context.Context, in *intent) error {
 // nothing needs any more: no image the old definition named is removed
 // before the new one is durable.
 func (m *Manager) cleanup(ctx context.Context, in *intent) error {
+	if !in.Committed {
+		return nil // nothing was left to do: commit ended the intent
+	}
 	if def := in.Definition; def != nil && m.defs != nil {
 		crashpoint.Hit(in.Op + "/definition")
 		if err := m.defs.Redefine(ctx, in.Domain, def.Name, def.Base, def.Disks); err != nil {

@@ -63,6 +63,10 @@ type Store struct {
 	cancel context.CancelFunc
 	closed sync.Once
 
+	// intentDomain maps the id of each intent this store wrote to its
+	// domain.
+	intentDomain sync.Map
+
 	mu   sync.Mutex
 	sess *session
 	held map[string]*lock // the domain locks this store holds, by domain
@@ -453,10 +457,18 @@ func (t *tx) Intents() ([]*metastore.Intent, error) {
 
 func (t *tx) PutIntent(in *metastore.Intent) error {
 	t.intentDomains = append(t.intentDomains, in.Domain)
+	t.s.intentDomain.Store(in.ID, in.Domain)
 	return t.put(t.s.intentKey(in.ID), in)
 }
 
+// DeleteIntent deletes the intent; its domain, which fences the write,
+// is known without a read when this store wrote it.
 func (t *tx) DeleteIntent(id string) error {
+	if d, ok := t.s.intentDomain.Load(id); ok {
+		t.intentDomains = append(t.intentDomains, d.(string))
+		t.set(t.s.intentKey(id), nil)
+		return nil
+	}
 	v, err := t.get(t.s.intentKey(id))
 	if err != nil || v[0] == nil {
 		return err
@@ -509,6 +521,11 @@ func (t *tx) commit() error {
 	}
 	if !resp.Succeeded {
 		return fmt.Errorf("writing metadata: %w", metastore.ErrLockLost)
+	}
+	for _, k := range t.order {
+		if id, ok := strings.CutPrefix(k, t.s.prefix+"intents/"); ok && t.writes[k] == nil {
+			t.s.intentDomain.Delete(id)
+		}
 	}
 	return nil
 }
