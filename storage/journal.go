@@ -255,6 +255,15 @@ func (m *Manager) Recover(ctx context.Context) error {
 				unlock()
 				return ctx.Err()
 			}
+			// Read it again under the lock: its host may have moved it
+			// on, or ended it, between the listing and its death.
+			if in, err = m.intent(ctx, in.Domain, in.ID); in == nil || err != nil {
+				unlock()
+				if err != nil {
+					errs = multierror.Append(errs, err)
+				}
+				continue
+			}
 		}
 		if err := m.recoverIntent(ctx, in, nil); err != nil {
 			errs = multierror.Append(errs, intentErr(in, err))
@@ -392,6 +401,17 @@ func (m *Manager) intents(ctx context.Context, domain string) ([]*intent, error)
 		return err
 	})
 	return out, err
+}
+
+// intent reads one intent of domain again, nil when it is gone.
+func (m *Manager) intent(ctx context.Context, domain, id string) (*intent, error) {
+	list, err := m.intents(ctx, domain)
+	for _, in := range list {
+		if in.ID == id {
+			return in, err
+		}
+	}
+	return nil, err
 }
 
 func intentErr(in *intent, err error) error {

@@ -129,11 +129,9 @@ func Open(ctx context.Context, cfg Config) (*Manager, error) {
 		}
 		m.pools = append(m.pools, &pool{PoolConfig: pc, backend: b})
 	}
-	// Other hosts see this one's users of their images from now on.
-	if err := m.publishUses(ctx); err != nil {
-		m.store.Close()
-		return nil, err
-	}
+	// Other hosts see this one's users of their images from now on; a
+	// definition that cannot be read now stops the next scan instead.
+	_ = m.publishUses(ctx)
 	// An operation recovery cannot finish yet stays in the journal: its
 	// domain's next operation says so (ErrPending), reads go on, Check
 	// lists it and Repair sets it aside. It never stops the whole store.
