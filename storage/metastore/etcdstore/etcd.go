@@ -221,6 +221,17 @@ type tx struct {
 	order  []string
 	// intentDomains names the domain of each intent written or deleted.
 	intentDomains []string
+	// read holds what was read at rev, by key (nil: no such key): the
+	// revision does not change, so neither does it.
+	read map[string][]byte
+}
+
+// remember keeps a value read at the transaction's revision.
+func (t *tx) remember(key string, v []byte) {
+	if t.read == nil {
+		t.read = map[string][]byte{}
+	}
+	t.read[key] = v
 }
 
 func (t *tx) opts(o ...clientv3.OpOption) []clientv3.OpOption {
@@ -243,6 +254,10 @@ func (t *tx) get(keys ...string) ([][]byte, error) {
 			}
 			continue
 		}
+		if v, ok := t.read[k]; ok {
+			out[i] = v
+			continue
+		}
 		ops = append(ops, clientv3.OpGet(k, t.opts()...))
 		idx = append(idx, i)
 	}
@@ -262,6 +277,7 @@ func (t *tx) get(keys ...string) ([][]byte, error) {
 		if kvs := r.GetResponseRange().Kvs; len(kvs) > 0 {
 			out[idx[j]] = kvs[0].Value
 		}
+		t.remember(keys[idx[j]], out[idx[j]])
 	}
 	return out, nil
 }
@@ -285,6 +301,9 @@ func (t *tx) list(prefix string, keysOnly bool) ([]string, [][]byte, error) {
 	m := map[string][]byte{}
 	for _, kv := range resp.Kvs {
 		m[string(kv.Key)] = kv.Value
+		if !keysOnly {
+			t.remember(string(kv.Key), kv.Value)
+		}
 	}
 	for k, v := range t.writes {
 		if !strings.HasPrefix(k, prefix) {
@@ -332,8 +351,11 @@ func (t *tx) decodeErr(what string, err error) error {
 	return fmt.Errorf("%w: etcd %s: %s: decode: %w", metastore.ErrDamaged, t.s.prefix, what, err)
 }
 
+// DomainNames lists the domain records with their values: a caller
+// that lists them reads them next (every record, for an image's users),
+// and then finds them read.
 func (t *tx) DomainNames() ([]string, error) {
-	keys, _, err := t.list(t.s.prefix+"domains/", true)
+	keys, _, err := t.list(t.s.prefix+"domains/", false)
 	var out []string
 	for _, k := range keys {
 		out = append(out, strings.TrimPrefix(k, t.s.prefix+"domains/"))
