@@ -20,6 +20,7 @@ import (
 	"sync"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
@@ -152,11 +153,41 @@ func (s *Store) req(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(ctx, s.reqTO)
 }
 
+// transient reports an error the cluster gives while it changes leader
+// or lacks one: the request may be made again.
+func transient(err error) bool {
+	var ee rpctypes.EtcdError
+	if errors.As(err, &ee) {
+		return ee.Code() == codes.Unavailable
+	}
+	return status.Code(err) == codes.Unavailable
+}
+
+// retry makes a request again while the cluster answers that it is
+// between leaders (a member died, say), until rctx ends. Every request
+// of this store may run twice: reads, and writes of whole values.
+func retry(rctx context.Context, fn func() error) error {
+	for d := 20 * time.Millisecond; ; d = min(2*d, 200*time.Millisecond) {
+		err := fn()
+		if err == nil || !transient(err) {
+			return err
+		}
+		select {
+		case <-rctx.Done():
+			return err
+		case <-time.After(d):
+		}
+	}
+}
+
 // fail types a request's error: the caller's context's own when it
 // ended; ErrUnavailable when no member answered in time or at all.
 func (s *Store) fail(ctx context.Context, what string, err error) error {
 	if ctx.Err() != nil {
 		return fmt.Errorf("%s: %w", what, ctx.Err())
+	}
+	if transient(err) {
+		return fmt.Errorf("%w: %s: %w", metastore.ErrUnavailable, what, err)
 	}
 	switch status.Code(err) {
 	case codes.Unavailable, codes.DeadlineExceeded, codes.Canceled:
@@ -266,7 +297,8 @@ func (t *tx) get(keys ...string) ([][]byte, error) {
 	}
 	rctx, cancel := t.s.req(t.ctx)
 	defer cancel()
-	resp, err := t.s.cli.Txn(rctx).Then(ops...).Commit()
+	var resp *clientv3.TxnResponse
+	err := retry(rctx, func() (err error) { resp, err = t.s.cli.Txn(rctx).Then(ops...).Commit(); return err })
 	if err != nil {
 		return nil, t.s.fail(t.ctx, "reading metadata", err)
 	}
@@ -291,7 +323,8 @@ func (t *tx) list(prefix string, keysOnly bool) ([]string, [][]byte, error) {
 	}
 	rctx, cancel := t.s.req(t.ctx)
 	defer cancel()
-	resp, err := t.s.cli.Get(rctx, prefix, t.opts(o...)...)
+	var resp *clientv3.GetResponse
+	err := retry(rctx, func() (err error) { resp, err = t.s.cli.Get(rctx, prefix, t.opts(o...)...); return err })
 	if err != nil {
 		return nil, nil, t.s.fail(t.ctx, "listing metadata", err)
 	}
@@ -537,7 +570,8 @@ func (t *tx) commit() error {
 	}
 	rctx, cancel := t.s.req(t.ctx)
 	defer cancel()
-	resp, err := t.s.cli.Txn(rctx).If(fences...).Then(ops...).Commit()
+	var resp *clientv3.TxnResponse
+	err := retry(rctx, func() (err error) { resp, err = t.s.cli.Txn(rctx).If(fences...).Then(ops...).Commit(); return err })
 	if err != nil {
 		return t.s.fail(t.ctx, "writing metadata", err)
 	}

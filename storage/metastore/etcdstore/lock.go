@@ -36,7 +36,8 @@ func (s *Store) session(ctx context.Context) (*session, error) {
 	// session's own grant would wait for an unreachable cluster forever.
 	rctx, cancel := s.req(ctx)
 	defer cancel()
-	g, err := s.cli.Grant(rctx, s.ttl)
+	var g *clientv3.LeaseGrantResponse
+	err := retry(rctx, func() (err error) { g, err = s.cli.Grant(rctx, s.ttl); return err })
 	if err != nil {
 		return nil, s.fail(ctx, "granting a lock lease", err)
 	}
@@ -99,7 +100,7 @@ func (s *Store) Lock(ctx context.Context, domain string, wait bool) (metastore.L
 	}
 	m := concurrency.NewMutex(sess.Session, s.lockDir(domain))
 	rctx, cancel := s.req(ctx)
-	err = m.TryLock(rctx)
+	err = retry(rctx, func() error { return m.TryLock(rctx) })
 	cancel()
 	if errors.Is(err, concurrency.ErrLocked) && wait {
 		// Held by another host or process: wait for it as long as ctx

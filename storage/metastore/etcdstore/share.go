@@ -26,7 +26,7 @@ func (s *Store) PutUsers(ctx context.Context, publisher string, uses []metastore
 	defer cancel()
 	var err error
 	if len(uses) == 0 {
-		_, err = s.cli.Delete(rctx, key)
+		err = retry(rctx, func() error { _, err := s.cli.Delete(rctx, key); return err })
 	} else {
 		var data []byte
 		if data, err = json.Marshal(uses); err != nil {
@@ -34,8 +34,11 @@ func (s *Store) PutUsers(ctx context.Context, publisher string, uses []metastore
 		}
 		// Unchanged, nothing is written (a put would wake watchers and
 		// grow the history).
-		_, err = s.cli.Txn(rctx).If(clientv3.Compare(clientv3.Value(key), "=", string(data))).
-			Else(clientv3.OpPut(key, string(data))).Commit()
+		err = retry(rctx, func() error {
+			_, err := s.cli.Txn(rctx).If(clientv3.Compare(clientv3.Value(key), "=", string(data))).
+				Else(clientv3.OpPut(key, string(data))).Commit()
+			return err
+		})
 	}
 	if err != nil {
 		return s.fail(ctx, "publishing the images this host uses", err)
@@ -47,7 +50,8 @@ func (s *Store) PutUsers(ctx context.Context, publisher string, uses []metastore
 func (s *Store) Users(ctx context.Context) ([]metastore.ImageUse, error) {
 	rctx, cancel := s.req(ctx)
 	defer cancel()
-	resp, err := s.cli.Get(rctx, s.prefix+"users/", clientv3.WithPrefix())
+	var resp *clientv3.GetResponse
+	err := retry(rctx, func() (err error) { resp, err = s.cli.Get(rctx, s.prefix+"users/", clientv3.WithPrefix()); return err })
 	if err != nil {
 		return nil, s.fail(ctx, "reading the images other hosts use", err)
 	}
@@ -113,7 +117,7 @@ func (s *Store) Publish(ctx context.Context, evs ...metastore.Event) error {
 	}
 	rctx, cancel := s.req(ctx)
 	defer cancel()
-	if _, err := s.cli.Txn(rctx).Then(ops...).Commit(); err != nil {
+	if err := retry(rctx, func() error { _, err := s.cli.Txn(rctx).Then(ops...).Commit(); return err }); err != nil {
 		return s.fail(ctx, "publishing events", err)
 	}
 	return nil
