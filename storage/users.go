@@ -290,19 +290,23 @@ func (m *Manager) scanUsers(ctx context.Context) (*users, error) {
 			return nil, fmt.Errorf("scanning pool %s for an image's users: %w", root, err)
 		}
 	}
-	defined, err := m.definedDisks(ctx)
-	if err != nil {
-		return nil, err
-	}
 	var recs []*Domain
 	snaps := map[string][]*Snapshot{}
-	err = m.store.View(ctx, func(tx metastore.Tx) error {
+	err := m.store.View(ctx, func(tx metastore.Tx) error {
 		var err error
 		recs, snaps, err = allRecords(tx, true)
 		return err
 	})
 	if err != nil {
 		return nil, err
+	}
+	// Used alone, the records read above are the definitions: not read
+	// a second time.
+	defined := recordsDisks(recs)
+	if m.defs != nil {
+		if defined, err = m.definedDisks(ctx); err != nil {
+			return nil, err
+		}
 	}
 	var uses []metastore.ImageUse
 	for _, dd := range defined {
@@ -563,17 +567,24 @@ func (m *Manager) definedDisks(ctx context.Context) ([]DefinedDisk, error) {
 // recordedDisks lists every disk of every domain record, whatever its
 // source: what another folder's domains wrote to when last seen.
 func (m *Manager) recordedDisks(ctx context.Context) ([]DefinedDisk, error) {
-	var defined []DefinedDisk
+	var recs []*Domain
 	err := m.store.View(ctx, func(tx metastore.Tx) error {
-		recs, _, err := allRecords(tx, false)
-		for _, d := range recs {
-			for _, disk := range d.Disks {
-				defined = append(defined, DefinedDisk{Domain: d.Name, DomainName: domainName(d), Target: disk.Target, Path: disk.Active, Format: disk.Format})
-			}
-		}
+		var err error
+		recs, _, err = allRecords(tx, false)
 		return err
 	})
-	return defined, err
+	return recordsDisks(recs), err
+}
+
+// recordsDisks lists every disk of the records.
+func recordsDisks(recs []*Domain) []DefinedDisk {
+	var defined []DefinedDisk
+	for _, d := range recs {
+		for _, disk := range d.Disks {
+			defined = append(defined, DefinedDisk{Domain: d.Name, DomainName: domainName(d), Target: disk.Target, Path: disk.Active, Format: disk.Format})
+		}
+	}
+	return defined
 }
 
 // allRecords reads every domain record of the store and, with snapshots,
