@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/xlsnap/xlsnap/storage"
+	"github.com/xlsnap/xlsnap/xenlight"
 )
 
 // BlockCommitFlags are virDomainBlockCommitFlags.
@@ -177,7 +178,7 @@ func noBandwidth(bandwidth uint64) error {
 // definition, through the device model when the domain is active, and
 // re-reads the definition the job's definition step rewrote.
 func (d *Driver) blockJob(ctx context.Context, domain, what string, job func(v *domainView, live storage.Live) (*storage.BlockJobReport, error)) (*BlockJobReport, error) {
-	unlock, err := d.lock(ctx, domain)
+	ctx, unlock, err := d.lockCall(ctx, domain)
 	if err != nil {
 		return nil, err
 	}
@@ -187,9 +188,9 @@ func (d *Driver) blockJob(ctx context.Context, domain, what string, job func(v *
 		return nil, err
 	}
 	var live storage.Live
+	var l *xenlight.Live
 	if v.src.State.Active() {
-		l, err := d.live(v, what)
-		if err != nil {
+		if l, err = d.live(v, what); err != nil {
 			return nil, err
 		}
 		// The job and the queries that check it share one connection.
@@ -203,5 +204,11 @@ func (d *Driver) blockJob(ctx context.Context, domain, what string, job func(v *
 	if r.Unchanged {
 		return blockJobReportOf(r), nil
 	}
-	return blockJobReportOf(r), d.afterChange(ctx, v)
+	if err := d.afterChange(ctx, v); err != nil {
+		return blockJobReportOf(r), err
+	}
+	if l != nil {
+		return blockJobReportOf(r), d.verifyLive(ctx, v, l)
+	}
+	return blockJobReportOf(r), nil
 }

@@ -7,6 +7,7 @@ import (
 	"github.com/hashicorp/go-multierror"
 
 	"github.com/xlsnap/xlsnap/storage"
+	"github.com/xlsnap/xlsnap/xenlight"
 )
 
 // CoalesceFlags change what Coalesce does. libvirt has no such call (its
@@ -94,7 +95,7 @@ func (d *Driver) Coalesce(ctx context.Context, domain string, flags CoalesceFlag
 }
 
 func (d *Driver) coalesce(ctx context.Context, domain string, flags CoalesceFlags, rep *CoalesceReport) error {
-	unlock, err := d.lock(ctx, domain)
+	ctx, unlock, err := d.lockCall(ctx, domain)
 	if err != nil {
 		return err
 	}
@@ -104,10 +105,13 @@ func (d *Driver) coalesce(ctx context.Context, domain string, flags CoalesceFlag
 		return err
 	}
 	opts := storage.CoalesceOptions{DryRun: flags&CoalesceDryRun != 0}
+	var live *xenlight.Live
 	if v.src.State.Active() {
-		if opts.Live, err = d.live(v, "a coalesce"); err != nil {
+		if live, err = d.live(v, "a coalesce"); err != nil {
 			return err
 		}
+		defer live.Hold()()
+		opts.Live = live
 	}
 	r, err := d.st.Coalesce(ctx, v.key, opts)
 	if r != nil {
@@ -116,7 +120,13 @@ func (d *Driver) coalesce(ctx context.Context, domain string, flags CoalesceFlag
 	if err != nil || opts.DryRun || r == nil || len(r.Merges) == 0 {
 		return err
 	}
-	return d.afterChange(ctx, v)
+	if err := d.afterChange(ctx, v); err != nil {
+		return err
+	}
+	if live != nil {
+		return d.verifyLive(ctx, v, live)
+	}
+	return nil
 }
 
 func mergesOf(in []storage.Merge) []Merge {

@@ -436,7 +436,7 @@ func (d *Driver) create(ctx context.Context, domain string, doc *libvirtxml.Doma
 	if flags&CreateQuiesce != 0 {
 		return nil, fmt.Errorf("%w: QUIESCE needs a guest agent, which xlsnap does not drive", errdefs.ErrUnsupported)
 	}
-	unlock, err := d.lock(ctx, domain)
+	ctx, unlock, err := d.lockCall(ctx, domain)
 	if err != nil {
 		return nil, err
 	}
@@ -629,7 +629,7 @@ func sameFile(a, b string) bool {
 // the record, so dumpxml gives back what it held.
 func (d *Driver) redefine(ctx context.Context, domain string, doc *libvirtxml.DomainSnapshot, flags CreateFlags) (*storage.Snapshot, error) {
 	// libvirt finds the domain before it reads the document.
-	unlock, err := d.lock(ctx, domain)
+	ctx, unlock, err := d.lockCall(ctx, domain)
 	if err != nil {
 		return nil, err
 	}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/xlsnap/xlsnap/storage"
 	"github.com/xlsnap/xlsnap/storage/backend/dir"
+	"github.com/xlsnap/xlsnap/storage/metastore"
 	"github.com/xlsnap/xlsnap/xenlight"
 )
 
@@ -34,6 +35,14 @@ type Config struct {
 	// Hypervisor drives active domains; nil means every domain is treated
 	// as the source reports it and active ones are refused.
 	Hypervisor xenlight.Hypervisor
+	// Store is the metadata store: nil is the embedded bbolt file in
+	// StateDir (one host); a cluster store (etcdstore) shares records,
+	// locks, image users and events with the other hosts of a shared
+	// pool. The driver closes it.
+	Store metastore.Store
+	// Host names this host to the others of a cluster store; "" is the
+	// system's host name.
+	Host string
 }
 
 // Driver is libvirt's domain snapshot API over xlsnap's storage layer.
@@ -75,6 +84,28 @@ func (d *Driver) lock(ctx context.Context, domain string) (func(), error) {
 	}
 }
 
+// lockCall serialises a call on one domain for its whole length, across
+// processes and hosts too: the driver's own slot, then storage's lock of
+// the domain's key, which the returned context carries so that storage
+// takes it no second time (once per call, not once per storage step). A
+// definition that cannot be read is left to the call's sync to report.
+func (d *Driver) lockCall(ctx context.Context, domain string) (context.Context, func(), error) {
+	unlock, err := d.lock(ctx, domain)
+	if err != nil {
+		return nil, nil, err
+	}
+	_, _, key, err := d.readDefinition(ctx, domain)
+	if err != nil || storage.ValidName("domain", domain) != nil {
+		return ctx, unlock, nil
+	}
+	sctx, unlockKey, err := d.st.Lock(ctx, key)
+	if err != nil {
+		unlock()
+		return nil, nil, err
+	}
+	return sctx, func() { unlockKey(); unlock() }, nil
+}
+
 // Open opens the storage layer over the pools (the folders of every disk
 // the source defines when cfg.Pools is empty) and finishes or undoes what
 // a crash left in its journal; an operation it cannot finish yet stays
@@ -87,19 +118,25 @@ func (d *Driver) lock(ctx context.Context, domain string) (func(), error) {
 // written (VIR_ERR_INTERNAL_ERROR, 1, as nothing of errdefs describes it).
 func Open(ctx context.Context, cfg Config) (*Driver, error) {
 	if cfg.Source == nil {
+		if cfg.Store != nil {
+			cfg.Store.Close()
+		}
 		return nil, invalidf("no domain source")
 	}
 	pools := cfg.Pools
 	if len(pools) == 0 {
 		var err error
 		if pools, err = diskFolders(ctx, cfg.Source); err != nil {
+			if cfg.Store != nil {
+				cfg.Store.Close()
+			}
 			return nil, err
 		}
 	}
 	// Backends are registered by their consumer, explicitly.
 	storage.Register("dir", dir.New)
 	defs := definitions{src: cfg.Source}
-	sc := storage.Config{StateDir: cfg.StateDir, Definitions: defs, Source: cfg.Source.URI()}
+	sc := storage.Config{StateDir: cfg.StateDir, Definitions: defs, Source: cfg.Source.URI(), Store: cfg.Store, Host: cfg.Host}
 	for p := range cfg.PoolMaxDepth {
 		if !slices.Contains(pools, p) {
 			return nil, invalidf("a depth limit for %s, which is none of the pools %v", p, pools)
@@ -330,7 +367,7 @@ type DiskInfo struct {
 // Errors: those every call that reads a domain returns (see the package
 // documentation).
 func (d *Driver) DiskList(ctx context.Context, domain string) ([]DiskInfo, error) {
-	unlock, err := d.lock(ctx, domain)
+	ctx, unlock, err := d.lockCall(ctx, domain)
 	if err != nil {
 		return nil, err
 	}

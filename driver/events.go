@@ -32,11 +32,18 @@ type ChainEvent struct {
 	// Snapshot is the snapshot taken, reverted to or deleted; "" for a
 	// rescan and for a snapshot taken with CreateNoMetadata.
 	Snapshot string
+	// Host is the host whose operation changed the chain, for an event
+	// of another process (through the metadata store: the events file of
+	// the embedded store, an etcd watch of a cluster's); "" for this
+	// driver's own.
+	Host string `json:",omitempty"`
 }
 
 // Subscribe returns a ChainEvent for every change of a disk's chain from
 // now on, of every domain, in the order the operations committed (a
-// rescan that finds the chain as recorded tells nothing). An operation never waits for a
+// rescan that finds the chain as recorded tells nothing), made by this
+// driver or (through the metadata store) by any other process on this
+// host or, with a cluster store, on any host of the cluster. An operation never waits for a
 // subscriber: events queue for a slow one without bound. The channel is
 // closed when ctx ends or the driver closes. libvirt has no such event
 // (its block job events are per job); this is the hook a toolstack
@@ -76,7 +83,7 @@ func (d *Driver) Subscribe(ctx context.Context) (<-chan ChainEvent, error) {
 				}
 				select {
 				case out <- ChainEvent{Domain: ev.Domain, Disk: ev.Disk, Before: ev.Before, After: ev.After,
-					Reason: ChainReason(ev.Reason), Snapshot: ev.Snapshot}:
+					Reason: ChainReason(ev.Reason), Snapshot: ev.Snapshot, Host: ev.Host}:
 				case <-ctx.Done():
 					return
 				}

@@ -45,7 +45,7 @@ type Move struct{ From, To string }
 // was opened by -drive, whose nodes cannot be reopened); and those of
 // every call that changes something (see the package documentation).
 func (d *Driver) ChainChanged(ctx context.Context, domain, disk string, moves ...Move) error {
-	unlock, err := d.lock(ctx, domain)
+	ctx, unlock, err := d.lockCall(ctx, domain)
 	if err != nil {
 		return err
 	}

@@ -48,7 +48,7 @@ func (d *Driver) RevertToSnapshot(ctx context.Context, domain, name string, flag
 	if err := checkFlags("RevertToSnapshot", flags, revertKnown); err != nil {
 		return err
 	}
-	unlock, err := d.lock(ctx, domain)
+	ctx, unlock, err := d.lockCall(ctx, domain)
 	if err != nil {
 		return err
 	}
@@ -192,7 +192,7 @@ func (d *Driver) SnapshotDelete(ctx context.Context, domain, name string, flags 
 	if err := checkFlags("SnapshotDelete", flags, deleteKnown); err != nil {
 		return nil, err
 	}
-	unlock, err := d.lock(ctx, domain)
+	ctx, unlock, err := d.lockCall(ctx, domain)
 	if err != nil {
 		return nil, err
 	}

@@ -170,10 +170,13 @@ type ImageUser struct {
 	// Path is the overlay backed by the image (UserOverlay), or the
 	// image the definition's disk names (UserDefinition).
 	Path string
+	// Host is the other host whose definition it is (a cluster store);
+	// "" for this host's.
+	Host string
 }
 
 func (u ImageUser) storage() storage.User {
-	return storage.User{Kind: storage.UserKind(u.Kind), DomainName: u.DomainName, Disk: u.Disk, Snapshot: u.Snapshot, Path: u.Path}
+	return storage.User{Kind: storage.UserKind(u.Kind), DomainName: u.DomainName, Disk: u.Disk, Snapshot: u.Snapshot, Path: u.Path, Host: u.Host}
 }
 
 // String describes the user in the words of xlsnap's reports.
@@ -237,7 +240,7 @@ func deleteReportOf(r *storage.DeleteReport) *DeleteReport {
 	for _, dr := range r.Disks {
 		rep := DiskReport{Snapshot: dr.Snapshot, Disk: dr.Disk, Action: DiskAction(dr.Action), Kept: dr.Kept, Removed: dr.Removed}
 		for _, u := range dr.Users {
-			rep.Users = append(rep.Users, ImageUser{Kind: UserKind(u.Kind), DomainName: u.DomainName, Disk: u.Disk, Snapshot: u.Snapshot, Path: u.Path})
+			rep.Users = append(rep.Users, ImageUser{Kind: UserKind(u.Kind), DomainName: u.DomainName, Disk: u.Disk, Snapshot: u.Snapshot, Path: u.Path, Host: u.Host})
 		}
 		out.Disks = append(out.Disks, rep)
 	}

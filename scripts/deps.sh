@@ -13,6 +13,8 @@ declare -A need=(
   [libvirtd]=libvirt-daemon
   [virsh]=libvirt-clients   # the oracle of the virsh comparison tests
   [xmllint]=libxml2-utils   # libxml2's RelaxNG validator (VALIDATE)
+  [etcd]=etcd-server        # the cluster tests' and demo-cluster's members
+  [etcdctl]=etcd-client     # demo-cluster reads the journal with it
 )
 # pkg-config module → Debian package (cgo builds against these)
 declare -A needpc=(

@@ -39,6 +39,16 @@ func newIntent(domain, op string) *intent {
 func (m *Manager) run(ctx context.Context, in *intent, live Live) error {
 	crash := func(point string) { crashpoint.Hit(in.Op + "/" + point) }
 	crash("begin")
+	// A lock lost (its lease expired) stops the operation before its
+	// next step, and cancels the step running: another host may now
+	// finish or undo it, so this one neither goes on nor undoes.
+	lk := m.locks.holding(in.Domain)
+	ctx, stop := whileHeld(ctx, lk)
+	defer stop()
+	in.Owner = m.host
+	if lk != nil {
+		in.Holder = lk.Holder()
+	}
 	// An operation that cannot be undone from its first step says so in
 	// the intent itself: one journal write fewer.
 	in.PassedNoReturn = in.NoReturn == 0 && len(in.Steps) > 0
@@ -50,6 +60,9 @@ func (m *Manager) run(ctx context.Context, in *intent, live Live) error {
 	}
 	crash("intent-written")
 	for i, st := range in.Steps {
+		if err := lockErr(ctx); err != nil {
+			return fmt.Errorf("%s %s of domain %s stopped before step %d (%s): %w", in.Op, in.ID, in.Domain, i, st.Kind, err)
+		}
 		if i == in.NoReturn && !in.PassedNoReturn {
 			in.PassedNoReturn = true
 			if err := m.store.Update(ctx, func(tx metastore.Tx) error { return tx.PutIntent(in) }); err != nil {
@@ -60,6 +73,9 @@ func (m *Manager) run(ctx context.Context, in *intent, live Live) error {
 		crash(point)
 		// A backend marks its own points inside the step (see crashpoint.Within).
 		if err := m.forward(crashpoint.WithOp(ctx, in.Op+"/"+point), st, live); err != nil {
+			if lerr := lockErr(ctx); lerr != nil {
+				return fmt.Errorf("%s %s of domain %s stopped in step %d (%s), left to the lock's next holder: %w", in.Op, in.ID, in.Domain, i, st.Kind, lerr)
+			}
 			if i < in.NoReturn {
 				return m.abandon(ctx, in, i, err, live)
 			}
@@ -68,6 +84,32 @@ func (m *Manager) run(ctx context.Context, in *intent, live Live) error {
 	}
 	crash("steps-done")
 	return m.commit(ctx, in)
+}
+
+// whileHeld returns ctx cancelled, with ErrLockLost as its cause, once
+// lk is lost; nil lk (storage used without a held lock) changes nothing.
+func whileHeld(ctx context.Context, lk metastore.Lock) (context.Context, func()) {
+	if lk == nil {
+		return ctx, func() {}
+	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	done := make(chan struct{})
+	go func() {
+		select {
+		case <-lk.Lost():
+			cancel(metastore.ErrLockLost)
+		case <-done:
+		}
+	}()
+	return ctx, func() { close(done); cancel(nil) }
+}
+
+// lockErr is ErrLockLost once whileHeld saw the lock lost.
+func lockErr(ctx context.Context) error {
+	if errors.Is(context.Cause(ctx), metastore.ErrLockLost) {
+		return context.Cause(ctx)
+	}
+	return nil
 }
 
 // forward runs a step for the first time; see redoLive.
@@ -81,6 +123,9 @@ func (m *Manager) forward(ctx context.Context, st step, live Live) error {
 // abandon undoes steps[0..last] in reverse, drops the intent and returns
 // the cause of the failure.
 func (m *Manager) abandon(ctx context.Context, in *intent, last int, cause error, live Live) error {
+	if err := lockErr(ctx); err != nil {
+		return fmt.Errorf("%s %s of domain %s stopped, left to the lock's next holder: %w (%w)", in.Op, in.ID, in.Domain, err, cause)
+	}
 	if err := m.rollBack(ctx, in, last, live); err != nil {
 		return fmt.Errorf("%w; undoing it failed too, the journal keeps it for Repair: %w", cause, err)
 	}
@@ -152,6 +197,13 @@ func (m *Manager) commit(ctx context.Context, in *intent) error {
 	if before != nil {
 		m.publishChanges(before, c.Domain, in.Op, opSnapshot(in.Op, c))
 	}
+	if !m.mine(in.Domain) {
+		// Another host's operation, finished here: its definition step,
+		// and the cleanup that must follow it, are for the host that
+		// serves the domain (its next call, or its Open, finds the
+		// intent committed).
+		return <-backupErr
+	}
 	err = m.cleanup(ctx, in)
 	return errors.Join(err, <-backupErr)
 }
@@ -160,6 +212,9 @@ func (m *Manager) commit(ctx context.Context, in *intent) error {
 // nothing needs any more: no image the old definition named is removed
 // before the new one is durable.
 func (m *Manager) cleanup(ctx context.Context, in *intent) error {
+	if !in.Committed {
+		return nil // nothing was left to do: commit ended the intent
+	}
 	if def := in.Definition; def != nil && m.defs != nil {
 		crashpoint.Hit(in.Op + "/definition")
 		if err := m.defs.Redefine(ctx, in.Domain, def.Name, def.Base, def.Disks); err != nil {
@@ -188,7 +243,7 @@ func (m *Manager) Recover(ctx context.Context) error {
 		if in.Live && !in.Committed || in.Guest != nil {
 			continue // needs the device model (RecoverLive) or the hypervisor (the driver)
 		}
-		if !m.mine(in.Domain) {
+		if !m.mine(in.Domain) && !m.adoptable(in) {
 			continue // another source's: its images, its definition
 		}
 		unlock, err := m.locks.lock(ctx, in.Domain, false)
@@ -198,12 +253,48 @@ func (m *Manager) Recover(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
+		if m.shared && in.Owner != "" && in.Owner != m.host {
+			select {
+			case <-time.After(m.adoptAfter):
+			case <-ctx.Done():
+				unlock()
+				return ctx.Err()
+			}
+			// Read it again under the lock: its host may have moved it
+			// on, or ended it, between the listing and its death.
+			if in, err = m.intent(ctx, in.Domain, in.ID); in == nil || err != nil {
+				unlock()
+				if err != nil {
+					errs = multierror.Append(errs, err)
+				}
+				continue
+			}
+		}
 		if err := m.recoverIntent(ctx, in, nil); err != nil {
 			errs = multierror.Append(errs, intentErr(in, err))
 		}
 		unlock()
 	}
 	return errs
+}
+
+// adoptable reports whether this Manager may finish or undo the disk
+// and metadata steps of another source's intent: one another host wrote
+// on a shared store, not yet committed, every image of whose steps is in
+// this Manager's pools. Recover takes its domain's lock first, which it
+// gets only once that host's lock (its lease) is gone.
+func (m *Manager) adoptable(in *intent) bool {
+	if !m.shared || in.Committed || in.Owner == "" || in.Owner == m.host {
+		return false
+	}
+	for _, st := range in.Steps {
+		for _, p := range []string{st.Path, st.Source} {
+			if _, err := m.poolOf(p); p != "" && err != nil {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 func (m *Manager) recoverIntent(ctx context.Context, in *intent, live Live) error {
@@ -319,6 +410,17 @@ func (m *Manager) intents(ctx context.Context, domain string) ([]*intent, error)
 		return err
 	})
 	return out, err
+}
+
+// intent reads one intent of domain again, nil when it is gone.
+func (m *Manager) intent(ctx context.Context, domain, id string) (*intent, error) {
+	list, err := m.intents(ctx, domain)
+	for _, in := range list {
+		if in.ID == id {
+			return in, err
+		}
+	}
+	return nil, err
 }
 
 func intentErr(in *intent, err error) error {

@@ -6,11 +6,13 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/xlsnap/xlsnap/chain"
 	"github.com/xlsnap/xlsnap/storage/metastore"
@@ -38,6 +40,7 @@ type Config struct {
 	StateDir string
 	Pools    []PoolConfig
 	// Store replaces the embedded bbolt store (a cluster store, say).
+	// The Manager closes it, also when Open fails.
 	Store metastore.Store
 	// Definitions is the domain source's side: every definition's disks,
 	// and the definition step of each operation. Nil means storage is
@@ -48,6 +51,14 @@ type Config struct {
 	// source's wait for that source (their images need not be in these
 	// pools).
 	Source string
+	// Host names this host to the other hosts of a shared store (intents
+	// and published image users carry it); "" is the system's host name.
+	Host string
+	// AdoptAfter is how long recovery waits, once it holds the lock of a
+	// domain another host's operation left pending, before it touches
+	// the disks: that host, cut off, may take this long to see its lease
+	// gone and stop its step (0 is 2 s).
+	AdoptAfter time.Duration
 }
 
 // Manager owns the chains and snapshot metadata of every domain in its
@@ -64,6 +75,14 @@ type Manager struct {
 	// sourceTag ends the keys of this source's domains ("" when used
 	// alone: every domain is this Manager's).
 	sourceTag string
+	// host is this host's name; origin this Manager's own id, which its
+	// events carry so that it skips them when they come back.
+	host, origin string
+	adoptAfter   time.Duration
+	// shared: the store is shared with other hosts (not metastore.Local):
+	// this host publishes the images its definitions use, reads the
+	// others', and may finish another host's operations.
+	shared bool
 }
 
 type pool struct {
@@ -75,13 +94,21 @@ type pool struct {
 // operation a crash left in the journal before it serves any call.
 func Open(ctx context.Context, cfg Config) (*Manager, error) {
 	if cfg.StateDir == "" {
+		if cfg.Store != nil {
+			cfg.Store.Close()
+		}
 		return nil, fmt.Errorf("%w: no state folder", ErrInvalidArg)
 	}
-	m := &Manager{stateDir: cfg.StateDir, store: cfg.Store, events: newBroker(), defs: cfg.Definitions}
+	m := &Manager{stateDir: cfg.StateDir, store: cfg.Store, defs: cfg.Definitions, host: cfg.Host, origin: newOrigin(), adoptAfter: cfg.AdoptAfter}
+	if m.adoptAfter <= 0 {
+		m.adoptAfter = 2 * time.Second
+	}
+	if m.host == "" {
+		m.host, _ = os.Hostname()
+	}
 	if cfg.Source != "" {
 		m.sourceTag = sourceTag(cfg.Source)
 	}
-	m.locks = newLockTable(filepath.Join(cfg.StateDir, "locks"))
 	if m.store == nil {
 		s, err := metastore.OpenBolt(ctx, StoreFile(cfg.StateDir))
 		if err != nil {
@@ -89,19 +116,32 @@ func Open(ctx context.Context, cfg Config) (*Manager, error) {
 		}
 		m.store = s
 	}
+	m.locks = newLockTable(m.store)
+	if l, ok := m.store.(metastore.Local); !ok || !l.Local() {
+		m.shared = true
+	}
+	m.events = newBroker(m.store, m.origin, m.host)
 	for _, pc := range cfg.Pools {
 		b, err := openBackend(pc)
 		if err != nil {
+			m.store.Close()
 			return nil, err
 		}
 		m.pools = append(m.pools, &pool{PoolConfig: pc, backend: b})
 	}
+	// Other hosts see this one's users of their images from now on; a
+	// definition that cannot be read now stops the next scan instead.
+	_ = m.publishUses(ctx)
 	// An operation recovery cannot finish yet stays in the journal: its
 	// domain's next operation says so (ErrPending), reads go on, Check
 	// lists it and Repair sets it aside. It never stops the whole store.
 	_ = m.Recover(ctx)
 	return m, nil
 }
+
+// Store is the metadata store under the Manager, for tools and tests
+// that read or write its records directly.
+func (m *Manager) Store() metastore.Store { return m.store }
 
 // Close releases the store.
 func (m *Manager) Close() error {
@@ -436,53 +476,83 @@ func (m *Manager) snapshot(tx metastore.Tx, domain, name string) (*Snapshot, err
 	return s, err
 }
 
-// lockTable serialises operations per domain: a channel per domain inside
-// the process, a lock file for other processes.
+// lockTable takes domain locks from the store and remembers those this
+// Manager holds: a call whose context carries one (Lock) takes it no
+// second time, and an operation sees its lock lost.
 type lockTable struct {
-	dir string
-	mu  sync.Mutex
-	sem map[string]chan struct{}
+	store metastore.Store
+	mu    sync.Mutex
+	held  map[string]metastore.Lock
 }
 
-func newLockTable(dir string) *lockTable {
-	return &lockTable{dir: dir, sem: map[string]chan struct{}{}}
+func newLockTable(store metastore.Store) *lockTable {
+	return &lockTable{store: store, held: map[string]metastore.Lock{}}
 }
 
-// lock takes the domain's lock; with wait false it fails with ErrBusy at
-// once instead of waiting for ctx. A wait that ctx ends fails with ctx's
-// error, not ErrBusy: the caller gave up, and one that retries on busy
-// must not retry a cancelled call.
+// lock takes the domain's lock unless ctx carries it (Lock); with wait
+// false it fails with ErrBusy at once instead of waiting for ctx. A wait
+// that ctx ends fails with ctx's error, not ErrBusy: the caller gave up,
+// and one that retries on busy must not retry a cancelled call.
 func (l *lockTable) lock(ctx context.Context, domain string, wait bool) (func(), error) {
-	l.mu.Lock()
-	ch, ok := l.sem[domain]
-	if !ok {
-		ch = make(chan struct{}, 1)
-		l.sem[domain] = ch
+	if l.carried(ctx, domain) != nil {
+		return func() {}, nil
 	}
-	l.mu.Unlock()
-	if wait {
-		select {
-		case ch <- struct{}{}:
-		case <-ctx.Done():
-			return nil, fmt.Errorf("waiting for domain %s, busy with another operation: %w", domain, ctx.Err())
-		}
-	} else {
-		select {
-		case ch <- struct{}{}:
-		default:
-			return nil, fmt.Errorf("%w: %s", ErrBusy, domain)
-		}
-	}
-	unlockFile, err := lockFile(ctx, filepath.Join(l.dir, domain+".lock"), wait)
+	lk, err := l.store.Lock(ctx, domain, wait)
 	if err != nil {
-		<-ch
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("waiting for domain %s, busy in another process: %w", domain, ctx.Err())
-		}
-		return nil, fmt.Errorf("%w: %s: %w", ErrBusy, domain, err)
+		return nil, err
 	}
+	l.mu.Lock()
+	l.held[domain] = lk
+	l.mu.Unlock()
 	return func() {
-		unlockFile()
-		<-ch
+		l.mu.Lock()
+		if l.held[domain] == lk {
+			delete(l.held, domain)
+		}
+		l.mu.Unlock()
+		// A release must happen even for a caller that gave up.
+		lk.Unlock(context.WithoutCancel(ctx))
 	}, nil
+}
+
+// carried returns the lock ctx carries for domain when this Manager
+// took it and holds it still.
+func (l *lockTable) carried(ctx context.Context, domain string) metastore.Lock {
+	lk := metastore.HeldLock(ctx, domain)
+	if lk == nil {
+		return nil
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.held[domain] != lk {
+		return nil
+	}
+	return lk
+}
+
+// holding returns the lock this Manager holds on domain, or nil.
+func (l *lockTable) holding(domain string) metastore.Lock {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.held[domain]
+}
+
+// Lock takes a domain's lock for a whole call of several operations
+// (the driver's: a sync, then a snapshot, then a rewrite of the
+// definition), waiting as long as ctx lets: every storage call made with
+// the returned context takes it no second time. The function releases
+// it. Errors: ErrBusy from the store, or ctx's error when it ends while
+// waiting.
+func (m *Manager) Lock(ctx context.Context, domain string) (context.Context, func(), error) {
+	if err := ValidName("domain", domain); err != nil {
+		return nil, nil, err
+	}
+	if m.locks.carried(ctx, domain) != nil {
+		return ctx, func() {}, nil
+	}
+	unlock, err := m.locks.lock(ctx, domain, true)
+	if err != nil {
+		return nil, nil, err
+	}
+	return metastore.WithLock(ctx, m.locks.holding(domain)), unlock, nil
 }

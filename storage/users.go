@@ -66,15 +66,20 @@ type User struct {
 	// Path is the overlay backed by the image (overlay), or the image the
 	// definition's disk names (definition).
 	Path string `json:"path,omitempty"`
+	// Host is the other host whose definition it is, on a shared store
+	// ("" for this host's).
+	Host string `json:"host,omitempty"`
 }
 
 func (u User) String() string {
-	switch u.Kind {
-	case UserDefinition:
+	switch {
+	case u.Kind == UserDefinition && u.Host != "":
+		return fmt.Sprintf("disk %s of domain %s on host %s (%s)", u.Disk, u.DomainName, u.Host, u.Path)
+	case u.Kind == UserDefinition:
 		return fmt.Sprintf("disk %s of domain %s (%s)", u.Disk, u.DomainName, u.Path)
-	case UserOverlay:
+	case u.Kind == UserOverlay:
 		return "overlay " + u.Path
-	case UserSnapshot:
+	case u.Kind == UserSnapshot:
 		return fmt.Sprintf("snapshot %s of domain %s", u.Snapshot, u.DomainName)
 	}
 	return "the records of domain " + u.DomainName
@@ -285,13 +290,9 @@ func (m *Manager) scanUsers(ctx context.Context) (*users, error) {
 			return nil, fmt.Errorf("scanning pool %s for an image's users: %w", root, err)
 		}
 	}
-	defined, err := m.definedDisks(ctx)
-	if err != nil {
-		return nil, err
-	}
 	var recs []*Domain
 	snaps := map[string][]*Snapshot{}
-	err = m.store.View(ctx, func(tx metastore.Tx) error {
+	err := m.store.View(ctx, func(tx metastore.Tx) error {
 		var err error
 		recs, snaps, err = allRecords(tx, true)
 		return err
@@ -299,24 +300,37 @@ func (m *Manager) scanUsers(ctx context.Context) (*users, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Used alone, the records read above are the definitions: not read
+	// a second time.
+	defined := recordsDisks(recs)
+	if m.defs != nil {
+		if defined, err = m.definedDisks(ctx); err != nil {
+			return nil, err
+		}
+	}
+	var uses []metastore.ImageUse
 	for _, dd := range defined {
 		// A definition reads its image and everything below it.
 		if err := edge(dd.Path, 0); err != nil {
 			return nil, err
 		}
 		usr := User{Kind: UserDefinition, Domain: dd.Domain, DomainName: dd.DomainName, Disk: dd.Target, Path: filepath.Clean(dd.Path)}
-		for p, n := filepath.Clean(dd.Path), 0; p != "" && n <= chain.DefaultMaxDepth; n++ {
-			u.add(p, usr)
-			k, st := u.key(p)
-			ref, err := m.headers.backingOf(p, k, st)
-			if err != nil && !errors.Is(err, fs.ErrNotExist) {
-				return nil, err
-			}
-			if ref == "" {
-				break
-			}
-			p = filepath.Clean(chain.ResolveBacking(p, ref))
+		below, err := m.readsThrough(u, dd.Path)
+		if err != nil {
+			return nil, err
 		}
+		for _, p := range below {
+			u.add(p, usr)
+		}
+		uses = append(uses, metastore.ImageUse{Host: m.host, Domain: dd.Domain, DomainName: dd.DomainName, Disk: dd.Target, Chain: below})
+	}
+	// Other hosts' definitions, as each last published them; this
+	// host's, as they are now, for the others.
+	if err := m.otherHostsUses(ctx, u); err != nil {
+		return nil, err
+	}
+	if err := m.putUses(ctx, uses); err != nil {
+		return nil, err
 	}
 	for _, d := range recs {
 		for p := range d.Images {
@@ -343,6 +357,90 @@ func (m *Manager) scanUsers(ctx context.Context) (*users, error) {
 		sort.Strings(u.overlays[k])
 	}
 	return u, nil
+}
+
+// readsThrough lists the images a disk naming path reads: path and
+// every image below it, as the headers name them now.
+func (m *Manager) readsThrough(u *users, path string) ([]string, error) {
+	var out []string
+	for p, n := filepath.Clean(path), 0; p != "" && n <= chain.DefaultMaxDepth; n++ {
+		out = append(out, p)
+		k, st := u.key(p)
+		ref, err := m.headers.backingOf(p, k, st)
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return nil, err
+		}
+		if ref == "" {
+			break
+		}
+		p = filepath.Clean(chain.ResolveBacking(p, ref))
+	}
+	return out, nil
+}
+
+// publisher is this Manager's name in the image-user index: its host
+// and its domain source.
+func (m *Manager) publisher() string { return m.host + "/" + m.sourceTag }
+
+// putUses publishes this host's definitions' image uses, on a shared
+// store with a domain source (used alone, storage reads every host's
+// records as its definitions).
+func (m *Manager) putUses(ctx context.Context, uses []metastore.ImageUse) error {
+	if !m.shared || m.defs == nil {
+		return nil
+	}
+	if err := m.store.PutUsers(ctx, m.publisher(), uses); err != nil {
+		return fmt.Errorf("publishing the images this host's domains use: %w", err)
+	}
+	return nil
+}
+
+// publishUses reads every definition and publishes what they use: at
+// Open, so other hosts know of this host's domains before it works.
+func (m *Manager) publishUses(ctx context.Context) error {
+	if !m.shared || m.defs == nil {
+		return nil
+	}
+	defined, err := m.definedDisks(ctx)
+	if err != nil {
+		return err
+	}
+	u := &users{byKey: map[fileKey][]User{}, byPath: map[string][]User{}}
+	var uses []metastore.ImageUse
+	for _, dd := range defined {
+		below, err := m.readsThrough(u, dd.Path)
+		if err != nil {
+			return err
+		}
+		uses = append(uses, metastore.ImageUse{Host: m.host, Domain: dd.Domain, DomainName: dd.DomainName, Disk: dd.Target, Chain: below})
+	}
+	return m.putUses(ctx, uses)
+}
+
+// otherHostsUses adds every other publisher's definitions to u: on a
+// shared pool, another host's domain reads an image as surely as one of
+// this host's. What cannot be read stops the operation that asked.
+func (m *Manager) otherHostsUses(ctx context.Context, u *users) error {
+	if !m.shared {
+		return nil
+	}
+	all, err := m.store.Users(ctx)
+	if err != nil {
+		return fmt.Errorf("reading the images other hosts' domains use: %w", err)
+	}
+	for _, use := range all {
+		if use.Publisher == m.publisher() || len(use.Chain) == 0 {
+			continue
+		}
+		usr := User{Kind: UserDefinition, Domain: use.Domain, DomainName: use.DomainName, Disk: use.Disk, Path: use.Chain[0], Host: use.Host}
+		if usr.DomainName == "" {
+			usr.DomainName = use.Domain
+		}
+		for _, p := range use.Chain {
+			u.add(p, usr)
+		}
+	}
+	return nil
 }
 
 // Users lists every user of the image at path that can be found now:
@@ -469,17 +567,24 @@ func (m *Manager) definedDisks(ctx context.Context) ([]DefinedDisk, error) {
 // recordedDisks lists every disk of every domain record, whatever its
 // source: what another folder's domains wrote to when last seen.
 func (m *Manager) recordedDisks(ctx context.Context) ([]DefinedDisk, error) {
-	var defined []DefinedDisk
+	var recs []*Domain
 	err := m.store.View(ctx, func(tx metastore.Tx) error {
-		recs, _, err := allRecords(tx, false)
-		for _, d := range recs {
-			for _, disk := range d.Disks {
-				defined = append(defined, DefinedDisk{Domain: d.Name, DomainName: domainName(d), Target: disk.Target, Path: disk.Active, Format: disk.Format})
-			}
-		}
+		var err error
+		recs, _, err = allRecords(tx, false)
 		return err
 	})
-	return defined, err
+	return recordsDisks(recs), err
+}
+
+// recordsDisks lists every disk of the records.
+func recordsDisks(recs []*Domain) []DefinedDisk {
+	var defined []DefinedDisk
+	for _, d := range recs {
+		for _, disk := range d.Disks {
+			defined = append(defined, DefinedDisk{Domain: d.Name, DomainName: domainName(d), Target: disk.Target, Path: disk.Active, Format: disk.Format})
+		}
+	}
+	return defined
 }
 
 // allRecords reads every domain record of the store and, with snapshots,

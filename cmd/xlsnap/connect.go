@@ -30,6 +30,7 @@ type globals struct {
 	stateDir string
 	pools    []string
 	json     bool
+	meta     metadataOptions
 }
 
 func (g *globals) register(root *cobra.Command) {
@@ -39,6 +40,7 @@ func (g *globals) register(root *cobra.Command) {
 	f.StringVar(&g.stateDir, "state-dir", defaultStateDir(), "folder of xlsnap's metadata and locks")
 	f.StringArrayVar(&g.pools, "pool", nil, "folder images may live in, DIR[,max-depth=N] (repeatable; default: the folders of the domains' disks); max-depth is the most layers a disk's chain may have there (default 30)")
 	f.BoolVar(&g.json, "json", false, "print data as JSON")
+	g.registerMetadata(f)
 }
 
 // defaultStateDir follows the XDG base directory rules.
@@ -94,6 +96,10 @@ func (g *globals) open(ctx context.Context) (*driver.Driver, func(), error) {
 		return nil, nil, err
 	}
 	cfg, err := g.driverConfig(src, h)
+	if err == nil {
+		cfg.Host = g.meta.host
+		cfg.Store, err = g.openStore(ctx)
+	}
 	if err != nil {
 		closeSrc()
 		return nil, nil, err

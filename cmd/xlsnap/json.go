@@ -95,6 +95,7 @@ type userJSON struct {
 	Disk     string `json:"disk"`
 	Snapshot string `json:"snapshot"`
 	Path     string `json:"path"`
+	Host     string `json:"host,omitempty"`
 }
 
 // blockJSON is one disk of domblklist and rescan.
@@ -182,7 +183,7 @@ func deleteToJSON(domain, name string, r *driver.DeleteReport) deleteJSON {
 	for _, d := range r.Disks {
 		dj := diskReportJSON{Snapshot: d.Snapshot, Disk: d.Disk, Action: string(d.Action), Kept: d.Kept, Removed: d.Removed, Users: []userJSON{}}
 		for _, u := range d.Users {
-			dj.Users = append(dj.Users, userJSON{Kind: string(u.Kind), Domain: u.DomainName, Disk: u.Disk, Snapshot: u.Snapshot, Path: u.Path})
+			dj.Users = append(dj.Users, userJSON{Kind: string(u.Kind), Domain: u.DomainName, Disk: u.Disk, Snapshot: u.Snapshot, Path: u.Path, Host: u.Host})
 		}
 		j.Disks = append(j.Disks, dj)
 	}

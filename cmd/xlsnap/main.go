@@ -74,6 +74,7 @@ func newRoot() (*cobra.Command, *app) {
 	root.AddCommand(a.domblklistCmd(), a.checkCmd(), a.rescanCmd(), a.coalesceCmd())
 	root.AddCommand(a.blockCommitCmd(), a.blockPullCmd())
 	root.AddCommand(a.serveCmd())
+	root.AddCommand(a.eventsCmd())
 	for _, c := range root.Commands() {
 		c.SetUsageTemplate(c.UsageTemplate() + "\n" + exitCodesHelp)
 	}

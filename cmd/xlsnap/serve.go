@@ -53,6 +53,10 @@ Logs go to stderr; SIGINT or SIGTERM stops it.`,
 			if err != nil {
 				return err
 			}
+			if dcfg.Store, err = a.openStore(ctx); err != nil {
+				return err
+			}
+			dcfg.Host = a.meta.host
 			d, err := driver.Open(ctx, dcfg)
 			if err != nil {
 				return err

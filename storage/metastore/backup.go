@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"github.com/gofrs/flock"
@@ -37,18 +38,19 @@ func BackupPath(path string) string { return path + ".backup" }
 // Copies are taken one at a time (a lock file), so the last rename is of
 // the newest state.
 func (b *Bolt) Backup(ctx context.Context) error {
-	unlock, err := lockPath(ctx, b.path+".backup.lock")
+	path := b.f.path
+	unlock, err := lockPath(ctx, path+".backup.lock")
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	dir := filepath.Dir(b.path)
-	f, err := os.CreateTemp(dir, filepath.Base(b.path)+".backup.tmp-*")
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, filepath.Base(path)+".backup.tmp-*")
 	if err != nil {
 		return err
 	}
 	defer os.Remove(f.Name())
-	err = b.viewRaw(ctx, func(tx *bolt.Tx) error {
+	err = b.f.run(ctx, false, func(tx *bolt.Tx) error {
 		_, err := tx.WriteTo(f)
 		return err
 	})
@@ -59,25 +61,15 @@ func (b *Bolt) Backup(ctx context.Context) error {
 		err = cerr
 	}
 	if err != nil {
-		return fmt.Errorf("backing up %s: %w", b.path, err)
+		return fmt.Errorf("backing up %s: %w", path, err)
 	}
 	if err := verifyFile(ctx, f.Name()); err != nil {
-		return fmt.Errorf("backing up %s: the copy does not verify, the last one is kept: %w", b.path, err)
+		return fmt.Errorf("backing up %s: the copy does not verify, the last one is kept: %w", path, err)
 	}
-	if err := os.Rename(f.Name(), BackupPath(b.path)); err != nil {
+	if err := os.Rename(f.Name(), BackupPath(path)); err != nil {
 		return err
 	}
 	return syncDir(dir)
-}
-
-// viewRaw runs fn in a read transaction on bbolt's own Tx.
-func (b *Bolt) viewRaw(ctx context.Context, fn func(*bolt.Tx) error) error {
-	db, err := b.open(ctx, true)
-	if err != nil {
-		return err
-	}
-	defer db.Close()
-	return guard(b.path, func() error { return db.View(fn) })
 }
 
 // Restored says what RestoreBolt did.
@@ -126,8 +118,9 @@ func RestoreBolt(ctx context.Context, path string, force bool) (*Restored, error
 			return nil, fmt.Errorf("%w: %s verifies clean (force replaces it anyway)", ErrNotDamaged, path)
 		}
 		// Hold the store's own lock (bbolt's flock) while it is replaced,
-		// so no transaction of another process runs across the swap.
-		unlockStore, err := lockPath(ctx, path)
+		// so no transaction of another process runs across the swap; a
+		// process holding the file lets go of it for a waiter.
+		unlockStore, err := lockStore(ctx, path)
 		if err != nil {
 			return nil, err
 		}
@@ -206,6 +199,20 @@ func lockPath(ctx context.Context, path string) (func(), error) {
 		return nil, fmt.Errorf("%w: %s", ErrLocked, path)
 	}
 	return func() { fl.Unlock() }, nil
+}
+
+// lockStore takes the store file's own lock (the one bbolt takes), as a
+// waiter that a process holding the file gives way to.
+func lockStore(ctx context.Context, path string) (func(), error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := waitLock(ctx, f, path, syscall.LOCK_EX); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return func() { f.Close() }, nil
 }
 
 func syncDir(dir string) error {

@@ -6,8 +6,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	bolt "go.etcd.io/bbolt"
 
 	"github.com/xlsnap/xlsnap/storage/metastore"
 )
@@ -94,4 +97,87 @@ func BenchmarkUpdate(b *testing.B) {
 			}
 		})
 	}
+}
+
+// The store opened once per process (native) against the way it was
+// before, each transaction opening and closing the file (reopen: bbolt's
+// Open, its flock, mmap and free-list read, then Close), in the same run;
+// scripts/benchtable.sh prints reopen ÷ native. One write is an intent
+// put, one fsync.
+
+// reopenUpdate is one write transaction the old way: the file opened for
+// it alone. Goroutines of one process each take bbolt's flock on their
+// own descriptor, so they wait for each other in bbolt's 50 ms retries.
+func reopenUpdate(path string, key string) error {
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	return db.Update(func(tx *bolt.Tx) error {
+		b, err := tx.CreateBucketIfNotExists([]byte("intents"))
+		if err != nil {
+			return err
+		}
+		return b.Put([]byte(key), []byte(`{"id":"`+key+`","domain":"vm","op":"snapshot"}`))
+	})
+}
+
+// writes20 is the unit the issue measures: 20 small write transactions.
+func writes20(b *testing.B, store metastore.Store, path string, who int) {
+	ctx := context.Background()
+	for i := range 20 {
+		id := fmt.Sprintf("w%d-%02d", who, i)
+		var err error
+		if store == nil {
+			err = reopenUpdate(path, id)
+		} else {
+			in := &metastore.Intent{ID: id, Domain: "vm", Op: "snapshot"}
+			err = store.Update(ctx, func(tx metastore.Tx) error { return tx.PutIntent(in) })
+		}
+		if err != nil {
+			b.Error(err)
+			return
+		}
+	}
+}
+
+// BenchmarkWrites20: 20 write transactions in a row.
+func BenchmarkWrites20(b *testing.B) {
+	for _, kind := range []string{"native", "reopen"} {
+		b.Run(kind, func(b *testing.B) {
+			store, path := benchWriter(b, kind)
+			for b.Loop() {
+				writes20(b, store, path, 0)
+			}
+		})
+	}
+}
+
+// BenchmarkWrites4x20: 4 goroutines writing 20 transactions each.
+func BenchmarkWrites4x20(b *testing.B) {
+	for _, kind := range []string{"native", "reopen"} {
+		b.Run(kind, func(b *testing.B) {
+			store, path := benchWriter(b, kind)
+			for b.Loop() {
+				var wg sync.WaitGroup
+				for g := range 4 {
+					wg.Go(func() { writes20(b, store, path, g) })
+				}
+				wg.Wait()
+			}
+		})
+	}
+}
+
+// benchWriter is the shared store (native) or nil and the file's path
+// (reopen), on a store of 10 snapshots.
+func benchWriter(b *testing.B, kind string) (metastore.Store, string) {
+	store := benchStore(b, 10)
+	path := filepath.Join(b.TempDir(), "old.db")
+	if kind == "native" {
+		return store, path
+	}
+	store.Close()
+	return nil, path
 }

@@ -133,8 +133,7 @@ func verify(path string, tx *bolt.Tx) error {
 
 // verifyFile opens the bbolt file at path read-only and verifies it.
 func verifyFile(ctx context.Context, path string) error {
-	b := &Bolt{path: path}
-	db, err := b.open(ctx, true)
+	db, err := openDB(ctx, path, true)
 	if err != nil {
 		return err
 	}

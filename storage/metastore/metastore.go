@@ -1,7 +1,10 @@
 // Package metastore keeps xlsnap's metadata: per domain the disks, the
-// image tree and the snapshot tree, and the journal of operations in
-// flight. Store is the small interface a cluster store (etcd) can satisfy
-// too; Bolt is the embedded default.
+// image tree and the snapshot tree, the journal of operations in flight,
+// the per-domain locks, the index of which images each host's domains
+// use, and the events of chain changes. Store is the small interface
+// every implementation satisfies, and metastoretest the one suite each
+// runs: Bolt is the embedded default (one file per host), etcdstore the
+// cluster store (several hosts on shared pools).
 package metastore
 
 import (
@@ -17,11 +20,118 @@ import (
 // told apart from a missing file.
 var ErrNotFound = fmt.Errorf("record %w", errdefs.ErrNotFound)
 
-// Store runs transactions. Update commits everything fn did or nothing.
+// ErrLockLost: the domain's lock is no longer held (its lease expired
+// while its host was cut off, or it was released): the operation stops
+// before its next step and writes nothing more; another host may finish
+// or undo it. It wraps errdefs.ErrBusy (libvirt's state change lock, 68).
+var ErrLockLost = fmt.Errorf("%w: the domain's lock was lost", errdefs.ErrBusy)
+
+// ErrUnavailable: the store could not be reached (a cluster without
+// quorum, no member answering). Nothing was written. It wraps
+// errdefs.ErrOperationFailed (9); a call whose context expired waiting
+// also wraps the context's error (68).
+var ErrUnavailable = fmt.Errorf("%w: metadata store unavailable", errdefs.ErrOperationFailed)
+
+// Store is where xlsnap keeps its metadata. Every call takes a context
+// and returns when it ends, with its error.
 type Store interface {
+	// View runs fn in a read transaction: one consistent view.
 	View(ctx context.Context, fn func(Tx) error) error
+	// Update runs fn in a write transaction and commits everything fn
+	// did or nothing. A write of a domain's records (and of an intent on
+	// it) while this store holds that domain's lock commits only if the
+	// lock is still held (fencing): ErrLockLost otherwise.
 	Update(ctx context.Context, fn func(Tx) error) error
+	// Lock takes domain's lock, waiting as long as ctx lets when wait is
+	// set, else failing at once with an error wrapping errdefs.ErrBusy.
+	// A wait that ctx ends returns ctx's error. The lock serialises
+	// operations on the domain across goroutines, processes and (for a
+	// cluster store) hosts.
+	Lock(ctx context.Context, domain string, wait bool) (Lock, error)
+	// PutUsers replaces what publisher (a host and domain source) says
+	// its domains' disks use; Users lists every publisher's.
+	PutUsers(ctx context.Context, publisher string, uses []ImageUse) error
+	Users(ctx context.Context) ([]ImageUse, error)
+	// Publish tells watchers of chain changes; Watch returns every event
+	// published from now on, by any process or host, until ctx ends (the
+	// channel is closed then). A watcher that falls far behind may miss
+	// events (the store keeps them for a while, not for ever).
+	Publish(ctx context.Context, evs ...Event) error
+	Watch(ctx context.Context) (<-chan Event, error)
 	Close() error
+}
+
+// Local is the optional ability of a store only one host uses (Bolt):
+// every definition it serves is that host's, so no image-user index need
+// be kept, and no other host's operation is ever found in its journal.
+type Local interface{ Local() bool }
+
+// Lock is a held domain lock.
+type Lock interface {
+	Domain() string
+	// Holder names the holder: this host and, for a cluster store, the
+	// lease that keeps the lock (journal intents record it).
+	Holder() string
+	// Lost is closed once the lock is no longer held: released, or its
+	// lease expired.
+	Lost() <-chan struct{}
+	// Unlock releases it; releasing a lost lock is no error.
+	Unlock(ctx context.Context) error
+}
+
+type lockKey struct{}
+
+// WithLock returns ctx carrying l, so that calls made with it know the
+// caller holds l's domain (storage takes a domain's lock once per call).
+func WithLock(ctx context.Context, l Lock) context.Context {
+	held, _ := ctx.Value(lockKey{}).([]Lock)
+	return context.WithValue(ctx, lockKey{}, append(held[:len(held):len(held)], l))
+}
+
+// HeldLock returns the lock ctx carries for domain, nil when none or
+// when it was lost.
+func HeldLock(ctx context.Context, domain string) Lock {
+	held, _ := ctx.Value(lockKey{}).([]Lock)
+	for _, l := range held {
+		if l.Domain() != domain {
+			continue
+		}
+		select {
+		case <-l.Lost():
+			return nil
+		default:
+			return l
+		}
+	}
+	return nil
+}
+
+// ImageUse is one disk of one domain definition of one host, and every
+// image it reads: the index that lets a host see another host's users
+// of an image on a shared pool.
+type ImageUse struct {
+	// Publisher is who published it (a host and domain source).
+	Publisher  string `json:"publisher"`
+	Host       string `json:"host"`
+	Domain     string `json:"domain"`
+	DomainName string `json:"domain_name,omitempty"`
+	Disk       string `json:"disk"`
+	// Chain is the disk's image and every image below it, top to base.
+	Chain []string `json:"chain"`
+}
+
+// Event tells that one disk's chain changed (see storage.ChainChanged).
+type Event struct {
+	// Origin is the publishing Manager's own id, so it can skip its own
+	// events (it tells its subscribers at once); Host its host.
+	Origin   string   `json:"origin"`
+	Host     string   `json:"host,omitempty"`
+	Domain   string   `json:"domain"`
+	Disk     string   `json:"disk"`
+	Before   []string `json:"before,omitempty"`
+	After    []string `json:"after,omitempty"`
+	Reason   string   `json:"reason"`
+	Snapshot string   `json:"snapshot,omitempty"`
 }
 
 // Tx reads and writes records inside one transaction.
@@ -230,6 +340,11 @@ type Intent struct {
 	// before the first of them and cleared after the last: only the
 	// driver, which reaches the hypervisor, can finish it.
 	Guest *Guest `json:"guest,omitempty"`
+	// Owner is the host that wrote the intent and Holder the lock (with
+	// its lease, for a cluster store) it held: once that lock is gone,
+	// another host may finish or undo the disk and metadata steps.
+	Owner  string `json:"owner,omitempty"`
+	Holder string `json:"holder,omitempty"`
 }
 
 // Guest is what an operation does to a running or paused domain, so
