@@ -114,7 +114,7 @@ func (d *Driver) BlockCommit(ctx context.Context, domain, disk, base, top string
 		return nil, err
 	}
 	opts := storage.BlockCommitOptions{Base: base, Top: top, Shallow: flags&BlockCommitShallow != 0, Active: flags&BlockCommitActive != 0}
-	return d.blockJob(ctx, domain, "a block commit", func(v *domainView, live storage.Live) (*storage.BlockJobReport, error) {
+	return d.blockJob(ctx, domain, "a block commit", func(ctx context.Context, v *domainView, live storage.Live) (*storage.BlockJobReport, error) {
 		opts.Live = live
 		return d.st.BlockCommit(ctx, v.key, disk, opts)
 	})
@@ -160,7 +160,7 @@ func (d *Driver) pull(ctx context.Context, domain, disk, base string, bandwidth 
 	if err := noBandwidth(bandwidth); err != nil {
 		return nil, err
 	}
-	return d.blockJob(ctx, domain, "a block pull", func(v *domainView, live storage.Live) (*storage.BlockJobReport, error) {
+	return d.blockJob(ctx, domain, "a block pull", func(ctx context.Context, v *domainView, live storage.Live) (*storage.BlockJobReport, error) {
 		return d.st.BlockPull(ctx, v.key, disk, storage.BlockPullOptions{Base: base, Live: live})
 	})
 }
@@ -176,8 +176,10 @@ func noBandwidth(bandwidth uint64) error {
 
 // blockJob runs a block job on a domain brought in line with its
 // definition, through the device model when the domain is active, and
-// re-reads the definition the job's definition step rewrote.
-func (d *Driver) blockJob(ctx context.Context, domain, what string, job func(v *domainView, live storage.Live) (*storage.BlockJobReport, error)) (*BlockJobReport, error) {
+// re-reads the definition the job's definition step rewrote. job gets
+// the context that carries the call's lock: storage takes it no second
+// time (with the caller's own, it would wait for itself).
+func (d *Driver) blockJob(ctx context.Context, domain, what string, job func(ctx context.Context, v *domainView, live storage.Live) (*storage.BlockJobReport, error)) (*BlockJobReport, error) {
 	ctx, unlock, err := d.lockCall(ctx, domain)
 	if err != nil {
 		return nil, err
@@ -197,7 +199,7 @@ func (d *Driver) blockJob(ctx context.Context, domain, what string, job func(v *
 		defer l.Hold()()
 		live = l
 	}
-	r, err := job(v, live)
+	r, err := job(ctx, v, live)
 	if err != nil {
 		return nil, err
 	}

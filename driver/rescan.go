@@ -159,6 +159,11 @@ func (d *Driver) movedLayers(ctx context.Context, key, disk string, moves map[st
 			if _, err := os.Stat(np); err != nil {
 				return nil, invalidf("moved %s: nothing at %s: %v", p, np, err)
 			}
+			// What the walk after the switch would refuse is refused
+			// before the device model is touched.
+			if err := d.st.InPools(np); err != nil {
+				return nil, err
+			}
 			if _, err := os.Stat(p); err == nil {
 				var q qemuimg.Runner
 				if err := q.SameLayer(ctx, p, np, img.Format); err != nil {

@@ -160,6 +160,24 @@ func (m *Manager) poolOf(path string) (*pool, error) {
 	return nil, fmt.Errorf("%w: %s is in no pool", ErrInvalidArg, path)
 }
 
+// InPools checks, before a caller hands path to anything, what every
+// chain walk checks of the images it reads: that path, its symlinks
+// resolved, lies inside a pool. ErrUnsafeBacking
+// (VIR_ERR_CONFIG_UNSUPPORTED, 67) when it does not; ErrInvalidArg (8)
+// when it cannot be resolved.
+func (m *Manager) InPools(path string) error {
+	real, err := filepath.EvalSymlinks(path)
+	if err != nil {
+		return fmt.Errorf("%w: %s: %v", ErrInvalidArg, path, err)
+	}
+	for _, root := range m.policy().Roots {
+		if r, err := filepath.EvalSymlinks(root); err == nil && strings.HasPrefix(real, r+"/") {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: %s resolves outside the pools", ErrUnsafeBacking, path)
+}
+
 // policy is the chain policy of every walk: images stay inside the pools.
 func (m *Manager) policy() chain.Policy {
 	p := chain.Policy{}

@@ -3,6 +3,7 @@ package live
 import (
 	"errors"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -154,6 +155,18 @@ func TestMoveBaseLiveAndRefusals(t *testing.T) {
 		t.Fatalf("a copy that differs: %v, want ErrInvalidArg", err)
 	}
 	unchanged("after the refused copy")
+	// A copy outside every pool: refused before the device model or a
+	// header is touched.
+	outside := filepath.Join(t.TempDir(), "vm-xvda.qcow2")
+	storagetest.CopyFile(t, base, outside)
+	err = e.d.ChainChanged(e.ctx, "vm", "xvda", driver.Move{From: base, To: outside})
+	if !errors.Is(err, errdefs.ErrUnsafeBacking) {
+		t.Fatalf("a copy outside the pools: %v, want ErrUnsafeBacking", err)
+	}
+	unchanged("after the refused copy outside the pools")
+	if h := storagetest.Run(t, "qemu-img", "info", "-U", "-f", "qcow2", mid); !strings.Contains(h, "backing file: "+base+"\n") {
+		t.Fatalf("%s after the refused copy:\n%s", mid, h)
+	}
 	// The layer the guest writes cannot move.
 	err = e.d.ChainChanged(e.ctx, "vm", "xvda", driver.Move{From: top, To: e.path("other/top.qcow2")})
 	if !errors.Is(err, errdefs.ErrOperationInvalid) {

@@ -12,7 +12,7 @@ import (
 	"github.com/xlsnap/xlsnap/driver"
 )
 
-// TestBlockJobsXen (case 11): virsh's blockcommit and blockpull on a
+// TestBlockJobsXen (case 13): virsh's blockcommit and blockpull on a
 // running PV guest through libxl's QMP (the device model's socket libxl
 // keeps): two layers taken live with NO_METADATA on both disks, then an
 // active commit of xvda's whole chain into its base with the pivot, and a
@@ -50,7 +50,7 @@ func TestBlockJobsXen(t *testing.T) {
 	if err != nil {
 		t.Fatalf("blockcommit --pivot: %v\n%s", err, g.console())
 	}
-	timing(t, "case 11: blockcommit --pivot through an image between", t0)
+	timing(t, "case 13: blockcommit --pivot through an image between", t0)
 	if r.Active != g.base["xvda"] || !slices.Equal(r.Removed, []string{layers["b"]["xvda"], layers["a"]["xvda"]}) {
 		t.Fatalf("blockcommit report %+v", r)
 	}
@@ -59,7 +59,7 @@ func TestBlockJobsXen(t *testing.T) {
 	if err != nil {
 		t.Fatalf("blockpull: %v\n%s", err, g.console())
 	}
-	timing(t, "case 11: blockpull of the whole chain", t0)
+	timing(t, "case 13: blockpull of the whole chain", t0)
 	if r.Active != layers["b"]["xvdb"] || !slices.Equal(r.Removed, []string{layers["a"]["xvdb"]}) || !slices.Equal(r.Kept, []string{g.base["xvdb"]}) {
 		t.Fatalf("blockpull report %+v", r)
 	}
@@ -76,6 +76,35 @@ func TestBlockJobsXen(t *testing.T) {
 		if _, err := os.Stat(gone); !os.IsNotExist(err) {
 			t.Errorf("%s, which left its chain and nothing uses, is still there: %v", gone, err)
 		}
+	}
+	// Case 14: coalesce through libxl's QMP. One more NO_METADATA layer
+	// on each disk is what no snapshot needs: coalesce merges it into
+	// the layer under it, inside the device model, and each disk is one
+	// image again.
+	req, overlays := g.externalRequest("c")
+	if _, err := d.CreateSnapshot(ctx, g.name, req, driver.CreateDiskOnly|driver.CreateAtomic|driver.CreateNoMetadata); err != nil {
+		t.Fatalf("live layer c: %v\n%s", err, g.console())
+	}
+	for _, disk := range disks {
+		g.waitSeq(overlays[disk], disk, before+2)
+	}
+	t0 = time.Now()
+	cr, err := d.Coalesce(ctx, g.name, 0)
+	if err != nil {
+		t.Fatalf("coalesce: %v\n%s", err, g.console())
+	}
+	timing(t, "case 14: coalesce of a layer per disk", t0)
+	if len(cr.Merges) != len(disks) {
+		t.Fatalf("coalesce merged %+v, want one layer per disk", cr.Merges)
+	}
+	chains = g.chains(h)
+	for _, disk := range disks {
+		di := g.diskList(d)[disk]
+		if len(di.Chain) != 1 {
+			t.Fatalf("%s after the coalesce: %v, want one image", disk, di.Chain)
+		}
+		active[disk] = di.Source
+		g.expectChain(chains, active[disk])
 	}
 	var after int
 	for _, disk := range disks {

@@ -76,7 +76,7 @@ func TestLiveMemorySnapshot(t *testing.T) {
 
 	// A PVH guest runs on hardware-assisted paging, whose log-dirty
 	// works here.
-	g := newGuest(t, "g8")
+	g := newGuest(t, "g10")
 	g.typ = "pvh"
 	g.start(nil)
 	d := g.openDriver(h)
