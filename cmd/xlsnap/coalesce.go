@@ -75,12 +75,14 @@ func (a *app) coalesceCmd() *cobra.Command {
 			}
 			return err
 		}
-		verb := "merged away"
+		// What stays is named last: the layer nothing needed may be the
+		// file that stays (a commit down keeps its name).
+		verb := "merged into"
 		if report.DryRun {
-			verb = "would be merged away"
+			verb = "would be merged into"
 		}
 		for _, m := range report.Merges {
-			fmt.Fprintf(w, "Domain %s disk %s: %s %s (%s, %s into %s)\n", m.Domain, m.Disk, m.Layer, verb, m.Action, m.Removed, m.Kept)
+			fmt.Fprintf(w, "Domain %s disk %s: %s %s %s (%s; %s was needed by nothing)\n", m.Domain, m.Disk, m.Removed, verb, m.Kept, m.Action, m.Layer)
 		}
 		n := len(report.Merges)
 		switch {

@@ -36,7 +36,7 @@ func TestCoalesceCommand(t *testing.T) {
 	out = c.ok("coalesce", "vm", "--dry-run")
 	want = ""
 	for _, m := range dry.Merges {
-		want += fmt.Sprintf("Domain vm disk %s: %s would be merged away (%s, %s into %s)\n", m.Disk, m.Layer, m.Action, m.Removed, m.Kept)
+		want += fmt.Sprintf("Domain vm disk %s: %s would be merged into %s (%s; %s was needed by nothing)\n", m.Disk, m.Removed, m.Kept, m.Action, m.Layer)
 	}
 	if want += "2 layers would be merged away\n"; out != want {
 		t.Fatalf("coalesce --dry-run:\n%s\nwant:\n%s", out, want)
@@ -45,7 +45,7 @@ func TestCoalesceCommand(t *testing.T) {
 		t.Fatalf("the dry run changed xvda's chain: %v", got)
 	}
 	out = c.ok("coalesce", "vm")
-	if !strings.HasSuffix(out, "2 layers merged away\n") || strings.Count(out, " merged away (") != 2 {
+	if !strings.HasSuffix(out, "2 layers merged away\n") || strings.Count(out, " merged into ") != 2 {
 		t.Fatalf("coalesce:\n%s", out)
 	}
 	for _, d := range []string{"xvda", "xvdb"} {

@@ -438,7 +438,7 @@ func (a *app) deleteCmd() *cobra.Command {
 			fmt.Fprintf(w, "  removed unused image %s\n", p)
 		}
 		for _, m := range report.Coalesced {
-			fmt.Fprintf(w, "  %s: freed layer %s merged away (%s, %s into %s)\n", m.Disk, m.Layer, m.Action, m.Removed, m.Kept)
+			fmt.Fprintf(w, "  %s: freed layer %s: %s merged into %s (%s)\n", m.Disk, m.Layer, m.Removed, m.Kept, m.Action)
 		}
 		_, err = fmt.Fprintln(w)
 		return err
