@@ -181,7 +181,7 @@ func TestBlockCommitActiveToBottom(t *testing.T) {
 	bjExpectChain(e, "vm-vda.qcow2")
 	bjExpectData(e, 2)
 	bjExpectFiles(e, "vm-vda.qcow2", "vm-vdb.qcow2")
-	e.CheckClean("vm")
+	e.CheckNoFault("vm")
 }
 
 func TestBlockCommitActiveIntoMiddle(t *testing.T) {
@@ -200,7 +200,7 @@ func TestBlockCommitActiveIntoMiddle(t *testing.T) {
 	// vm-vda.qcow2 took nothing.
 	storagetest.ExpectImage(t, e.Path("vm-vda.qcow2"), "qcow2", 0x00, bjMiB, 2*bjMiB)
 	bjExpectFiles(e, "vm-vda.a", "vm-vda.qcow2", "vm-vdb.qcow2")
-	e.CheckClean("vm")
+	e.CheckNoFault("vm")
 }
 
 func TestBlockCommitShallow(t *testing.T) {
@@ -216,7 +216,7 @@ func TestBlockCommitShallow(t *testing.T) {
 	bjExpectChain(e, "vm-vda.b", "vm-vda.qcow2")
 	bjExpectData(e, 2)
 	bjExpectFiles(e, "vm-vda.b", "vm-vda.qcow2", "vm-vdb.qcow2")
-	e.CheckClean("vm")
+	e.CheckNoFault("vm")
 }
 
 // TestBlockCommitDeep: a commit past images between Top and Base is one
@@ -238,7 +238,7 @@ func TestBlockCommitDeep(t *testing.T) {
 	bjExpectChain(e, "vm-vda.c", "vm-vda.qcow2")
 	bjExpectData(e, 3)
 	storagetest.ExpectImage(t, e.Path("vm-vda.qcow2"), "qcow2", 0x33, 2*bjMiB, bjMiB)
-	e.CheckClean("vm")
+	e.CheckNoFault("vm")
 }
 
 // TestBlockCommitKeepsUserImages: images xlsnap did not create leave the
@@ -282,7 +282,7 @@ func TestBlockPullWhole(t *testing.T) {
 	bjExpectChain(e, "vm-vda.b")
 	bjExpectData(e, 2)
 	bjExpectFiles(e, "vm-vda.b", "vm-vda.qcow2", "vm-vdb.qcow2")
-	e.CheckClean("vm")
+	e.CheckNoFault("vm")
 }
 
 func TestBlockPullPartial(t *testing.T) {
@@ -306,7 +306,7 @@ func TestBlockPullPartial(t *testing.T) {
 	if bjState(e) != before {
 		t.Fatal("a pull with nothing to do changed something")
 	}
-	e.CheckClean("vm")
+	e.CheckNoFault("vm")
 }
 
 // TestBlockPullKeepsSnapshotData: the images a pull takes out of the
@@ -335,13 +335,13 @@ func TestBlockPullKeepsSnapshotData(t *testing.T) {
 	bjExpectChain(e, "vm-vda.x")
 	e.Expect("vm", "vda", 0x22, 0, bjMiB)
 	e.Expect("vm", "vda", 0x33, bjMiB, bjMiB)
-	e.CheckClean("vm")
+	e.CheckNoFault("vm")
 	if _, err := e.M.Revert(e.Ctx, "vm", "s1", storage.RevertOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	e.Expect("vm", "vda", 0x11, 0, bjMiB)
 	e.Expect("vm", "vda", 0x00, bjMiB, bjMiB)
-	e.CheckClean("vm")
+	e.CheckNoFault("vm")
 }
 
 func TestBlockCommitRefusals(t *testing.T) {
@@ -386,7 +386,7 @@ func TestBlockCommitRefusals(t *testing.T) {
 		bjExpectChain(e, "vm-vda.s1", "vm-vda.a", "vm-vda.qcow2")
 		e.Expect("vm", "vda", 0x44, 3*bjMiB, bjMiB)
 		e.Expect("vm", "vda", 0x45, 4*bjMiB, bjMiB)
-		e.CheckClean("vm")
+		e.CheckNoFault("vm")
 		if _, err := e.M.Revert(e.Ctx, "vm", "s1", storage.RevertOptions{}); err != nil {
 			t.Fatal(err)
 		}

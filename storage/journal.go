@@ -192,7 +192,9 @@ func (m *Manager) commit(ctx context.Context, in *intent) error {
 	// write different files: side by side, the call waits for the
 	// slower, not for both (a live merge's last milliseconds).
 	backupErr := make(chan error, 1)
-	go func() { backupErr <- m.backup(ctx) }()
+	// The commit stands whatever becomes of the caller: its copy is
+	// made even if the call is cancelled now.
+	go func() { backupErr <- m.backup(context.WithoutCancel(ctx)) }()
 	crashpoint.Hit(in.Op + "/committed")
 	if before != nil {
 		m.publishChanges(before, c.Domain, in.Op, opSnapshot(in.Op, c))

@@ -120,8 +120,7 @@ func TestLiveBlockCommitPivot(t *testing.T) {
 			t.Fatalf("%s after the commit: %v", gone, err)
 		}
 	}
-	problems, err := e.d.Storage().Check(e.ctx)
-	if err != nil || len(problems) != 0 {
+	if problems, err := e.d.Storage().Check(e.ctx); err != nil || faults(problems) {
 		t.Fatalf("check: %+v %v", problems, err)
 	}
 }
@@ -168,8 +167,7 @@ func TestLiveBlockPull(t *testing.T) {
 	e.liveChain("vm-xvda.c")
 	e.expectSeed(3)
 	storagetest.Run(t, "qemu-img", "check", "-q", "-U", "-f", "qcow2", e.path("vm-xvda.c"))
-	problems, err := e.d.Storage().Check(e.ctx)
-	if err != nil || len(problems) != 0 {
+	if problems, err := e.d.Storage().Check(e.ctx); err != nil || faults(problems) {
 		t.Fatalf("check: %+v %v", problems, err)
 	}
 }
@@ -240,8 +238,7 @@ func TestLiveCrashBlockJobs(t *testing.T) {
 					t.Fatalf("vm.xml names %s, the chain is %v", e.defined(), got)
 				}
 				e.expectSeed(2)
-				problems, err := e.d.Storage().Check(e.ctx)
-				if err != nil || len(problems) != 0 {
+				if problems, err := e.d.Storage().Check(e.ctx); err != nil || faults(problems) {
 					t.Fatalf("check after recovery: %+v %v", problems, err)
 				}
 				for _, f := range e.files() {
@@ -330,4 +327,10 @@ func TestLiveMergeConnections(t *testing.T) {
 	}
 	e.expect("xvda", 0x11, 0)
 	e.expect("xvda", 0x12, mib)
+}
+
+// faults reports a finding that is a fault: the seed's NO_METADATA
+// layers are what no snapshot needs, which check lists as coalescible.
+func faults(problems []storage.Problem) bool {
+	return slices.ContainsFunc(problems, func(p storage.Problem) bool { return !p.Kind.Informational() })
 }
