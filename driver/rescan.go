@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/xlsnap/xlsnap/chain"
 	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/internal/qemuimg"
 	"github.com/xlsnap/xlsnap/xenlight"
@@ -95,36 +94,37 @@ func (d *Driver) ChainChanged(ctx context.Context, domain, disk string, moves ..
 	// The device model must read the chain storage recorded: it is
 	// switched to it where it reads another, and where it cannot be the
 	// difference is reported exactly (xenlight.MismatchError).
-	layers, err := d.recordedLayers(ctx, v.key, disk, c)
+	_, layers, err := d.recordedLayers(ctx, v.key, disk)
 	if err != nil {
 		return err
+	}
+	if len(layers) != len(c.Layers) {
+		return fmt.Errorf("%w: disk %s: the chain on disk has %d layers, the record %d", errdefs.ErrInternal, disk, len(c.Layers), len(layers))
 	}
 	return live.Follow(ctx, disk, layers)
 }
 
 // recordedLayers is a disk's chain as storage recorded it, top to base,
-// with the recorded formats: after moves, the new files.
-func (d *Driver) recordedLayers(ctx context.Context, key, disk string, walked *chain.Chain) ([]xenlight.Layer, error) {
+// with the recorded formats (after moves, the new files), and the
+// domain's name for messages.
+func (d *Driver) recordedLayers(ctx context.Context, key, disk string) (string, []xenlight.Layer, error) {
 	rec, err := d.st.Domain(ctx, key)
 	if err != nil {
-		return nil, err
+		return "", nil, err
 	}
 	dk := rec.Disk(disk)
 	if dk == nil {
-		return nil, invalidf("domain %s has no disk %q", rec.DisplayName, disk)
+		return "", nil, invalidf("domain %s has no disk %q", rec.DisplayName, disk)
 	}
 	var layers []xenlight.Layer
 	for _, p := range rec.Chain(dk.Active) {
 		img, ok := rec.Images[p]
 		if !ok {
-			return nil, fmt.Errorf("%w: %s of disk %s has no record", errdefs.ErrInternal, p, disk)
+			return "", nil, fmt.Errorf("%w: %s of disk %s has no record", errdefs.ErrInternal, p, disk)
 		}
 		layers = append(layers, xenlight.Layer{Path: p, Format: img.Format})
 	}
-	if len(layers) != len(walked.Layers) {
-		return nil, fmt.Errorf("%w: disk %s: the chain on disk has %d layers, the record %d", errdefs.ErrInternal, disk, len(walked.Layers), len(layers))
-	}
-	return layers, nil
+	return rec.DisplayName, layers, nil
 }
 
 // movedLayers is the recorded chain of a running disk with the moves
@@ -135,26 +135,18 @@ func (d *Driver) movedLayers(ctx context.Context, key, disk string, moves map[st
 	if len(moves) == 0 {
 		return nil, nil
 	}
-	rec, err := d.st.Domain(ctx, key)
+	name, layers, err := d.recordedLayers(ctx, key, disk)
 	if err != nil {
 		return nil, err
 	}
-	dk := rec.Disk(disk)
-	if dk == nil {
-		return nil, invalidf("domain %s has no disk %q", rec.DisplayName, disk)
-	}
-	var layers []xenlight.Layer
 	touched := false
-	for i, p := range rec.Chain(dk.Active) {
-		img, ok := rec.Images[p]
-		if !ok {
-			return nil, fmt.Errorf("%w: %s of disk %s has no record", errdefs.ErrInternal, p, disk)
-		}
+	for i := range layers {
+		p, format := layers[i].Path, layers[i].Format
 		np := movedTo(p, moves)
 		if np != p {
 			if i == 0 {
 				return nil, fmt.Errorf("%w: %s is the layer the running domain %s writes on disk %s: it cannot move while the device model writes it",
-					errdefs.ErrOperationInvalid, p, rec.DisplayName, disk)
+					errdefs.ErrOperationInvalid, p, name, disk)
 			}
 			if _, err := os.Stat(np); err != nil {
 				return nil, invalidf("moved %s: nothing at %s: %v", p, np, err)
@@ -166,13 +158,12 @@ func (d *Driver) movedLayers(ctx context.Context, key, disk string, moves map[st
 			}
 			if _, err := os.Stat(p); err == nil {
 				var q qemuimg.Runner
-				if err := q.SameLayer(ctx, p, np, img.Format); err != nil {
+				if err := q.SameLayer(ctx, p, np, format); err != nil {
 					return nil, fmt.Errorf("%s is not a copy of %s: %w", np, p, err)
 				}
 			}
-			touched = true
+			layers[i].Path, touched = np, true
 		}
-		layers = append(layers, xenlight.Layer{Path: np, Format: img.Format})
 	}
 	if !touched {
 		return nil, nil

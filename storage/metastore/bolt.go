@@ -255,9 +255,11 @@ func (f *boltFile) acquire(ctx context.Context) (*bolt.DB, error) {
 			f.closeDB()
 		}
 		if f.db != nil && !f.drop {
+			// Read under the lock: a Close of the last handle clears it.
+			db := f.db
 			f.refs++
 			f.mu.Unlock()
-			return f.db, nil
+			return db, nil
 		}
 		if f.db != nil && f.refs == 0 {
 			f.closeDB()
