@@ -78,6 +78,11 @@ if [ ! -f "$share/exit-code" ]; then
 	exit 1
 fi
 rc=$(cat "$share/exit-code")
+# Every run's logs outlive the run's temporary folder: a CI failure is
+# read afterwards on the same machine.
+keep=/var/tmp/xlsnap-xen-logs/$(date -u +%Y%m%dT%H%M%SZ)-rc$rc
+mkdir -p "$keep" && cp "$share/test.log" "$run/serial.log" "$keep/" 2>/dev/null || true
+ls -1dt /var/tmp/xlsnap-xen-logs/* 2>/dev/null | tail -n +21 | xargs -r rm -rf
 echo
 echo "test-xen: timings"
 echo "  image (build or cache hit) and test binary: see above"
@@ -87,8 +92,13 @@ grep -h 'xlsnap-init:' "$run/serial.log" | sed 's/^/  /' || true
 grep -E '^(=== RUN|--- |PASS|FAIL|ok)' "$share/test.log" | grep -v '=== RUN' | sed 's/^/  /' || true
 echo "test-xen: total $(since "$t_start") s"
 if [ "$rc" != 0 ]; then
-	echo "test-xen: FAILED (exit $rc); full test log: $share/test.log" >&2
-	[ "${XEN_KEEP:-}" = 1 ] || { tail -n 80 "$share/test.log" >&2; }
+	echo "test-xen: FAILED (exit $rc); logs kept in $keep" >&2
+	# A failed test's own lines, last: the part of a long log that is
+	# shown is its end.
+	for name in $(sed -n 's/^--- FAIL: \([^ ]*\) .*/\1/p' "$share/test.log"); do
+		echo "test-xen: the output of $name:" >&2
+		sed -n "/^=== RUN   $name\$/,/^--- FAIL: $name /p" "$share/test.log" | tail -n 60 >&2
+	done
 	exit 1
 fi
 echo "test-xen: PASS"

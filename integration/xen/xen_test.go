@@ -188,7 +188,7 @@ func records(t *testing.T, image, disk string, shared bool) (last int, seqs []in
 		if err == nil {
 			break
 		}
-		if !shared || try == 5 {
+		if !shared || try == 20 {
 			t.Fatalf("reading %s: %v\n%s", image, err, out)
 		}
 		t.Logf("reading %s while the guest runs (try %d): %v: %s", image, try, err, bytes.TrimSpace(out))
