@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -157,6 +158,37 @@ func TestLibvirtXen(t *testing.T) {
 	}
 	if doc := persistentXML(t, dom); !strings.Contains(doc, s1["xvda"]) || !strings.Contains(doc, s1["xvdb"]) {
 		t.Fatalf("libvirt's definition does not name the overlays:\n%s", doc)
+	}
+
+	// case 8f: the storage admin's move through xen:///system: xvda's
+	// base, now s1's state, is copied to other storage and the hook
+	// told; the device model reads the copy, the old file goes at once,
+	// the guest writes on, and s1's record names the copy.
+	moved := filepath.Join(g.dir, "moved")
+	run(t, "mkdir", "-p", moved)
+	newBase := filepath.Join(moved, filepath.Base(g.base["xvda"]))
+	run(t, "cp", "--sparse=always", g.base["xvda"], newBase)
+	t0 = time.Now()
+	if err := d.ChainChanged(ctx, g.name, "xvda", driver.Move{From: g.base["xvda"], To: newBase}); err != nil {
+		t.Fatalf("rescan with the base moved, through libvirt: %v\n%s", err, g.console())
+	}
+	timing(t, "case 8f: libvirt rescan with a move", t0)
+	run(t, "rm", g.base["xvda"])
+	g.base["xvda"] = newBase
+	g.expectChain(g.chains(h), s1["xvda"], newBase)
+	if out := run(t, "qemu-img", "info", "-U", "-f", "qcow2", s1["xvda"]); !strings.Contains(out, "backing file: "+newBase+"\n") {
+		t.Fatalf("%s after the move:\n%s", s1["xvda"], out)
+	}
+	if c := g.diskList(d)["xvda"].Chain; !slices.Equal(c, []string{s1["xvda"], newBase}) {
+		t.Fatalf("xlsnap's chain of xvda after the move: %v", c)
+	}
+	if doc, err := d.SnapshotGetXMLDesc(ctx, g.name, "s1", 0); err != nil || !strings.Contains(doc, "'"+newBase+"'") && !strings.Contains(doc, `"`+newBase+`"`) {
+		t.Fatalf("s1's record after the move (%v):\n%s", err, doc)
+	}
+	last, _ := records(t, s1["xvda"], "xvda", true)
+	g.waitSeq(s1["xvda"], "xvda", last+2)
+	if now, _ := records(t, newBase, "xvda", true); now != frozen["xvda"] {
+		t.Fatalf("the moved base holds record %d, s1 froze it at %d", now, frozen["xvda"])
 	}
 
 	// case 8b: a memory snapshot. libvirt saves only by stopping the

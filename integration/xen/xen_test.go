@@ -359,6 +359,9 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "not in a Xen dom0 (no /proc/xen/capabilities): these tests run inside the test bed (make test-xen)")
 		os.Exit(1)
 	}
+	if os.Getenv("XLSNAP_XEN_HELPER") != "" {
+		os.Exit(toolstackHelper())
+	}
 	os.Exit(m.Run())
 }
 

@@ -40,6 +40,24 @@ func Hit(name string) {
 	if p, _ := panicAt.Load().(string); p != "" && p == name {
 		panic(Crash(name))
 	}
+	if a, _ := action.Load().(*hook); a != nil && a.name == name {
+		a.fn()
+	}
+}
+
+type hook struct {
+	name string
+	fn   func()
+}
+
+var action atomic.Value
+
+// Do makes Hit run fn at name, in the operation's goroutine, until stop
+// is called: for tests that break another component at a step (kill a
+// daemon the operation talks to next) while the operation goes on.
+func Do(name string, fn func()) (stop func()) {
+	action.Store(&hook{name: name, fn: fn})
+	return func() { action.Store((*hook)(nil)) }
 }
 
 var panicAt atomic.Value

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/xlsnap/xlsnap/errdefs"
+	"github.com/xlsnap/xlsnap/internal/crashpoint"
 )
 
 // ErrJobFailed: a block job ended with an error; ErrJobCancelled: someone
@@ -49,6 +50,8 @@ func (m *Monitor) RunJob(ctx context.Context, job Job, command string, args map[
 	if err := m.Execute(bg, command, args, nil); err != nil {
 		return err
 	}
+	// The job runs in the device model from here, with or without us.
+	crashpoint.Within(ctx, "job-started")
 	tick := time.NewTicker(progressEvery)
 	defer tick.Stop()
 	cancelled := false
