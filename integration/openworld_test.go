@@ -719,6 +719,12 @@ func TestOpenWorldMovedFolder(t *testing.T) {
 	if err := os.RemoveAll(w.path("old")); err != nil {
 		t.Fatal(err)
 	}
+	// The definition of s1's time, which a revert writes back, names the
+	// moved image too.
+	doc, err := w.d.SnapshotGetXMLDesc(w.ctx, "vm", "s1", 0)
+	if err != nil || !strings.Contains(doc, "<source file='"+w.path("new/a.qcow2")+"'/>") || strings.Contains(doc, w.path("old")) {
+		t.Fatalf("s1's XML after the move (%v):\n%s", err, doc)
+	}
 	w.revert("vm", "s1")
 	w.expect(w.source("vm", "xvda"), 0x61, 0, 64)
 	w.del("vm", "s1", 0)
@@ -726,6 +732,46 @@ func TestOpenWorldMovedFolder(t *testing.T) {
 		t.Fatalf("disk on %s, want new/a.qcow2", got)
 	}
 	w.expect(w.source("vm", "xvda"), 0x61, 0, 64)
+}
+
+// TestOpenWorldMoveOfUnsnapshottedDisk: xvdb took no part in s1, and its
+// image moved afterwards; s1's definition is rewritten with the move, so
+// a revert to s1 names the image where it is now, never the removed one.
+func TestOpenWorldMoveOfUnsnapshottedDisk(t *testing.T) {
+	w := newWorld(t)
+	w.image("a.qcow2", "")
+	w.image("b.qcow2", "")
+	w.write("b.qcow2", 0x71, 0, 64)
+	w.define("vm", "", vdisk{"xvda", "a.qcow2"}, vdisk{"xvdb", "b.qcow2"})
+	w.open()
+	doc := "<domainsnapshot><name>s1</name><disks><disk name='xvda' snapshot='external'/><disk name='xvdb' snapshot='no'/></disks></domainsnapshot>"
+	if _, err := w.d.SnapshotCreateXML(w.ctx, "vm", doc, driver.CreateDiskOnly); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(w.path("moved"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "cp", w.path("b.qcow2"), w.path("moved/b.qcow2"))
+	w.define("vm", "", vdisk{"xvda", "a.s1"}, vdisk{"xvdb", "moved/b.qcow2"})
+	if err := w.d.ChainChanged(w.ctx, "vm", "xvdb", driver.Move{From: w.path("b.qcow2"), To: w.path("moved/b.qcow2")}); err != nil {
+		t.Fatalf("rescan xvdb --moved: %v", err)
+	}
+	if err := os.Remove(w.path("b.qcow2")); err != nil {
+		t.Fatal(err)
+	}
+	out, err := w.d.SnapshotGetXMLDesc(w.ctx, "vm", "s1", 0)
+	if err != nil || !strings.Contains(out, "<source file='"+w.path("moved/b.qcow2")+"'/>") || strings.Contains(out, "'"+w.path("b.qcow2")+"'") {
+		t.Fatalf("s1's XML after xvdb's move (%v):\n%s", err, out)
+	}
+	w.write("moved/b.qcow2", 0x72, 0, 64)
+	w.revert("vm", "s1")
+	if got := w.source("vm", "xvdb"); got != w.path("moved/b.qcow2") {
+		t.Fatalf("xvdb on %s after the revert, want moved/b.qcow2", got)
+	}
+	w.expect("moved/b.qcow2", 0x72, 0, 64)
+	if got := w.problems(); len(got) > 0 {
+		t.Fatalf("check: %v", got)
+	}
 }
 
 // TestOpenWorldRevertBringsBackUnsnapshottedDisk: xvdb took no part in

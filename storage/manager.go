@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/xlsnap/xlsnap/chain"
+	"github.com/xlsnap/xlsnap/internal/domxml"
 	"github.com/xlsnap/xlsnap/storage/metastore"
 )
 
@@ -386,14 +387,21 @@ func (m *Manager) applyMoves(tx metastore.Tx, d *Domain, moves map[string]string
 				sd.Overlay, dirty = n, true
 			}
 		}
-		if !dirty {
-			continue
-		}
+		// The definition of the snapshot's time names the images its
+		// disks read then: a revert writes it back, so it must name
+		// where they are now (a disk it left out of the snapshot too).
 		full, err := tx.Snapshot(d.Name, s.Name)
 		if err != nil {
 			return err
 		}
-		s.DomainXML = full.DomainXML
+		doc, changed, err := domxml.MoveSources(full.DomainXML, moves)
+		if err != nil {
+			return fmt.Errorf("%w: the definition in snapshot %s: %w", ErrDamaged, s.Name, err)
+		}
+		if !dirty && !changed {
+			continue
+		}
+		s.DomainXML = doc
 		if err := tx.PutSnapshot(d.Name, s); err != nil {
 			return err
 		}

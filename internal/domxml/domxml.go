@@ -3,7 +3,11 @@
 // read them, and must agree on which disks those are.
 package domxml
 
-import "libvirt.org/go/libvirtxml"
+import (
+	"encoding/xml"
+
+	"libvirt.org/go/libvirtxml"
+)
 
 // Disk is one disk of a definition: device "disk" (not a cdrom or a
 // floppy), with a target and a source.
@@ -47,4 +51,46 @@ func Disks(d *libvirtxml.Domain) []Disk {
 		out = append(out, di)
 	}
 	return out
+}
+
+// MoveSources rewrites a definition's file sources (disks' and their
+// <backingStore> chains') that name a key of moves to its value, and
+// reports whether any did. A definition naming no moved file comes back
+// unchanged, byte for byte; one that did is re-rendered (indented, no
+// XML header, as libvirt prints it). Errors: the document's parse error.
+func MoveSources(doc string, moves map[string]string) (string, bool, error) {
+	if doc == "" || len(moves) == 0 {
+		return doc, false, nil
+	}
+	var d libvirtxml.Domain
+	if err := d.Unmarshal(doc); err != nil {
+		return doc, false, err
+	}
+	if d.Devices == nil {
+		return doc, false, nil
+	}
+	changed := false
+	move := func(src *libvirtxml.DomainDiskSource) {
+		if src == nil || src.File == nil {
+			return
+		}
+		if n, ok := moves[src.File.File]; ok {
+			src.File.File, changed = n, true
+		}
+	}
+	for i := range d.Devices.Disks {
+		disk := &d.Devices.Disks[i]
+		move(disk.Source)
+		for bs := disk.BackingStore; bs != nil; bs = bs.BackingStore {
+			move(bs.Source)
+		}
+	}
+	if !changed {
+		return doc, false, nil
+	}
+	out, err := xml.MarshalIndent(&d, "", "  ")
+	if err != nil {
+		return doc, false, err
+	}
+	return string(out) + "\n", true, nil
 }

@@ -35,3 +35,66 @@ func TestDisks(t *testing.T) {
 		t.Fatalf("no devices: %+v", got)
 	}
 }
+
+func TestMoveSources(t *testing.T) {
+	const doc = `<domain type='xen'><name>g</name><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/pool/top.qcow2'/>
+<backingStore type='file'><format type='qcow2'/><source file='/pool/base.qcow2'/><backingStore/></backingStore><target dev='xvda'/></disk>
+<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/pool/b.img'/><target dev='xvdb'/></disk>
+</devices></domain>`
+	out, changed, err := MoveSources(doc, map[string]string{"/elsewhere.qcow2": "/x"})
+	if err != nil || changed || out != doc {
+		t.Fatalf("no moved file named: changed %v, err %v, document rewritten: %v", changed, err, out != doc)
+	}
+	out, changed, err = MoveSources(doc, map[string]string{"/pool/base.qcow2": "/new/base.qcow2", "/pool/b.img": "/new/b.img"})
+	if err != nil || !changed {
+		t.Fatalf("changed %v, err %v", changed, err)
+	}
+	var d libvirtxml.Domain
+	if err := d.Unmarshal(out); err != nil {
+		t.Fatal(err)
+	}
+	disks := d.Devices.Disks
+	if got := []string{disks[0].Source.File.File, disks[0].BackingStore.Source.File.File, disks[1].Source.File.File}; !slices.Equal(got, []string{"/pool/top.qcow2", "/new/base.qcow2", "/new/b.img"}) {
+		t.Fatalf("sources after the move: %v\n%s", got, out)
+	}
+	if disks[1].Driver.Type != "raw" || disks[0].Target.Dev != "xvda" {
+		t.Fatalf("the rest of the definition changed:\n%s", out)
+	}
+	if _, _, err := MoveSources("<domain", map[string]string{"a": "b"}); err == nil {
+		t.Fatal("a broken definition was taken")
+	}
+}
+
+// FuzzMoveSources: any document either fails to parse or comes back
+// parseable, and a second pass of the same moves (none of whose targets
+// is moved again) changes nothing more.
+func FuzzMoveSources(f *testing.F) {
+	f.Add(`<domain><devices><disk><source file='/a'/><target dev='xvda'/></disk></devices></domain>`, "/a", "/b")
+	f.Add(`<domain><devices><disk><source file='/t'/><backingStore><source file='/a'/></backingStore></disk></devices></domain>`, "/a", "/c")
+	f.Fuzz(func(t *testing.T, doc, from, to string) {
+		if from == to {
+			return
+		}
+		moves := map[string]string{from: to}
+		out, changed, err := MoveSources(doc, moves)
+		if err != nil {
+			return
+		}
+		if !changed && out != doc {
+			t.Fatal("unchanged, yet rewritten")
+		}
+		if !changed {
+			return
+		}
+		again, changed2, err := MoveSources(out, moves)
+		if err != nil {
+			t.Fatalf("its own output does not parse: %v\n%s", err, out)
+		}
+		if changed2 && again != out {
+			// The output still names from: only if from was written
+			// where a source was not a file (and so never rewritten).
+			t.Fatalf("a second pass moved more:\n%s\n%s", out, again)
+		}
+	})
+}
