@@ -199,19 +199,19 @@ type EditCheck struct {
 // or the active image's path. The chain on disk must be the recorded
 // one. running says the domain's device model reads the chain:
 //
-//   - any change of the active layer of a running domain is refused (the
-//     device model writes it), and so is every merge and every header
-//     rewrite of a running domain (the guest reads every layer; only the
-//     device model can merge them, or rewrite headers it holds locked);
-//     a move (copy) of a backing layer is allowed;
-//   - for a domain that is shut off, a move of any layer is allowed; a
-//     commit of the active layer is refused (the definition would name a
-//     dropped image); a commit, pull or rewrite is refused when it would
-//     change what anyone else reads, found by a scan of every user (every
-//     definition, every image in the pools, every record, other hosts'
-//     definitions): the rules of BlockCommit and BlockPull, plus, since
-//     the merged image may then be removed, every reader of it besides
-//     the chain above it.
+//   - no change of the active layer: a running domain's device model
+//     writes it, and the definition of one shut off names it (it must
+//     always name an image that exists and holds the disk's data);
+//   - a move (copy) of a backing layer is allowed;
+//   - a running domain's guest reads every layer: each merge and each
+//     header rewrite is refused (only the device model can merge what it
+//     reads, or rewrite headers it holds locked);
+//   - for a domain that is shut off, a commit, pull or rewrite is refused
+//     when it would change what anyone else reads, found by a scan of
+//     every user (every definition, every image in the pools, every
+//     record, other hosts' definitions): the rules of BlockCommit and
+//     BlockPull, plus, since the merged image may then be removed, every
+//     reader of it besides the chain above it.
 //
 // Errors: ErrInvalidArg (8) for an empty edit, a disk, image or folder
 // not of the chain, an image named twice or by two merges that touch
@@ -381,23 +381,21 @@ func (m *Manager) judgeEdit(d *Domain, snaps map[string]*Snapshot, u *users, dc 
 	for _, c := range plan {
 		p := paths[c.k]
 		switch {
-		case c.kind == editMove && running && c.k == 0:
-			return fmt.Errorf("%w: %s is the layer the running domain %s writes on disk %s: it cannot move while the device model writes it",
-				ErrOperationInvalid, p, name, target)
+		case c.k == 0 && running:
+			return fmt.Errorf("%w: %s is the layer the running domain %s writes on disk %s: no %s of it outside the device model while it writes it",
+				ErrOperationInvalid, p, name, target, c.kind)
+		case c.k == 0:
+			return fmt.Errorf("%w: %s is the active layer of disk %s of domain %s, which its definition names: no outside %s of it, since the definition must always name an image that exists and holds the disk's data (xlsnap blockcommit --active merges it and repoints the definition)",
+				ErrOperationInvalid, p, target, name, c.kind)
 		case c.kind == editMove:
 			if _, err := os.Stat(c.to); err == nil {
 				if us := u.of(c.to); len(us) > 0 {
 					return fmt.Errorf("%w: a move of %s onto %s, which is in use (%s)", ErrOperationInvalid, p, c.to, DescribeUsers(us))
 				}
 			}
-			line := fmt.Sprintf("move %s to %s: ", p, c.to)
-			switch {
-			case running:
-				line += "a backing layer: rescan --moved switches the device model to the copy"
-			case c.k == 0:
-				line += "the active layer of a domain that is shut off: rescan --moved repoints the definition"
-			default:
-				line += "a backing layer of a domain that is shut off: rescan --moved follows it in the records"
+			line := fmt.Sprintf("move %s to %s: a backing layer; rescan --moved follows it in the records and every snapshot", p, c.to)
+			if running {
+				line += " and switches the device model to it"
 			}
 			var others []Conflict
 			m.readers(d, u, dc, p, c.k, &others)
@@ -406,10 +404,7 @@ func (m *Manager) judgeEdit(d *Domain, snaps map[string]*Snapshot, u *users, dc 
 			}
 			rep.Checked = append(rep.Checked, line)
 		case running:
-			return runningRefusal(c.kind, p, c.k, name, target)
-		case c.kind == editCommit && c.k == 0:
-			return fmt.Errorf("%w: %s is the active layer of disk %s: committed away, the definition would name an image out of the chain; xlsnap blockcommit --active commits it and repoints the definition",
-				ErrOperationInvalid, p, target)
+			return runningRefusal(c.kind, p, name, target)
 		case c.kind == editCommit:
 			if cs := m.commitConflicts(d, snaps, u, dc, c.k, c.k+1); len(cs) > 0 {
 				return mergeRefusal("the planned commit of "+p, target, cs)
@@ -434,19 +429,16 @@ func (m *Manager) judgeEdit(d *Domain, snaps map[string]*Snapshot, u *users, dc 
 	return nil
 }
 
-// runningRefusal refuses a merge or a header rewrite of a running
-// domain's chain, naming what does it through the device model.
-func runningRefusal(kind editKind, p string, k int, domain, disk string) error {
-	what := "reads"
-	if k == 0 {
-		what = "writes"
-	}
+// runningRefusal refuses a merge or a header rewrite of a backing layer
+// of a running domain's chain, naming what does it through the device
+// model.
+func runningRefusal(kind editKind, p, domain, disk string) error {
 	if kind == editRewrite {
-		return fmt.Errorf("%w: the running domain %s %s %s (disk %s): its device model holds the image open and locked, so only it may rewrite the header; a backing file moved or copied is renamed in the header by the device model on rescan --moved",
-			ErrOperationInvalid, domain, what, p, disk)
+		return fmt.Errorf("%w: the running domain %s reads %s (disk %s): its device model holds the image open and locked, so only it may rewrite the header; a backing file moved or copied is renamed in the header by the device model on rescan --moved",
+			ErrOperationInvalid, domain, p, disk)
 	}
-	return fmt.Errorf("%w: the running domain %s %s %s (disk %s): a %s outside the device model would change what the guest reads behind its back; merge through the device model instead: xlsnap snapshot-delete (of the snapshot that holds it), blockcommit or blockpull (virDomainSnapshotDelete, virDomainBlockCommit, virDomainBlockPull)",
-		ErrOperationInvalid, domain, what, p, disk, kind)
+	return fmt.Errorf("%w: the running domain %s reads %s (disk %s): a %s outside the device model would change what the guest reads behind its back; merge through the device model instead: xlsnap snapshot-delete (of the snapshot that holds it), blockcommit or blockpull (virDomainSnapshotDelete, virDomainBlockCommit, virDomainBlockPull)",
+		ErrOperationInvalid, domain, p, disk, kind)
 }
 
 // mergeRefusal is a *ConflictError for a planned merge, with what to do
