@@ -199,10 +199,13 @@ type EditCheck struct {
 // or the active image's path. The chain on disk must be the recorded
 // one. running says the domain's device model reads the chain:
 //
-//   - no change of the active layer: a running domain's device model
-//     writes it, and the definition of one shut off names it (it must
-//     always name an image that exists and holds the disk's data);
-//   - a move (copy) of a backing layer is allowed;
+//   - no change of a running domain's active layer (its device model
+//     writes it); no move or merge of a shut-off domain's (its
+//     definition names it, and must always name an image that exists
+//     and holds the disk's data);
+//   - a move (copy) of a backing layer is allowed, with the rewrite of
+//     the backing reference of the image above it that it needs (the
+//     device model makes it for a running domain, rescan --moved);
 //   - a running domain's guest reads every layer: each merge and each
 //     header rewrite is refused (only the device model can merge what it
 //     reads, or rewrite headers it holds locked);
@@ -384,7 +387,7 @@ func (m *Manager) judgeEdit(d *Domain, snaps map[string]*Snapshot, u *users, dc 
 		case c.k == 0 && running:
 			return fmt.Errorf("%w: %s is the layer the running domain %s writes on disk %s: no %s of it outside the device model while it writes it",
 				ErrOperationInvalid, p, name, target, c.kind)
-		case c.k == 0:
+		case c.k == 0 && c.kind != editRewrite:
 			return fmt.Errorf("%w: %s is the active layer of disk %s of domain %s, which its definition names: no outside %s of it, since the definition must always name an image that exists and holds the disk's data (xlsnap blockcommit --active merges it and repoints the definition)",
 				ErrOperationInvalid, p, target, name, c.kind)
 		case c.kind == editMove:
@@ -393,9 +396,11 @@ func (m *Manager) judgeEdit(d *Domain, snaps map[string]*Snapshot, u *users, dc 
 					return fmt.Errorf("%w: a move of %s onto %s, which is in use (%s)", ErrOperationInvalid, p, c.to, DescribeUsers(us))
 				}
 			}
-			line := fmt.Sprintf("move %s to %s: a backing layer; rescan --moved follows it in the records and every snapshot", p, c.to)
+			line := fmt.Sprintf("move %s to %s: a backing layer; ", p, c.to)
 			if running {
-				line += " and switches the device model to it"
+				line += fmt.Sprintf("rescan --moved switches the device model to it, has it make %s name it, and follows it in the records and every snapshot", paths[c.k-1])
+			} else {
+				line += fmt.Sprintf("make %s name it (qemu-img rebase -u), then rescan --moved follows it in the records and every snapshot", paths[c.k-1])
 			}
 			var others []Conflict
 			m.readers(d, u, dc, p, c.k, &others)
