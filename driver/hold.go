@@ -175,11 +175,11 @@ func (d *Driver) heldBy(ctx context.Context, key string, p holdPolicy) (*HeldErr
 	if err != nil {
 		return nil, err
 	}
+	if p.release != "" && h.Disk == p.release {
+		return nil, nil // expired or not, the call ends it (and records its merges)
+	}
 	if h.Expired(time.Now()) {
 		return nil, d.st.ClearHold(ctx, key, h.ID)
-	}
-	if p.release != "" && h.Disk == p.release {
-		return nil, nil
 	}
 	return &HeldError{Domain: name, Hold: *h}, nil
 }

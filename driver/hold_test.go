@@ -466,7 +466,8 @@ func TestChainChangingExpired(t *testing.T) {
 // outside, each announced, made with qemu-img and rescanned: a pull of
 // a middle layer into the layer above, then a commit of a middle layer
 // into its base. Afterwards the merged image is out of the records
-// (check clean), and every byte reads back.
+// (check clean, also after a hold that lapsed before the rescan), and
+// every byte reads back.
 func TestChainChangingMerges(t *testing.T) {
 	e := newHoldEnv(t, false, "top.qcow2")
 	e.image("base.qcow2", "", 0x11, 0)
@@ -524,10 +525,12 @@ func TestChainChangingMerges(t *testing.T) {
 	}
 	clean("the pull")
 
-	// Commit m1 into base.
-	if _, err := e.d.ChainChanging(e.ctx, "vm", "xvda", driver.ChainEdit{Commits: []string{m1}}, time.Minute); err != nil {
+	// Commit m1 into base, under a hold that lapses before the rescan:
+	// the rescan still ends it, and takes m1 out of the records.
+	if _, err := e.d.ChainChanging(e.ctx, "vm", "xvda", driver.ChainEdit{Commits: []string{m1}}, time.Millisecond); err != nil {
 		t.Fatal(err)
 	}
+	time.Sleep(10 * time.Millisecond)
 	e.run("qemu-img", "commit", "-q", "-f", "qcow2", m1)
 	e.run("qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", base, top)
 	if err := os.Remove(m1); err != nil {
