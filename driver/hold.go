@@ -69,14 +69,15 @@ const MaxHold = 24 * time.Hour
 // about to be made to the chain of disk, a target such as "xvda") is
 // safe: the chain on disk must be the recorded one (and, for an active
 // domain, the one the device model reads); the active layer is never
-// touched; a running guest reads every layer, so a merge or a header
-// rewrite of an active domain is refused (xlsnap's snapshot-delete,
-// blockcommit and blockpull merge through the device model), while a
-// move (copy) of a backing layer is allowed; for a domain that is shut
-// off, a commit, pull or rewrite is allowed only where no snapshot,
-// image, disk or domain other than the chain above reads what it
-// changes, found by a scan of every user (storage.CheckChainEdit has
-// the rules). A refusal changes nothing.
+// moved or merged, nor changed at all while the device model writes it
+// (a shut-off domain's may have its header rewritten); a running guest
+// reads every layer, so a merge or a header rewrite of an active domain
+// is refused (xlsnap's snapshot-delete, blockcommit and blockpull merge
+// through the device model), while a move (copy) of a backing layer is
+// allowed; for a domain that is shut off, a commit, pull or rewrite is
+// allowed only where no snapshot, image, disk or domain other than the
+// chain above reads what it changes, found by a scan of every user
+// (storage.CheckChainEdit has the rules). A refusal changes nothing.
 //
 // Then it holds the domain, in its metadata record, so every process
 // and every host sharing the store sees it, until ChainChanged for the
@@ -84,8 +85,11 @@ const MaxHold = 24 * time.Hour
 // most MaxHold) has passed. While held, every call that changes the
 // domain waits for the hold to end, with no lock taken, as long as its
 // context lets, then fails with a *HeldError; reads (snapshot lists,
-// info, XML, DiskList from the records as they stand, Check) go on. A
-// hold past its expiry binds no one and is cleared by the next writer.
+// info, XML, DiskList from the records as they stand, Check without
+// repair) go on. A hold past its expiry binds no one and is cleared by
+// the next writer. Check with repair does not wait (storage's Repair
+// rescans every chain that changed, a held one too): run it outside an
+// edit.
 //
 // Errors: ErrInvalidArg (VIR_ERR_INVALID_ARG, 8) for a timeout out of
 // range, an empty plan, no such disk, an image not of the disk's chain,
