@@ -89,21 +89,44 @@ func (d *Driver) lock(ctx context.Context, domain string) (func(), error) {
 // the domain's key, which the returned context carries so that storage
 // takes it no second time (once per call, not once per storage step). A
 // definition that cannot be read is left to the call's sync to report.
+// A domain held for an outside edit (ChainChanging) is waited for, with
+// neither lock taken, until the hold ends or ctx does (*HeldError).
 func (d *Driver) lockCall(ctx context.Context, domain string) (context.Context, func(), error) {
-	unlock, err := d.lock(ctx, domain)
-	if err != nil {
-		return nil, nil, err
-	}
-	_, _, key, err := d.readDefinition(ctx, domain)
-	if err != nil || storage.ValidName("domain", domain) != nil {
-		return ctx, unlock, nil
-	}
-	sctx, unlockKey, err := d.st.Lock(ctx, key)
-	if err != nil {
+	return d.lockCallFor(ctx, domain, holdPolicy{})
+}
+
+// lockCallFor is lockCall with what to do about a hold (holdPolicy).
+func (d *Driver) lockCallFor(ctx context.Context, domain string, hp holdPolicy) (context.Context, func(), error) {
+	for {
+		unlock, err := d.lock(ctx, domain)
+		if err != nil {
+			return nil, nil, err
+		}
+		_, _, key, err := d.readDefinition(ctx, domain)
+		if err != nil || storage.ValidName("domain", domain) != nil {
+			return ctx, unlock, nil
+		}
+		sctx, unlockKey, err := d.st.Lock(ctx, key)
+		if err != nil {
+			unlock()
+			return nil, nil, err
+		}
+		held, err := d.heldBy(sctx, key, hp)
+		if err == nil && held == nil {
+			return sctx, func() { unlockKey(); unlock() }, nil
+		}
+		unlockKey()
 		unlock()
-		return nil, nil, err
+		switch {
+		case err != nil:
+			return nil, nil, err
+		case hp.refuse:
+			return nil, nil, held
+		}
+		if err := d.waitHold(ctx, key, held); err != nil {
+			return nil, nil, err
+		}
 	}
-	return sctx, func() { unlockKey(); unlock() }, nil
 }
 
 // Open opens the storage layer over the pools (the folders of every disk
@@ -365,12 +388,18 @@ type DiskInfo struct {
 // definition as it stands, and says so in Pending.
 //
 // Errors: those every call that reads a domain returns (see the package
-// documentation).
+// documentation). While the domain is held for an outside edit
+// (ChainChanging) it answers the same way, from the records, and says
+// so in Pending.
 func (d *Driver) DiskList(ctx context.Context, domain string) ([]DiskInfo, error) {
-	ctx, unlock, err := d.lockCall(ctx, domain)
+	lctx, unlock, err := d.lockCallFor(ctx, domain, holdPolicy{refuse: true})
+	if held := (*HeldError)(nil); errors.As(err, &held) {
+		return d.diskListAsIs(ctx, domain, heldNote(held))
+	}
 	if err != nil {
 		return nil, err
 	}
+	ctx = lctx
 	defer unlock()
 	v, err := d.sync(ctx, domain)
 	if errors.Is(err, storage.ErrPending) {

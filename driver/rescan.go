@@ -33,6 +33,14 @@ type Move struct{ From, To string }
 // the old files may be removed. The active layer itself cannot move
 // while the device model writes it.
 //
+// It is the second phase of the two-phase hook (ChainChanging is the
+// first): it ends the disk's hold, also when it fails, since the
+// toolstack's edit is done either way and its error says what differs;
+// the domain's writers need not wait out the hold's expiry. Images the
+// hold announced as merged away that no record reads any more leave
+// the records. A hold of another disk of the domain makes it wait, as
+// every call that changes something.
+//
 // Errors: ErrInvalidArg (VIR_ERR_INVALID_ARG, 8) for no such disk, a
 // move of an image the domain never had or that is not the old one
 // moved, and a copy that differs from its layer; ErrOperationInvalid
@@ -43,12 +51,18 @@ type Move struct{ From, To string }
 // cannot be made to read the chain (it writes another image; its disk
 // was opened by -drive, whose nodes cannot be reopened); and those of
 // every call that changes something (see the package documentation).
-func (d *Driver) ChainChanged(ctx context.Context, domain, disk string, moves ...Move) error {
-	ctx, unlock, err := d.lockCall(ctx, domain)
+func (d *Driver) ChainChanged(ctx context.Context, domain, disk string, moves ...Move) (err error) {
+	ctx, unlock, err := d.lockCallFor(ctx, domain, holdPolicy{release: disk})
 	if err != nil {
 		return err
 	}
 	defer unlock()
+	defer func() {
+		// Also for a caller that gave up: the edit is over.
+		if rerr := d.releaseHold(context.WithoutCancel(ctx), domain, disk); err == nil {
+			err = rerr
+		}
+	}()
 	v, err := d.sync(ctx, domain)
 	if err != nil {
 		return err

@@ -13,7 +13,7 @@ need() { [ -s "$dest/$1" ] || { echo "install-check: missing $1" >&2; fail=1; };
 need usr/bin/xlsnap
 need usr/bin/xlsnap-libvirt
 need usr/share/man/man1/xlsnap.1
-for cmd in chain check domblklist rescan snapshot-create snapshot-create-as snapshot-current snapshot-delete \
+for cmd in chain chain-changing check domblklist rescan snapshot-create snapshot-create-as snapshot-current snapshot-delete \
 	snapshot-dumpxml snapshot-info snapshot-list snapshot-parent snapshot-revert; do
 	need "usr/share/man/man1/xlsnap-$cmd.1"
 done

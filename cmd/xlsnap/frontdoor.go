@@ -33,7 +33,7 @@ func (g *globals) frontDoor(root *cobra.Command) {
 			}
 			continue
 		}
-		if cmd.Name() == "rescan" {
+		if cmd.Name() == "rescan" || cmd.Name() == "chain-changing" {
 			cmd.ValidArgsFunction = g.completeDomain
 		}
 	}

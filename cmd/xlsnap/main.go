@@ -71,7 +71,7 @@ func newRoot() (*cobra.Command, *app) {
 	root.SetFlagErrorFunc(flagError)
 	root.AddCommand(a.chainCmd())
 	root.AddCommand(a.snapshotCommands()...)
-	root.AddCommand(a.domblklistCmd(), a.checkCmd(), a.rescanCmd(), a.coalesceCmd())
+	root.AddCommand(a.domblklistCmd(), a.checkCmd(), a.rescanCmd(), a.chainChangingCmd(), a.coalesceCmd())
 	root.AddCommand(a.blockCommitCmd(), a.blockPullCmd())
 	root.AddCommand(a.serveCmd())
 	root.AddCommand(a.eventsCmd())

@@ -169,6 +169,9 @@ type Domain struct {
 	// Images maps an image's path to its record: the image tree, since
 	// each record names the image it is backed by.
 	Images map[string]*Image `json:"images"`
+	// Hold, when set, keeps the domain for an outside edit of one
+	// disk's chain (see Hold); nil when none.
+	Hold *Hold `json:"hold,omitempty"`
 }
 
 // Disk is one of a domain's disks and the image it writes to now.
