@@ -400,6 +400,26 @@ func TestChainChangingHoldsWriters(t *testing.T) {
 	// second phase.
 	e.run("cp", base, newBase)
 	e.run("qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", newBase, top)
+	// check --repair in the middle of the edit reports the hold and
+	// mends nothing: the chain on disk is half of an announced edit.
+	before := e.snapshotState()
+	problems, err := other.Check(e.ctx, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held := false
+	for _, p := range problems {
+		held = held || p.Kind == driver.ProblemHeld && p.Disk == "xvda" && strings.Contains(p.Detail, h.ID)
+		if p.Fixed {
+			t.Fatalf("check --repair during the hold mended %+v", p)
+		}
+	}
+	if !held || e.snapshotState() != before || e.hold() == nil {
+		t.Fatalf("check --repair during the hold: %+v (records changed: %v)", problems, e.snapshotState() != before)
+	}
+	if di := e.chain(other, "xvda"); !slices.Equal(di.Chain, []string{top, base}) {
+		t.Fatalf("the records after check --repair during the hold: %+v", di)
+	}
 	if err := e.d.ChainChanged(e.ctx, "vm", "xvda", driver.Move{From: base, To: newBase}); err != nil {
 		t.Fatal(err)
 	}
@@ -424,7 +444,7 @@ func TestChainChangingHoldsWriters(t *testing.T) {
 	e.expect(s1, 0x11, 0)
 	e.expect(s1, 0x33, 2*mib)
 	e.expect(top, 0x11, 0) // s1's state, through the moved base
-	problems, err := e.d.Check(e.ctx, false)
+	problems, err = e.d.Check(e.ctx, false)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -209,6 +209,7 @@ const (
 	ProblemSetAside        = ProblemKind(storage.ProblemSetAside)        // an operation Repair set aside, awaiting a person
 	ProblemDamagedSnapshot = ProblemKind(storage.ProblemDamagedSnapshot) // a snapshot a set-aside operation may have changed
 	ProblemCoalescible     = ProblemKind(storage.ProblemCoalescible)     // a chain with layers nothing needs: Coalesce merges them (informational)
+	ProblemHeld            = ProblemKind(storage.ProblemHeld)            // a domain held by ChainChanging: not repaired meanwhile (informational)
 )
 
 // Informational reports a finding that is no fault (a shared base, an

@@ -35,15 +35,17 @@ const (
 	ProblemSetAside        ProblemKind = "set-aside"         // an operation Repair set aside, awaiting a person
 	ProblemDamagedSnapshot ProblemKind = "damaged-snapshot"  // a snapshot whose images a set-aside operation may have merged
 	ProblemCoalescible     ProblemKind = "coalescible"       // a disk's chain holds layers nothing needs: Coalesce would merge them
+	ProblemHeld            ProblemKind = "held"              // a domain held for an outside edit of a chain: not repaired meanwhile
 )
 
 // Informational reports a finding that is no fault: a shared base is
 // how pools are used, reported so its users are known.
 // An orphan is one too: xlsnap makes new images under temporary names, so
 // an unrecorded overlay is someone's own (a clone not yet defined). So is
-// a chain that could be shorter: its data is all there.
+// a chain that could be shorter: its data is all there; and a hold, an
+// edit announced.
 func (k ProblemKind) Informational() bool {
-	return k == ProblemSharedBase || k == ProblemDetached || k == ProblemOrphan || k == ProblemCoalescible
+	return k == ProblemSharedBase || k == ProblemDetached || k == ProblemOrphan || k == ProblemCoalescible || k == ProblemHeld
 }
 
 // Problem is one finding; Fixed says Repair mended it, Note why not.
@@ -149,7 +151,16 @@ func (m *Manager) check(ctx context.Context, repair bool) ([]Problem, error) {
 			known[p] = true
 		}
 		if m.mine(d.Name) {
-			problems = append(problems, m.checkDomain(ctx, d, snaps[d.Name], repair)...)
+			fix := repair
+			if h := d.Hold; h != nil && !h.Expired(time.Now()) {
+				// An outside edit is under way: what looks broken may
+				// be half of it, and the rescan that ends it takes it in.
+				fix = false
+				problems = append(problems, Problem{Kind: ProblemHeld, Domain: domainName(d), Disk: h.Disk,
+					Detail: fmt.Sprintf("held by chain-changing (hold %s from host %s until %s)", h.ID, h.Host, h.Until.UTC().Format(time.RFC3339)),
+					Note:   "not repaired while held; xlsnap rescan " + domainName(d) + " " + h.Disk + " ends the hold"})
+			}
+			problems = append(problems, m.checkDomain(ctx, d, snaps[d.Name], fix)...)
 		}
 	}
 	problems = append(problems, m.orphans(ctx, known)...)
