@@ -43,12 +43,31 @@ func TestRescanHook(t *testing.T) {
 	moved := filepath.Join(g.dir, "moved")
 	run(t, "mkdir", "-p", moved)
 	newBase := filepath.Join(moved, filepath.Base(g.base["xvda"]))
+	// The first phase: the move is announced, checked against the
+	// running guest, and the domain held until the rescan; a merge of
+	// what the guest reads is refused (55), pointing at blockcommit.
+	_, err := d.ChainChanging(ctx, g.name, "xvda", driver.ChainEdit{Commits: []string{overlay}}, time.Minute)
+	if driver.Code(err) != driver.ErrNumOperationInvalid || !strings.Contains(err.Error(), "blockcommit") {
+		t.Fatalf("announcing a commit of the running guest's chain: %v", err)
+	}
+	hold, err := d.ChainChanging(ctx, g.name, "xvda", driver.ChainEdit{Moves: []driver.Move{{From: g.base["xvda"], To: newBase}}}, time.Minute)
+	if err != nil {
+		t.Fatalf("announcing the move: %v", err)
+	}
+	t.Logf("held: %s", strings.Join(hold.Checked, "; "))
 	run(t, "cp", "--sparse=always", g.base["xvda"], newBase)
 	t0 := time.Now()
 	if err := d.ChainChanged(ctx, g.name, "xvda", driver.Move{From: g.base["xvda"], To: newBase}); err != nil {
 		t.Fatalf("rescan with the base moved: %v\n%s", err, g.console())
 	}
 	timing(t, "case 12: rescan with a move", t0)
+	key, err := d.DomainKey(ctx, g.name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if held, _, err := d.Storage().HoldOf(ctx, key); err != nil || held != nil {
+		t.Fatalf("the hold after the rescan: %+v %v", held, err)
+	}
 	g.expectChain(g.chains(h), overlay, newBase)
 	run(t, "rm", g.base["xvda"])
 	if out := run(t, "qemu-img", "info", "-U", "-f", "qcow2", overlay); !strings.Contains(out, "backing file: "+newBase+"\n") {
@@ -99,7 +118,7 @@ func TestRescanHook(t *testing.T) {
 			"snapshot-node-name": "outside", "format": "qcow2"}, nil)
 	})
 	t0 = time.Now()
-	err := d.ChainChanged(ctx, g.name, "xvda")
+	err = d.ChainChanged(ctx, g.name, "xvda")
 	timing(t, "case 7: rescan, views differ", t0)
 	var me *xenlight.MismatchError
 	if !errors.Is(err, xenlight.ErrChainMismatch) || !errors.As(err, &me) {
