@@ -56,15 +56,19 @@ func isLiveStep(k metastore.StepKind) bool {
 
 func needLive(live Live, st step) error {
 	if live == nil {
-		return fmt.Errorf("%w: step %s of %s needs the domain's device model", ErrLiveUnsupported, st.Kind, st.Path)
+		return fmt.Errorf("%w: step %s of %s needs the domain's device model, or the domain shut off (RecoverOffline)", ErrLiveUnsupported, st.Kind, st.Path)
 	}
 	return nil
 }
 
 // redoLive runs a live step unless the device model shows it done. A
 // fresh step (run for the first time, not by recovery) skips that check:
-// it costs queries inside the device model while the guest waits.
+// it costs queries inside the device model while the guest waits. With
+// the device model gone (offline), the images tell instead.
 func (m *Manager) redoLive(ctx context.Context, st step, live Live, fresh bool) error {
+	if o, ok := live.(offline); ok {
+		return m.redoOffline(ctx, st, o.domain)
+	}
 	if err := needLive(live, st); err != nil {
 		return err
 	}
@@ -111,6 +115,9 @@ func (m *Manager) redoLive(ctx context.Context, st step, live Live, fresh bool) 
 // undoLive undoes a live step that did not take effect; one that did
 // cannot be undone on a running guest and reports errLiveDone.
 func (m *Manager) undoLive(ctx context.Context, st step, live Live) error {
+	if isOffline(live) {
+		return m.undoOffline(ctx, st)
+	}
 	if err := needLive(live, st); err != nil {
 		return err
 	}
