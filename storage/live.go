@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/xlsnap/xlsnap/chain"
 	"github.com/xlsnap/xlsnap/storage/metastore"
 )
 
@@ -129,9 +130,12 @@ func (m *Manager) undoLive(ctx context.Context, st step, live Live) error {
 			return errLiveDone
 		}
 		// A transaction that failed half-way leaves the overlays of the
-		// actions that succeeded on disk; QEMU no longer uses them.
+		// actions that succeeded on disk; QEMU no longer uses them. One
+		// that holds data was switched to by a device model that died,
+		// and the domain runs again from its definition: those writes are
+		// nowhere else, so it is kept (check lists it).
 		for _, g := range st.Group {
-			if g.Kind == metastore.StepCreateOverlay {
+			if g.Kind == metastore.StepCreateOverlay && !holdsData(g) {
 				if err := m.undo(ctx, g, nil); err != nil {
 					return err
 				}
@@ -163,4 +167,15 @@ func (m *Manager) liveSnapshotDone(ctx context.Context, st step, live Live) (boo
 		return hasInternal(g.Path, g.Name)
 	}
 	return live.Writes(ctx, g.Path)
+}
+
+// holdsData reports whether a live snapshot's new overlay is there, an
+// overlay of its image, with data of its own (or tables that cannot be
+// read: it may).
+func holdsData(g step) bool {
+	if !isOverlayOf(g.Path, g.Backing) {
+		return false
+	}
+	n, err := chain.Allocated(g.Path, chain.Format(g.Format))
+	return err != nil || n > 0
 }

@@ -366,3 +366,47 @@ func TestOfflineInternalDelete(t *testing.T) {
 	e.Expect("vm", "vda", 0x12, 0, bjMiB)
 	e.CheckClean("vm")
 }
+
+// TestRestartedDeviceModelKeepsOverlayData: the device model switched to
+// a live snapshot's overlay, the guest wrote there, the device model
+// died, and the domain was started again (from its definition, which
+// still names the old image) before xlsnap's next call. The new device
+// model does not write the overlay, so the snapshot is undone through it
+// (RecoverLive), but the overlay holds writes found nowhere else: it is
+// kept, and check lists it.
+func TestRestartedDeviceModelKeepsOverlayData(t *testing.T) {
+	e := bjEnv(t)
+	e.NewDomain("vm", "vda", "vdb")
+	e.Write("vm", "vda", 0x11, 0, bjMiB)
+	dm := running(e, func() {
+		e.Run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", e.Path("vm-vda.qcow2"), e.Path("vm-vda.s1"))
+		e.Run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", e.Path("vm-vdb.qcow2"), e.Path("vm-vdb.s1"))
+		qemuIO(e, e.Path("vm-vda.s1"), write(0x77, 0))
+	})
+	_, err := e.M.CreateSnapshot(e.Ctx, "vm", storage.SnapshotSpec{Name: "s1", Live: dm, Disks: []storage.SnapshotDiskSpec{
+		{Target: "vda", Mode: storage.DiskExternal}, {Target: "vdb", Mode: storage.DiskExternal}}})
+	expectKilled(e, err)
+	if err := e.M.RecoverLive(e.Ctx, "vm", running(e, nil)); err != nil {
+		t.Fatalf("RecoverLive through the restarted device model: %v", err)
+	}
+	expectSnapshots(e)
+	bjExpectChain(e, "vm-vda.qcow2")
+	bjExpectFiles(e, "vm-vda.qcow2", "vm-vda.s1", "vm-vdb.qcow2")
+	storagetest.ExpectImage(t, e.Path("vm-vda.s1"), "qcow2", 0x77, 0, bjMiB)
+	problems, err := e.M.Check(e.Ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	orphan := false
+	for _, p := range problems {
+		switch {
+		case p.Kind == storage.ProblemOrphan && p.Path == e.Path("vm-vda.s1"):
+			orphan = true
+		case !p.Kind.Informational():
+			t.Fatalf("check: %+v", problems)
+		}
+	}
+	if !orphan {
+		t.Fatalf("check: %+v, want the kept overlay listed as an orphan", problems)
+	}
+}
