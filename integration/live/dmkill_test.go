@@ -21,6 +21,7 @@ import (
 	"github.com/xlsnap/xlsnap/driver"
 	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/storage/storagetest"
+	"github.com/xlsnap/xlsnap/xenlight/qemutest"
 )
 
 // The device model SIGKILLed in the middle of a live operation: the
@@ -387,6 +388,50 @@ func (e *env) gone(names ...string) {
 	}
 }
 
+// bulk is where seedBulk writes 32 MiB into the base and again into
+// layer a: enough work for a job that the killer's slowing lands first.
+const bulk = 8 * mib
+
+// seedBulk is seedLive("a", "b") with 32 MiB from bulk written into the
+// base (0x1a) and over it into layer a (0x2a).
+func (e *env) seedBulk() {
+	e.t.Helper()
+	e.write("xvda", 0x11, 0)
+	e.writeLen("xvda", 0x1a, bulk, 32*mib)
+	e.write("xvdb", 0x51, 0)
+	e.layer("a")
+	e.write("xvda", 0x22, mib)
+	e.writeLen("xvda", 0x2a, bulk, 32*mib)
+	e.layer("b")
+	e.write("xvda", 0x33, 2*mib)
+}
+
+// writeLen is write over length bytes.
+func (e *env) writeLen(target string, pattern byte, off, length int) {
+	e.t.Helper()
+	active := e.disk(target).Source
+	for _, c := range e.chains() {
+		if c.Files[0] == active {
+			m, err := e.h.DeviceModel(e.ctx, "vm")
+			if err != nil {
+				e.t.Fatal(err)
+			}
+			defer m.Disconnect()
+			if err := qemutest.GuestWrite(e.ctx, m, c.Node, pattern, off, length); err != nil {
+				e.t.Fatal(err)
+			}
+			return
+		}
+	}
+	e.t.Fatalf("the device model does not write %s's recorded layer %s", target, active)
+}
+
+// expectBulk asserts what seedBulk wrote from bulk on reads through xvda.
+func (e *env) expectBulk() {
+	e.t.Helper()
+	storagetest.ExpectImage(e.t, e.disk("xvda").Source, "qcow2", 0x2a, bulk, 32*mib)
+}
+
 // TestFaultDeviceModelKilledMidCommit: the device model is SIGKILLed
 // while a snapshot delete's commit of the active layer runs (slowed to a
 // crawl, so the kill lands mid-job), the guest having written into that
@@ -452,7 +497,7 @@ func TestFaultDeviceModelKilledBlockCommit(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newEnv(t)
-			e.seedLive("a", "b")
+			e.seedBulk()
 			k := startKiller(e, tc.match, tc.point, tc.point == killAnswered,
 				guestWrite("dev0", 0xe3, 0), guestWrite("dev0", 0xe4, 3*mib), guestFlush("dev0"))
 			var err error
@@ -477,6 +522,7 @@ func TestFaultDeviceModelKilledBlockCommit(t *testing.T) {
 				e.expect("xvda", p, i*mib)
 			}
 			storagetest.ExpectImage(t, e.path("vm-xvda.qcow2"), "qcow2", 0x22, mib, mib)
+			e.expectBulk()
 			e.expect("xvdb", 0x51, 0)
 		})
 	}
@@ -502,7 +548,7 @@ func TestFaultDeviceModelKilledMidStream(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newEnv(t)
-			e.seedLive("a", "b")
+			e.seedBulk()
 			k := startKiller(e, tc.match, tc.point, tc.point == killAnswered,
 				guestWrite("dev0", 0xe5, 0), guestWrite("dev0", 0xe6, 3*mib), guestFlush("dev0"))
 			_, err := e.d.BlockPull(e.ctx, "vm", "xvda", 0, 0)
@@ -520,6 +566,7 @@ func TestFaultDeviceModelKilledMidStream(t *testing.T) {
 			for i, p := range []byte{0xe5, 0x22, 0x33, 0xe6} {
 				e.expect("xvda", p, i*mib)
 			}
+			e.expectBulk()
 			e.expect("xvdb", 0x51, 0)
 		})
 	}
