@@ -257,11 +257,13 @@ func (d *Driver) sync(ctx context.Context, name string) (*domainView, error) {
 		return nil, err
 	}
 	key := d.defs.key(name, def.UUID)
+	gone := false // the hypervisor runs no device model for the domain
 	if d.h != nil {
 		st, err := d.h.State(ctx, name)
 		if err != nil {
 			return nil, err
 		}
+		gone = st == xenlight.Shutoff
 		if st != xenlight.Shutoff {
 			sd.State = DomainState(st)
 		}
@@ -275,6 +277,14 @@ func (d *Driver) sync(ctx context.Context, name string) (*domainView, error) {
 		// Operations a crash left half-done on this domain can be judged
 		// now that its device model is reachable; before anything else.
 		if err := d.st.RecoverLive(ctx, key, xenlight.NewLive(d.h, name)); err != nil {
+			return nil, err
+		}
+	} else if gone {
+		// A device model that died in the middle of a live operation
+		// left the domain shut off, as the hypervisor said just now under
+		// this call's lock: what it left half-done is judged from the
+		// images.
+		if err := d.st.RecoverOffline(ctx, key); err != nil {
 			return nil, err
 		}
 	}

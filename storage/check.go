@@ -112,7 +112,7 @@ func (m *Manager) check(ctx context.Context, repair bool) ([]Problem, error) {
 				pr.Fixed, pr.Note = true, "neither finished nor undone: set aside in "+file+" (nothing removed)"
 			}
 		} else if in.Live && !in.Committed {
-			pr.Note = "finished or undone from the device model when the running domain is next used"
+			pr.Note = "finished or undone by the domain's next call: through its device model while it runs, from the images once it is shut off"
 		}
 		problems = append(problems, pr)
 	}

@@ -77,7 +77,11 @@ func (m *Manager) Pending(ctx context.Context, domain string) ([]string, error) 
 	intents, err := m.intents(ctx, domain)
 	var out []string
 	for _, in := range intents {
-		out = append(out, fmt.Sprintf("%s %s is pending (check lists it; check --repair finishes or sets it aside)", in.Op, in.ID))
+		hint := "check lists it; check --repair finishes or sets it aside"
+		if in.Live && !in.Committed {
+			hint = pendingHint(in)
+		}
+		out = append(out, fmt.Sprintf("%s %s is pending (%s)", in.Op, in.ID, hint))
 	}
 	return out, err
 }

@@ -79,7 +79,7 @@ func (m *Manager) run(ctx context.Context, in *intent, live Live) error {
 			if i < in.NoReturn {
 				return m.abandon(ctx, in, i, err, live)
 			}
-			return fmt.Errorf("%w (%s %s: finish it with Repair once the cause is fixed): %w", ErrPending, in.Op, in.ID, err)
+			return fmt.Errorf("%w (%s %s: %s): %w", ErrPending, in.Op, in.ID, pendingHint(in), err)
 		}
 	}
 	crash("steps-done")
@@ -127,7 +127,11 @@ func (m *Manager) abandon(ctx context.Context, in *intent, last int, cause error
 		return fmt.Errorf("%s %s of domain %s stopped, left to the lock's next holder: %w (%w)", in.Op, in.ID, in.Domain, err, cause)
 	}
 	if err := m.rollBack(ctx, in, last, live); err != nil {
-		return fmt.Errorf("%w; undoing it failed too, the journal keeps it for Repair: %w", cause, err)
+		hint := "for Repair"
+		if in.Live {
+			hint = "(" + pendingHint(in) + ")"
+		}
+		return fmt.Errorf("%w; undoing it failed too, the journal keeps it %s: %w", cause, hint, err)
 	}
 	return cause
 }
@@ -243,7 +247,11 @@ func (m *Manager) Recover(ctx context.Context) error {
 	var errs error
 	for _, in := range intents {
 		if in.Live && !in.Committed || in.Guest != nil {
-			continue // needs the device model (RecoverLive) or the hypervisor (the driver)
+			// Only the driver knows whether a device model still runs
+			// the live steps (RecoverLive) or is gone (RecoverOffline),
+			// and only it reaches the hypervisor: its next call on the
+			// domain finishes them.
+			continue
 		}
 		if !m.mine(in.Domain) && !m.adoptable(in) {
 			continue // another source's: its images, its definition
@@ -300,7 +308,9 @@ func (m *Manager) adoptable(in *intent) bool {
 }
 
 func (m *Manager) recoverIntent(ctx context.Context, in *intent, live Live) error {
-	if !in.Committed && !in.Live {
+	// A running device model may be writing the images of a live intent:
+	// only once it is gone are they ours to repair.
+	if !in.Committed && (!in.Live || isOffline(live)) {
 		if err := m.freeLeaks(ctx, in); err != nil {
 			return err
 		}
@@ -321,14 +331,26 @@ func (m *Manager) recoverIntent(ctx context.Context, in *intent, live Live) erro
 	return err
 }
 
-// freeLeaks frees the clusters a killed qemu-img may have leaked in the
-// images an interrupted operation's steps write (qemu-img check -r leaks
-// touches nothing a table references), so that once recovery is done
-// check finds nothing. Any other finding is left to check to report.
+// freeLeaks frees the clusters a killed qemu-img (or device model) may
+// have leaked in the images an interrupted operation's steps write
+// (qemu-img check -r leaks touches nothing a table references), so that
+// once recovery is done check finds nothing. Any other finding is left
+// to check to report.
 func (m *Manager) freeLeaks(ctx context.Context, in *intent) error {
 	for _, st := range in.Steps {
 		targets := [][2]string{{st.Path, st.Format}}
 		switch st.Kind {
+		case metastore.StepLiveCommit:
+			targets = append(targets, [2]string{st.Backing, st.BackingFormat})
+		case metastore.StepLiveSnapshot:
+			targets = nil
+			for _, g := range st.Group {
+				targets = append(targets, [2]string{g.Path, g.Format})
+				if g.Backing != "" {
+					targets = append(targets, [2]string{g.Backing, g.BackingFormat})
+				}
+			}
+		case metastore.StepLiveStream, metastore.StepLiveInternalDelete:
 		case metastore.StepCommit:
 			if st.Backing != "" { // a commit into a named base (blockjob.go)
 				targets = append(targets, [2]string{st.Backing, st.BackingFormat})
@@ -347,21 +369,30 @@ func (m *Manager) freeLeaks(ctx context.Context, in *intent) error {
 			continue
 		}
 		for _, t := range targets {
-			if t[0] == "" || !exists(t[0]) {
-				continue
-			}
-			b, err := m.backendFor(t[0])
-			if err != nil {
-				continue // outside the pools: not xlsnap's to repair
-			}
-			lr, ok := b.(LeakRepairer)
-			if !ok || !errors.Is(b.Check(ctx, t[0], t[1]), ErrLeaks) {
-				continue
-			}
-			if err := lr.RepairLeaks(ctx, t[0], t[1]); err != nil {
-				return fmt.Errorf("freeing the clusters a crash leaked in %s: %w", t[0], err)
+			if err := m.repairLeaks(ctx, t[0], t[1]); err != nil {
+				return err
 			}
 		}
+	}
+	return nil
+}
+
+// repairLeaks frees an image's leaked clusters, if it has any and
+// nothing worse; an image outside the pools is not xlsnap's to repair.
+func (m *Manager) repairLeaks(ctx context.Context, path, format string) error {
+	if path == "" || !exists(path) {
+		return nil
+	}
+	b, err := m.backendFor(path)
+	if err != nil {
+		return nil
+	}
+	lr, ok := b.(LeakRepairer)
+	if !ok || !errors.Is(b.Check(ctx, path, format), ErrLeaks) {
+		return nil
+	}
+	if err := lr.RepairLeaks(ctx, path, format); err != nil {
+		return fmt.Errorf("freeing the clusters a crash leaked in %s: %w", path, err)
 	}
 	return nil
 }
@@ -671,8 +702,19 @@ func (m *Manager) publishChanges(before, after *Domain, reason, snapshot string)
 	}
 }
 
+// pendingHint says what finishes a pending intent.
+func pendingHint(in *intent) string {
+	if in.Live {
+		return "cut short on the running domain; the next call on the domain finishes or undoes it, " +
+			"through the device model while the domain runs (RecoverLive), from the images once it is shut off (RecoverOffline); " +
+			"a domain whose device model died while the domain still runs must be destroyed first"
+	}
+	return "finish it with Repair once the cause is fixed"
+}
+
 // RecoverDomain finishes or undoes what the journal holds for one domain
-// (an active domain's live operations need RecoverLive first). Errors:
+// (a live operation needs RecoverLive, or RecoverOffline once the domain
+// is shut off, first). Errors:
 // ErrPending when an intent cannot be finished yet, ErrBusy.
 func (m *Manager) RecoverDomain(ctx context.Context, domain string) error {
 	unlock, err := m.lockDomain(ctx, domain)
@@ -701,7 +743,7 @@ func (m *Manager) lockDomain(ctx context.Context, domain string) (func(), error)
 			continue // the driver's: it finishes it with the hypervisor
 		}
 		if in.Live && !in.Committed {
-			err = fmt.Errorf("%w: %s %s of domain %s needs the device model (RecoverLive)", ErrPending, in.Op, in.ID, domain)
+			err = fmt.Errorf("%w: %s %s of domain %s: %s", ErrPending, in.Op, in.ID, domain, pendingHint(in))
 		} else if rerr := m.recoverIntent(ctx, in, nil); rerr != nil {
 			err = fmt.Errorf("%w (%s %s of domain %s; Repair once the cause is fixed): %w", ErrPending, in.Op, in.ID, domain, rerr)
 		}

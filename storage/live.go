@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/xlsnap/xlsnap/chain"
 	"github.com/xlsnap/xlsnap/storage/metastore"
 )
 
@@ -56,15 +57,19 @@ func isLiveStep(k metastore.StepKind) bool {
 
 func needLive(live Live, st step) error {
 	if live == nil {
-		return fmt.Errorf("%w: step %s of %s needs the domain's device model", ErrLiveUnsupported, st.Kind, st.Path)
+		return fmt.Errorf("%w: step %s of %s needs the domain's device model, or the domain shut off (RecoverOffline)", ErrLiveUnsupported, st.Kind, st.Path)
 	}
 	return nil
 }
 
 // redoLive runs a live step unless the device model shows it done. A
 // fresh step (run for the first time, not by recovery) skips that check:
-// it costs queries inside the device model while the guest waits.
+// it costs queries inside the device model while the guest waits. With
+// the device model gone (offline), the images tell instead.
 func (m *Manager) redoLive(ctx context.Context, st step, live Live, fresh bool) error {
+	if o, ok := live.(offline); ok {
+		return m.redoOffline(ctx, st, o.domain)
+	}
 	if err := needLive(live, st); err != nil {
 		return err
 	}
@@ -111,6 +116,9 @@ func (m *Manager) redoLive(ctx context.Context, st step, live Live, fresh bool) 
 // undoLive undoes a live step that did not take effect; one that did
 // cannot be undone on a running guest and reports errLiveDone.
 func (m *Manager) undoLive(ctx context.Context, st step, live Live) error {
+	if isOffline(live) {
+		return m.undoOffline(ctx, st)
+	}
 	if err := needLive(live, st); err != nil {
 		return err
 	}
@@ -122,9 +130,12 @@ func (m *Manager) undoLive(ctx context.Context, st step, live Live) error {
 			return errLiveDone
 		}
 		// A transaction that failed half-way leaves the overlays of the
-		// actions that succeeded on disk; QEMU no longer uses them.
+		// actions that succeeded on disk; QEMU no longer uses them. One
+		// that holds data was switched to by a device model that died,
+		// and the domain runs again from its definition: those writes are
+		// nowhere else, so it is kept (check lists it).
 		for _, g := range st.Group {
-			if g.Kind == metastore.StepCreateOverlay {
+			if g.Kind == metastore.StepCreateOverlay && !holdsData(g) {
 				if err := m.undo(ctx, g, nil); err != nil {
 					return err
 				}
@@ -156,4 +167,15 @@ func (m *Manager) liveSnapshotDone(ctx context.Context, st step, live Live) (boo
 		return hasInternal(g.Path, g.Name)
 	}
 	return live.Writes(ctx, g.Path)
+}
+
+// holdsData reports whether a live snapshot's new overlay is there, an
+// overlay of its image, with data of its own (or tables that cannot be
+// read: it may).
+func holdsData(g step) bool {
+	if !isOverlayOf(g.Path, g.Backing) {
+		return false
+	}
+	n, err := chain.Allocated(g.Path, chain.Format(g.Format))
+	return err != nil || n > 0
 }

@@ -202,7 +202,8 @@ func nodeName(path string) string {
 // for external ones (QEMU creates the overlay, with the backing format
 // written), blockdev-snapshot-internal-sync for internal ones. QEMU undoes
 // a failed transaction inside itself but leaves the files of the actions
-// that succeeded: those are removed here.
+// that succeeded: those are removed here when QEMU refused it, and left
+// to storage's recovery when its answer was lost.
 func (l *Live) Snapshot(ctx context.Context, disks []storage.LiveOverlay) error {
 	return l.with(ctx, func(m *qmp.Monitor) error {
 		chains, err := l.chainsOn(ctx, m)
@@ -232,8 +233,15 @@ func (l *Live) Snapshot(ctx context.Context, disks []storage.LiveOverlay) error 
 		l.changed()
 		err = m.Execute(ctx, "transaction", map[string]any{"actions": actions}, nil)
 		if err != nil {
-			for _, p := range created {
-				os.Remove(p)
+			// Only a refusal is known to have switched no disk: with the
+			// answer lost (the connection cut, the device model killed,
+			// a deadline), the guest may be writing the overlays already.
+			// Storage's recovery judges them.
+			var refused *qmp.Error
+			if errors.As(err, &refused) {
+				for _, p := range created {
+					os.Remove(p)
+				}
 			}
 			return fmt.Errorf("live snapshot of %s: %w", l.domain, err)
 		}
