@@ -76,11 +76,16 @@ func TestToolstackRestartXen(t *testing.T) {
 	// The next process.
 	d2 := g.openDriver(newLibxl(t))
 	t0 := time.Now()
-	list, err := d2.ListAllSnapshots(ctx, g.name, 0)
-	if err != nil {
+	// domblklist reads the domain: the device model's pending work is
+	// judged first.
+	if _, err := d2.DiskList(ctx, g.name); err != nil {
 		t.Fatalf("the first call after the toolstack's death: %v\n%s", err, g.console())
 	}
 	timing(t, "case 16: recovery adopts the running merge", t0)
+	list, err := d2.ListAllSnapshots(ctx, g.name, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if len(list) != 0 {
 		t.Fatalf("snapshots after recovering the delete: %d, want none", len(list))
 	}
