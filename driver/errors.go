@@ -21,11 +21,15 @@
 // and every call that changes something can also return:
 //
 //   - ErrBusy (VIR_ERR_OPERATION_TIMEOUT, 68): another process holds the
-//     domain, as libvirt's "cannot acquire state change lock" (a call
-//     whose context ends while it waits for the domain returns the
-//     context's error instead, not ErrBusy: retrying it is pointless);
+//     domain, as libvirt's "cannot acquire state change lock", or a
+//     ChainChanging hold outlasted the call's context (a *HeldError);
+//     a call whose context ends while it waits for another process
+//     returns the context's error instead;
 //   - ErrPending (9): an earlier operation on the domain could not finish
-//     and waits in the journal for Check with repair;
+//     and waits in the journal: the next call on the domain finishes or
+//     undoes it (a live one through the device model while the domain
+//     runs, from the images once it is shut off); what neither can,
+//     Check with repair sets aside;
 //   - ErrLocked (VIR_ERR_RESOURCE_BUSY, 87): a process xlsnap does not
 //     control holds an image;
 //   - ErrNoSpace (VIR_ERR_SYSTEM_ERROR, 38), ErrChainBroken (9),
