@@ -385,7 +385,11 @@ func (m *Manager) judgeEdit(d *Domain, snaps map[string]*Snapshot, u *users, dc 
 		p := paths[c.k]
 		switch {
 		case c.k == 0 && running:
-			return fmt.Errorf("%w: %s is the layer the running domain %s writes on disk %s: no %s of it outside the device model while it writes it",
+			if c.kind == editMove || c.kind == editRewrite {
+				return fmt.Errorf("%w: %s is the layer the running domain %s writes on disk %s: no %s of it outside the device model while it writes it",
+					ErrOperationInvalid, p, name, target, c.kind)
+			}
+			return fmt.Errorf("%w: %s is the layer the running domain %s writes on disk %s: no %s of it outside the device model while it writes it; the device model merges it: xlsnap blockcommit --active --pivot (virDomainBlockCommit) or snapshot-delete",
 				ErrOperationInvalid, p, name, target, c.kind)
 		case c.k == 0 && c.kind != editRewrite:
 			return fmt.Errorf("%w: %s is the active layer of disk %s of domain %s, which its definition names: no outside %s of it, since the definition must always name an image that exists and holds the disk's data (xlsnap blockcommit --active merges it and repoints the definition)",
