@@ -1134,3 +1134,60 @@ func TestOpenWorldTwoDisksOneNewOverlay(t *testing.T) {
 	}
 	w.expectFiles("a.qcow2", "b.qcow2")
 }
+
+// TestOpenWorldMovedBaseCloneLeftBehind: vm's base, which a linked clone
+// also reads, is moved by hand and only vm's overlay repointed. The
+// clone's header names a file that is gone, so no one can tell who reads
+// the moved file: the rescan taking in the move is refused, check
+// reports users it cannot know, and every merge stops, so the moved
+// file, the clone's only copy of its base, is never written. Once the
+// clone is repointed too, the move is taken in and the merge keeps the
+// base for the clone.
+func TestOpenWorldMovedBaseCloneLeftBehind(t *testing.T) {
+	w := newWorld(t)
+	w.image("a.qcow2", "")
+	w.write("a.qcow2", 0x11, 0, 1024)
+	w.image("clone.qcow2", "a.qcow2")
+	w.define("vm", "", vdisk{"xvda", "a.qcow2"})
+	w.define("clone", "", vdisk{"xvda", "clone.qcow2"})
+	w.open()
+	w.snap("vm", "s1")
+	w.write("a.s1", 0x55, 0, 1024)
+	run(t, "mv", w.path("a.qcow2"), w.path("m.qcow2"))
+	run(t, "qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", w.path("m.qcow2"), w.path("a.s1"))
+	err := w.d.ChainChanged(w.ctx, "vm", "xvda", driver.Move{From: w.path("a.qcow2"), To: w.path("m.qcow2")})
+	if !errors.Is(err, driver.ErrChainBroken) || !strings.Contains(err.Error(), w.path("clone.qcow2")+" names "+w.path("a.qcow2")) {
+		t.Fatalf("rescan --moved with the clone left behind: %v", err)
+	}
+	ps, err := w.d.Check(w.ctx, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unknown := false
+	for _, p := range ps {
+		unknown = unknown || p.Kind == driver.ProblemUsersUnknown && strings.Contains(p.Detail, w.path("clone.qcow2"))
+	}
+	if !unknown {
+		t.Fatalf("check with the clone's backing gone: %+v", ps)
+	}
+	if _, err := w.d.Coalesce(w.ctx, "vm", 0); !errors.Is(err, driver.ErrChainBroken) {
+		t.Fatalf("coalesce with the clone's backing gone: %v", err)
+	}
+	if _, err := w.d.SnapshotDelete(w.ctx, "vm", "s1", 0); !errors.Is(err, driver.ErrChainBroken) {
+		t.Fatalf("snapshot-delete with the clone's backing gone: %v", err)
+	}
+	w.expect("m.qcow2", 0x11, 0, 1024)
+	// The clone repointed: the move is taken in, and deleting s1 keeps
+	// the base the clone reads.
+	run(t, "qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", w.path("m.qcow2"), w.path("clone.qcow2"))
+	if err := w.d.ChainChanged(w.ctx, "vm", "xvda", driver.Move{From: w.path("a.qcow2"), To: w.path("m.qcow2")}); err != nil {
+		t.Fatalf("rescan --moved once the clone is repointed: %v", err)
+	}
+	w.del("vm", "s1", 0)
+	if _, err := w.d.Coalesce(w.ctx, "vm", 0); err != nil {
+		t.Fatal(err)
+	}
+	w.expect("m.qcow2", 0x11, 0, 1024)
+	w.expect("clone.qcow2", 0x11, 0, 1024)
+	w.expect(w.source("vm", "xvda"), 0x55, 0, 1024)
+}

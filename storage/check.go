@@ -442,6 +442,14 @@ func (m *Manager) ChainChanged(ctx context.Context, domain, disk string, moves m
 		return nil, err
 	}
 	defer unlock()
+	if len(moves) > 0 {
+		// A moved file whose old name another image still reads: the
+		// records would say the moved one serves this chain alone, and
+		// a later merge could write into what that image reads.
+		if _, err := m.scanUsers(ctx); err != nil {
+			return nil, fmt.Errorf("taking in the move: %w", err)
+		}
+	}
 	var c *chain.Chain
 	var ev ChainChanged
 	err = m.store.Update(ctx, func(tx metastore.Tx) error {

@@ -258,6 +258,8 @@ func readBackingRef(path string) (string, error) {
 func (m *Manager) scanUsers(ctx context.Context) (*users, error) {
 	u := &users{byKey: map[fileKey][]User{}, byPath: map[string][]User{}, overlays: map[fileKey][]string{}}
 	seen := map[fileKey]bool{}
+	// dangling: images whose backing file is not there, each with it.
+	var dangling [][2]string
 	// edge records that image is backed by what its header names.
 	var edge func(image string, depth int) error
 	edge = func(image string, depth int) error {
@@ -275,7 +277,10 @@ func (m *Manager) scanUsers(ctx context.Context) (*users, error) {
 			return err
 		}
 		for _, b := range targets {
-			bk, _ := u.key(b)
+			bk, bst := u.key(b)
+			if bst == nil {
+				dangling = append(dangling, [2]string{filepath.Clean(image), b})
+			}
 			u.overlays[bk] = append(u.overlays[bk], filepath.Clean(image))
 			u.add(b, User{Kind: UserOverlay, Path: filepath.Clean(image)})
 			if err := edge(b, depth+1); err != nil {
@@ -323,6 +328,18 @@ func (m *Manager) scanUsers(ctx context.Context) (*users, error) {
 			u.add(p, usr)
 		}
 		uses = append(uses, metastore.ImageUse{Host: m.host, Domain: dd.Domain, DomainName: dd.DomainName, Disk: dd.Target, Chain: below})
+	}
+	// An image whose backing file is gone reads a file that may be any
+	// image here under a new name (a base moved by hand): who reads what
+	// can no longer be known, so what writes or removes images stops.
+	if len(dangling) > 0 {
+		var list []string
+		for _, d := range dangling {
+			list = append(list, fmt.Sprintf("%s names %s", d[0], d[1]))
+		}
+		sort.Strings(list)
+		return nil, fmt.Errorf("%w: backing files not there (moved or removed outside xlsnap?): %s; until each is repointed (qemu-img rebase -u -b NEW) or removed, an image's users cannot all be known and nothing is merged or removed",
+			ErrChainBroken, strings.Join(list, "; "))
 	}
 	// Other hosts' definitions, as each last published them; this
 	// host's, as they are now, for the others.
