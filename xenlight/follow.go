@@ -115,6 +115,11 @@ func (l *Live) Follow(ctx context.Context, disk string, layers []Layer) error {
 			}
 			addCache(opts, top)
 			if err := m.Execute(ctx, "blockdev-add", opts, nil); err != nil {
+				// The nodes added so far read nothing yet: closed, each
+				// before the one it is backed by.
+				for _, n := range names[j+1:] {
+					_ = m.Execute(ctx, "blockdev-del", map[string]any{"node-name": n}, nil)
+				}
 				return fmt.Errorf("opening %s for disk %s: %w", layers[j].Path, disk, err)
 			}
 		}

@@ -2,6 +2,8 @@ package xenlight
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -190,12 +192,26 @@ func chainOf(chains []DiskChain, image string) (DiskChain, error) {
 	return DiskChain{}, fmt.Errorf("%w: %s", errNotInUse, image)
 }
 
-var nodeSeq atomic.Uint32
+var (
+	nodeSeq atomic.Uint32
+	// nodeTag tells this process's names from another's: a device model
+	// outlives the processes that name its nodes, and a counter alone
+	// starts again at 1 in each ("Duplicate nodes with node-name").
+	nodeTag = func() string {
+		var b [3]byte
+		if _, err := rand.Read(b[:]); err != nil {
+			return fmt.Sprintf("%06x", os.Getpid()&0xffffff)
+		}
+		return hex.EncodeToString(b[:])
+	}()
+)
 
 // nodeName names a new overlay's node or a job: QMP names are short
-// identifiers, so a hash of the path (jobPrefix) plus a counter.
+// identifiers (QEMU takes 31 characters), so a hash of the path
+// (jobPrefix, which a later process's adopt looks for), this process's
+// tag and a counter.
 func nodeName(path string) string {
-	return fmt.Sprintf("%s%d", jobPrefix(path), nodeSeq.Add(1))
+	return fmt.Sprintf("%s%s%d", jobPrefix(path), nodeTag, nodeSeq.Add(1))
 }
 
 // Snapshot runs one QMP transaction over every disk: blockdev-snapshot-sync

@@ -3,10 +3,12 @@ package live
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -48,11 +50,27 @@ func liveHelper() int {
 		_, err = d.BlockCommit(ctx, "vm", "xvda", "", "", 0, driver.BlockCommitActive)
 	case "blockpull":
 		_, err = d.BlockPull(ctx, "vm", "xvda", 0, 0)
+	case "rescan":
+		from, to, _ := strings.Cut(os.Getenv("XLSNAP_LIVE_MOVE"), "=")
+		err = d.ChainChanged(ctx, "vm", "xvda", driver.Move{From: from, To: to})
 	}
 	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		return 4
 	}
 	return 0
+}
+
+// inProcess runs an operation in a helper process of its own, as a
+// separate xlsnap command would, and fails the test if it fails.
+func (e *env) inProcess(state, op string, env ...string) {
+	e.t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(append(os.Environ(), "XLSNAP_LIVE_HELPER=1", "XLSNAP_LIVE_DIR="+e.dir, "XLSNAP_LIVE_STATE="+state,
+		"XLSNAP_LIVE_OP="+op), env...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		e.t.Fatalf("helper %s: %v\n%s", op, err, out)
+	}
 }
 
 // crashAt runs an operation in a helper process that kills itself at the

@@ -219,3 +219,50 @@ func TestVerifyLive(t *testing.T) {
 		t.Fatalf("a chain the device model does not read: %v, want a MismatchError on xvdb", err)
 	}
 }
+
+// TestMoveLayersFromTwoProcesses: the base, then the layer above it, of
+// a running domain moved by two xlsnap processes, one after the other:
+// each names the nodes it adds to the one device model, which outlives
+// both (a name a second process made again was "Duplicate nodes with
+// node-name"). Both moves are followed, and the data reads back.
+func TestMoveLayersFromTwoProcesses(t *testing.T) {
+	e := newEnv(t)
+	state := t.TempDir()
+	e.openState(state)
+	e.write("xvda", 0x31, 0)
+	for _, s := range []string{"s1", "s2"} {
+		if _, err := e.d.SnapshotCreateXML(e.ctx, "vm", "<domainsnapshot><name>"+s+"</name></domainsnapshot>", driver.CreateDiskOnly); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.write("xvda", 0x32, mib)
+	e.d.Close()
+	top, mid, base := e.path("vm-xvda.s2"), e.path("vm-xvda.s1"), e.path("vm-xvda.qcow2")
+	if err := os.Mkdir(e.path("other"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	newBase, newMid := e.path("other/vm-xvda.qcow2"), e.path("other/vm-xvda.s1")
+	storagetest.CopyFile(t, base, newBase)
+	e.inProcess(state, "rescan", "XLSNAP_LIVE_MOVE="+base+"="+newBase)
+	storagetest.CopyFile(t, mid, newMid)
+	e.inProcess(state, "rescan", "XLSNAP_LIVE_MOVE="+mid+"="+newMid)
+	e.openState(state)
+	if got, want := e.disk("xvda").Chain, []string{top, newMid, newBase}; !slices.Equal(got, want) {
+		t.Fatalf("recorded chain %v, want %v", got, want)
+	}
+	e.expectChains()
+	for _, f := range []string{base, mid} {
+		if err := os.Remove(f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.write("xvda", 0x33, 2*mib)
+	if err := e.h.Destroy(e.ctx, "vm"); err != nil {
+		t.Fatal(err)
+	}
+	storagetest.ExpectImage(t, top, "qcow2", 0x31, 0, mib)
+	storagetest.ExpectImage(t, top, "qcow2", 0x32, mib, mib)
+	storagetest.ExpectImage(t, top, "qcow2", 0x33, 2*mib, mib)
+	storagetest.ExpectImage(t, newMid, "qcow2", 0x31, 0, mib)
+	storagetest.ExpectImage(t, newMid, "qcow2", 0x00, mib, mib)
+}
