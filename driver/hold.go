@@ -196,10 +196,19 @@ const (
 	holdLookMax   = time.Second
 )
 
+// HoldWait bounds how long a writer waits for a hold's release before
+// it fails with a *HeldError (VIR_ERR_OPERATION_TIMEOUT, 68): libvirt's
+// wait for a domain's job (VIR_JOB_WAIT_TIME in src/hypervisor/
+// domain_job.h, 30 s), so a writer learns of a long edit as a libvirt
+// client learns of a long job.
+var HoldWait = 30 * time.Second
+
 // waitHold waits, holding no lock, until the hold held names is
 // released, replaced or expired; when ctx ends first it returns held
-// with the context's error.
+// with the context's error, when HoldWait passes first held alone.
 func (d *Driver) waitHold(ctx context.Context, key string, held *HeldError) error {
+	giveUp := time.NewTimer(HoldWait)
+	defer giveUp.Stop()
 	for delay := holdLookFirst; ; delay = min(2*delay, holdLookMax) {
 		left := time.Until(held.Hold.Until)
 		if left <= 0 {
@@ -207,6 +216,9 @@ func (d *Driver) waitHold(ctx context.Context, key string, held *HeldError) erro
 		}
 		t := time.NewTimer(min(delay, left))
 		select {
+		case <-giveUp.C:
+			t.Stop()
+			return held
 		case <-ctx.Done():
 			t.Stop()
 			held.Err = ctx.Err()

@@ -385,6 +385,23 @@ func TestChainChangingHoldsWriters(t *testing.T) {
 			t.Fatal("a write that waited out its context changed something")
 		}
 	}
+	// A writer with no deadline of its own waits as long as libvirt waits
+	// for a domain's job (HoldWait), then fails with 68; one cancelled
+	// is aborted (78), in words that say so.
+	defer func(w time.Duration) { driver.HoldWait = w }(driver.HoldWait)
+	driver.HoldWait = 200 * time.Millisecond
+	_, err = other.SnapshotCreateXML(e.ctx, "vm", "<domainsnapshot><name>early</name></domainsnapshot>", driver.CreateDiskOnly)
+	if held := (*driver.HeldError)(nil); !errors.As(err, &held) || held.Err != nil || driver.Code(err) != driver.ErrNumOperationTimeout ||
+		!strings.HasPrefix(err.Error(), "Timed out during operation: cannot acquire state change lock (held by chain-changing") {
+		t.Fatalf("a writer past HoldWait: %v (code %d)", err, driver.Code(err))
+	}
+	cctx, ccancel := context.WithCancel(e.ctx)
+	time.AfterFunc(50*time.Millisecond, ccancel)
+	_, err = other.SnapshotCreateXML(cctx, "vm", "<domainsnapshot><name>early</name></domainsnapshot>", driver.CreateDiskOnly)
+	if driver.Code(err) != driver.ErrNumOperationAborted || !strings.HasPrefix(err.Error(), "operation aborted while waiting") {
+		t.Fatalf("a cancelled writer: %v (code %d)", err, driver.Code(err))
+	}
+	driver.HoldWait = time.Minute
 	// One that waits runs once the hold ends.
 	done := make(chan error, 1)
 	go func() {

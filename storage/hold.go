@@ -40,8 +40,13 @@ type HeldError struct {
 }
 
 func (e *HeldError) Error() string {
+	lead := ErrBusy.Error()
+	if errors.Is(e.Err, context.Canceled) {
+		// Code 78, not 68: the caller gave up, nothing timed out.
+		lead = "operation aborted while waiting for the state change lock"
+	}
 	s := fmt.Sprintf("%s (held by chain-changing of disk %s of domain %s: hold %s from host %s until %s)",
-		ErrBusy, e.Hold.Disk, e.Domain, e.Hold.ID, e.Hold.Host, e.Hold.Until.UTC().Format(time.RFC3339))
+		lead, e.Hold.Disk, e.Domain, e.Hold.ID, e.Hold.Host, e.Hold.Until.UTC().Format(time.RFC3339))
 	if e.Err != nil {
 		s += ": " + e.Err.Error()
 	}
