@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -63,10 +64,6 @@ func (d *Driver) ChainChanged(ctx context.Context, domain, disk string, moves ..
 			err = rerr
 		}
 	}()
-	v, err := d.sync(ctx, domain)
-	if err != nil {
-		return err
-	}
 	mv := map[string]string{}
 	for _, m := range moves {
 		from, err1 := filepath.Abs(m.From)
@@ -75,6 +72,17 @@ func (d *Driver) ChainChanged(ctx context.Context, domain, disk string, moves ..
 			return invalidf("move %s=%s", m.From, m.To)
 		}
 		mv[from] = to
+	}
+	v, err := d.sync(ctx, domain)
+	if err != nil {
+		if errors.Is(err, ErrChainBroken) {
+			for from, to := range mv {
+				if _, serr := os.Stat(from); serr != nil {
+					return fmt.Errorf("%w; %s was moved away, and an image above still names it: a running domain's backing file is copied, not moved, since only its device model may rewrite that header (rescan --moved has it do so); offline, repoint the image above first (qemu-img rebase -u -b %s)", err, from, to)
+				}
+			}
+		}
+		return err
 	}
 	active := v.src.State.Active()
 	var live *xenlight.Live

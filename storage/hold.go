@@ -347,8 +347,7 @@ func (m *Manager) planEdit(d *Domain, dc *diskChain, edit ChainEdit) ([]plannedC
 		switch c.kind {
 		case editCommit:
 			if c.k == len(paths)-1 {
-				// libvirt's words for the same commit.
-				return nil, fmt.Errorf("%w: top '%s' in chain for '%s' has no backing file", ErrInvalidArg, paths[c.k], target)
+				return nil, fmt.Errorf("%w: %s is the base of the chain of disk %s: it has no backing file to commit into", ErrInvalidArg, paths[c.k], target)
 			}
 			if err := touch(c.k+1, c.kind); err != nil {
 				return nil, err
@@ -407,7 +406,10 @@ func (m *Manager) judgeEdit(d *Domain, snaps map[string]*Snapshot, u *users, dc 
 			}
 			line := fmt.Sprintf("move %s to %s: a backing layer; ", p, c.to)
 			if running {
-				line += fmt.Sprintf("rescan --moved switches the device model to it, has it make %s name it, and follows it in the records and every snapshot", paths[c.k-1])
+				// The header above names the old file until the device
+				// model rewrites it: a file moved away (mv) leaves that
+				// name dangling, and the copy cannot be checked against it.
+				line += fmt.Sprintf("copy it (cp, not mv: %s names the old file until the rescan, which compares the copy with it); rescan --moved switches the device model to it, has it make %s name it, and follows it in the records and every snapshot; remove the old file after", paths[c.k-1], paths[c.k-1])
 			} else {
 				line += fmt.Sprintf("make %s name it (qemu-img rebase -u), then rescan --moved follows it in the records and every snapshot", paths[c.k-1])
 			}

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/xlsnap/xlsnap/driver"
 	"github.com/xlsnap/xlsnap/errdefs"
@@ -265,4 +266,45 @@ func TestMoveLayersFromTwoProcesses(t *testing.T) {
 	storagetest.ExpectImage(t, top, "qcow2", 0x33, 2*mib, mib)
 	storagetest.ExpectImage(t, newMid, "qcow2", 0x31, 0, mib)
 	storagetest.ExpectImage(t, newMid, "qcow2", 0x00, mib, mib)
+}
+
+// TestMoveRunningBaseWithMv: a running domain's base moved with mv, not
+// copied: the overlay above still names the old file, which only the
+// device model may rewrite. The announcement says to copy; the rescan
+// fails closed, saying why and what to do; once the file is put back and
+// copied, the same rescan follows it.
+func TestMoveRunningBaseWithMv(t *testing.T) {
+	e := newEnv(t)
+	e.write("xvda", 0x41, 0)
+	if _, err := e.d.SnapshotCreateXML(e.ctx, "vm", "<domainsnapshot><name>s1</name></domainsnapshot>", driver.CreateDiskOnly); err != nil {
+		t.Fatal(err)
+	}
+	top, base := e.path("vm-xvda.s1"), e.path("vm-xvda.qcow2")
+	if err := os.Mkdir(e.path("other"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	newBase := e.path("other/vm-xvda.qcow2")
+	h, err := e.d.ChainChanging(e.ctx, "vm", "xvda", driver.ChainEdit{Moves: []driver.Move{{From: base, To: newBase}}}, time.Minute)
+	if err != nil || len(h.Checked) != 1 || !strings.Contains(h.Checked[0], "copy it (cp, not mv") {
+		t.Fatalf("announcing the move: %+v %v", h, err)
+	}
+	if err := os.Rename(base, newBase); err != nil {
+		t.Fatal(err)
+	}
+	err = e.d.ChainChanged(e.ctx, "vm", "xvda", driver.Move{From: base, To: newBase})
+	if !errors.Is(err, driver.ErrChainBroken) || !strings.Contains(err.Error(), "copied, not moved") {
+		t.Fatalf("rescan after mv: %v", err)
+	}
+	if err := os.Rename(newBase, base); err != nil {
+		t.Fatal(err)
+	}
+	storagetest.CopyFile(t, base, newBase)
+	if err := e.d.ChainChanged(e.ctx, "vm", "xvda", driver.Move{From: base, To: newBase}); err != nil {
+		t.Fatalf("rescan after the copy: %v", err)
+	}
+	if got := e.disk("xvda").Chain; !slices.Equal(got, []string{top, newBase}) {
+		t.Fatalf("recorded chain %v", got)
+	}
+	e.expectChains()
+	e.expect("xvda", 0x41, 0)
 }
