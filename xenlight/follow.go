@@ -152,6 +152,7 @@ func (l *Live) Follow(ctx context.Context, disk string, layers []Layer) error {
 		if err := flushNode(ctx, m, top.Node, want[0]); err != nil {
 			return err
 		}
+		closeOld(ctx, m, nodes, c.Files[1:], append(names, file))
 		after, err := Chains(ctx, m)
 		if err != nil {
 			return err
@@ -166,6 +167,31 @@ func (l *Live) Follow(ctx context.Context, disk string, layers []Layer) error {
 		}
 		return fmt.Errorf("%w: the disk's node %s is gone after the switch", mismatch, c.Node)
 	})
+}
+
+// closeOld closes the nodes of the old backing files that the switch
+// left without a parent: a node added by the monitor (-blockdev,
+// blockdev-add) is the monitor's until blockdev-del, and would hold a
+// removed file's space and its storage busy until QEMU exits. Format
+// nodes go before the protocol nodes under them. QEMU refuses a node
+// something still uses (another disk, a job), which is then kept.
+func closeOld(ctx context.Context, m *qmp.Monitor, nodes []blockNode, files []string, keep []string) {
+	var format, protocol []string
+	for _, f := range files { // top down: each before the one it reads
+		for _, n := range nodes {
+			if n.File != f || slices.Contains(keep, n.Node) || strings.HasPrefix(n.Node, "#") {
+				continue
+			}
+			if n.Drv == "file" || n.Drv == "host_device" {
+				protocol = append(protocol, n.Node)
+			} else {
+				format = append(format, n.Node)
+			}
+		}
+	}
+	for _, n := range append(format, protocol...) {
+		_ = m.Execute(ctx, "blockdev-del", map[string]any{"node-name": n}, nil)
+	}
 }
 
 // topNodes finds the active layer's format node and the name of its

@@ -2,6 +2,7 @@ package live
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -255,6 +256,17 @@ func TestMoveLayersFromTwoProcesses(t *testing.T) {
 	for _, f := range []string{base, mid} {
 		if err := os.Remove(f); err != nil {
 			t.Fatal(err)
+		}
+	}
+	// The device model holds no removed file open: the old nodes are
+	// closed, so their space and storage are free at once.
+	fds, err := filepath.Glob(fmt.Sprintf("/proc/%d/fd/*", e.qemu.Cmd.Process.Pid))
+	if err != nil || len(fds) == 0 {
+		t.Fatalf("the device model's open files: %v", err)
+	}
+	for _, fd := range fds {
+		if target, _ := os.Readlink(fd); strings.HasSuffix(target, " (deleted)") {
+			t.Fatalf("the device model still holds %s open", target)
 		}
 	}
 	e.write("xvda", 0x33, 2*mib)
