@@ -49,9 +49,10 @@ func namedNodes(ctx context.Context, m *qmp.Monitor) ([]blockNode, error) {
 // drained for the switch, not stopped); then the active layer's header
 // and those of the new nodes are made to name the files now read
 // (change-backing-file, since a running domain's images are locked
-// against qemu-img) and flushed. The old backing nodes close when the
-// last reference goes, so the old files may be removed afterwards. It
-// ends by reading the chain back (query-block).
+// against qemu-img) and flushed. The old backing nodes are closed
+// (blockdev-del where the monitor owns them), so the old files may be
+// removed afterwards and their space is freed. It ends by reading the
+// chain back (query-block).
 //
 // Nothing happens when the device model reads layers already. Errors: a
 // *MismatchError (ErrChainMismatch, VIR_ERR_OPERATION_FAILED 9) where
