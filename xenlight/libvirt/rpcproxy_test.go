@@ -3,8 +3,11 @@ package libvirt_test
 import (
 	"bufio"
 	"encoding/binary"
+	"errors"
 	"io"
+	"io/fs"
 	"net"
+	"os"
 	"sync"
 	"testing"
 )
@@ -30,58 +33,100 @@ const (
 // for each client, so a client that connects again after the daemon
 // restarted reaches the new one.
 type rpcProxy struct {
-	l        net.Listener
+	t        *testing.T
+	socket   string
 	upstream string
+	wg       sync.WaitGroup
 
 	mu    sync.Mutex
+	l     *net.UnixListener
+	open  map[net.Conn]bool
 	trap  *rpcTrap
 	calls []uint32
 }
 
 type rpcTrap struct {
 	proc     uint32
+	flags    int64
 	answered bool
 	then     func()
 	fired    chan struct{}
 }
 
+// anyFlags matches a call whatever its flags.
+const anyFlags = -1
+
 // startRPCProxy listens on socket and forwards to upstream; the test's
 // cleanup stops it.
 func startRPCProxy(t *testing.T, socket, upstream string) *rpcProxy {
 	t.Helper()
-	l, err := net.Listen("unix", socket)
-	if err != nil {
-		t.Fatal(err)
+	p := &rpcProxy{t: t, socket: socket, upstream: upstream, open: map[net.Conn]bool{}}
+	t.Cleanup(func() {
+		p.Down()
+		p.mu.Lock()
+		for c := range p.open {
+			c.Close()
+		}
+		p.mu.Unlock()
+		p.wg.Wait()
+	})
+	p.Up()
+	return p
+}
+
+// Up takes connections (again).
+func (p *rpcProxy) Up() {
+	p.t.Helper()
+	// A socket Down left behind is no one's.
+	if err := os.Remove(p.socket); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		p.t.Fatal(err)
 	}
-	p := &rpcProxy{l: l, upstream: upstream}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { l.Close(); wg.Wait() })
-	wg.Add(1)
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: p.socket, Net: "unix"})
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	p.mu.Lock()
+	p.l = l
+	p.mu.Unlock()
+	p.wg.Add(1)
 	go func() {
-		defer wg.Done()
+		defer p.wg.Done()
 		for {
 			c, err := l.Accept()
 			if err != nil {
 				return
 			}
-			wg.Add(1)
+			p.wg.Add(1)
 			go func() {
-				defer wg.Done()
+				defer p.wg.Done()
 				p.serve(c)
 			}()
 		}
 	}()
-	return p
 }
 
-// At arms the proxy: at the next call of procedure proc, then runs (before
-// the daemon sees the call, or once it answered it when answered is set)
-// and the client's connection is dropped. The channel is closed once then
-// ran.
-func (p *rpcProxy) At(proc uint32, answered bool, then func()) <-chan struct{} {
+// Down stops taking connections as a killed daemon does: its socket file
+// stays, and a client is refused (ECONNREFUSED). Connections it took
+// end as the daemon's do.
+func (p *rpcProxy) Down() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.trap = &rpcTrap{proc: proc, answered: answered, then: then, fired: make(chan struct{})}
+	if p.l != nil {
+		p.l.SetUnlinkOnClose(false)
+		p.l.Close()
+		p.l = nil
+	}
+}
+
+// At arms the proxy: at the next call of procedure proc whose flags (its
+// last argument, as in every procedure that has them) are flags, or with
+// any flags for anyFlags, then runs (before the daemon sees the call, or
+// once it answered it when answered is set) and the client's connection
+// is dropped. The channel is closed once then ran.
+func (p *rpcProxy) At(proc uint32, flags int64, answered bool, then func()) <-chan struct{} {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.trap = &rpcTrap{proc: proc, flags: flags, answered: answered, then: then, fired: make(chan struct{})}
 	return p.trap.fired
 }
 
@@ -130,20 +175,33 @@ func (p *rpcProxy) take(pk *packet) *rpcTrap {
 	}
 	p.calls = append(p.calls, pk.proc)
 	tr := p.trap
-	if tr == nil || tr.proc != pk.proc {
+	if tr == nil || tr.proc != pk.proc || tr.flags != anyFlags && int64(binary.BigEndian.Uint32(pk.raw[len(pk.raw)-4:])) != tr.flags {
 		return nil
 	}
 	p.trap = nil
 	return tr
 }
 
+// track keeps c until the proxy's cleanup, which closes what is left.
+func (p *rpcProxy) track(c net.Conn) func() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.open[c] = true
+	return func() {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		delete(p.open, c)
+		c.Close()
+	}
+}
+
 func (p *rpcProxy) serve(client net.Conn) {
-	defer client.Close()
+	defer p.track(client)()
 	server, err := net.Dial("unix", p.upstream)
 	if err != nil {
 		return // the daemon is down: the client finds its connection closed
 	}
-	defer server.Close()
+	defer p.track(server)()
 	var mu sync.Mutex
 	var pending *rpcTrap // answered trap, waiting for the reply to serial
 	var serial uint32

@@ -162,6 +162,14 @@ func (s *session) Start() {
 	}
 }
 
+// Signal sends sig to the daemon (SIGSTOP: a daemon that hangs).
+func (s *session) Signal(sig os.Signal) {
+	s.t.Helper()
+	if err := s.cmd.Process.Signal(sig); err != nil {
+		s.t.Fatal(err)
+	}
+}
+
 // Kill kills the daemon (SIGKILL: no clean-up of its own) and waits for
 // it to be gone; a daemon not running is left as it is.
 func (s *session) Kill() {
