@@ -304,8 +304,9 @@ func (c *Conn) adopt(r opened) (*lv.Connect, error) {
 	return r.c, nil
 }
 
-// Close closes every connection Conn opened; a borrowed one stays its
-// owner's.
+// Close closes every connection Conn opened. A borrowed one stays its
+// owner's, and while Conn still uses it (it was never lost), Conn
+// goes on working through it.
 //
 // Errors: libvirt's, closing.
 func (c *Conn) Close() error {
@@ -318,6 +319,7 @@ func (c *Conn) Close() error {
 	conns := c.lost
 	if c.own {
 		conns = append(conns, c.cur)
+		c.closed = true
 	}
 	for _, lc := range conns {
 		dialed.Delete(lc)
@@ -328,7 +330,7 @@ func (c *Conn) Close() error {
 	if c.opening != nil {
 		go closeLate(c.opening)
 	}
-	c.lost, c.opening, c.closed = nil, nil, true
+	c.lost, c.opening = nil, nil
 	return errs
 }
 
