@@ -53,8 +53,10 @@ func (e *connError) Unwrap() []error { return []error{ErrNoConnection, e.err} }
 // ErrNoConnection after about Interval×(Count+1) seconds (Bound), instead
 // of waiting for ever: libvirt's calls block in C and take no deadline.
 // A new connection is given up on after Bound too (virConnectOpen has no
-// timeout, and keepalive starts only once it is open). Interval 0 turns
-// keepalive and that bound off: a hung daemon then hangs its caller.
+// timeout, and keepalive starts only once it is open), and until the
+// daemon answers it, later calls fail at once: an xlsnap call on a hung
+// daemon fails after at most twice Bound. Interval 0 turns keepalive and
+// those bounds off: a hung daemon then hangs its caller.
 type Keepalive struct {
 	Interval int
 	Count    uint
@@ -74,11 +76,11 @@ func (k Keepalive) Bound() time.Duration {
 var DefaultKeepalive = Keepalive{Interval: 5, Count: 6}
 
 // Conn is a connection to one libvirt URI that outlives a restart of the
-// daemon behind it: a call finding the connection lost gets
-// ErrNoConnection, and the next call connects again (a daemon that is
-// still down refuses it at once, ErrNoConnection again). Every connection
-// it opens has keepalive on (see Keepalive). It is safe for concurrent
-// use.
+// daemon behind it, as virsh's does (virshReconnect): a call finding the
+// connection lost gets ErrNoConnection, and the next call connects again
+// (a daemon that is still down refuses it at once, ErrNoConnection
+// again). Every connection it opens has keepalive on (see Keepalive). It
+// is safe for concurrent use.
 type Conn struct {
 	uri   string
 	canon string

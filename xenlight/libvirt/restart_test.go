@@ -73,7 +73,12 @@ func TestLibvirtdRestart(t *testing.T) {
 	// QEMU outlives its daemon: whatever becomes of the daemon, the
 	// test's QEMU goes with the test.
 	pid := qemuPID(t, s)
-	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	t.Cleanup(func() {
+		// Only while the pid is still that QEMU's.
+		if cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil && strings.Contains(string(cmd), monitor) {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	})
 
 	proxySock := filepath.Join(t.TempDir(), "lv.sock")
 	proxy := startRPCProxy(t, proxySock, s.Socket())
