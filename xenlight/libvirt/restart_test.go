@@ -86,19 +86,26 @@ func TestLibvirtdRestart(t *testing.T) {
 	kill := func() { proxy.Down(); s.Kill() }
 	restart := func() { s.Start(); proxy.Up() }
 
-	src, err := libvirtsource.Open(uri)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
-	h := xlvirt.New(src.Conn()) // as cmd/xlsnap builds its back end
-	defer h.Close()
+	// xlsnap opens its driver as cmd/xlsnap does: a source over one
+	// connection, the back end through the same; each a new xlsnap, on
+	// the one state folder.
 	state := t.TempDir()
-	d, err := driver.Open(ctx, driver.Config{StateDir: state, Source: src, Pools: []string{dir}, Hypervisor: h})
-	if err != nil {
-		t.Fatal(err)
+	xlsnap := func(ka xlvirt.Keepalive) *driver.Driver {
+		t.Helper()
+		conn, err := xlvirt.Dial(uri, ka)
+		if err != nil {
+			t.Fatal(err)
+		}
+		src := libvirtsource.New(conn)
+		t.Cleanup(func() { src.Close() })
+		d, err := driver.Open(ctx, driver.Config{StateDir: state, Source: src, Pools: []string{dir}, Hypervisor: xlvirt.New(src.Conn())})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { d.Close() })
+		return d
 	}
-	defer d.Close()
+	d := xlsnap(xlvirt.DefaultKeepalive)
 
 	guestWrite(t, monitor, 0x22, 64<<10)
 	snapshot := func(name string) (time.Duration, error) {
@@ -152,18 +159,24 @@ func TestLibvirtdRestart(t *testing.T) {
 			t.Fatalf("the domain's QEMU is pid %d; the daemon started it as %d", got, pid)
 		}
 	}
-	// back restarts the daemon and times the first call after it, which
-	// finds the journal's intent and finishes or undoes it.
-	back := func(what string, chain []string, snaps ...string) {
+	// back restarts the daemon and times the first call after it (by
+	// the xlsnap next gives: the long-lived one, or a new one it opens),
+	// which finds the journal's intent and finishes or undoes it.
+	back := func(what string, next func() *driver.Driver, chain []string, snaps ...string) {
 		t.Helper()
-		restart()
 		start := time.Now()
+		restart()
+		up := time.Since(start)
+		start = time.Now()
+		d := next()
 		if _, err := d.DiskList(ctx, "r"); err != nil {
 			t.Fatalf("%s: the first call after the restart: %v", what, err)
 		}
-		t.Logf("%s: the first call after the restart recovered in %v", what, time.Since(start))
+		t.Logf("%s: the daemon took connections %v after its start; the first call after it recovered in %v", what, up, time.Since(start))
 		agree(d, chain, snaps...)
 	}
+	longLived := func() *driver.Driver { return d }
+	fresh := func() *driver.Driver { return xlsnap(xlvirt.DefaultKeepalive) }
 	files := func() []string {
 		t.Helper()
 		ents, err := os.ReadDir(dir)
@@ -226,7 +239,7 @@ func TestLibvirtdRestart(t *testing.T) {
 	if got := pending(); !slices.Equal(got, journal) {
 		t.Fatalf("the journal holds %q after a call while the daemon was down; want %q", got, journal)
 	}
-	back("a", []string{base})
+	back("a", longLived, []string{base})
 	if got := pending(); len(got) != 0 {
 		t.Fatalf("the journal holds %q after the recovery", got)
 	}
@@ -243,38 +256,27 @@ func TestLibvirtdRestart(t *testing.T) {
 	t.Logf("b: typed error after %v: %v", took, err)
 	// The guest writes on while its daemon is down, to the new overlay.
 	guestWrite(t, monitor, 0x55, 256<<10)
-	back("b", []string{ob, base}, "b")
+	back("b", longLived, []string{ob, base}, "b")
 	guestWrite(t, monitor, 0x33, 128<<10)
 
-	// 3. Killed once the daemon wrote the definition, before its answer.
+	// 3. Killed once the daemon wrote the definition, before its answer;
+	// a new xlsnap (as the next command is) finds the intent.
 	fired = proxy.At(procDomainDefineXML, anyFlags, true, kill)
 	took, err = snapshot("c")
 	<-fired
 	typed("snapshot c, daemon killed after the definition step", err)
 	t.Logf("c: typed error after %v: %v", took, err)
-	back("c", []string{oc, ob, base}, "b", "c")
+	back("c", fresh, []string{oc, ob, base}, "b", "c")
+	agree(d, []string{oc, ob, base}, "b", "c")
 	guestWrite(t, monitor, 0x44, 192<<10)
 
-	// 4. A new xlsnap (as the next command is) reads the same, through a
-	// connection whose keepalive gives a hung daemon 3 s. The daemon
+	// 4. An xlsnap whose keepalive gives a hung daemon 3 s. The daemon
 	// hangs: the call gives up, typed, after at most twice that (the
 	// lost connection's keepalive, then the new connection's bound);
 	// once the daemon answers again, so does xlsnap.
 	ka := xlvirt.Keepalive{Interval: 1, Count: 2}
-	conn, err := xlvirt.Dial(uri, ka)
-	if err != nil {
-		t.Fatal(err)
-	}
-	src2 := libvirtsource.New(conn)
-	defer src2.Close()
-	d2, err := driver.Open(ctx, driver.Config{StateDir: state, Source: src2, Pools: []string{dir}, Hypervisor: xlvirt.New(src2.Conn())})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d2.Close()
-	if disks, err := d2.DiskList(ctx, "r"); err != nil || len(disks) != 1 || disks[0].Source != oc {
-		t.Fatalf("a new driver's disks: %+v %v", disks, err)
-	}
+	d2 := xlsnap(ka)
+	agree(d2, []string{oc, ob, base}, "b", "c")
 	s.Signal(syscall.SIGSTOP)
 	start = time.Now()
 	_, err = d2.DiskList(ctx, "r")
