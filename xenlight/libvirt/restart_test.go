@@ -31,9 +31,11 @@ import (
 // three places the daemon has a part in one: as the device model is
 // looked up (before QEMU switches to the overlay), and as the definition
 // step rewrites the definition, before the daemon sees it and once it
-// did it but before its answer. The xlsnap here is a long-lived one (as
-// xlsnap serve is): one driver over one source and back end throughout.
-// Each time: the call ends in a typed error; a call while the daemon is
+// did it but before its answer. The xlsnap that meets the faults is a
+// long-lived one (as xlsnap serve is): one driver over one source and
+// back end throughout; the last fault is recovered by a new one, as by
+// the next command. Each time: the call ends in a typed error
+// (ErrNoConnection, never libvirt's internal error); a call while the daemon is
 // down is refused at once, typed, and changes nothing; the domain runs on
 // under the restarted daemon; the next call finishes or undoes the
 // intent, judged from what QEMU reads; libvirt's definition, xlsnap's
@@ -212,7 +214,7 @@ func TestLibvirtdRestart(t *testing.T) {
 	took, err := snapshot("a")
 	<-fired
 	typed("snapshot a, daemon killed at the device model's lookup", err)
-	t.Logf("a: typed error after %v: %v", took, err)
+	t.Logf("a: typed error (code %d) after %v: %v", driver.Code(err), took, err)
 	if got := deviceModelChain(t, monitor); !slices.Equal(got, []string{base}) {
 		t.Fatalf("QEMU reads %v after a failed snapshot; want [%s]", got, base)
 	}
@@ -226,7 +228,7 @@ func TestLibvirtdRestart(t *testing.T) {
 	if !strings.Contains(err.Error(), "Connection refused") {
 		t.Fatalf("a snapshot while the daemon is down: %v; want libvirt's refused connection", err)
 	}
-	t.Logf("down: typed error after %v: %v", took, err)
+	t.Logf("down: typed error (code %d) after %v: %v", driver.Code(err), took, err)
 	start := time.Now()
 	_, err = libvirtsource.Open(uri)
 	if driver.Code(err) != errdefs.CodeSystemError {
@@ -253,7 +255,7 @@ func TestLibvirtdRestart(t *testing.T) {
 	took, err = snapshot("b")
 	<-fired
 	typed("snapshot b, daemon killed before the definition step", err)
-	t.Logf("b: typed error after %v: %v", took, err)
+	t.Logf("b: typed error (code %d) after %v: %v", driver.Code(err), took, err)
 	// The guest writes on while its daemon is down, to the new overlay.
 	guestWrite(t, monitor, 0x55, 256<<10)
 	back("b", longLived, []string{ob, base}, "b")
@@ -265,7 +267,7 @@ func TestLibvirtdRestart(t *testing.T) {
 	took, err = snapshot("c")
 	<-fired
 	typed("snapshot c, daemon killed after the definition step", err)
-	t.Logf("c: typed error after %v: %v", took, err)
+	t.Logf("c: typed error (code %d) after %v: %v", driver.Code(err), took, err)
 	back("c", fresh, []string{oc, ob, base}, "b", "c")
 	agree(d, []string{oc, ob, base}, "b", "c")
 	guestWrite(t, monitor, 0x44, 192<<10)
@@ -283,7 +285,7 @@ func TestLibvirtdRestart(t *testing.T) {
 	took = time.Since(start)
 	s.Signal(syscall.SIGCONT)
 	typed("a call on a hung daemon", err)
-	t.Logf("hung: typed error after %v (keepalive bound %v): %v", took, ka.Bound(), err)
+	t.Logf("hung: typed error (code %d) after %v (keepalive bound %v): %v", driver.Code(err), took, ka.Bound(), err)
 	// The open the hang left in flight lands once the daemon answers;
 	// until it has, a call fails at once rather than wait again.
 	start = time.Now()
