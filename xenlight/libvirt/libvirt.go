@@ -6,6 +6,15 @@
 // libxl driver leaves it to libxl's socket, which DeviceModel uses; the
 // QEMU driver keeps its own to itself, so a QEMU domain needs a second
 // monitor in its definition (QMPSocketOf).
+//
+// A restart of the daemon does not stop its domains (libvirt reconnects
+// to their running QEMU or libxl at its start), and does not wedge this
+// package: the call that finds its connection lost fails with
+// ErrNoConnection, and the next one connects again (Conn). libvirt's
+// calls block in C and cannot be cancelled: a context is checked before
+// each call, and a daemon that stops answering is given up on by
+// keepalive (Keepalive; the package runs libvirt's default event loop,
+// which keepalive needs).
 package libvirt
 
 import (
@@ -27,60 +36,85 @@ import (
 )
 
 // Hypervisor drives active domains through one libvirt connection. A
-// libvirt connection is safe for concurrent use, and so is this.
+// libvirt connection is safe for concurrent use, and so is this. A
+// connection lost to a restart of the daemon fails the call that finds
+// it with ErrNoConnection; the next call connects again (see Conn).
 type Hypervisor struct {
-	conn  *lv.Connect
-	owned bool
+	c     *Conn
+	owned bool // Close closes c
 
-	xenOnce sync.Once
-	xen     bool
+	xenMu    sync.Mutex
+	xenKnown bool
+	xen      bool
 }
 
 var _ xenlight.Hypervisor = (*Hypervisor)(nil)
 
-// New uses an open connection; Close leaves it open for its owner.
-func New(conn *lv.Connect) *Hypervisor { return &Hypervisor{conn: conn} }
-
-// Open connects to uri; Close closes that connection.
-func Open(uri string) (*Hypervisor, error) {
-	conn, err := lv.NewConnect(uri)
-	if err != nil {
-		return nil, wrap("connecting to "+uri, err)
+// New uses an open connection; Close leaves it open for its owner. A
+// connection a Conn made (Dial, libvirtsource.Open) is used through that
+// Conn: once it is lost, the owner's next connection serves both, and the
+// owner closes it. Any other is borrowed: once it is lost, the Hypervisor
+// connects again to its URI by itself, with DefaultKeepalive, and Close
+// closes that connection.
+func New(conn *lv.Connect) *Hypervisor {
+	if c, ok := connOf(conn); ok {
+		return &Hypervisor{c: c}
 	}
-	return &Hypervisor{conn: conn, owned: true}, nil
+	return &Hypervisor{c: borrow(conn), owned: true}
 }
 
-// Conn is the connection, for callers that need more of libvirt.
-func (h *Hypervisor) Conn() *lv.Connect { return h.conn }
+// Open connects to uri (Dial, with DefaultKeepalive); Close closes that
+// connection.
+func Open(uri string) (*Hypervisor, error) {
+	c, err := Dial(uri, DefaultKeepalive)
+	if err != nil {
+		return nil, err
+	}
+	return &Hypervisor{c: c, owned: true}, nil
+}
 
-// Close closes the connection if Open made it.
+// Conn is the connection as it stands (perhaps lost), for callers that
+// need more of libvirt.
+func (h *Hypervisor) Conn() *lv.Connect { return h.c.Current() }
+
+// Close closes the connections the Hypervisor opened.
+//
+// Errors: libvirt's, closing.
 func (h *Hypervisor) Close() error {
 	if !h.owned {
 		return nil
 	}
-	if _, err := h.conn.Close(); err != nil {
-		return wrap("closing the connection", err)
-	}
-	return nil
+	return h.c.Close()
 }
 
 func wrap(op string, err error) error { return virterr.Wrap(op, err, nil) }
 
-// with looks the domain up and runs fn on it; libvirt's calls cannot be
-// cancelled, so ctx is checked before the call only.
-func (h *Hypervisor) with(ctx context.Context, op, domain string, fn func(*lv.Domain) error) error {
+// with looks the domain up and runs fn on it and its connection.
+// libvirt's calls block in C and cannot be cancelled: ctx is checked
+// before the call only, and keepalive bounds a call on a daemon that
+// stopped answering (see Keepalive).
+func (h *Hypervisor) with(ctx context.Context, op, domain string, fn func(*lv.Connect, *lv.Domain) error) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("%s %s: %w", op, domain, err)
 	}
-	dom, err := h.conn.LookupDomainByName(domain)
+	conn, err := h.c.Get(ctx)
 	if err != nil {
-		return wrap(op+" "+domain, err)
+		return fmt.Errorf("%s %s: %w", op, domain, err)
+	}
+	dom, err := conn.LookupDomainByName(domain)
+	if err != nil {
+		return h.c.Wrap(conn, op+" "+domain, err, nil)
 	}
 	defer dom.Free()
-	if err := fn(dom); err != nil {
-		return wrap(op+" "+domain, err)
+	if err := fn(conn, dom); err != nil {
+		return h.c.Wrap(conn, op+" "+domain, err, nil)
 	}
 	return nil
+}
+
+// on is with for fn that needs only the domain.
+func on(fn func(*lv.Domain) error) func(*lv.Connect, *lv.Domain) error {
+	return func(_ *lv.Connect, dom *lv.Domain) error { return fn(dom) }
 }
 
 // State reports the domain's state; one libvirt does not know is Shutoff.
@@ -89,7 +123,7 @@ func (h *Hypervisor) with(ctx context.Context, op, domain string, fn func(*lv.Do
 // Shutoff, so nobody works on its images offline.
 func (h *Hypervisor) State(ctx context.Context, domain string) (xenlight.State, error) {
 	var st lv.DomainState
-	err := h.with(ctx, "reading the state of", domain, func(dom *lv.Domain) error {
+	err := h.with(ctx, "reading the state of", domain, func(_ *lv.Connect, dom *lv.Domain) error {
 		var err error
 		if st, _, err = dom.GetState(); err != nil {
 			return err
@@ -130,12 +164,12 @@ func StateOf(st lv.DomainState) xenlight.State {
 
 // Pause suspends the domain's vCPUs (virDomainSuspend).
 func (h *Hypervisor) Pause(ctx context.Context, domain string) error {
-	return h.with(ctx, "pausing", domain, (*lv.Domain).Suspend)
+	return h.with(ctx, "pausing", domain, on((*lv.Domain).Suspend))
 }
 
 // Resume lets a paused domain run again (virDomainResume).
 func (h *Hypervisor) Resume(ctx context.Context, domain string) error {
-	return h.with(ctx, "resuming", domain, (*lv.Domain).Resume)
+	return h.with(ctx, "resuming", domain, on((*lv.Domain).Resume))
 }
 
 // SaveMemory saves the domain's memory and stops it (virDomainSaveFlags).
@@ -153,12 +187,16 @@ func (h *Hypervisor) SaveMemory(ctx context.Context, domain, path string, checkp
 	if err != nil {
 		return fmt.Errorf("saving the memory of %s: %w", domain, err)
 	}
-	return h.with(ctx, "saving the memory of", domain, func(dom *lv.Domain) error {
+	return h.with(ctx, "saving the memory of", domain, func(conn *lv.Connect, dom *lv.Domain) error {
 		st, _, err := dom.GetState()
 		if err != nil {
 			return err
 		}
-		resumed := st == lv.DOMAIN_PAUSED && h.isXen()
+		xen, err := h.isXen(conn)
+		if err != nil {
+			return err
+		}
+		resumed := st == lv.DOMAIN_PAUSED && xen
 		if resumed {
 			if err := dom.Resume(); err != nil {
 				return err
@@ -197,27 +235,31 @@ func (h *Hypervisor) Restore(ctx context.Context, domain, path, definition strin
 	if paused {
 		flags = lv.DOMAIN_SAVE_PAUSED
 	}
-	err = h.conn.DomainRestoreFlags(abs, definition, flags)
+	conn, err := h.c.Get(ctx)
+	if err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	err = conn.DomainRestoreFlags(abs, definition, flags)
 	if err == nil || !refusedDefinition(err) {
 		if err != nil {
-			return wrap(op, err)
+			return h.c.Wrap(conn, op, err, nil)
 		}
 		return nil
 	}
-	if err := h.defineImage(abs, definition); err != nil {
+	if err := h.defineImage(conn, abs, definition); err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
-	err = h.conn.DomainRestoreFlags(abs, "", flags)
+	err = conn.DomainRestoreFlags(abs, "", flags)
 	if err != nil && unsupportedFlags(err) {
 		// The image's definition is now the new one; only the state
 		// to start in is left, and a driver without restore flags
 		// starts the domain running.
-		if err = h.conn.DomainRestore(abs); err == nil && paused {
+		if err = conn.DomainRestore(abs); err == nil && paused {
 			return h.Pause(ctx, domain)
 		}
 	}
 	if err != nil {
-		return wrap(op, err)
+		return h.c.Wrap(conn, op, err, nil)
 	}
 	return nil
 }
@@ -225,13 +267,20 @@ func (h *Hypervisor) Restore(ctx context.Context, domain, path, definition strin
 // defineImage puts definition into the save image: through libvirt
 // (virDomainSaveImageDefineXML) where the driver can, and for libvirt's
 // libxl driver, which cannot, by rewriting the image's header.
-func (h *Hypervisor) defineImage(path, definition string) error {
-	err := h.conn.DomainSaveImageDefineXML(path, definition, 0)
+func (h *Hypervisor) defineImage(conn *lv.Connect, path, definition string) error {
+	err := conn.DomainSaveImageDefineXML(path, definition, 0)
 	if err == nil {
 		return nil
 	}
-	if virterr.Code(err) != lv.ERR_NO_SUPPORT || !h.isXen() {
-		return wrap("the driver takes no definition with the image, nor into it", err)
+	xen := false
+	if virterr.Code(err) == lv.ERR_NO_SUPPORT {
+		var xerr error
+		if xen, xerr = h.isXen(conn); xerr != nil {
+			return h.c.Wrap(conn, "reading the driver's type", xerr, nil)
+		}
+	}
+	if !xen {
+		return h.c.Wrap(conn, "the driver takes no definition with the image, nor into it", err, nil)
 	}
 	if err := redefineLibxlImage(path, definition); err != nil {
 		if errors.Is(err, errNotLibxlImage) {
@@ -243,13 +292,20 @@ func (h *Hypervisor) defineImage(path, definition string) error {
 }
 
 // isXen: the connection is libvirt's libxl driver (xen:///system). A
-// connection's driver never changes: libvirt is asked once.
-func (h *Hypervisor) isXen() bool {
-	h.xenOnce.Do(func() {
-		typ, err := h.conn.GetType()
-		h.xen = err == nil && typ == "Xen"
-	})
-	return h.xen
+// URI's driver never changes: libvirt is asked until it answers once
+// (a daemon that is down answers nothing, which says nothing of its
+// driver).
+func (h *Hypervisor) isXen(conn *lv.Connect) (bool, error) {
+	h.xenMu.Lock()
+	defer h.xenMu.Unlock()
+	if !h.xenKnown {
+		typ, err := conn.GetType()
+		if err != nil {
+			return false, err
+		}
+		h.xen, h.xenKnown = typ == "Xen", true
+	}
+	return h.xen, nil
 }
 
 // refusedDefinition: the driver took neither the definition with the
@@ -283,7 +339,7 @@ func checkName(domain, definition string) error {
 
 // Destroy stops the domain at once (virDomainDestroy).
 func (h *Hypervisor) Destroy(ctx context.Context, domain string) error {
-	return h.with(ctx, "destroying", domain, (*lv.Domain).Destroy)
+	return h.with(ctx, "destroying", domain, on((*lv.Domain).Destroy))
 }
 
 // DeviceModel connects to the domain's device model where libvirt leaves
@@ -300,9 +356,13 @@ func (h *Hypervisor) Destroy(ctx context.Context, domain string) error {
 func (h *Hypervisor) DeviceModel(ctx context.Context, domain string) (*qmp.Monitor, error) {
 	var id uint
 	var desc string
-	err := h.with(ctx, "connecting to the device model of", domain, func(dom *lv.Domain) error {
+	var xen bool
+	err := h.with(ctx, "connecting to the device model of", domain, func(conn *lv.Connect, dom *lv.Domain) error {
 		var err error
-		if h.isXen() {
+		if xen, err = h.isXen(conn); err != nil {
+			return err
+		}
+		if xen {
 			id, err = dom.GetID()
 		} else {
 			desc, err = dom.GetXMLDesc(0)
@@ -312,7 +372,7 @@ func (h *Hypervisor) DeviceModel(ctx context.Context, domain string) (*qmp.Monit
 	if err != nil {
 		return nil, err
 	}
-	if h.isXen() {
+	if xen {
 		return qmp.Dial(ctx, "unix", xenlight.LibxlQMPSocket(uint32(id)))
 	}
 	sock, err := QMPSocketOf(desc)

@@ -3,6 +3,7 @@ package libvirt
 import (
 	"bytes"
 	"context"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,6 +24,32 @@ const nobody = 65534
 // no root set-up, its own HOME and sockets in a temporary folder) and
 // returns a connection to it and a folder its QEMU can write.
 func sessionDaemon(t *testing.T) (*Hypervisor, string) {
+	t.Helper()
+	d := startSession(t)
+	h, err := Open(d.URI())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	return h, d.Images()
+}
+
+// session is a libvirtd session daemon a test can kill and start again
+// over the same folder, as a host's libvirtd is restarted: the domains it
+// runs go on (their QEMU is no child it takes down) and the daemon finds
+// them again at its start.
+type session struct {
+	t         *testing.T
+	dir       string
+	args, env []string
+	log       *lockedBuffer
+	cmd       *exec.Cmd
+	exited    chan struct{}
+}
+
+// startSession starts a session daemon in a new folder; the test's
+// cleanup kills it. It skips the test where no session daemon can run.
+func startSession(t *testing.T) *session {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("-short: no libvirtd session daemon")
@@ -80,41 +107,78 @@ func sessionDaemon(t *testing.T) (*Hypervisor, string) {
 	if out, err := probe.CombinedOutput(); err != nil {
 		t.Skipf("the unprivileged user cannot run libvirtd here: %v: %s", err, out)
 	}
-	cmd := exec.Command(args[0], args[1:]...)
-	cmd.Env = env
-	log := &lockedBuffer{}
-	cmd.Stdout, cmd.Stderr = log, log
 	if root {
 		chown(t, dir)
 	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	s := &session{t: t, dir: dir, args: args, env: env, log: &lockedBuffer{}}
 	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
+		s.Kill()
 		if t.Failed() {
-			t.Logf("libvirtd log:\n%s", log)
+			t.Logf("libvirtd log:\n%s", s.log)
 		}
 	})
+	s.Start()
+	return s
+}
 
-	sock := filepath.Join(dir, "run", "libvirt", "libvirt-sock")
+// Socket is the daemon's socket.
+func (s *session) Socket() string { return filepath.Join(s.dir, "run", "libvirt", "libvirt-sock") }
+
+// URI is the daemon's connection URI.
+func (s *session) URI() string { return "qemu+unix:///session?socket=" + s.Socket() }
+
+// Images is a folder the daemon's QEMU can write.
+func (s *session) Images() string { return filepath.Join(s.dir, "images") }
+
+// Start starts the daemon and returns once it takes connections (a
+// killed daemon leaves its socket file behind: it is dialled, not
+// looked for).
+func (s *session) Start() {
+	s.t.Helper()
+	cmd := exec.Command(s.args[0], s.args[1:]...)
+	cmd.Env = s.env
+	cmd.Stdout, cmd.Stderr = s.log, s.log
+	if err := cmd.Start(); err != nil {
+		s.t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	s.cmd, s.exited = cmd, exited
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		if _, err := os.Stat(sock); err == nil {
-			break
+		if c, err := net.Dial("unix", s.Socket()); err == nil {
+			c.Close()
+			return
+		}
+		select {
+		case <-exited:
+			s.t.Fatalf("libvirtd exited at its start:\n%s", s.log)
+		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("libvirtd made no socket %s in 20 s:\n%s", sock, log)
+			s.t.Fatalf("libvirtd took no connection on %s in 20 s:\n%s", s.Socket(), s.log)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	h, err := Open("qemu+unix:///session?socket=" + sock)
-	if err != nil {
-		t.Fatal(err)
+}
+
+// Signal sends sig to the daemon (SIGSTOP: a daemon that hangs).
+func (s *session) Signal(sig os.Signal) {
+	s.t.Helper()
+	if err := s.cmd.Process.Signal(sig); err != nil {
+		s.t.Fatal(err)
 	}
-	t.Cleanup(func() { h.Close() })
-	return h, filepath.Join(dir, "images")
+}
+
+// Kill kills the daemon (SIGKILL: no clean-up of its own) and waits for
+// it to be gone; a daemon not running is left as it is.
+func (s *session) Kill() {
+	if s.cmd == nil {
+		return
+	}
+	s.cmd.Process.Kill()
+	<-s.exited
+	s.cmd = nil
 }
 
 func chown(t *testing.T, dir string) {
@@ -149,6 +213,18 @@ func qemuDomainXML(name, uuid, disk string) string {
     </disk>
   </devices>
 </domain>`
+}
+
+// qemuDomainQMPXML is qemuDomainXML with a second QMP monitor at qmp,
+// beside libvirt's own, for xlsnap's live work (see QMPSocketOf).
+func qemuDomainQMPXML(name, uuid, disk, qmp string) string {
+	doc := strings.Replace(qemuDomainXML(name, uuid, disk), "<domain type='qemu'>",
+		"<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>", 1)
+	return strings.Replace(doc, "</domain>", `  <qemu:commandline>
+    <qemu:arg value='-qmp'/>
+    <qemu:arg value='unix:`+qmp+`,server=on,wait=off'/>
+  </qemu:commandline>
+</domain>`, 1)
 }
 
 // TestSessionDaemon runs the save/restore hazard on a real QEMU domain:
