@@ -72,7 +72,7 @@ func (m *Manager) run(ctx context.Context, in *intent, live Live) error {
 		point := fmt.Sprintf("step%d-%s", i, st.Kind)
 		crash(point)
 		// A backend marks its own points inside the step (see crashpoint.Within).
-		if err := m.forward(crashpoint.WithOp(ctx, in.Op+"/"+point), st, live); err != nil {
+		if err := m.forward(atStep(crashpoint.WithOp(ctx, in.Op+"/"+point), in, i), st, live); err != nil {
 			if lerr := lockErr(ctx); lerr != nil {
 				return fmt.Errorf("%s %s of domain %s stopped in step %d (%s), left to the lock's next holder: %w", in.Op, in.ID, in.Domain, i, st.Kind, lerr)
 			}
@@ -398,8 +398,8 @@ func (m *Manager) repairLeaks(ctx context.Context, path, format string) error {
 }
 
 func (m *Manager) rollForward(ctx context.Context, in *intent, live Live) error {
-	for _, st := range in.Steps {
-		if err := m.redo(ctx, st, live); err != nil {
+	for i, st := range in.Steps {
+		if err := m.redo(atStep(ctx, in, i), st, live); err != nil {
 			return err
 		}
 	}

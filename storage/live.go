@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/xlsnap/xlsnap/chain"
+	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/storage/metastore"
 )
 
@@ -25,11 +26,89 @@ type Live interface {
 	// InternalDelete deletes an internal snapshot of an image in use.
 	InternalDelete(ctx context.Context, image, name string) error
 	// Commit writes top into base (its backing) and drops top from the
-	// chain; if a disk writes to top, it writes to base afterwards.
-	Commit(ctx context.Context, top, base string, progress func(float64)) error
+	// chain; if a disk writes to top, it writes to base afterwards: the
+	// pivot, which the device model makes with the guest paused and
+	// pivot's mark durable (see Pivot), so that a crash at any instant
+	// leaves what the rules of offline.go can judge. With pivot.Marked,
+	// an earlier call's pivot is finished first (found done, its pause
+	// is ended).
+	Commit(ctx context.Context, top, base string, progress func(float64), pivot Pivot) error
 	// Stream copies into image what its backing chain holds above base
 	// (base "" for all of it) and makes base its backing.
 	Stream(ctx context.Context, image, base, baseFormat string, progress func(float64)) error
+}
+
+// Pivot is the journal's part in an active commit's pivot. The device
+// model pauses the guest, waits until the job is in sync and flushes
+// base, then calls Mark, then pivots, then resumes the guest: from the
+// mark on, base holds every write, so offline recovery never commits the
+// stale top over it (offline.go). The mark is the step's Pivoting.
+type Pivot struct {
+	// Marked: an earlier call made the mark, and may have been cut short
+	// anywhere between it and the guest's resumption.
+	Marked bool
+	// Resume: that call paused the running guest for the pivot (the
+	// mark says "paused"), so it is resumed once the pivot is over.
+	Resume bool
+	// Mark makes the mark durable before job-complete; paused says xlsnap
+	// paused the guest for the pivot (it was running).
+	Mark func(ctx context.Context, paused bool) error
+	// Unmark takes the mark back once the job ended without pivoting,
+	// before the guest resumes writing top.
+	Unmark func(ctx context.Context) error
+}
+
+// The values of a live-commit step's Pivoting (metastore.Step): who
+// paused the guest for the pivot.
+const (
+	pivotPaused    = "paused"     // xlsnap: recovery resumes it
+	pivotWasPaused = "was-paused" // it was paused already: it stays so
+)
+
+type journalKey struct{}
+
+// journalPos is where a step stands in its intent, for a step that
+// records its own progress (the pivot's mark).
+type journalPos struct {
+	in *intent
+	i  int
+}
+
+// atStep tells a step's run (redo, forward) where it stands in its
+// intent.
+func atStep(ctx context.Context, in *intent, i int) context.Context {
+	return context.WithValue(ctx, journalKey{}, journalPos{in, i})
+}
+
+// pivotOf is the Pivot of a live-commit step: Mark and Unmark write the
+// step's Pivoting into its intent, durably (the intent as run holds it,
+// so a later write of the intent keeps it).
+func (m *Manager) pivotOf(ctx context.Context, st step) (Pivot, error) {
+	pos, ok := ctx.Value(journalKey{}).(journalPos)
+	if !ok || pos.i >= len(pos.in.Steps) || pos.in.Steps[pos.i].Kind != metastore.StepLiveCommit || pos.in.Steps[pos.i].Path != st.Path {
+		return Pivot{}, fmt.Errorf("%w: the live commit of %s runs outside its journal record: no pivot could be marked", errdefs.ErrInternal, st.Path)
+	}
+	put := func(ctx context.Context, v string) error {
+		at := &pos.in.Steps[pos.i]
+		old := at.Pivoting
+		at.Pivoting = v
+		if err := m.store.Update(ctx, func(tx metastore.Tx) error { return tx.PutIntent(pos.in) }); err != nil {
+			at.Pivoting = old
+			return fmt.Errorf("recording the pivot of %s onto %s in the journal: %w", st.Path, st.Backing, err)
+		}
+		return nil
+	}
+	return Pivot{
+		Marked: st.Pivoting != "",
+		Resume: st.Pivoting == pivotPaused,
+		Mark: func(ctx context.Context, paused bool) error {
+			if paused {
+				return put(ctx, pivotPaused)
+			}
+			return put(ctx, pivotWasPaused)
+		},
+		Unmark: func(ctx context.Context) error { return put(ctx, "") },
+	}, nil
 }
 
 // LiveOverlay is one disk's part in a live snapshot: a new overlay, or
@@ -96,12 +175,18 @@ func (m *Manager) redoLive(ctx context.Context, st step, live Live, fresh bool) 
 		}
 		return live.InternalDelete(ctx, st.Path, st.Name)
 	case metastore.StepLiveCommit:
-		if !fresh {
+		// A marked step goes to the device model even when done: the
+		// guest its pivot paused may be waiting.
+		if !fresh && st.Pivoting == "" {
 			if used, err := live.Uses(ctx, st.Path); err != nil || !used {
 				return err
 			}
 		}
-		return live.Commit(ctx, st.Path, st.Backing, progressFor(ctx, "commit", st))
+		pivot, err := m.pivotOf(ctx, st)
+		if err != nil {
+			return err
+		}
+		return live.Commit(ctx, st.Path, st.Backing, progressFor(ctx, "commit", st), pivot)
 	case metastore.StepLiveStream:
 		if !fresh {
 			if used, err := live.Uses(ctx, st.UndoBacking); err != nil || !used {
@@ -145,6 +230,9 @@ func (m *Manager) undoLive(ctx context.Context, st step, live Live) error {
 	case metastore.StepLiveInternalDelete:
 		return fmt.Errorf("step %q cannot be undone", st.Kind)
 	case metastore.StepLiveCommit, metastore.StepLiveStream:
+		if st.Pivoting != "" {
+			return errLiveDone // the pivot may be under way: finished, never undone
+		}
 		gone := st.Path
 		if st.Kind == metastore.StepLiveStream {
 			gone = st.UndoBacking

@@ -20,21 +20,27 @@ import (
 // qemu-img, by these rules (each keeps every byte the guest wrote and
 // flushed before the device model died):
 //
-//   - live-commit (Path into Backing) is always redone: qemu-img commit -b
-//     Backing Path, then every image the record shows backed by Path whose
-//     header still names it is rebased (safe mode) onto Backing, and the
-//     intent's remaining steps run. A commit job writes into Backing only
-//     data the chain above it holds, and Path (with the images between)
-//     stays on disk until the operation has committed, so writing it again
-//     is harmless; it also mends a finished intermediate job whose
-//     metadata QEMU never flushed (the overlay's header already names
-//     Backing, whose tables lack the data). Before the pivot of an active
-//     commit, Path holds every guest write (after READY, Backing holds them
-//     too). After the pivot the guest writes to Backing only: a device
-//     model that pivoted and died before storage heard of the pivot (the
-//     QMP connection, or xlsnap, lost in the milliseconds between) would
-//     have writes of that moment overwritten; no trace on disk tells the
-//     pivot, so this rule cannot see it.
+//   - live-commit (Path into Backing) without the pivot's mark is redone:
+//     qemu-img commit -b Backing Path, then every image the record shows
+//     backed by Path whose header still names it is rebased (safe mode)
+//     onto Backing, and the intent's remaining steps run. A commit job
+//     writes into Backing only data the chain above it holds, and Path
+//     (with the images between) stays on disk until the operation has
+//     committed, so writing it again is harmless; it also mends a
+//     finished intermediate job whose metadata QEMU never flushed (the
+//     overlay's header already names Backing, whose tables lack the
+//     data). An active commit without the mark never pivoted (the mark is
+//     durable before job-complete is sent): Path holds every guest write.
+//   - live-commit with the mark (Pivoting: an active commit) is not
+//     redone, for it may have pivoted, and nothing on disk tells: after
+//     the pivot the guest wrote Backing only, and committing Path again
+//     would overwrite those writes with older data. Nor need it be: the
+//     mark was made with the guest paused, the job in sync (Backing held
+//     what Path did) and Backing flushed, and the guest wrote nothing
+//     until the pivot (xlsnap resumes it without pivoting only once the
+//     mark is taken back). So Backing holds every write, pivot or not;
+//     the rest runs as above (the records and the definition name
+//     Backing; Path is removed once nothing is found to use it).
 //   - live-stream (into Path from above Backing; UndoBacking was Path's
 //     backing) is undone while Path's header still names UndoBacking (a
 //     stream copies only what the chain already reads: nothing to take
@@ -70,7 +76,7 @@ func (offline) Snapshot(context.Context, []LiveOverlay) error        { return er
 func (offline) Uses(context.Context, string) (bool, error)           { return false, errNoDeviceModel }
 func (offline) Writes(context.Context, string) (bool, error)         { return false, errNoDeviceModel }
 func (offline) InternalDelete(context.Context, string, string) error { return errNoDeviceModel }
-func (offline) Commit(context.Context, string, string, func(float64)) error {
+func (offline) Commit(context.Context, string, string, func(float64), Pivot) error {
 	return errNoDeviceModel
 }
 func (offline) Stream(context.Context, string, string, string, func(float64)) error {
@@ -172,10 +178,11 @@ func (m *Manager) undoOffline(ctx context.Context, st step) error {
 	return fmt.Errorf("step %q cannot be undone", st.Kind)
 }
 
-// redoCommitOffline is qemu-img commit -b Backing Path, then a safe
-// rebase onto Backing of each image the record shows backed by Path
-// whose header still names Path (the overlay QEMU would have repointed).
-// Everything is checked before the first change.
+// redoCommitOffline is qemu-img commit -b Backing Path (none for a step
+// with the pivot's mark), then a safe rebase onto Backing of each image
+// the record shows backed by Path whose header still names Path (the
+// overlay QEMU would have repointed). Everything is checked before the
+// first change.
 func (m *Manager) redoCommitOffline(ctx context.Context, st step, domain string) error {
 	if !exists(st.Path) {
 		return fmt.Errorf("%w: %s, which this operation commits into %s, is gone (moved?)", ErrChainBroken, st.Path, st.Backing)
@@ -214,8 +221,10 @@ func (m *Manager) redoCommitOffline(ctx context.Context, st step, domain string)
 	if err != nil {
 		return err
 	}
-	if err := m.commitInto(ctx, b, st); err != nil {
-		return err
+	if st.Pivoting == "" {
+		if err := m.commitInto(ctx, b, st); err != nil {
+			return err
+		}
 	}
 	for _, k := range above {
 		kb, err := m.backendFor(k)

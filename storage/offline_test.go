@@ -34,6 +34,11 @@ type dyingModel struct {
 	uses, writes map[string]bool
 	died         func()
 	dead         bool
+	// pivot, if set, is the active commit's pivot as far as the device
+	// model got before it died (it marks, or not): see pivot_test.go.
+	pivot func(storage.Pivot)
+	// pivots are the pivots Commit was given.
+	pivots []storage.Pivot
 }
 
 func (d *dyingModel) Uses(_ context.Context, image string) (bool, error) {
@@ -62,7 +67,11 @@ func (d *dyingModel) die() error {
 
 func (d *dyingModel) Snapshot(context.Context, []storage.LiveOverlay) error { return d.die() }
 func (d *dyingModel) InternalDelete(context.Context, string, string) error  { return d.die() }
-func (d *dyingModel) Commit(context.Context, string, string, func(float64)) error {
+func (d *dyingModel) Commit(_ context.Context, _, _ string, _ func(float64), p storage.Pivot) error {
+	d.pivots = append(d.pivots, p)
+	if d.pivot != nil && !d.dead {
+		d.pivot(p)
+	}
 	return d.die()
 }
 func (d *dyingModel) Stream(context.Context, string, string, string, func(float64)) error {

@@ -18,11 +18,12 @@ func jobPrefix(what string) string {
 
 // adopt is for a job that could not start: a job an earlier call
 // started on what and lost (its QMP connection dropped; QEMU ran on) may
-// hold the node. That job is let finish (completed if it waits ready),
-// and adopt reports whether the chains then show the work done (isDone).
-// Asked only after a failed start, it costs the usual path nothing.
-func adopt(ctx context.Context, m *qmp.Monitor, what string, progress func(float64), isDone func([]DiskChain) bool) (bool, error) {
-	found, err := m.AdoptJob(ctx, jobPrefix(what), percent(progress))
+// hold the node. That job is let finish (completed through pivot if it
+// waits ready: an active commit), and adopt reports whether the chains
+// then show the work done (isDone). Asked only after a failed start, it
+// costs the usual path nothing.
+func adopt(ctx context.Context, m *qmp.Monitor, what string, progress func(float64), pivot *qmp.Pivot, isDone func([]DiskChain) bool) (bool, error) {
+	found, err := m.AdoptJob(ctx, jobPrefix(what), percent(progress), pivot)
 	if err != nil || !found {
 		return false, err
 	}

@@ -315,31 +315,68 @@ func (l *Live) nodeOf(ctx context.Context, m *qmp.Monitor, image string) (string
 }
 
 // Commit runs block-commit of top into base (with every image between):
-// an active commit (completed and pivoted) when a disk writes to top, else
-// an intermediate one, after which QEMU repoints top's overlay at base
-// itself. Either way base's data is on disk when it returns.
-func (l *Live) Commit(ctx context.Context, top, base string, progress func(float64)) error {
+// an active commit when a disk writes to top, completed through the pivot
+// protocol (qmp.Pivot: the guest paused, the job in sync, base flushed,
+// pivot's mark made, job-complete, the guest resumed), else an
+// intermediate one, after which QEMU repoints top's overlay at base
+// itself. Either way base's data is on disk when it returns. A pivot
+// whose connection is lost is settled on a new one while the device
+// model answers: its job adopted (or found over), the guest resumed.
+// With pivot.Marked, an earlier call's pivot is settled first: a top no
+// disk reads any more was pivoted from (only its pause may be left).
+func (l *Live) Commit(ctx context.Context, top, base string, progress func(float64), pivot storage.Pivot) error {
 	return l.with(ctx, func(m *qmp.Monitor) error {
 		chains, err := l.chainsOn(ctx, m)
 		if err != nil {
 			return err
 		}
 		c, err := chainOf(chains, top)
+		if err != nil && errors.Is(err, errNotInUse) && pivot.Marked {
+			return m.EndPivot(ctx, qmpPivot(pivot, ""), true)
+		}
 		if err != nil {
 			return err
 		}
+		var qp *qmp.Pivot
+		switch {
+		case c.Files[0] == top:
+			target, err := l.nodeOf(ctx, m, base)
+			if err != nil {
+				return err
+			}
+			qp = qmpPivot(pivot, target)
+		case pivot.Marked:
+			return fmt.Errorf("%w: the pivot from %s was marked, but the device model writes %s now", ErrChainMismatch, top, c.Files[0])
+		}
 		l.changed()
-		job := qmp.Job{ID: nodeName("commit" + top), Progress: percent(progress)}
-		if err := m.RunJob(ctx, job, "block-commit", map[string]any{"job-id": job.ID, "device": c.Node, "top": top, "base": base}); err != nil {
+		if qp != nil && qp.Marked {
+			// An earlier call's job first: no new job may run under
+			// its mark (Backing would not hold the guest's writes).
+			done, err := settle(ctx, m, top, progress, qp)
+			if err != nil || done {
+				return err
+			}
+		}
+		job := qmp.Job{ID: nodeName("commit" + top), Progress: percent(progress), Pivot: qp}
+		err = m.RunJob(ctx, job, "block-commit", map[string]any{"job-id": job.ID, "device": c.Node, "top": top, "base": base})
+		switch {
+		case err == nil:
+		case qp != nil && (qp.Resume || qp.Marked) && m.Closed():
+			// Lost mid-pivot: the guest may be paused, the job waiting.
+			done, serr := l.settleAnew(ctx, top, progress, qp)
+			if serr != nil || !done {
+				return errors.Join(err, serr)
+			}
+		default:
 			// A job an earlier call started and lost may hold the node.
-			if done, aerr := adopt(ctx, m, "commit"+top, progress, func(chains []DiskChain) bool {
+			if done, aerr := adopt(ctx, m, "commit"+top, progress, qp, func(chains []DiskChain) bool {
 				_, err := chainOf(chains, top)
 				return err != nil
 			}); aerr != nil || !done {
 				return errors.Join(err, aerr)
 			}
 		}
-		if c.Files[0] == top {
+		if qp != nil {
 			// An active commit is QEMU's mirror job, which flushes its
 			// target, base, under drain before it completes (block/mirror.c,
 			// mirror_run: mirror_flush): no flush of ours is needed.
@@ -347,6 +384,38 @@ func (l *Live) Commit(ctx context.Context, top, base string, progress func(float
 		}
 		return l.flush(ctx, m, base)
 	})
+}
+
+// qmpPivot is storage's pivot for the device model's node target.
+func qmpPivot(p storage.Pivot, target string) *qmp.Pivot {
+	return &qmp.Pivot{Target: target, Marked: p.Marked, Resume: p.Resume, Mark: p.Mark, Unmark: p.Unmark}
+}
+
+// settle finishes a pivot an earlier connection left (its job adopted,
+// or found over) and reports whether top was pivoted from; not, the
+// mark is taken back and the guest resumed, and top is still to commit.
+func settle(ctx context.Context, m *qmp.Monitor, top string, progress func(float64), p *qmp.Pivot) (bool, error) {
+	if _, err := m.AdoptJob(ctx, jobPrefix("commit"+top), percent(progress), p); err != nil {
+		return false, err
+	}
+	// Read after the job is over: a pivot under way is seen.
+	chains, err := Chains(ctx, m)
+	if err != nil {
+		return false, err
+	}
+	_, err = chainOf(chains, top)
+	pivoted := err != nil
+	return pivoted, m.EndPivot(ctx, p, pivoted)
+}
+
+// settleAnew is settle on a new connection, for one lost mid-pivot.
+func (l *Live) settleAnew(ctx context.Context, top string, progress func(float64), p *qmp.Pivot) (bool, error) {
+	m, err := l.h.DeviceModel(ctx, l.domain)
+	if err != nil {
+		return false, err
+	}
+	defer m.Disconnect()
+	return settle(ctx, m, top, progress, p)
 }
 
 // flush makes what a block job wrote durable on disk before storage
@@ -366,13 +435,8 @@ func (l *Live) flush(ctx context.Context, m *qmp.Monitor, image string) error {
 
 // flushNode is flush on a node already looked up.
 func flushNode(ctx context.Context, m *qmp.Monitor, node, image string) error {
-	var out string
-	if err := m.Execute(ctx, "human-monitor-command", map[string]any{"command-line": "qemu-io " + node + " flush"}, &out); err != nil {
-		return err
-	}
-	if out != "" {
-		// qemu-io reports its failure as output, not as a QMP error.
-		return fmt.Errorf("%w: flushing %s: %s", errdefs.ErrHypervisor, image, out)
+	if err := m.FlushNode(ctx, node); err != nil {
+		return fmt.Errorf("flushing %s: %w", image, err)
 	}
 	return nil
 }
@@ -393,7 +457,7 @@ func (l *Live) Stream(ctx context.Context, image, base, baseFormat string, progr
 		}
 		if err := m.RunJob(ctx, job, "block-stream", args); err != nil {
 			// A job an earlier call started and lost may hold the node.
-			if done, aerr := adopt(ctx, m, "stream"+image, progress, func(chains []DiskChain) bool {
+			if done, aerr := adopt(ctx, m, "stream"+image, progress, nil, func(chains []DiskChain) bool {
 				c, err := chainOf(chains, image)
 				i := slices.Index(c.Files, image)
 				return err == nil && (base == "" && i == len(c.Files)-1 || i+1 < len(c.Files) && c.Files[i+1] == base)

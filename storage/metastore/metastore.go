@@ -435,4 +435,12 @@ type Step struct {
 	Group []Step `json:"group,omitempty"`
 	// Disk is the domain disk this step changes, for events.
 	Disk string `json:"disk,omitempty"`
+	// Pivoting, on a live-commit step of an active layer, is the mark
+	// made durable just before the device model is told to pivot onto
+	// Backing (with the guest paused, the job in sync and Backing
+	// flushed): from then on Backing holds every write, so Path is not
+	// committed again. Its value says who paused the guest, so that
+	// recovery resumes only a guest xlsnap paused: "paused" (xlsnap did)
+	// or "was-paused"; "" for no mark (storage/offline.go).
+	Pivoting string `json:"pivoting,omitempty"`
 }

@@ -9,12 +9,14 @@ import (
 
 // AdoptJob takes over a block job an earlier connection started and lost
 // (QEMU runs a job on when its client goes): the job whose ID starts with
-// prefix is completed if it waits ready (an active commit), and waited
-// for until QEMU reports it over. It reports whether there was one. A job
+// prefix is completed if it waits ready (an active commit: through pivot
+// if set, see Pivot; else with job-complete at once), and waited for
+// until QEMU reports it over. It reports whether there was one. A job
 // that ended while no one listened leaves no result, so the caller reads
-// the outcome from the chain. ctx bounds the wait; the job is not
-// cancelled when it ends (recovery will adopt it again).
-func (m *Monitor) AdoptJob(ctx context.Context, prefix string, progress func(done, total int64)) (bool, error) {
+// the outcome from the chain. ctx bounds the wait, but not a pivot once
+// begun (milliseconds); the job is not cancelled when it ends (recovery
+// will adopt it again).
+func (m *Monitor) AdoptJob(ctx context.Context, prefix string, progress func(done, total int64), pivot *Pivot) (bool, error) {
 	evCtx, stop := context.WithCancel(context.Background())
 	defer stop()
 	events, err := m.Events(evCtx)
@@ -50,6 +52,9 @@ func (m *Monitor) AdoptJob(ctx context.Context, prefix string, progress func(don
 	for {
 		switch j.Status {
 		case "ready":
+			if pivot != nil {
+				return true, m.pivot(ctx, id, pivot, events)
+			}
 			if !completed {
 				if err := m.Execute(ctx, "job-complete", map[string]any{"id": id}, nil); err != nil {
 					return true, err

@@ -27,13 +27,18 @@ type Job struct {
 	ID string
 	// Progress, if set, is called with the bytes done and the total.
 	Progress func(done, total int64)
+	// Pivot, if set, is how the job is completed once ready (an active
+	// commit): see Pivot. Without it, job-complete is sent at once.
+	Pivot *Pivot
 }
 
 // RunJob starts a block job (block-commit, block-stream, ...: command with
 // args, which must include "job-id": job.ID) and waits until it is over.
 // Events are subscribed to before the job starts, so none is missed. A
-// job that becomes ready (an active commit) is completed. If ctx ends, the
-// job is cancelled and RunJob waits for QEMU to confirm before returning.
+// job that becomes ready (an active commit) is completed, through
+// job.Pivot if set. If ctx ends before that, the job is cancelled and
+// RunJob waits for QEMU to confirm before returning; the pivot itself
+// (milliseconds) is not cut short.
 func (m *Monitor) RunJob(ctx context.Context, job Job, command string, args map[string]any) error {
 	evCtx, stop := context.WithCancel(context.Background())
 	defer stop()
@@ -69,6 +74,9 @@ func (m *Monitor) RunJob(ctx context.Context, job Job, command string, args map[
 			}
 			switch ev.Event {
 			case "BLOCK_JOB_READY":
+				if job.Pivot != nil {
+					return m.pivot(ctx, job.ID, job.Pivot, events)
+				}
 				if err := m.Execute(bg, "job-complete", map[string]any{"id": job.ID}, nil); err != nil {
 					return err
 				}
