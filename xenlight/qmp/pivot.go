@@ -17,9 +17,10 @@ import (
 //
 //  1. the guest is paused (QMP stop) unless it is not running
 //     (query-status; one paused already, or never started, stays so);
-//  2. the job is awaited in sync (query-block-jobs: ready, offset ==
-//     len): with the guest paused nothing new becomes dirty, so Target
-//     then holds what the source does;
+//  2. the job is awaited in sync (query-block-jobs: ready, not paused,
+//     offset == len): with the guest paused nothing new becomes dirty
+//     (and stop's drain has woken the job, which brings its progress up
+//     to date), so Target then holds what the source does;
 //  3. Target's node is flushed, so its data and tables are on disk;
 //  4. Mark records, durably, that the pivot may happen;
 //  5. job-complete, and BLOCK_JOB_COMPLETED awaited: QEMU pivots the
@@ -236,12 +237,15 @@ func (m *Monitor) awaitSync(ctx context.Context, id string, events <-chan goqmp.
 			Len    int64  `json:"len"`
 			Offset int64  `json:"offset"`
 			Ready  bool   `json:"ready"`
+			// Paused by a client (block-job-pause): its progress is
+			// not brought up to date (mirror_run does that as it runs).
+			Paused bool `json:"paused"`
 		}
 		if err := m.Execute(ctx, "query-block-jobs", nil, &jobs); err != nil {
 			return false, false, err
 		}
 		for _, j := range jobs {
-			if j.Device == id && j.Ready && j.Offset == j.Len {
+			if j.Device == id && j.Ready && !j.Paused && j.Offset == j.Len {
 				return true, false, nil
 			}
 		}
