@@ -57,22 +57,38 @@ const (
 // of the connection, unseen by the driver. Once QEMU is dead it stops
 // listening: a dead device model's socket answers nobody.
 type killer struct {
-	e      *env
-	l      net.Listener
-	real   string
-	match  []string // all in the line: a command's, or an event's name
-	point  killPoint
-	slow   bool
-	guest  []string // HMP qemu-io command lines
-	killed chan struct{}
+	e     *env
+	l     net.Listener
+	real  string
+	match []string // all in the line: a command's, or an event's name
+	point killPoint
+	slow  bool
+	guest []string // HMP qemu-io command lines
+	// await, if set, is an event the killer waits for once QEMU answered
+	// the matched command, before the guest writes and the kill: the
+	// job's end, say (QEMU pivoted).
+	await string
+	// earlyAt, if set, is an event at which (once) the guest writes
+	// early (HMP qemu-io command lines) before QEMU's event goes on to
+	// the driver: a running guest's writes at that point of the job.
+	earlyAt string
+	early   []string
+	killed  chan struct{}
 
-	mu     sync.Mutex
-	done   bool
-	errs   []string
-	events []string // the events QEMU sent before the kill
+	mu         sync.Mutex
+	done       bool
+	wroteEarly bool
+	errs       []string
+	events     []string // the events QEMU sent before the kill
 }
 
 func startKiller(e *env, match []string, point killPoint, slow bool, guest ...string) *killer {
+	e.t.Helper()
+	return (&killer{match: match, point: point, slow: slow, guest: guest}).start(e)
+}
+
+// start puts k in front of e's device model.
+func (k *killer) start(e *env) *killer {
 	e.t.Helper()
 	real := e.path("vm.real.qmp")
 	if err := os.Rename(e.path("vm.qmp"), real); err != nil {
@@ -82,7 +98,7 @@ func startKiller(e *env, match []string, point killPoint, slow bool, guest ...st
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	k := &killer{e: e, l: l, real: real, match: match, point: point, slow: slow, guest: guest, killed: make(chan struct{})}
+	k.e, k.l, k.real, k.killed = e, l, real, make(chan struct{})
 	var wg sync.WaitGroup
 	e.t.Cleanup(func() { l.Close(); wg.Wait() })
 	wg.Add(1)
@@ -194,6 +210,9 @@ func (k *killer) serve(client net.Conn) {
 					if k.point == killAnswered {
 						client.Write(answer)
 					}
+					if k.await != "" {
+						k.awaitEvent(fromQEMU)
+					}
 				}
 				k.work(b, server, fromQEMU)
 				k.kill()
@@ -212,6 +231,9 @@ func (k *killer) serve(client net.Conn) {
 					k.work(nil, server, fromQEMU)
 					k.kill()
 					return
+				}
+				if k.writeEarly(ev) {
+					k.run(server, fromQEMU, guestCmds(k.early))
 				}
 			}
 			client.Write(b)
@@ -268,9 +290,20 @@ func (k *killer) work(cmd []byte, server net.Conn, fromQEMU chan []byte) {
 		json.Unmarshal(cmd, &c)
 		cmds = append(cmds, map[string]any{"execute": "block-job-set-speed", "arguments": map[string]any{"device": c.Arguments.JobID, "speed": 1}})
 	}
-	for _, g := range k.guest {
+	k.run(server, fromQEMU, append(cmds, guestCmds(k.guest)...))
+}
+
+// guestCmds are HMP command lines as QMP commands.
+func guestCmds(lines []string) []map[string]any {
+	var cmds []map[string]any
+	for _, g := range lines {
 		cmds = append(cmds, map[string]any{"execute": "human-monitor-command", "arguments": map[string]any{"command-line": g}})
 	}
+	return cmds
+}
+
+// run sends QEMU commands of the killer's own and checks their answers.
+func (k *killer) run(server net.Conn, fromQEMU chan []byte, cmds []map[string]any) {
 	for _, c := range cmds {
 		b, _ := json.Marshal(c)
 		server.Write(append(b, '\n'))
@@ -285,6 +318,36 @@ func (k *killer) work(cmd []byte, server net.Conn, fromQEMU chan []byte) {
 			k.fail("%s: %s", b, answer)
 		}
 	}
+}
+
+// writeEarly reports whether the early writes are to be made at ev:
+// the first time QEMU sends k.earlyAt.
+func (k *killer) writeEarly(ev string) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.wroteEarly || ev != k.earlyAt {
+		return false
+	}
+	k.wroteEarly = true
+	return true
+}
+
+// awaitEvent reads QEMU's lines up to the event k.await; those on the
+// way are recorded, and reach the driver no more.
+func (k *killer) awaitEvent(fromQEMU chan []byte) {
+	for b := range fromQEMU {
+		ev := eventOf(b)
+		if ev == "" {
+			continue
+		}
+		k.mu.Lock()
+		k.events = append(k.events, ev)
+		k.mu.Unlock()
+		if ev == k.await {
+			return
+		}
+	}
+	k.fail("QEMU closed the connection before it sent %s", k.await)
 }
 
 // kill SIGKILLs QEMU and waits until it is gone (its files closed, its

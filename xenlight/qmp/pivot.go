@@ -9,18 +9,20 @@ import (
 	goqmp "github.com/digitalocean/go-qemu/qmp"
 
 	"github.com/xlsnap/xlsnap/errdefs"
+	"github.com/xlsnap/xlsnap/internal/crashpoint"
 )
 
 // Pivot completes a job that waits ready (an active commit: QEMU's
 // mirror job, block/mirror.c) so that a crash at any instant leaves the
 // images in a state its caller can judge from its own record alone:
 //
-//  1. the guest is paused (QMP stop) unless it is not running
-//     (query-status; one paused already, or never started, stays so);
+//  1. the guest is paused (QMP stop; one that was not running, paused
+//     already or never started, stays so: query-status tells, and stop
+//     drains all the same);
 //  2. the job is awaited in sync (query-block-jobs: ready, not paused,
-//     offset == len): with the guest paused nothing new becomes dirty
-//     (and stop's drain has woken the job, which brings its progress up
-//     to date), so Target then holds what the source does;
+//     offset == len): with the guest paused nothing new becomes dirty,
+//     and stop's drain woke the job, which brought its progress up to
+//     date, so Target then holds what the source does;
 //  3. Target's node is flushed, so its data and tables are on disk;
 //  4. Mark records, durably, that the pivot may happen;
 //  5. job-complete, and BLOCK_JOB_COMPLETED awaited: QEMU pivots the
@@ -102,16 +104,19 @@ func (m *Monitor) pivot(ctx context.Context, id string, p *Pivot, events <-chan 
 		if err := m.Execute(ctx, "query-status", nil, &st); err != nil {
 			return m.unpause(ctx, p, err, false)
 		}
-		if st.Running {
-			err := m.Execute(ctx, "stop", nil, nil)
-			var refused *Error
-			if !errors.As(err, &refused) {
-				// Stopped, or its answer lost: it may have been.
-				p.Resume = true
-			}
-			if err != nil {
-				return m.unpause(ctx, p, err, false)
-			}
+		// stop drains every node and flushes it whatever the guest's
+		// state (qmp_stop, do_vm_stop): a guest that does not run stays
+		// as it is, and the drain wakes the job, which brings its
+		// progress up to date (a ready job that sleeps shows the writes
+		// since only once it runs again).
+		err := m.Execute(ctx, "stop", nil, nil)
+		var refused *Error
+		if st.Running && !errors.As(err, &refused) {
+			// Stopped, or its answer lost: it may have been.
+			p.Resume = true
+		}
+		if err != nil {
+			return m.unpause(ctx, p, err, false)
 		}
 		synced, ended, err := m.awaitSync(ctx, id, events)
 		switch {
@@ -154,6 +159,7 @@ func (m *Monitor) pivot(ctx context.Context, id string, p *Pivot, events <-chan 
 		return m.unpause(ctx, p, err, false)
 	}
 	p.Marked = true
+	crashpoint.Within(ctx, "pivot-marked")
 	if err := m.Execute(ctx, "job-complete", map[string]any{"id": id}, nil); err != nil {
 		var refused *Error
 		if errors.As(err, &refused) {
@@ -169,6 +175,7 @@ func (m *Monitor) pivot(ctx context.Context, id string, p *Pivot, events <-chan 
 		// lost (not over).
 		return m.unpause(ctx, p, err, !errors.Is(err, ErrClosed))
 	}
+	crashpoint.Within(ctx, "pivot-done")
 	return m.resume(ctx, p)
 }
 
