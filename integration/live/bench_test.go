@@ -170,6 +170,11 @@ type tap struct {
 	conns    map[net.Conn]bool
 	took     time.Duration
 	count    int
+	// The guest's pauses: QEMU's own timestamps of its STOP and RESUME
+	// events (the vCPUs stopped and started again).
+	stopped time.Time
+	paused  time.Duration
+	pauses  int
 }
 
 func newTap(b *testing.B, sock string) *tap {
@@ -198,6 +203,40 @@ func (t *tap) target(sock string) {
 	t.mu.Lock()
 	t.upstream = sock
 	t.mu.Unlock()
+}
+
+// takePauses returns the guest's pauses' total time and count so far,
+// and resets them.
+func (t *tap) takePauses() (time.Duration, int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	paused, pauses := t.paused, t.pauses
+	t.paused, t.pauses = 0, 0
+	return paused, pauses
+}
+
+// pauseEvent times the guest's pauses from QEMU's STOP and RESUME events.
+func (t *tap) pauseEvent(line []byte) {
+	var ev struct {
+		Event     string `json:"event"`
+		Timestamp struct {
+			Seconds, Microseconds int64
+		} `json:"timestamp"`
+	}
+	if json.Unmarshal(line, &ev) != nil || ev.Event != "STOP" && ev.Event != "RESUME" {
+		return
+	}
+	at := time.Unix(ev.Timestamp.Seconds, ev.Timestamp.Microseconds*1000)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	switch {
+	case ev.Event == "STOP":
+		t.stopped = at
+	case !t.stopped.IsZero():
+		t.paused += at.Sub(t.stopped)
+		t.pauses++
+		t.stopped = time.Time{}
+	}
 }
 
 // take returns the transactions' total time and count so far, and resets
@@ -264,6 +303,7 @@ func (t *tap) pipe(client net.Conn) {
 			if err != nil {
 				return
 			}
+			t.pauseEvent(line)
 			mu.Lock()
 			if !sent.IsZero() && qmpField(line, "event") == "" {
 				// One command is in flight at a time: the first line
@@ -479,67 +519,113 @@ func benchEndToEnd(b *testing.B, n int, native bool) {
 }
 
 // BenchmarkLiveMerge: deleting an external snapshot of a running 1-disk
-// domain whose child, the active layer, holds 16 MiB the guest wrote (its
-// state image 32 MiB, so the child is committed down): an active commit
-// inside the device model. Each iteration starts, outside the timer, from
-// a fresh copy of the same base image, a fresh device model on it, a live
-// snapshot, and the guest's 16 MiB written into the new overlay through
-// the device model.
+// domain (its guest started: cont) whose child, the active layer, holds
+// 16 MiB the guest wrote (its state image 32 MiB, so the child is
+// committed down): an active commit inside the device model. Each
+// iteration starts, outside the timer, from a fresh copy of the same base
+// image, a fresh device model on it, a live snapshot, and the guest's 16
+// MiB written into the new overlay through the device model.
 //
 //   - native: driver.SnapshotDelete: the domain's state (query-status),
 //     the domain record re-read and rewritten, the merge plan (allocation
 //     of both images, a query-block to see the child in use), the
 //     journal, storage's check that the child is still in use (a
-//     query-block), Live.Commit (a query-block for the node, then
-//     block-commit, job-complete on BLOCK_JOB_READY, progress polled
-//     every 100 ms), the metadata commit, removal of the merged overlay
-//     and the definition rewritten. Four QMP connections in all.
+//     query-block), Live.Commit (a query-block and the base's node, then
+//     block-commit, progress polled every 100 ms, and on BLOCK_JOB_READY
+//     the pivot: stop, the job awaited in sync, the base flushed, the
+//     pivot's mark written to the journal, job-complete, cont), the
+//     metadata commit, removal of the merged overlay and the definition
+//     rewritten. Four QMP connections in all, through a tap; pause-µs is
+//     the guest's pause, from QEMU's STOP to its RESUME event (QEMU's own
+//     timestamps).
 //   - qmp: block-commit of the active layer with job-complete on
-//     BLOCK_JOB_READY, over qmp.Monitor.RunJob on a connection already
-//     open; the merged overlay is removed after the timer stops.
+//     BLOCK_JOB_READY (no pause: the hole the pivot closes), over
+//     qmp.Monitor.RunJob on a connection already open; the merged overlay
+//     is removed after the timer stops.
 func BenchmarkLiveMerge(b *testing.B) {
+	template := mergeTemplate(b)
+	b.Run("native", func(b *testing.B) { benchMerge(b, template, true, false) })
+	b.Run("qmp", func(b *testing.B) { benchMerge(b, template, false, false) })
+}
+
+// BenchmarkLivePivotPause: the guest's pause in the pivot of the merge of
+// BenchmarkLiveMerge, ns/op being the mean time from QEMU's STOP event to
+// its RESUME (QEMU's timestamps, read by a tap).
+//
+//   - native: driver.SnapshotDelete, as in BenchmarkLiveMerge: inside the
+//     pause, query-block-jobs until the job is in sync, the base's flush
+//     (HMP qemu-io flush), the journal's write of the mark (bbolt, with
+//     its fsync), job-complete, BLOCK_JOB_COMPLETED, cont.
+//   - qmp: the least pause a toolstack pivoting a paused guest sends, on
+//     a connection already open: stop on BLOCK_JOB_READY, job-complete,
+//     BLOCK_JOB_COMPLETED, cont.
+func BenchmarkLivePivotPause(b *testing.B) {
+	template := mergeTemplate(b)
+	b.Run("native", func(b *testing.B) { benchMerge(b, template, true, true) })
+	b.Run("qmp", func(b *testing.B) { benchMerge(b, template, false, true) })
+}
+
+// mergeTemplate is the domain's base image: 32 MiB of 0x31.
+func mergeTemplate(b *testing.B) string {
 	template := filepath.Join(b.TempDir(), "template.qcow2")
 	storagetest.Run(b, "qemu-img", "create", "-q", "-f", "qcow2", template, "64M")
 	storagetest.Run(b, "qemu-io", "-f", "qcow2", "-c", "write -P 0x31 0 32M", template)
-	// guestWrite writes the child's 16 MiB into the disk's active layer,
-	// through the device model.
-	guestWrite := func(b *testing.B, m *qmp.Monitor, overlay string) {
-		chains, err := xenlight.Chains(context.Background(), m)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if chains[0].Files[0] != overlay {
-			b.Fatalf("the device model writes %v, want %s", chains[0].Files, overlay)
-		}
-		if err := qemutest.GuestWrite(context.Background(), m, chains[0].Node, 0x32, 32*mib, 16*mib); err != nil {
-			b.Fatal(err)
-		}
+	return template
+}
+
+// mergeWrite writes the child's 16 MiB into the disk's active layer,
+// through the device model.
+func mergeWrite(b *testing.B, m *qmp.Monitor, overlay string) {
+	chains, err := xenlight.Chains(context.Background(), m)
+	if err != nil {
+		b.Fatal(err)
 	}
-	b.Run("native", func(b *testing.B) {
-		ctx := context.Background()
-		dir := benchDir(b)
+	if chains[0].Files[0] != overlay {
+		b.Fatalf("the device model writes %v, want %s", chains[0].Files, overlay)
+	}
+	if err := qemutest.GuestWrite(context.Background(), m, chains[0].Node, 0x32, 32*mib, 16*mib); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// benchMerge is one variant of BenchmarkLiveMerge (pause false) or of
+// BenchmarkLivePivotPause (pause true).
+func benchMerge(b *testing.B, template string, native, pause bool) {
+	ctx := context.Background()
+	dir := benchDir(b)
+	tp := newTap(b, filepath.Join(dir, "tap.qmp"))
+	var d *driver.Driver
+	if native {
 		src, err := driver.NewDirSource(dir)
 		if err != nil {
 			b.Fatal(err)
 		}
-		h := qemu.New(func(domain string) string { return filepath.Join(dir, domain+".qmp") })
-		d, err := driver.Open(ctx, driver.Config{StateDir: b.TempDir(), Source: src, Pools: []string{dir}, Hypervisor: h})
-		if err != nil {
+		h := qemu.New(func(string) string { return tp.sock })
+		if d, err = driver.Open(ctx, driver.Config{StateDir: b.TempDir(), Source: src, Pools: []string{dir}, Hypervisor: h}); err != nil {
 			b.Fatal(err)
 		}
 		b.Cleanup(func() { d.Close() })
-		var dom *benchDomain
-		for i := 0; i < b.N; i++ {
-			b.StopTimer()
-			if dom != nil {
-				dom.stop()
-			}
-			dom = startDomain(b, dir, "vm", 1, template)
+	}
+	overlay := filepath.Join(dir, "vm-xvda.s1")
+	var dom *benchDomain
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		if dom != nil {
+			dom.stop()
+		}
+		dom = startDomain(b, dir, "vm", 1, template)
+		tp.target(dom.sock)
+		m := benchDial(b, dom.sock)
+		if err := m.Execute(ctx, "cont", nil, nil); err != nil {
+			b.Fatal(err)
+		}
+		if native {
+			m.Disconnect()
 			if _, err := d.SnapshotCreateXML(ctx, "vm", "<domainsnapshot><name>s1</name></domainsnapshot>", driver.CreateDiskOnly|driver.CreateAtomic); err != nil {
 				b.Fatalf("%v\n%s", err, dom.qemu.Stderr())
 			}
-			m := benchDial(b, dom.sock)
-			guestWrite(b, m, filepath.Join(dir, "vm-xvda.s1"))
+			m = benchDial(b, dom.sock)
+			mergeWrite(b, m, overlay)
 			m.Disconnect()
 			b.StartTimer()
 			r, err := d.SnapshotDelete(ctx, "vm", "s1", 0)
@@ -550,45 +636,71 @@ func BenchmarkLiveMerge(b *testing.B) {
 			if r.Disks[0].Action != driver.ActionMergedDown {
 				b.Fatalf("merge %+v, want an active commit down", r.Disks)
 			}
-			if i == 0 {
-				dom.expectTops(b)
-				benchExpect(b, dom.files[0], 0x31, 0, 32*mib)
-				benchExpect(b, dom.files[0], 0x32, 32*mib, 16*mib)
-			}
-			b.StartTimer()
-		}
-	})
-	b.Run("qmp", func(b *testing.B) {
-		ctx := context.Background()
-		dir := benchDir(b)
-		var dom *benchDomain
-		for i := 0; i < b.N; i++ {
-			b.StopTimer()
-			if dom != nil {
-				dom.stop()
-			}
-			dom = startDomain(b, dir, "vm", 1, template)
-			m := benchDial(b, dom.sock)
-			overlay := filepath.Join(dir, "vm-xvda.s1")
+		} else {
 			if err := m.Execute(ctx, "blockdev-snapshot-sync", map[string]any{"node-name": "xvda",
 				"snapshot-file": overlay, "snapshot-node-name": "top", "format": "qcow2"}, nil); err != nil {
 				b.Fatal(err)
 			}
-			guestWrite(b, m, overlay)
+			mergeWrite(b, m, overlay)
+			m.Disconnect()
+			m = benchDial(b, tp.sock)
 			b.StartTimer()
-			err := m.RunJob(ctx, qmp.Job{ID: "commit"}, "block-commit", map[string]any{"job-id": "commit", "device": "top"})
+			var err error
+			if pause {
+				err = barePivot(ctx, m)
+			} else {
+				err = m.RunJob(ctx, qmp.Job{ID: "commit"}, "block-commit", map[string]any{"job-id": "commit", "device": "top"})
+			}
 			b.StopTimer()
+			m.Disconnect()
 			if err != nil {
 				b.Fatalf("%v\n%s", err, dom.qemu.Stderr())
 			}
-			m.Disconnect()
-			if i == 0 {
-				dom.expectTops(b)
-				benchExpect(b, dom.files[0], 0x31, 0, 32*mib)
-				benchExpect(b, dom.files[0], 0x32, 32*mib, 16*mib)
-			}
-			os.Remove(overlay)
-			b.StartTimer()
 		}
-	})
+		if i == 0 {
+			dom.expectTops(b)
+			benchExpect(b, dom.files[0], 0x31, 0, 32*mib)
+			benchExpect(b, dom.files[0], 0x32, 32*mib, 16*mib)
+		}
+		os.Remove(overlay)
+		b.StartTimer()
+	}
+	b.StopTimer()
+	paused, pauses := tp.takePauses()
+	if want := map[bool]int{true: b.N, false: 0}[native || pause]; pauses != want {
+		b.Fatalf("the guest was paused %d times in %d iterations, want %d", pauses, b.N, want)
+	}
+	switch {
+	case pause:
+		b.ReportMetric(float64(paused)/float64(b.N), "ns/op")
+	case native:
+		b.ReportMetric(float64(paused)/1e3/float64(b.N), "pause-µs")
+	}
+}
+
+// barePivot is an active commit of node top pivoted with the guest paused
+// and nothing else: stop on BLOCK_JOB_READY, job-complete, cont once
+// BLOCK_JOB_COMPLETED.
+func barePivot(ctx context.Context, m *qmp.Monitor) error {
+	events, err := m.Events(ctx)
+	if err != nil {
+		return err
+	}
+	if err := m.Execute(ctx, "block-commit", map[string]any{"job-id": "commit", "device": "top"}, nil); err != nil {
+		return err
+	}
+	for ev := range events {
+		switch ev.Event {
+		case "BLOCK_JOB_READY":
+			if err := m.Execute(ctx, "stop", nil, nil); err != nil {
+				return err
+			}
+			if err := m.Execute(ctx, "job-complete", map[string]any{"id": "commit"}, nil); err != nil {
+				return err
+			}
+		case "BLOCK_JOB_COMPLETED":
+			return m.Execute(ctx, "cont", nil, nil)
+		}
+	}
+	return qmp.ErrClosed
 }
