@@ -38,9 +38,20 @@ import (
 // and is tried again; after pivotTries it is cancelled (ErrNotInSync).
 // Once Marked, the pause lasts until the job is over: QEMU may hold an
 // earlier call's job-complete.
-// Every error path resumes the guest it paused, while the connection
-// lets it; a connection lost leaves Resume set for the caller to finish
-// on a new one (AdoptJob).
+//
+// Every error path resumes the guest it paused, but two: a mark that
+// cannot be taken back, and a job to which a job-complete may still come
+// (a call's own lost answer, or an earlier call's), keep it paused,
+// since it would write the source while the journal says Target holds
+// every write; recovery resumes it, as the mark says. A connection lost
+// leaves Resume set for the caller to finish on a new one (AdoptJob,
+// EndPivot).
+//
+// QMP stop stops the vCPUs QEMU runs. A Xen device model runs none: Xen
+// schedules them, and a PV disk served by QEMU (qdisk) may take the
+// guest's requests again once stop's drain is over. There the guest is
+// not held between the mark and the pivot; the pivot itself is still
+// made under drain.
 type Pivot struct {
 	// Target is the node the job writes: block-commit's base.
 	Target string
