@@ -61,7 +61,7 @@ lint: deps
 # go test's 10-minute default on a loaded two-core machine, so the bound
 # is explicit (make test's whole budget is 20 minutes).
 unit: deps
-	XLSNAP_NEED_ETCD=1 $(GO) test -race -count=1 -timeout 15m ./...
+	XLSNAP_NEED_ETCD=1 $(GO) test -race -count=1 -timeout 18m ./...
 	$(GO) test -race -count=1 -tags libxl ./xenlight/libxl/
 
 # Each fuzz target runs briefly so `make test` proves the corpus still passes
