@@ -50,6 +50,14 @@ type Hypervisor interface {
 	DeviceModel(ctx context.Context, domain string) (*qmp.Monitor, error)
 }
 
+// VCPUPauser is a back end whose guests' vCPUs the device model does not
+// run (Xen schedules them): QMP stop leaves them running, so what must
+// hold a guest still (an active commit's pivot) also pauses it through
+// the back end (Pause, Resume).
+type VCPUPauser interface {
+	PausesVCPUs(ctx context.Context) bool
+}
+
 // RestoreLimiter is the optional ability of a back end to say up front
 // that it cannot restore a domain from a memory image, so a revert to a
 // memory snapshot is refused before its first change, not after the

@@ -332,7 +332,7 @@ func (l *Live) Commit(ctx context.Context, top, base string, progress func(float
 		}
 		c, err := chainOf(chains, top)
 		if err != nil && errors.Is(err, errNotInUse) && pivot.Marked {
-			return m.EndPivot(ctx, qmpPivot(pivot, ""), true)
+			return m.EndPivot(ctx, l.qmpPivot(pivot, ""), true)
 		}
 		if err != nil {
 			return err
@@ -344,7 +344,7 @@ func (l *Live) Commit(ctx context.Context, top, base string, progress func(float
 			if err != nil {
 				return err
 			}
-			qp = qmpPivot(pivot, target)
+			qp = l.qmpPivot(pivot, target)
 		case pivot.Marked:
 			return fmt.Errorf("%w: the pivot from %s was marked, but the device model writes %s now", ErrChainMismatch, top, c.Files[0])
 		}
@@ -387,8 +387,27 @@ func (l *Live) Commit(ctx context.Context, top, base string, progress func(float
 }
 
 // qmpPivot is storage's pivot for the device model's node target.
-func qmpPivot(p storage.Pivot, target string) *qmp.Pivot {
-	return &qmp.Pivot{Target: target, Marked: p.Marked, Resume: p.Resume, Mark: p.Mark, Unmark: p.Unmark}
+// The guest is held through the back end as well (Xen schedules its
+// vCPUs, not QEMU), and only a running one.
+func (l *Live) qmpPivot(p storage.Pivot, target string) *qmp.Pivot {
+	qp := &qmp.Pivot{Target: target, Marked: p.Marked, Resume: p.Resume, Mark: p.Mark, Unmark: p.Unmark}
+	if vp, ok := l.h.(VCPUPauser); ok && vp.PausesVCPUs(context.Background()) {
+		qp.Hold = func(ctx context.Context) (bool, error) {
+			st, err := l.h.State(ctx, l.domain)
+			if err != nil || st != Running {
+				return false, err
+			}
+			return true, l.h.Pause(ctx, l.domain)
+		}
+		qp.Release = func(ctx context.Context) error {
+			st, err := l.h.State(ctx, l.domain)
+			if err != nil || st != Paused {
+				return err
+			}
+			return l.h.Resume(ctx, l.domain)
+		}
+	}
+	return qp
 }
 
 // settle finishes a pivot an earlier connection left (its job adopted,

@@ -162,6 +162,18 @@ func StateOf(st lv.DomainState) xenlight.State {
 	return xenlight.Shutoff
 }
 
+// PausesVCPUs: on libvirt's libxl driver Xen, not the device model,
+// runs a guest's vCPUs (xenlight.VCPUPauser); a daemon that cannot be
+// asked says no.
+func (h *Hypervisor) PausesVCPUs(ctx context.Context) bool {
+	conn, err := h.c.Get(ctx)
+	if err != nil {
+		return false
+	}
+	xen, err := h.isXen(conn)
+	return err == nil && xen
+}
+
 // Pause suspends the domain's vCPUs (virDomainSuspend).
 func (h *Hypervisor) Pause(ctx context.Context, domain string) error {
 	return h.with(ctx, "pausing", domain, on((*lv.Domain).Suspend))

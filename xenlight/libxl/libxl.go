@@ -467,6 +467,10 @@ func (h *Hypervisor) onGuest(ctx context.Context, op, domain string, fn func(op 
 	return fn(op, id)
 }
 
+// PausesVCPUs: Xen, not the device model, runs a guest's vCPUs
+// (xenlight.VCPUPauser).
+func (h *Hypervisor) PausesVCPUs(context.Context) bool { return true }
+
 // Pause pauses the domain (libxl_domain_pause).
 func (h *Hypervisor) Pause(ctx context.Context, domain string) error {
 	return h.onGuest(ctx, "pausing "+domain, domain, h.pause)

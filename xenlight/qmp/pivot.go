@@ -69,6 +69,15 @@ type Pivot struct {
 	Mark func(ctx context.Context, paused bool) error
 	// Unmark takes the mark back: the job ended without pivoting.
 	Unmark func(ctx context.Context) error
+	// Hold pauses the guest's vCPUs where QMP stop cannot: a Xen device
+	// model runs none, so the back end pauses the domain
+	// (libxl_domain_pause), and reports whether it paused a running
+	// guest. Release lets a guest paused so run again. nil for a device
+	// model whose stop stops the vCPUs.
+	Hold    func(ctx context.Context) (bool, error)
+	Release func(ctx context.Context) error
+	// held: this call's Hold paused the guest.
+	held bool
 }
 
 // The bounds of the guest's pause: the job must be in sync within
@@ -128,6 +137,15 @@ func (m *Monitor) pivot(ctx context.Context, id string, p *Pivot, events <-chan 
 		}
 		if err != nil {
 			return m.unpause(ctx, p, err, false)
+		}
+		if p.Hold != nil && !p.held {
+			held, err := p.Hold(ctx)
+			if held {
+				p.held, p.Resume = true, true
+			}
+			if err != nil {
+				return m.unpause(ctx, p, err, false)
+			}
 		}
 		synced, ended, err := m.awaitSync(ctx, id, events)
 		switch {
@@ -222,6 +240,14 @@ func (m *Monitor) resume(ctx context.Context, p *Pivot) error {
 	}
 	if err := m.Execute(ctx, "cont", nil, nil); err != nil {
 		return fmt.Errorf("resuming the guest after a pivot: %w", err)
+	}
+	// The back end's pause too: this call's, or an earlier call's whose
+	// mark says the guest was paused for the pivot.
+	if p.Release != nil && (p.held || p.Marked) {
+		if err := p.Release(ctx); err != nil {
+			return fmt.Errorf("resuming the guest after a pivot: %w", err)
+		}
+		p.held = false
 	}
 	p.Resume = false
 	return nil
