@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/xlsnap/xlsnap/chain"
 	"github.com/xlsnap/xlsnap/errdefs"
@@ -39,17 +40,26 @@ type Live interface {
 }
 
 // Pivot is the journal's part in an active commit's pivot. The device
-// model pauses the guest, waits until the job is in sync and flushes
-// base, then calls Mark, then pivots, then resumes the guest: from the
-// mark on, base holds every write, so offline recovery never commits the
-// stale top over it (offline.go). The mark is the step's Pivoting.
+// model records what it is about to pause (Pausing), pauses the guest,
+// waits until the job is in sync and flushes base, then calls Mark, then
+// pivots, then resumes the guest: from the mark on, base holds every
+// write, so offline recovery never commits the stale top over it
+// (offline.go); before it, a guest left paused by a call cut short is
+// resumed by recovery, as the record says. The record is the step's
+// Pivoting.
 type Pivot struct {
 	// Marked: an earlier call made the mark, and may have been cut short
 	// anywhere between it and the guest's resumption.
 	Marked bool
-	// Resume: that call paused the running guest for the pivot (the
-	// mark says "paused"), so it is resumed once the pivot is over.
+	// Resume: an earlier call may have paused the running guest (QMP
+	// stop) for the pivot, so it is resumed (cont) once it is over.
 	Resume bool
+	// Held: an earlier call may have paused the guest through the back
+	// end as well (Xen's vCPUs), to be released once it is over.
+	Held bool
+	// Pausing records, before the pause, what the pivot may pause: the
+	// running guest (stopped) and the back end's vCPUs (held).
+	Pausing func(ctx context.Context, stopped, held bool) error
 	// Mark makes the mark durable before job-complete; paused says xlsnap
 	// paused the guest for the pivot (it was running).
 	Mark func(ctx context.Context, paused bool) error
@@ -58,12 +68,49 @@ type Pivot struct {
 	Unmark func(ctx context.Context) error
 }
 
-// The values of a live-commit step's Pivoting (metastore.Step): who
-// paused the guest for the pivot.
+// A live-commit step's Pivoting (metastore.Step) is a phase, "pausing"
+// (the guest may be paused; no job-complete was sent) or "marked" (base
+// holds every write), with what xlsnap paused: ",stopped" (the running
+// guest, by QMP stop) and ",held" (the back end's vCPUs). "" for none.
 const (
-	pivotPaused    = "paused"     // xlsnap: recovery resumes it
-	pivotWasPaused = "was-paused" // it was paused already: it stays so
+	pivotPausing = "pausing"
+	pivotMarked  = "marked"
 )
+
+// pivotState is a Pivoting value read.
+type pivotState struct {
+	phase         string
+	stopped, held bool
+}
+
+func parsePivoting(v string) pivotState {
+	parts := strings.Split(v, ",")
+	ps := pivotState{phase: parts[0]}
+	for _, f := range parts[1:] {
+		switch f {
+		case "stopped":
+			ps.stopped = true
+		case "held":
+			ps.held = true
+		}
+	}
+	return ps
+}
+
+func (ps pivotState) String() string {
+	v := ps.phase
+	if ps.stopped {
+		v += ",stopped"
+	}
+	if ps.held {
+		v += ",held"
+	}
+	return v
+}
+
+// pivotIsMarked: the step's pivot may have happened, so base holds every
+// write and the stale top must never be committed over it.
+func pivotIsMarked(v string) bool { return parsePivoting(v).phase == pivotMarked }
 
 type journalKey struct{}
 
@@ -98,16 +145,25 @@ func (m *Manager) pivotOf(ctx context.Context, st step) (Pivot, error) {
 		}
 		return nil
 	}
+	ps := parsePivoting(st.Pivoting)
+	stopped, held := ps.stopped, ps.held
 	return Pivot{
-		Marked: st.Pivoting != "",
-		Resume: st.Pivoting == pivotPaused,
-		Mark: func(ctx context.Context, paused bool) error {
-			if paused {
-				return put(ctx, pivotPaused)
-			}
-			return put(ctx, pivotWasPaused)
+		Marked: ps.phase == pivotMarked,
+		Resume: ps.stopped,
+		Held:   ps.held,
+		Pausing: func(ctx context.Context, s, h bool) error {
+			stopped, held = s, h
+			return put(ctx, pivotState{pivotPausing, s, h}.String())
 		},
-		Unmark: func(ctx context.Context) error { return put(ctx, "") },
+		Mark: func(ctx context.Context, paused bool) error {
+			stopped = paused
+			return put(ctx, pivotState{pivotMarked, paused, held}.String())
+		},
+		// The guest may still be paused when the mark goes: what paused
+		// it stays recorded until the step is over.
+		Unmark: func(ctx context.Context) error {
+			return put(ctx, pivotState{pivotPausing, stopped, held}.String())
+		},
 	}, nil
 }
 
@@ -231,7 +287,9 @@ func (m *Manager) undoLive(ctx context.Context, st step, live Live) error {
 		return fmt.Errorf("step %q cannot be undone", st.Kind)
 	case metastore.StepLiveCommit, metastore.StepLiveStream:
 		if st.Pivoting != "" {
-			return errLiveDone // the pivot may be under way: finished, never undone
+			// The pivot may be under way, or the guest paused for it:
+			// finished (which resumes it), never undone.
+			return errLiveDone
 		}
 		gone := st.Path
 		if st.Kind == metastore.StepLiveStream {

@@ -221,7 +221,7 @@ func (m *Manager) redoCommitOffline(ctx context.Context, st step, domain string)
 	if err != nil {
 		return err
 	}
-	if st.Pivoting == "" {
+	if !pivotIsMarked(st.Pivoting) {
 		if err := m.commitInto(ctx, b, st); err != nil {
 			return err
 		}

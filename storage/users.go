@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -332,11 +333,13 @@ func (m *Manager) scanUsers(ctx context.Context) (*users, error) {
 	// An image whose backing file is gone reads a file that may be any
 	// image here under a new name (a base moved by hand): who reads what
 	// can no longer be known, so what writes or removes images stops.
-	if len(dangling) > 0 {
-		var list []string
-		for _, d := range dangling {
+	var list []string
+	for _, d := range dangling {
+		if stillDangling(d[0], d[1]) {
 			list = append(list, fmt.Sprintf("%s names %s", d[0], d[1]))
 		}
+	}
+	if len(list) > 0 {
 		sort.Strings(list)
 		return nil, fmt.Errorf("%w: backing files not there (moved or removed outside xlsnap?): %s; until each is repointed (qemu-img rebase -u -b NEW) or removed, an image's users cannot all be known and nothing is merged or removed",
 			ErrChainBroken, strings.Join(list, "; "))
@@ -374,6 +377,23 @@ func (m *Manager) scanUsers(ctx context.Context) (*users, error) {
 		sort.Strings(u.overlays[k])
 	}
 	return u, nil
+}
+
+// stillDangling reads image's header again and reports whether it still
+// names backing, which is still not there: a scan that raced an
+// operation elsewhere (a child repointed, then its old base removed)
+// is not taken for a file moved by hand.
+func stillDangling(image, backing string) bool {
+	ref, err := readBackingRef(image)
+	if err != nil {
+		return !errors.Is(err, fs.ErrNotExist) // unreadable: fail closed; gone: no one reads through it
+	}
+	targets, err := backingTargets(image, ref)
+	if err != nil || !slices.Contains(targets, backing) {
+		return err != nil
+	}
+	_, err = os.Stat(backing)
+	return err != nil
 }
 
 // readsThrough lists the images a disk naming path reads: path and

@@ -55,7 +55,9 @@ type Hypervisor interface {
 // hold a guest still (an active commit's pivot) also pauses it through
 // the back end (Pause, Resume).
 type VCPUPauser interface {
-	PausesVCPUs(ctx context.Context) bool
+	// PausesVCPUs says whether the domains' vCPUs are the back end's to
+	// pause; an error when that cannot be known now.
+	PausesVCPUs(ctx context.Context) (bool, error)
 }
 
 // RestoreLimiter is the optional ability of a back end to say up front

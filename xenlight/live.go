@@ -11,6 +11,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/xlsnap/xlsnap/errdefs"
 	"github.com/xlsnap/xlsnap/storage"
@@ -331,8 +332,14 @@ func (l *Live) Commit(ctx context.Context, top, base string, progress func(float
 			return err
 		}
 		c, err := chainOf(chains, top)
-		if err != nil && errors.Is(err, errNotInUse) && pivot.Marked {
-			return m.EndPivot(ctx, l.qmpPivot(pivot, ""), true)
+		if err != nil && errors.Is(err, errNotInUse) && (pivot.Marked || pivot.Resume || pivot.Held) {
+			// Pivoted from (by the earlier call, or by another client
+			// in its pause): only the guest's pause may be left.
+			qp, perr := l.qmpPivot(ctx, pivot, "")
+			if perr != nil {
+				return perr
+			}
+			return m.EndPivot(ctx, qp, true)
 		}
 		if err != nil {
 			return err
@@ -344,7 +351,9 @@ func (l *Live) Commit(ctx context.Context, top, base string, progress func(float
 			if err != nil {
 				return err
 			}
-			qp = l.qmpPivot(pivot, target)
+			if qp, err = l.qmpPivot(ctx, pivot, target); err != nil {
+				return err
+			}
 		case pivot.Marked:
 			return fmt.Errorf("%w: the pivot from %s was marked, but the device model writes %s now", ErrChainMismatch, top, c.Files[0])
 		}
@@ -389,9 +398,18 @@ func (l *Live) Commit(ctx context.Context, top, base string, progress func(float
 // qmpPivot is storage's pivot for the device model's node target.
 // The guest is held through the back end as well (Xen schedules its
 // vCPUs, not QEMU), and only a running one.
-func (l *Live) qmpPivot(p storage.Pivot, target string) *qmp.Pivot {
-	qp := &qmp.Pivot{Target: target, Marked: p.Marked, Resume: p.Resume, Mark: p.Mark, Unmark: p.Unmark}
-	if vp, ok := l.h.(VCPUPauser); ok && vp.PausesVCPUs(context.Background()) {
+func (l *Live) qmpPivot(ctx context.Context, p storage.Pivot, target string) (*qmp.Pivot, error) {
+	qp := &qmp.Pivot{Target: target, Marked: p.Marked, Resume: p.Resume, Held: p.Held,
+		Pausing: p.Pausing, Mark: p.Mark, Unmark: p.Unmark}
+	vp, ok := l.h.(VCPUPauser)
+	if !ok {
+		return qp, nil
+	}
+	pauses, err := vp.PausesVCPUs(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("asking the back end who runs the vCPUs of %s, which the pivot must hold: %w", l.domain, err)
+	}
+	if pauses {
 		qp.Hold = func(ctx context.Context) (bool, error) {
 			st, err := l.h.State(ctx, l.domain)
 			if err != nil || st != Running {
@@ -407,7 +425,7 @@ func (l *Live) qmpPivot(p storage.Pivot, target string) *qmp.Pivot {
 			return l.h.Resume(ctx, l.domain)
 		}
 	}
-	return qp
+	return qp, nil
 }
 
 // settle finishes a pivot an earlier connection left (its job adopted,
@@ -427,8 +445,12 @@ func settle(ctx context.Context, m *qmp.Monitor, top string, progress func(float
 	return pivoted, m.EndPivot(ctx, p, pivoted)
 }
 
-// settleAnew is settle on a new connection, for one lost mid-pivot.
+// settleAnew is settle on a new connection, for one lost mid-pivot: a
+// guest may be paused, so a caller that gave up does not stop it, but
+// the device model gets a minute to answer.
 func (l *Live) settleAnew(ctx context.Context, top string, progress func(float64), p *qmp.Pivot) (bool, error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+	defer cancel()
 	m, err := l.h.DeviceModel(ctx, l.domain)
 	if err != nil {
 		return false, err

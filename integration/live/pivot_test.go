@@ -165,7 +165,9 @@ func TestFaultQMPClosedMidPivot(t *testing.T) {
 // it adopts the job with the mark (or finds the pivot done) and resumes
 // the guest the dead process paused.
 func TestLiveCrashMidPivot(t *testing.T) {
-	for _, point := range []string{"pivot-marked", "pivot-done"} {
+	// pivot-paused: the guest paused, no mark yet (the record says
+	// pausing, so recovery resumes it and the commit is made anew).
+	for _, point := range []string{"pivot-paused", "pivot-marked", "pivot-done"} {
 		t.Run(point, func(t *testing.T) {
 			e := newEnv(t)
 			state := t.TempDir()

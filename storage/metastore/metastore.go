@@ -435,12 +435,12 @@ type Step struct {
 	Group []Step `json:"group,omitempty"`
 	// Disk is the domain disk this step changes, for events.
 	Disk string `json:"disk,omitempty"`
-	// Pivoting, on a live-commit step of an active layer, is the mark
-	// made durable just before the device model is told to pivot onto
-	// Backing (with the guest paused, the job in sync and Backing
-	// flushed): from then on Backing holds every write, so Path is not
-	// committed again. Its value says who paused the guest, so that
-	// recovery resumes only a guest xlsnap paused: "paused" (xlsnap did)
-	// or "was-paused"; "" for no mark (storage/offline.go).
+	// Pivoting, on a live-commit step of an active layer, records the
+	// pivot onto Backing: "pausing" before xlsnap pauses the guest for
+	// it, "marked" once Backing holds every write (the guest paused, the
+	// job in sync, Backing flushed, just before job-complete), so Path is
+	// not committed again; each followed by what xlsnap paused,
+	// ",stopped" (the running guest) and ",held" (the back end's vCPUs),
+	// which recovery resumes; "" for none (storage/live.go, offline.go).
 	Pivoting string `json:"pivoting,omitempty"`
 }

@@ -163,15 +163,14 @@ func StateOf(st lv.DomainState) xenlight.State {
 }
 
 // PausesVCPUs: on libvirt's libxl driver Xen, not the device model,
-// runs a guest's vCPUs (xenlight.VCPUPauser); a daemon that cannot be
-// asked says no.
-func (h *Hypervisor) PausesVCPUs(ctx context.Context) bool {
+// runs a guest's vCPUs (xenlight.VCPUPauser). A daemon that cannot be
+// asked is an error: not knowing, a pivot would not hold a Xen guest.
+func (h *Hypervisor) PausesVCPUs(ctx context.Context) (bool, error) {
 	conn, err := h.c.Get(ctx)
 	if err != nil {
-		return false
+		return false, err
 	}
-	xen, err := h.isXen(conn)
-	return err == nil && xen
+	return h.isXen(conn)
 }
 
 // Pause suspends the domain's vCPUs (virDomainSuspend).

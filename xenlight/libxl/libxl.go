@@ -469,7 +469,7 @@ func (h *Hypervisor) onGuest(ctx context.Context, op, domain string, fn func(op 
 
 // PausesVCPUs: Xen, not the device model, runs a guest's vCPUs
 // (xenlight.VCPUPauser).
-func (h *Hypervisor) PausesVCPUs(context.Context) bool { return true }
+func (h *Hypervisor) PausesVCPUs(context.Context) (bool, error) { return true, nil }
 
 // Pause pauses the domain (libxl_domain_pause).
 func (h *Hypervisor) Pause(ctx context.Context, domain string) error {

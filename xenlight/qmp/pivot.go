@@ -49,9 +49,8 @@ import (
 //
 // QMP stop stops the vCPUs QEMU runs. A Xen device model runs none: Xen
 // schedules them, and a PV disk served by QEMU (qdisk) may take the
-// guest's requests again once stop's drain is over. There the guest is
-// not held between the mark and the pivot; the pivot itself is still
-// made under drain.
+// guest's requests again once stop's drain is over. There Hold pauses
+// the domain through the back end as well.
 type Pivot struct {
 	// Target is the node the job writes: block-commit's base.
 	Target string
@@ -69,6 +68,12 @@ type Pivot struct {
 	Mark func(ctx context.Context, paused bool) error
 	// Unmark takes the mark back: the job ended without pivoting.
 	Unmark func(ctx context.Context) error
+	// Pausing, when not nil, records durably what the pivot is about to
+	// pause (stopped: the running guest, by QMP stop; held: the back
+	// end's vCPUs), before it does: a call cut short between the pause
+	// and the mark leaves recovery what to resume. An error stops the
+	// pivot before anything is paused.
+	Pausing func(ctx context.Context, stopped, held bool) error
 	// Hold pauses the guest's vCPUs where QMP stop cannot: a Xen device
 	// model runs none, so the back end pauses the domain
 	// (libxl_domain_pause), and reports whether it paused a running
@@ -76,8 +81,9 @@ type Pivot struct {
 	// model whose stop stops the vCPUs.
 	Hold    func(ctx context.Context) (bool, error)
 	Release func(ctx context.Context) error
-	// held: this call's Hold paused the guest.
-	held bool
+	// Held: the guest was paused through Hold, by this call or (as its
+	// record says) an earlier one; Release ends it.
+	Held bool
 }
 
 // The bounds of the guest's pause: the job must be in sync within
@@ -85,9 +91,12 @@ type Pivot struct {
 // again, pivotTries times in all. With the guest paused, the job has only
 // what was dirty at the pause left to copy: milliseconds.
 var (
-	syncLimit  = time.Second
-	syncRetry  = time.Second
-	pivotTries = 3
+	// earlierTries bounds the wait for an earlier call's marked job to
+	// get in sync (a job paused by another client never does).
+	earlierTries = 30
+	syncLimit    = time.Second
+	syncRetry    = time.Second
+	pivotTries   = 3
 )
 
 // syncPoll is the first wait between two reads of the job's progress;
@@ -124,6 +133,11 @@ func (m *Monitor) pivot(ctx context.Context, id string, p *Pivot, events <-chan 
 		if err := m.Execute(ctx, "query-status", nil, &st); err != nil {
 			return m.unpause(ctx, p, err, false)
 		}
+		if p.Pausing != nil && !earlier {
+			if err := p.Pausing(ctx, st.Running || p.Resume, p.Hold != nil || p.Held); err != nil {
+				return m.unpause(ctx, p, err, false)
+			}
+		}
 		// stop drains every node and flushes it whatever the guest's
 		// state (qmp_stop, do_vm_stop): a guest that does not run stays
 		// as it is, and the drain wakes the job, which brings its
@@ -138,30 +152,38 @@ func (m *Monitor) pivot(ctx context.Context, id string, p *Pivot, events <-chan 
 		if err != nil {
 			return m.unpause(ctx, p, err, false)
 		}
-		if p.Hold != nil && !p.held {
+		if p.Hold != nil && !p.Held {
 			held, err := p.Hold(ctx)
-			if held {
-				p.held, p.Resume = true, true
-			}
+			p.Held = held
 			if err != nil {
 				return m.unpause(ctx, p, err, false)
 			}
 		}
+		crashpoint.Within(ctx, "pivot-paused")
 		synced, ended, err := m.awaitSync(ctx, id, events)
 		switch {
 		case ended && err == nil && earlier:
 			// The earlier call's job-complete, carried out.
 			return m.resume(ctx, p)
 		case ended && err == nil:
-			err = fmt.Errorf("%w: job %s completed by another client, unmarked", ErrJobFailed, id)
-			return errors.Join(err, m.resume(ctx, p))
+			// Another client's job-complete: the disk writes Target
+			// now, so Target holds every write: marked before the
+			// guest writes on, or offline recovery would commit the
+			// stale source over it.
+			if err := p.Mark(ctx, p.Resume); err != nil {
+				return errors.Join(fmt.Errorf("%w: job %s completed by another client, and its mark failed: %w", ErrJobFailed, id, err), m.resume(ctx, p))
+			}
+			p.Marked = true
+			return m.resume(ctx, p)
 		case err != nil:
 			return m.unpause(ctx, p, err, ended)
 		case synced:
-		case earlier:
+		case earlier && try < earlierTries:
 			// The guest must not write the source while a pivot may
-			// come: no retry, no giving up.
+			// come: no retry with the guest running.
 			continue
+		case earlier:
+			return fmt.Errorf("%w: the job %s marked by an earlier call did not get in sync in %v; the guest stays paused until the operation is recovered", ErrNotInSync, id, time.Duration(earlierTries)*syncLimit)
 		case try == pivotTries:
 			return errors.Join(m.resume(ctx, p), m.giveUp(ctx, id, events))
 		default:
@@ -235,21 +257,19 @@ func (m *Monitor) unpause(ctx context.Context, p *Pivot, cause error, over bool)
 
 // resume lets a guest the pivot paused run again (cont).
 func (m *Monitor) resume(ctx context.Context, p *Pivot) error {
-	if !p.Resume {
-		return nil
+	if p.Resume {
+		if err := m.Execute(ctx, "cont", nil, nil); err != nil {
+			return fmt.Errorf("resuming the guest after a pivot: %w", err)
+		}
+		p.Resume = false
 	}
-	if err := m.Execute(ctx, "cont", nil, nil); err != nil {
-		return fmt.Errorf("resuming the guest after a pivot: %w", err)
-	}
-	// The back end's pause too: this call's, or an earlier call's whose
-	// mark says the guest was paused for the pivot.
-	if p.Release != nil && (p.held || p.Marked) {
+	// The back end's pause too: this call's, or an earlier call's.
+	if p.Held && p.Release != nil {
 		if err := p.Release(ctx); err != nil {
 			return fmt.Errorf("resuming the guest after a pivot: %w", err)
 		}
-		p.held = false
+		p.Held = false
 	}
-	p.Resume = false
 	return nil
 }
 
