@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -71,6 +72,45 @@ func stoppedTime(t *testing.T, name string) (stop func() time.Duration) {
 // console). The guest's paused time is measured for a non-live and a
 // live memory snapshot of the same guest; live must be the shorter.
 func TestLiveMemorySnapshot(t *testing.T) {
+	// The PVH guest runs on SVM and nested paging that QEMU's TCG
+	// emulates, and now and then its kernel triple-faults (Xen logs it,
+	// at an address in Xen's own text): the emulator's fault, not
+	// xlsnap's. Each attempt runs in a process of its own, on a fresh
+	// guest; one that failed with such a crash logged is tried once more.
+	for attempt := 1; ; attempt++ {
+		exec.Command("xl", "dmesg", "-c").Run()
+		cmd := exec.Command(os.Args[0], "-test.v", "-test.run=^TestLiveMemorySnapshotAttempt$")
+		cmd.Env = append(os.Environ(), "XLSNAP_XEN_ATTEMPT=1")
+		out, err := cmd.CombinedOutput()
+		t.Logf("attempt %d:\n%s", attempt, out)
+		if err == nil && strings.Contains(string(out), "--- PASS: TestLiveMemorySnapshotAttempt") {
+			return
+		}
+		dmesg, _ := exec.Command("xl", "dmesg").CombinedOutput()
+		if attempt == 1 && strings.Contains(string(dmesg), "Triple fault") {
+			t.Logf("attempt 1 failed with the guest's kernel crashed in the emulator (Xen: %q); once more on a fresh guest", firstLine(string(dmesg), "Triple fault"))
+			continue
+		}
+		t.Fatalf("attempt %d: %v", attempt, err)
+	}
+}
+
+// firstLine is the first line of s holding sub.
+func firstLine(s, sub string) string {
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			return strings.TrimSpace(l)
+		}
+	}
+	return ""
+}
+
+// TestLiveMemorySnapshotAttempt is one attempt of TestLiveMemorySnapshot,
+// run in a process of its own.
+func TestLiveMemorySnapshotAttempt(t *testing.T) {
+	if os.Getenv("XLSNAP_XEN_ATTEMPT") == "" {
+		t.Skip("run by TestLiveMemorySnapshot")
+	}
 	ctx := context.Background()
 	h := newLibxl(t)
 
