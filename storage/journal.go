@@ -410,6 +410,17 @@ func (m *Manager) rollForward(ctx context.Context, in *intent, live Live) error 
 // domain, reading their outcome from its device model. The driver calls
 // it for each active domain once it can reach the hypervisor.
 func (m *Manager) RecoverLive(ctx context.Context, domain string, live Live) error {
+	return m.eachIntent(ctx, domain, func(in *intent) error {
+		if !in.Live {
+			return nil
+		}
+		return m.recoverIntent(ctx, in, live)
+	})
+}
+
+// eachIntent runs fn on each of domain's intents under the domain's
+// lock, going on past a failure; the failures, each naming its intent.
+func (m *Manager) eachIntent(ctx context.Context, domain string, fn func(in *intent) error) error {
 	unlock, err := m.locks.lock(ctx, domain, true)
 	if err != nil {
 		return err
@@ -421,10 +432,8 @@ func (m *Manager) RecoverLive(ctx context.Context, domain string, live Live) err
 	}
 	var errs error
 	for _, in := range intents {
-		if in.Live {
-			if err := m.recoverIntent(ctx, in, live); err != nil {
-				errs = multierror.Append(errs, intentErr(in, err))
-			}
+		if err := fn(in); err != nil {
+			errs = multierror.Append(errs, intentErr(in, err))
 		}
 	}
 	return errs

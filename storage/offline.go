@@ -101,29 +101,18 @@ func isOffline(live Live) bool {
 // data beside a half-made transaction; check lists it); ErrBusy; the
 // store's.
 func (m *Manager) RecoverOffline(ctx context.Context, domain string) error {
-	unlock, err := m.locks.lock(ctx, domain, true)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	intents, err := m.intents(ctx, domain)
-	if err != nil {
-		return err
-	}
-	var errs error
-	for _, in := range intents {
+	return m.eachIntent(ctx, domain, func(in *intent) error {
 		if !in.Live || in.Committed {
-			continue // not the device model's, or only its cleanup left (lockDomain runs it)
+			return nil // not the device model's, or only its cleanup left (lockDomain runs it)
 		}
 		if m.shared && in.Owner != "" && in.Owner != m.host {
-			errs = multierror.Append(errs, intentErr(in, fmt.Errorf("%w: host %s started it, and the domain may run there: that host finishes it", ErrPending, in.Owner)))
-			continue
+			return fmt.Errorf("%w: host %s started it, and the domain may run there: that host finishes it", ErrPending, in.Owner)
 		}
 		if err := m.recoverIntent(ctx, in, offline{domain: domain}); err != nil {
-			errs = multierror.Append(errs, intentErr(in, fmt.Errorf("%w (the device model is gone; finished or undone from the images once the cause is fixed): %w", ErrPending, err)))
+			return fmt.Errorf("%w (the device model is gone; finished or undone from the images once the cause is fixed): %w", ErrPending, err)
 		}
-	}
-	return errs
+		return nil
+	})
 }
 
 // redoOffline finishes a live step from the images (see offline).

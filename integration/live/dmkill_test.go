@@ -386,18 +386,7 @@ func (k *killer) before(events ...string) {
 // succeed, having finished or undone the operation offline.
 func (e *env) afterKill() []string {
 	e.t.Helper()
-	if _, err := e.d.DiskList(e.ctx, "vm"); err != nil {
-		e.t.Fatalf("the call after the kill: %v", err)
-	}
-	list, err := e.d.ListAllSnapshots(e.ctx, "vm", 0)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	var names []string
-	for _, s := range list {
-		names = append(names, s.Name)
-	}
-	return names
+	return e.firstCallAfter("the kill")
 }
 
 // expectKilledCall asserts the call QEMU died in failed with a typed
@@ -486,7 +475,7 @@ func (e *env) writeLen(target string, pattern byte, off, length int) {
 			return
 		}
 	}
-	e.t.Fatalf("the device model does not write %s's recorded layer %s", target, active)
+	e.t.Fatalf("the device model does not write %s's recorded layer %s: %+v", target, active, e.chains())
 }
 
 // expectBulk asserts what seedBulk wrote from bulk on reads through xvda.

@@ -29,8 +29,17 @@ func proxied(e *env) *qemutest.Proxy {
 // device model reading exactly the recorded chains.
 func (e *env) settled() []string {
 	e.t.Helper()
+	names := e.firstCallAfter("the fault")
+	e.expectChains()
+	return names
+}
+
+// firstCallAfter reads the domain (which finishes or undoes what the
+// journal holds) and returns its snapshots' names; any error fails.
+func (e *env) firstCallAfter(what string) []string {
+	e.t.Helper()
 	if _, err := e.d.DiskList(e.ctx, "vm"); err != nil {
-		e.t.Fatalf("the call after the fault: %v", err)
+		e.t.Fatalf("the call after %s: %v", what, err)
 	}
 	list, err := e.d.ListAllSnapshots(e.ctx, "vm", 0)
 	if err != nil {
@@ -40,7 +49,6 @@ func (e *env) settled() []string {
 	for _, s := range list {
 		names = append(names, s.Name)
 	}
-	e.expectChains()
 	return names
 }
 

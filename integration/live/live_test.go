@@ -118,25 +118,11 @@ func (e *env) disk(target string) driver.DiskInfo {
 	return driver.DiskInfo{}
 }
 
-// write writes a pattern on the disk inside the device model, as the
-// guest's own I/O would.
+// write writes a MiB of pattern on the disk inside the device model, as
+// the guest's own I/O would (writeLen).
 func (e *env) write(target string, pattern byte, off int) {
 	e.t.Helper()
-	active := e.disk(target).Source
-	for _, c := range e.chains() {
-		if c.Files[0] == active {
-			m, err := e.h.DeviceModel(e.ctx, "vm")
-			if err != nil {
-				e.t.Fatal(err)
-			}
-			defer m.Disconnect()
-			if err := qemutest.GuestWrite(e.ctx, m, c.Node, pattern, off, mib); err != nil {
-				e.t.Fatal(err)
-			}
-			return
-		}
-	}
-	e.t.Fatalf("the device model does not write %s's recorded layer %s: %+v", target, active, e.chains())
+	e.writeLen(target, pattern, off, mib)
 }
 
 // expect reads the disk's recorded chain from disk, the device model
