@@ -964,6 +964,17 @@ func TestOpenWorldMoveMustFit(t *testing.T) {
 	if err != nil || s.Disk("xvda").Image != w.path("a.qcow2") {
 		t.Fatalf("s1 after the refused move: %+v %v", s, err)
 	}
+	// Even once the overlay is rebased onto it, so that the chain reads
+	// it: the old file is still there and holds other data.
+	run(t, "qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", w.path("keep.qcow2"), w.path("a.s1"))
+	err = w.d.ChainChanged(w.ctx, "vm", "xvda", driver.Move{From: w.path("a.qcow2"), To: w.path("keep.qcow2")})
+	if !errors.Is(err, driver.ErrInvalidArg) || !strings.Contains(err.Error(), "holds other data") {
+		t.Fatalf("a move onto an unrelated image the chain reads: %v", err)
+	}
+	if s, err = w.d.SnapshotLookupByName(w.ctx, "vm", "s1", 0); err != nil || s.Disk("xvda").Image != w.path("a.qcow2") {
+		t.Fatalf("s1 after the second refused move: %+v %v", s, err)
+	}
+	run(t, "qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", w.path("a.qcow2"), w.path("a.s1"))
 	w.revert("vm", "s1")
 	w.expect(w.source("vm", "xvda"), 0x11, 0, 64)
 	w.expect("keep.qcow2", 0x77, 0, 64)

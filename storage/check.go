@@ -15,6 +15,7 @@ import (
 
 	"github.com/xlsnap/xlsnap/chain"
 	"github.com/xlsnap/xlsnap/internal/fsutil"
+	"github.com/xlsnap/xlsnap/internal/qemuimg"
 	"github.com/xlsnap/xlsnap/storage/metastore"
 )
 
@@ -378,7 +379,7 @@ func treeUnder(d *Domain, dir string) bool {
 // copied): it has o's format and virtual size, its backing reference
 // names o's backing image (moved, if that moved too), and, while o is
 // still there as another file, the disk's chain on disk reads it.
-func checkMove(d *Domain, o, n string, moved map[string]string, onDisk []string) error {
+func checkMove(ctx context.Context, d *Domain, o, n string, moved map[string]string, onDisk []string) error {
 	rec := d.Images[o]
 	bad := func(why string, args ...any) error {
 		return fmt.Errorf("%w: %s is not %s moved: %s", ErrInvalidArg, n, o, fmt.Sprintf(why, args...))
@@ -390,6 +391,15 @@ func checkMove(d *Domain, o, n string, moved map[string]string, onDisk []string)
 	}
 	if oerr == nil && !os.SameFile(os1, ns) && !slices.Contains(onDisk, n) {
 		return bad("%s is still there and the disk's chain does not read %s", o, n)
+	}
+	if oerr == nil && !os.SameFile(os1, ns) {
+		// A copy, with the old file still there: the chain reading the
+		// new one proves nothing of its data (an overlay rebased onto
+		// another image reads it just as well).
+		var q qemuimg.Runner
+		if err := q.SameLayer(ctx, o, n, rec.Format); err != nil {
+			return bad("it holds other data than %s: %v", o, err)
+		}
 	}
 	size := func(p, format string) (uint64, string, error) {
 		if format != "qcow2" {
@@ -500,7 +510,7 @@ func (m *Manager) ChainChanged(ctx context.Context, domain, disk string, moves m
 		// file must be the old one moved.
 		onDisk := layerPaths(c)
 		for po, pn := range moved {
-			if err := checkMove(d, po, pn, moved, onDisk); err != nil {
+			if err := checkMove(ctx, d, po, pn, moved, onDisk); err != nil {
 				return err
 			}
 		}
